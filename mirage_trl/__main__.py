@@ -1,0 +1,7 @@
+"""`python -m mirage_trl` is the `mirage-trl` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

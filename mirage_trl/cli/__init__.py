@@ -1,0 +1,59 @@
+"""The `mirage-trl` command.
+
+Each subcommand lives in its own module under `mirage_trl/cli/` and exposes
+`register(subparsers)` (builds its argparse parser and sets `func`) and keeps heavy
+imports (torch, transformers, trl, peft) inside the function it runs, so that
+`mirage-trl --help` answers in well under a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ..errors import MirageError
+
+# Subcommand modules, in the order `--help` lists them.
+SUBCOMMANDS = ["data", "eval", "analyze_latents", "export", "demo"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mirage-trl",
+        description="Mirage latent visual reasoning on top of TRL: data, evaluation, export.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show the full stack trace on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as e:
+            if e.name and e.name.endswith(f"cli.{name}"):
+                continue  # subcommand not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        rc = args.func(args)
+    except MirageError as e:
+        if args.debug:
+            raise
+        print(f"mirage-trl {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mirage-trl {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
