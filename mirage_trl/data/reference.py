@@ -1,0 +1,281 @@
+"""Load the reference Mirage JSONL format into the row schema every other part of mirage-trl uses.
+
+One JSON object per line (see docs, section 1.1): `text_input` with `<image>` markers,
+`image_input`, and for training rows `text_output` with `<output_image>` markers and
+`image_output`. Each loaded row has:
+
+- `messages`: TRL conversation; the user turn is `text_input` split at `<image>` into text and
+  `{"type": "image"}` entries; the assistant turn (only when `text_output` exists) is one text
+  entry with the `<output_image>` markers kept verbatim (the collator expands them).
+- `images` / `helper_images`: absolute paths, one per `<image>` / `<output_image>` (not decoded).
+- `prompt_text`, `completion_text` ("" for test rows), `benchmark`, `answer` ("" if unknown),
+  `map_desc` (JSON string or ""), `map_id`, `level`, `source` (`"<path>:<line>"`).
+
+Every malformed row raises a one-line `MirageError` naming `file:line:field`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from ..errors import MirageError, where
+
+BENCHMARKS = ("vsp_planning", "vsp_reasoning", "jigsaw", "sat", "comt")
+IMAGE_MARKER = "<image>"
+OUTPUT_IMAGE_MARKER = "<output_image>"
+
+_LEVEL_IN_PATH = re.compile(r"level_?(\d+)")
+
+
+def check_benchmark(benchmark: str) -> str:
+    if benchmark not in BENCHMARKS:
+        raise MirageError(f"unknown benchmark {benchmark!r}; valid: {', '.join(BENCHMARKS)}")
+    return benchmark
+
+
+def _features():
+    from datasets import Features, List, Value
+
+    text_or_image = {"type": Value("string"), "text": Value("string")}
+    return Features(
+        {
+            "messages": List({"role": Value("string"), "content": List(text_or_image)}),
+            "images": List(Value("string")),
+            "helper_images": List(Value("string")),
+            "prompt_text": Value("string"),
+            "completion_text": Value("string"),
+            "benchmark": Value("string"),
+            "answer": Value("string"),
+            "map_desc": Value("string"),
+            "map_id": Value("string"),
+            "level": Value("int64"),
+            "source": Value("string"),
+        }
+    )
+
+
+def _default_root(jsonl: Path, image_path: str) -> Path:
+    """Reference layout: `./data/...` is relative to the folder holding the JSONL's nearest `data` ancestor."""
+    if image_path.startswith(("./data/", "data/")):
+        for parent in jsonl.resolve().parents:
+            if parent.name == "data":
+                return parent.parent
+    return jsonl.resolve().parent
+
+
+def _paths(obj: dict, field: str, loc) -> list[str]:
+    value = obj.get(field)
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(p, str) and p for p in value):
+        raise MirageError(f"{loc(field)}: expected a path or a list of paths, got {_short(value)}")
+    return value
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _parse_map(value, loc) -> list[list[int]]:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise MirageError(f"{loc('map_desc')}: not a grid (JSON list of lists)") from None
+    ok = (
+        isinstance(value, list)
+        and value
+        and all(isinstance(r, list) and r and all(type(c) is int and c in (-1, 0, 1, 2) for c in r) for r in value)
+    )
+    if not ok:
+        raise MirageError(f"{loc('map_desc')}: expected a grid of -1/0/1/2 (list of lists), got {_short(value)}")
+    flat = [c for r in value for c in r]
+    if flat.count(1) != 1 or flat.count(2) != 1:
+        raise MirageError(f"{loc('map_desc')}: a grid needs exactly one start (1) and one goal (2)")
+    return value
+
+
+def _infer_benchmark(text_input: str, has_map: bool, loc) -> str:
+    # VSP rows: reasoning prompts quote the plan to judge ("Full Action Plan: ..."); planning asks for one.
+    if "Full Action Plan" in text_input:
+        return "vsp_reasoning"
+    if has_map or "action plan" in text_input.lower():
+        return "vsp_planning"
+    raise MirageError(f"{loc(None)}: cannot tell the benchmark of this row; pass benchmark= (one of {', '.join(BENCHMARKS)})")
+
+
+def _user_content(text: str) -> list[dict]:
+    content: list[dict] = []
+    for i, piece in enumerate(text.split(IMAGE_MARKER)):
+        if i:
+            content.append({"type": "image", "text": None})
+        if piece:
+            content.append({"type": "text", "text": piece})
+    return content
+
+
+def parse_row(obj, path, line: int, root: str | os.PathLike | None = None, benchmark: str | None = None,
+              check_images: bool = True) -> dict:
+    """Validate one decoded JSONL object and turn it into the row schema (see module docstring)."""
+    from ..grading import extract_boxed
+
+    def loc(field):
+        return where(path, line, field)
+
+    if not isinstance(obj, dict):
+        raise MirageError(f"{loc(None)}: expected a JSON object, got {type(obj).__name__}")
+    for field in ("text_input", "image_input"):
+        if obj.get(field) is None:
+            raise MirageError(f"{loc(field)}: missing required field")
+    text_input = obj["text_input"]
+    if not isinstance(text_input, str):
+        raise MirageError(f"{loc('text_input')}: expected a string, got {type(text_input).__name__}")
+    text_output = obj.get("text_output")
+    if text_output is not None and not isinstance(text_output, str):
+        raise MirageError(f"{loc('text_output')}: expected a string, got {type(text_output).__name__}")
+    inputs = _paths(obj, "image_input", loc)
+    helpers = _paths(obj, "image_output", loc)
+
+    n_markers = text_input.count(IMAGE_MARKER)
+    if n_markers != len(inputs):
+        raise MirageError(f"{loc('image_input')}: {n_markers} <image> marker(s) in text_input but {len(inputs)} input image(s)")
+    n_out = (text_output or "").count(OUTPUT_IMAGE_MARKER)
+    if n_out != len(helpers):
+        raise MirageError(f"{loc('image_output')}: {n_out} <output_image> marker(s) in text_output but {len(helpers)} helper image(s)")
+
+    def resolve(field, paths):
+        out = []
+        for i, p in enumerate(paths):
+            base = Path(root) if root is not None else _default_root(Path(path), p)
+            full = Path(p) if os.path.isabs(p) else (base / p)
+            full = Path(os.path.normpath(full.absolute()))
+            if check_images and not full.is_file():
+                name = field if isinstance(obj[field], str) else f"{field}[{i}]"
+                raise MirageError(f"{loc(name)}: image not found: {full}")
+            out.append(str(full))
+        return out
+
+    images = resolve("image_input", inputs)
+    helper_images = resolve("image_output", helpers)
+
+    grid = _parse_map(obj["map_desc"], loc) if obj.get("map_desc") is not None else None
+    if benchmark is None:
+        benchmark = _infer_benchmark(text_input, grid is not None, loc)
+    if benchmark == "vsp_planning" and grid is None and not text_output:
+        raise MirageError(f"{loc('map_desc')}: vsp_planning test rows need map_desc (the grid) for grading")
+
+    answer = obj.get("answer")
+    if answer is None:
+        answer = extract_boxed(text_output or "") or ""
+    elif not isinstance(answer, (str, int)) or isinstance(answer, bool):
+        raise MirageError(f"{loc('answer')}: expected a string, got {type(answer).__name__}")
+    map_id = obj.get("map_id", "")
+    if not isinstance(map_id, (str, int)) or isinstance(map_id, bool):
+        raise MirageError(f"{loc('map_id')}: expected a string or integer, got {type(map_id).__name__}")
+    level = obj.get("level")
+    if level is not None and (type(level) is not int or level < 0):
+        raise MirageError(f"{loc('level')}: expected a non-negative integer, got {_short(level)}")
+    if grid is not None:
+        level = len(grid)
+    elif level is None:
+        # VSP training rows carry no grid; the reference image folders are named level_<n>.
+        m = _LEVEL_IN_PATH.search(inputs[0]) if benchmark.startswith("vsp") and inputs else None
+        level = int(m.group(1)) if m else 0
+
+    messages = [{"role": "user", "content": _user_content(text_input)}]
+    if text_output is not None:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": text_output}]})
+    return {
+        "messages": messages,
+        "images": images,
+        "helper_images": helper_images,
+        "prompt_text": text_input,
+        "completion_text": text_output or "",
+        "benchmark": benchmark,
+        "answer": str(answer).strip(),
+        "map_desc": json.dumps(grid) if grid is not None else "",
+        "map_id": str(map_id),
+        "level": level,
+        "source": f"{path}:{line}",
+    }
+
+
+def load_rows(path: str | os.PathLike, root: str | os.PathLike | None = None, benchmark: str | None = None,
+              check_images: bool = True) -> list[dict]:
+    """Read a reference JSONL file into a list of row dicts (schema in the module docstring)."""
+    if benchmark is not None:
+        check_benchmark(benchmark)
+    if root is not None and not Path(root).is_dir():
+        raise MirageError(f"root: folder not found: {root}")
+    try:
+        f = open(path, encoding="utf-8")
+    except FileNotFoundError:
+        raise MirageError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise MirageError(f"{path}: is a folder, expected a JSONL file") from None
+    rows = []
+    with f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MirageError(f"{where(path, line_no)}: malformed JSON ({e.msg} at column {e.colno})") from None
+            rows.append(parse_row(obj, path, line_no, root, benchmark, check_images))
+    if not rows:
+        raise MirageError(f"{path}: no rows (the file is empty)")
+    return rows
+
+
+def load_reference_jsonl(path: str | os.PathLike, root: str | os.PathLike | None = None, benchmark: str | None = None,
+                         check_images: bool = True):
+    """Load a reference-format JSONL file as a `datasets.Dataset` in the mirage-trl row schema.
+
+    `root`: folder the image paths are relative to (default: the reference layout, see
+    `_default_root`). `benchmark`: one of `BENCHMARKS`; None infers VSP rows from the prompt.
+    Images are checked for existence only (`check_images`), decoded later by the collator.
+    """
+    from datasets import Dataset
+
+    return Dataset.from_list(load_rows(path, root, benchmark, check_images), features=_features())
+
+
+def strip_latent_markers(row: dict) -> dict:
+    """Text-only baseline: the same row without `<output_image>` markers and helper images."""
+    messages = []
+    for msg in row["messages"]:
+        if msg["role"] == "assistant":
+            content = [
+                {**c, "text": _strip(c["text"])} if c["type"] == "text" else c for c in msg["content"]
+            ]
+            msg = {**msg, "content": content}
+        messages.append(msg)
+    return {**row, "messages": messages, "helper_images": [], "completion_text": _strip(row["completion_text"])}
+
+
+def _strip(text: str) -> str:
+    return text.replace(OUTPUT_IMAGE_MARKER, "").strip()
+
+
+def helper_as_input(row: dict) -> dict:
+    """Upper bound: helper images given as real input images (appended to the user turn), markers removed."""
+    helpers = list(row["helper_images"])
+    row = strip_latent_markers(row)
+    messages = []
+    for msg in row["messages"]:
+        if msg["role"] == "user":
+            msg = {**msg, "content": [*msg["content"], *({"type": "image", "text": None} for _ in helpers)]}
+        messages.append(msg)
+    return {
+        **row,
+        "messages": messages,
+        "images": [*row["images"], *helpers],
+        "prompt_text": row["prompt_text"] + IMAGE_MARKER * len(helpers),
+    }

@@ -1,0 +1,1 @@
+"""Model loading and the tiny offline models used by the tests and the demo."""
