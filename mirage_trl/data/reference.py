@@ -22,18 +22,11 @@ import re
 from pathlib import Path
 
 from ..errors import MirageError, where
-
-BENCHMARKS = ("vsp_planning", "vsp_reasoning", "jigsaw", "sat", "comt")
+from ..grading import BENCHMARKS, check_benchmark, extract_boxed
 IMAGE_MARKER = "<image>"
 OUTPUT_IMAGE_MARKER = "<output_image>"
 
 _LEVEL_IN_PATH = re.compile(r"level_?(\d+)")
-
-
-def check_benchmark(benchmark: str) -> str:
-    if benchmark not in BENCHMARKS:
-        raise MirageError(f"unknown benchmark {benchmark!r}; valid: {', '.join(BENCHMARKS)}")
-    return benchmark
 
 
 def _features():
@@ -123,8 +116,6 @@ def _user_content(text: str) -> list[dict]:
 def parse_row(obj, path, line: int, root: str | os.PathLike | None = None, benchmark: str | None = None,
               check_images: bool = True) -> dict:
     """Validate one decoded JSONL object and turn it into the row schema (see module docstring)."""
-    from ..grading import extract_boxed
-
     def loc(field):
         return where(path, line, field)
 
