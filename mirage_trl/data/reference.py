@@ -30,7 +30,12 @@ _LEVEL_IN_PATH = re.compile(r"level_?(\d+)")
 
 
 def _features():
-    from datasets import Features, List, Value
+    from datasets import Features, Value
+
+    try:
+        from datasets import List
+    except ImportError:  # datasets < 4 spells it Sequence
+        from datasets import Sequence as List
 
     text_or_image = {"type": Value("string"), "text": Value("string")}
     return Features(
@@ -216,7 +221,7 @@ def load_rows(path: str | os.PathLike, root: str | os.PathLike | None = None, be
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
                 raise MirageError(f"{where(path, line_no)}: malformed JSON ({e.msg} at column {e.colno})") from None
             rows.append(parse_row(obj, path, line_no, root, benchmark, check_images))
