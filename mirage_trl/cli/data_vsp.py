@@ -1,0 +1,83 @@
+"""`mirage-trl data vsp`: generate VSP (FrozenLake) planning or reasoning data in the reference format.
+
+    mirage-trl data vsp --task planning --levels 3 4 5 6 --num-samples 3000 --split train \\
+        --style cot --seed 0 --out data/vsp_planning \\
+        --exclude ../shared/data/mirage_official/data/vsp_spatial_planning/test_direct.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "vsp",
+        help="generate VSP (FrozenLake) spatial planning / reasoning data",
+        description="Generate VSP rows (reference JSONL format) and their images; image paths are "
+        "relative to --out, which is the dataset root.",
+    )
+    parser.add_argument("--task", required=True, choices=["reasoning", "planning"])
+    parser.add_argument("--levels", type=int, nargs="+", default=[3, 4, 5, 6], help="grid sides (default: 3 4 5 6)")
+    parser.add_argument("--num-samples", type=int, required=True, help="rows in all, spread evenly over the levels")
+    parser.add_argument("--split", default="train", choices=["train", "test"], help="test rows have no answers text/images")
+    parser.add_argument("--style", default="cot", choices=["direct", "cot"], help="answer style (default: cot)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    parser.add_argument("--exclude", nargs="+", default=[], metavar="FILE", help="JSONL files whose maps must not be generated")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.set_defaults(func=run)
+
+
+def summarize(rows, task: str) -> dict:
+    """Per level: rows, answer counts (reasoning outcomes or planning plan lengths), mean hole fraction."""
+    per_level = defaultdict(lambda: {"rows": 0, "answers": Counter(), "holes": 0.0})
+    for row in rows:
+        stats = per_level[row["level"]]
+        side = len(row["map_desc"])
+        stats["rows"] += 1
+        stats["answers"][row["answer"] if task == "reasoning" else len(row["answer"])] += 1
+        stats["holes"] += sum(v == -1 for r in row["map_desc"] for v in r) / (side * side)
+    return {level: s | {"holes": s["holes"] / s["rows"]} for level, s in sorted(per_level.items())}
+
+
+def run(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..data.vsp import generate_vsp
+
+    path = generate_vsp(
+        task=args.task,
+        levels=args.levels,
+        num_samples=args.num_samples,
+        split=args.split,
+        style=args.style,
+        seed=args.seed,
+        out_dir=args.out,
+        exclude=args.exclude,
+        overwrite=args.overwrite,
+    )
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    stats = summarize(rows, args.task)
+    reasoning = args.task == "reasoning"
+    console = Console()
+    console.print(f"wrote {len(rows)} rows to {path} (images under {path.parent / 'images'})")
+    table = Table(title=f"VSP {args.task}, {args.split}, {args.style}")
+    table.add_column("level", justify="right")
+    table.add_column("rows", justify="right")
+    table.add_column("A / B / C" if reasoning else "plan lengths", justify="right")
+    table.add_column("hole fraction", justify="right")
+    for level, s in stats.items():
+        if reasoning:
+            answers = " / ".join(str(s["answers"][k]) for k in "ABC")
+        else:
+            answers = f"{min(s['answers'])}-{max(s['answers'])} (mean {sum(k * n for k, n in s['answers'].items()) / s['rows']:.1f})"
+        table.add_row(str(level), str(s["rows"]), answers, f"{s['holes']:.3f}")
+    if reasoning:
+        total = Counter(row["answer"] for row in rows)
+        table.add_row("all", str(len(rows)), " / ".join(str(total[k]) for k in "ABC"), "", style="bold")
+    console.print(table)
+    return 0
