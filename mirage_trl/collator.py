@@ -1,0 +1,208 @@
+"""Collator: reference-format rows -> a padded batch with latent spans laid out per sample.
+
+Each `<output_image>` in the assistant text becomes `<|latent_start|>` + k x `<|latent_pad|>` +
+`<|latent_end|>`. Labels follow MIRAGE.md: the prompt (through the assistant header), padding and
+latent pads are -100; start/end tokens and the answer text are trained. Every sample has its own
+number and positions of spans, recorded in `latent_mask` (True at the pad slots). Helper images
+are processed once per step into `helper_pixel_values` / `helper_image_grid_thw`, one image per
+span, in row-major order of the spans (the order `latent_mask.nonzero()` visits them).
+
+The prompt (with its images) and the completion are tokenized separately and concatenated, so the
+prompt/completion boundary is exact whatever the tokenizer merges.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from .data.images import load_image
+from .errors import MirageError
+from .latent.tokens import OUTPUT_IMAGE_MARKER, LatentTokens
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+TRUNCATION_POLICIES = ("error", "drop")
+
+
+def _user_messages(row) -> list[dict]:
+    return [m for m in row["messages"] if m["role"] != "assistant"]
+
+
+def _assistant_text(row) -> str:
+    for m in row["messages"]:
+        if m["role"] == "assistant":
+            content = m["content"]
+            return content if isinstance(content, str) else "".join(c.get("text") or "" for c in content)
+    return row.get("completion_text") or ""
+
+
+@dataclass
+class MirageDataCollator:
+    """Turn loaded rows (see `mirage_trl.data.reference`) into a Mirage training batch.
+
+    Args:
+        processor: the VL processor (with the latent tokens added).
+        latent_tokens: ids and latent size k.
+        max_length: longest sequence kept; a cut through the prompt or a latent span is an error
+            (`truncation="error"`) or drops the row (`truncation="drop"`, counted in `num_dropped`).
+        padding_side: "right" (training default) or "left".
+        with_helpers: process helper images (stage 1 targets; stage 2 drift metrics).
+        require_helpers: every latent span needs its helper image (stage 1): a row without is an error.
+    """
+
+    processor: object
+    latent_tokens: LatentTokens
+    max_length: int | None = None
+    padding_side: str = "right"
+    truncation: str = "error"
+    with_helpers: bool = True
+    require_helpers: bool = False
+    num_dropped: int = field(default=0, init=False)
+
+    def __post_init__(self):
+        if self.truncation not in TRUNCATION_POLICIES:
+            raise MirageError(f"truncation={self.truncation!r} is not one of {TRUNCATION_POLICIES}")
+        if self.padding_side not in ("left", "right"):
+            raise MirageError(f"padding_side={self.padding_side!r} must be 'left' or 'right'")
+        self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.tokenizer.eos_token_id
+        end_of_turn = "<|im_end|>" if "<|im_end|>" in self.tokenizer.get_vocab() else self.tokenizer.eos_token
+        self.end_of_turn = end_of_turn or ""
+
+    # ------------------------------------------------------------------ prompts
+    def encode_prompt(self, row, add_generation_prompt: bool = True) -> dict:
+        """Tokenize the user turn(s) with their images: ids, mm_token_type_ids, pixel_values, image_grid_thw."""
+        text = self.processor.apply_chat_template(
+            _user_messages(row), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        source = row.get("source", "<row>")
+        paths = row.get("images") or []
+        images = [load_image(p, source=f"{source}:images") for p in paths]
+        enc = self.processor(text=[text], images=images or None, return_tensors="pt")
+        out = {"input_ids": enc["input_ids"][0], "mm_token_type_ids": enc.get("mm_token_type_ids")}
+        if out["mm_token_type_ids"] is None:
+            out["mm_token_type_ids"] = torch.zeros_like(out["input_ids"], dtype=torch.int32)
+        else:
+            out["mm_token_type_ids"] = out["mm_token_type_ids"][0]
+        if images:
+            out["pixel_values"] = enc["pixel_values"]
+            out["image_grid_thw"] = enc["image_grid_thw"]
+        return out
+
+    def completion_ids(self, row) -> tuple[torch.Tensor, int]:
+        """Completion token ids with each marker expanded to a latent span; also the number of spans."""
+        text = _assistant_text(row)
+        pieces = text.split(OUTPUT_IMAGE_MARKER)
+        span = [self.latent_tokens.start_id] + [self.latent_tokens.pad_id] * self.latent_tokens.latent_size
+        span.append(self.latent_tokens.end_id)
+        ids: list[int] = []
+        for i, piece in enumerate(pieces):
+            if i:
+                ids.extend(span)
+            if piece:
+                ids.extend(self.tokenizer(piece, add_special_tokens=False)["input_ids"])
+        ids.extend(self.tokenizer(self.end_of_turn, add_special_tokens=False)["input_ids"])
+        return torch.tensor(ids, dtype=torch.long), len(pieces) - 1
+
+    # ------------------------------------------------------------------ batches
+    def __call__(self, rows: list[dict]) -> dict:
+        samples, helpers = [], []
+        for row in rows:
+            sample = self._encode_row(row)
+            if sample is None:
+                continue
+            samples.append(sample)
+            helpers.extend(sample.pop("helper_paths"))
+        if not samples:
+            raise MirageError(
+                f"every row of the batch was dropped by truncation at max_length={self.max_length}; raise max_length"
+            )
+        batch = self._pad(samples)
+        if self.with_helpers and helpers:
+            images = [load_image(p, source=src) for p, src in helpers]
+            enc = self.processor.image_processor(images=images, return_tensors="pt")
+            batch["helper_pixel_values"] = enc["pixel_values"]
+            batch["helper_image_grid_thw"] = enc["image_grid_thw"]
+        return batch
+
+    def prompt_batch(self, rows: list[dict]) -> dict:
+        """Left-padded prompts (generation prompt appended) for decoding and evaluation."""
+        samples = []
+        for row in rows:
+            enc = self.encode_prompt(row)
+            n = enc["input_ids"].shape[0]
+            samples.append({**enc, "labels": torch.full((n,), IGNORE_INDEX), "latent_mask": torch.zeros(n, dtype=torch.bool)})
+        batch = self._pad(samples, padding_side="left")
+        batch.pop("labels")
+        batch.pop("latent_mask")
+        return batch
+
+    def _encode_row(self, row) -> dict | None:
+        source = row.get("source", "<row>")
+        prompt = self.encode_prompt(row, add_generation_prompt=True)
+        completion, num_spans = self.completion_ids(row)
+        helper_paths = list(row.get("helper_images") or [])
+        if (self.require_helpers or (self.with_helpers and helper_paths)) and len(helper_paths) != num_spans:
+            raise MirageError(
+                f"{source}:helper_images: {num_spans} <output_image> marker(s) but {len(helper_paths)} helper image(s)"
+            )
+        n_prompt = prompt["input_ids"].shape[0]
+        ids = torch.cat([prompt["input_ids"], completion])
+        labels = torch.cat([torch.full((n_prompt,), IGNORE_INDEX), completion])
+        latent_mask = ids == self.latent_tokens.pad_id
+        labels[latent_mask] = IGNORE_INDEX
+        if self.max_length is not None and ids.shape[0] > self.max_length:
+            last_span_end = int((ids == self.latent_tokens.end_id).nonzero().max()) + 1 if num_spans else n_prompt
+            if self.max_length < max(n_prompt + 1, last_span_end):
+                what = "the prompt (with its image tokens)" if self.max_length <= n_prompt else "a latent span"
+                if self.truncation == "drop":
+                    self.num_dropped += 1
+                    logger.warning("dropped %s: max_length=%d cuts through %s", source, self.max_length, what)
+                    return None
+                raise MirageError(
+                    f"{source}: max_length={self.max_length} would cut through {what} (sequence has {ids.shape[0]} "
+                    f"tokens, needs at least {max(n_prompt + 1, last_span_end)}); raise max_length or set "
+                    "truncation='drop' to skip such rows"
+                )
+            ids, labels, latent_mask = ids[: self.max_length], labels[: self.max_length], latent_mask[: self.max_length]
+        mm = torch.cat([prompt["mm_token_type_ids"], torch.zeros(completion.shape[0], dtype=prompt["mm_token_type_ids"].dtype)])
+        sample = {
+            "input_ids": ids,
+            "labels": labels,
+            "latent_mask": latent_mask,
+            "mm_token_type_ids": mm[: ids.shape[0]],
+            "helper_paths": [(p, f"{source}:helper_images") for p in helper_paths] if self.with_helpers else [],
+        }
+        for key in ("pixel_values", "image_grid_thw"):
+            if key in prompt:
+                sample[key] = prompt[key]
+        return sample
+
+    def _pad(self, samples: list[dict], padding_side: str | None = None) -> dict:
+        side = padding_side or self.padding_side
+        length = max(s["input_ids"].shape[0] for s in samples)
+        fills = {"input_ids": self.pad_id, "labels": IGNORE_INDEX, "latent_mask": False, "mm_token_type_ids": 0}
+        batch = {}
+        for key, fill in fills.items():
+            rows = []
+            for s in samples:
+                x = s[key]
+                pad = torch.full((length - x.shape[0],), fill, dtype=x.dtype)
+                rows.append(torch.cat([pad, x] if side == "left" else [x, pad]))
+            batch[key] = torch.stack(rows)
+        lengths = torch.tensor([s["input_ids"].shape[0] for s in samples])
+        ar = torch.arange(length)
+        batch["attention_mask"] = (
+            ar[None] >= (length - lengths)[:, None] if side == "left" else ar[None] < lengths[:, None]
+        ).long()
+        with_images = [s for s in samples if "pixel_values" in s]
+        if with_images:
+            batch["pixel_values"] = torch.cat([s["pixel_values"] for s in with_images])
+            batch["image_grid_thw"] = torch.cat([s["image_grid_thw"] for s in with_images])
+        return batch

@@ -1,0 +1,1 @@
+"""Thin TRL trainer subclasses: only what latents change is overridden."""

@@ -1,0 +1,76 @@
+"""Pieces both Mirage trainers share: model preparation (latent tokens, frozen vision tower, PEFT
+settings) and the numerical guard."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+
+from ..errors import MirageError
+from ..latent.model_utils import unwrap, vision_tower
+from ..latent.tokens import LATENT_TOKEN_NAMES, LatentTokens, add_latent_tokens, check_latent_size
+
+logger = logging.getLogger(__name__)
+
+# Linear layers of the Qwen-VL language model: what "all-linear" means for Mirage (the vision tower stays frozen).
+LANGUAGE_MODEL_LINEAR = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+def prepare_model(model, processing_class, latent_size: int, stage: int | None = None) -> LatentTokens:
+    """Add the latent tokens, check the latent size against the checkpoint, freeze the vision tower."""
+    vision = vision_tower(model)  # a clear error for a model without one
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    had_tokens = all(t in tokenizer.get_vocab() for t in LATENT_TOKEN_NAMES)
+    check_latent_size(unwrap(model), latent_size)
+    tokens = add_latent_tokens(processing_class, None if had_tokens else unwrap(model), latent_size)
+    if had_tokens:
+        from ..latent.tokens import set_mirage_config
+
+        set_mirage_config(unwrap(model), latent_size)
+    if stage == 2 and not had_tokens:
+        logger.warning(
+            "stage 2 starts from a model without latent tokens: they are new and untrained "
+            "(this is the paper's no-stage-1 ablation)"
+        )
+    vision.requires_grad_(False)
+    return tokens
+
+
+def adapt_peft_config(peft_config, tokens: LatentTokens):
+    """Mirage defaults for a PEFT config: LoRA on the language model only, new token rows trainable."""
+    if peft_config is None:
+        return None
+    target = getattr(peft_config, "target_modules", None)
+    if target == "all-linear" or target == {"all-linear"} or target is None:
+        peft_config.target_modules = LANGUAGE_MODEL_LINEAR
+    elif not isinstance(target, str):
+        # Plain names like ["q_proj", "v_proj"] would also hit the vision tower's layers: restrict them.
+        names = "|".join(re.escape(t) for t in sorted(target))
+        peft_config.target_modules = rf".*language_model.*\.({names})"
+    ids = [tokens.start_id, tokens.pad_id, tokens.end_id]
+    if hasattr(peft_config, "trainable_token_indices"):
+        indices = dict(peft_config.trainable_token_indices or {})
+        for layer in ("embed_tokens", "lm_head"):
+            indices[layer] = sorted(set(indices.get(layer, [])) | set(ids))
+        peft_config.trainable_token_indices = indices
+    return peft_config
+
+
+def check_finite(step: int, skip: bool, **terms: torch.Tensor) -> bool:
+    """True when every term is finite. Otherwise stop with the step and term named, or (skip) return False.
+
+    One host sync per step for all terms together.
+    """
+    flags = torch.stack([torch.isfinite(t.detach()).all() for t in terms.values()])
+    if bool(flags.all()):
+        return True
+    bad = [name for name, ok in zip(terms, flags.tolist()) if not ok]
+    if skip:
+        logger.warning("step %d: non-finite %s; step skipped", step, ", ".join(bad))
+        return False
+    raise MirageError(
+        f"step {step}: non-finite {', '.join(bad)} (NaN or inf); lower the learning rate, check the data, "
+        "or set skip_nonfinite_steps=True to skip such steps"
+    )

@@ -1,0 +1,231 @@
+"""`MirageSFTTrainer`: TRL's `SFTTrainer` with Mirage's stage-1 and stage-2 losses.
+
+Stage 1: one forward in which the latent slots' input embeddings are the pooled helper-image
+features; loss = gamma * CE(text) + mean over slots of (1 - cos(h[t-1], e[t])).
+Stage 2: the input at each slot is the model's own final-norm hidden state at the previous
+position (`latent.stage2.self_latent_forward`, exact with or without gradient checkpointing);
+loss = CE(text), with gradients through every self-generated latent.
+
+Both terms come from one graph built here: TRL's own `compute_loss` runs a fused LM head and
+its returned outputs come from a separate no-grad forward (STACK_NOTES). Logits are computed
+only at trained positions, so the (B, L, V) logits tensor is never built.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from trl import SFTTrainer
+
+from ..collator import IGNORE_INDEX, MirageDataCollator
+from ..configs import MirageSFTConfig
+from ..data.user import require_helper_images
+from ..latent.model_utils import capture_final_hidden, rope_positions, unwrap
+from ..latent.slots import latent_inputs
+from ..latent.targets import helper_latent_targets
+from .common import adapt_peft_config, check_finite, prepare_model
+
+logger = logging.getLogger(__name__)
+
+
+def text_cross_entropy(model, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of next-token CE over trained positions, and their count (logits only where needed)."""
+    mask = labels[:, 1:] != IGNORE_INDEX
+    h = hidden[:, :-1][mask]
+    logits = unwrap(model).get_output_embeddings()(h)
+    ce_sum = F.cross_entropy(logits.float(), labels[:, 1:][mask], reduction="sum")
+    return ce_sum, mask.sum()
+
+
+def _has_helpers(dataset) -> bool:
+    column = dataset["helper_images"] if hasattr(dataset, "column_names") else [r.get("helper_images") for r in dataset]
+    return any(column)
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return F.cosine_similarity(a.float(), b.float(), dim=-1)
+
+
+class MirageSFTTrainer(SFTTrainer):
+    """Stage 1 / stage 2 Mirage training on top of `trl.SFTTrainer` (any batch size, LoRA, DeepSpeed)."""
+
+    _tag_names = ["trl", "sft", "mirage"]
+    _name = "Mirage SFT"
+
+    def __init__(
+        self,
+        model,
+        args: MirageSFTConfig | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        peft_config=None,
+        **kwargs,
+    ):
+        if args is None:
+            args = MirageSFTConfig(output_dir="mirage-sft")
+        if isinstance(model, str):
+            from ..models.training import load_for_training
+
+            model, processing_class = load_for_training(model, args)
+        if processing_class is None:
+            from ..models.loading import load_processor
+
+            processing_class = load_processor(unwrap(model).config._name_or_path)
+        self.latent_tokens = prepare_model(model, processing_class, args.latent_size, stage=args.stage)
+        peft_config = adapt_peft_config(peft_config, self.latent_tokens)
+        if args.stage == 1 and train_dataset is not None and not _has_helpers(train_dataset):
+            # Rows without spans are fine in a mix; a stage-1 dataset with no helper image at all is a mistake.
+            require_helper_images(train_dataset, stage=1)
+        if data_collator is None:
+            data_collator = MirageDataCollator(
+                processing_class,
+                self.latent_tokens,
+                max_length=args.max_length,
+                padding_side=args.padding_side,
+                truncation=args.latent_truncation,
+                with_helpers=True,
+                require_helpers=args.stage == 1,
+            )
+        self.num_skipped_steps = 0
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            peft_config=peft_config,
+            **kwargs,
+        )
+
+    # ------------------------------------------------------------------ forward passes
+    def _positions(self, model, inputs) -> torch.Tensor:
+        return rope_positions(
+            model, inputs["input_ids"], inputs["attention_mask"], inputs.get("mm_token_type_ids"), inputs.get("image_grid_thw")
+        )
+
+    def _helper_targets(self, model, inputs) -> torch.Tensor | None:
+        if "latent_targets" in inputs:  # cached up front with the dataset
+            return inputs["latent_targets"]
+        if "helper_pixel_values" not in inputs:
+            return None
+        return helper_latent_targets(
+            model, inputs["helper_pixel_values"], inputs["helper_image_grid_thw"], self.args.latent_size, self.args.latent_pooling
+        )
+
+    def stage1_forward(self, model, inputs, targets):
+        """One forward with the targets at the slots; returns final-norm hidden states (B, L, D)."""
+        with latent_inputs(model, inputs["latent_mask"], targets), capture_final_hidden(model) as captured:
+            model(
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
+                position_ids=self._positions(model, inputs),
+                pixel_values=inputs.get("pixel_values"),
+                image_grid_thw=inputs.get("image_grid_thw"),
+                use_cache=False,
+                logits_to_keep=1,  # logits are computed at trained positions only, below
+            )
+        return captured[-1]
+
+    def stage2_forward(self, model, inputs):
+        from ..latent.stage2 import self_latent_forward
+
+        return self_latent_forward(
+            model,
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            inputs["latent_mask"],
+            position_ids=self._positions(model, inputs),
+            pixel_values=inputs.get("pixel_values"),
+            image_grid_thw=inputs.get("image_grid_thw"),
+            mm_token_type_ids=inputs.get("mm_token_type_ids"),
+            method=self.args.stage2_method,
+        )
+
+    # ------------------------------------------------------------------ loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        slot_mask = inputs["latent_mask"]
+        targets = self._helper_targets(model, inputs)
+        if self.args.stage == 1:
+            hidden = self.stage1_forward(model, inputs, targets)
+            latents = targets
+        else:
+            out = self.stage2_forward(model, inputs)
+            hidden, latents = out.hidden_states, out.latents
+
+        ce_sum, n_tokens = text_cross_entropy(model, hidden, inputs["labels"])
+        # As TRL: normalise by the tokens of the whole accumulated batch when the Trainer gives that count.
+        ce = ce_sum / (n_tokens.clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            ce = ce * self.accelerator.num_processes
+        metrics = {"ce": ce_sum.detach() / n_tokens.clamp(min=1)}
+        loss = ce
+        has_slots = latents is not None and latents.shape[0] > 0
+        if self.args.stage == 1:
+            loss = self.args.text_loss_weight * ce
+            if has_slots:
+                predicted = hidden[:, :-1][slot_mask[:, 1:]]  # h[t-1] for every slot t
+                cos = _cos(predicted, targets)
+                latent_loss = (1.0 - cos).mean()
+                metrics["latent_cos"] = cos.detach().mean()
+                metrics["latent_loss"] = latent_loss.detach()
+                # A per-micro-batch mean: average it over the accumulation steps when CE already is.
+                steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+                loss = loss + latent_loss / steps
+        if has_slots:
+            metrics.update(self._latent_metrics(latents, targets if self.args.stage == 2 else None, slot_mask))
+
+        terms = {"loss": loss}
+        if has_slots:
+            terms["latents"] = latents
+        ok = check_finite(self.state.global_step, self.args.skip_nonfinite_steps, **terms)
+        if ok and has_slots and self.args.max_latent_norm is not None:
+            ok = self._check_latent_norm(latents)
+        if not ok:
+            self.num_skipped_steps += 1
+            self._metrics[mode]["skipped_steps"].append(float(self.num_skipped_steps))
+            loss = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)  # no update, graph intact
+
+        for name, value in metrics.items():
+            self._metrics[mode][name].append(self.accelerator.gather_for_metrics(value.detach().reshape(1)).mean().item())
+        dropped = getattr(self.data_collator, "num_dropped", 0)
+        if dropped:
+            self._metrics[mode]["dropped_rows"].append(float(dropped))
+        return (loss, {"hidden_states": hidden}) if return_outputs else loss
+
+    def _latent_metrics(self, latents, targets, slot_mask) -> dict:
+        out = {"latent_norm": latents.detach().float().norm(dim=-1).mean()}
+        k = self.args.latent_size
+        if latents.shape[0] >= 2 and latents.shape[0] % k == 0:
+            spans = latents.detach().reshape(-1, k, latents.shape[-1])
+            if k > 1:
+                out["latent_consecutive_cos"] = _cos(spans[:, 1:], spans[:, :-1]).mean()
+        if targets is not None and targets.shape == latents.shape:
+            out["latent_target_cos"] = _cos(latents.detach(), targets).mean()
+        return out
+
+    def _check_latent_norm(self, latents) -> bool:
+        from ..errors import MirageError
+
+        peak = latents.detach().float().norm(dim=-1).max()
+        if bool(peak <= self.args.max_latent_norm):
+            return True
+        msg = (
+            f"step {self.state.global_step}: latent norm {float(peak):.3g} exceeds max_latent_norm="
+            f"{self.args.max_latent_norm:g}"
+        )
+        if self.args.skip_nonfinite_steps:
+            logger.warning("%s; step skipped", msg)
+            return False
+        raise MirageError(msg + " (raise max_latent_norm, or set skip_nonfinite_steps=True)")
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
