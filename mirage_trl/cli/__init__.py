@@ -15,7 +15,7 @@ import sys
 from ..errors import MirageError
 
 # Subcommand modules, in the order `--help` lists them.
-SUBCOMMANDS = ["data", "eval", "analyze_latents", "export", "demo"]
+SUBCOMMANDS = ["data", "tiny_model", "eval", "analyze_latents", "export"]
 
 
 def build_parser() -> argparse.ArgumentParser:

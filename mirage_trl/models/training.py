@@ -37,7 +37,7 @@ def load_for_training(name_or_path: str, args=None, model_args=None):
     kwargs = {}
     trust = False
     if model_args is not None:
-        from trl import get_kbit_device_map, get_quantization_config
+        from trl import get_quantization_config
 
         kwargs["revision"] = model_args.model_revision
         kwargs["attn_implementation"] = model_args.attn_implementation
@@ -47,8 +47,8 @@ def load_for_training(name_or_path: str, args=None, model_args=None):
         quantization = get_quantization_config(model_args)
         if quantization is not None:
             kwargs["quantization_config"] = quantization
-            kwargs["device_map"] = get_kbit_device_map()
-        trust = bool(model_args.trust_remote_code)
+            kwargs["device_map"] = _kbit_device_map()
+        trust = bool(getattr(model_args, "trust_remote_code", False) or getattr(args, "trust_remote_code", False))
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
 
     if is_adapter_dir(name_or_path):
@@ -69,6 +69,13 @@ def load_for_training(name_or_path: str, args=None, model_args=None):
         raise MirageError(f"cannot load a model from {name_or_path}: {str(e).splitlines()[0]}") from None
     processor = load_processor(name_or_path, model_type=model.config.model_type, trust_remote_code=trust)
     return model, processor
+
+
+def _kbit_device_map():
+    """Quantized weights are placed at load time: each process takes its own GPU."""
+    from accelerate import PartialState
+
+    return {"": PartialState().local_process_index} if torch.cuda.is_available() else None
 
 
 def _model_type(name_or_path, trust):

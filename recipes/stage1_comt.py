@@ -1,0 +1,21 @@
+"""Mirage stage 1 on CoMT: joint text CE + cosine latent loss against pooled helper-image features.
+
+Usage:
+    # tiny offline model on CPU, on your own reference-format rows
+    accelerate launch --cpu recipes/stage1_comt.py --config recipes/vsp/stage1_tiny.yaml \
+        --dataset_name my_comt_train.jsonl
+    # Qwen2.5-VL-7B-Instruct, LoRA, one or more GPUs with DeepSpeed ZeRO-2
+    accelerate launch --config_file zero_configs/zero2.yaml recipes/stage1_comt.py \
+        --config recipes/Qwen2.5-VL-7B-Instruct/stage1_comt_lora.yaml
+Any YAML key can be overridden on the command line, e.g. `--per_device_train_batch_size 4`.
+"""
+
+from trl import ModelConfig, TrlParser
+
+from mirage_trl.configs import MirageScriptArguments, MirageSFTConfig
+from mirage_trl.scripts import run_sft
+
+if __name__ == "__main__":
+    parser = TrlParser((MirageScriptArguments, MirageSFTConfig, ModelConfig))
+    script_args, training_args, model_args = parser.parse_args_and_config()
+    run_sft(script_args, training_args, model_args, stage=1, benchmark="comt")
