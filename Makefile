@@ -1,0 +1,55 @@
+# mirage-trl: `make demo` (install + the offline pipeline on a tiny model) and `make test` (install + tests).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+# CPU machines get this torch (the CPU wheel here); machines with an NVIDIA driver keep pip's usual CUDA build.
+CPU_TORCH ?= torch==2.13.0
+DEMO ?= outputs/demo
+SHARED_TEST ?= ../shared/data/mirage_official/data/vsp_spatial_planning/test_direct.jsonl
+
+.PHONY: install demo test quality style bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@if ! $(PY) -c "import torch" 2>/dev/null; then \
+		if command -v nvidia-smi >/dev/null 2>&1; then echo "GPU found: pip's default torch"; \
+		else $(PY) -m pip install -q "$(CPU_TORCH)"; fi; fi
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: install
+	$(BIN)/mirage-trl tiny-model --out $(DEMO)/tiny-model
+	$(BIN)/mirage-trl data vsp --task planning --split train --style cot --levels 3 4 --num-samples 64 --seed 0 \
+		--out $(DEMO)/data --overwrite $(if $(wildcard $(SHARED_TEST)),--exclude $(SHARED_TEST))
+	$(BIN)/mirage-trl data vsp --task planning --split test --style cot --levels 3 4 --num-samples 16 --seed 1 \
+		--out $(DEMO)/test-data --overwrite
+	$(BIN)/accelerate launch --cpu --num_processes 1 recipes/stage1_vsp.py --config recipes/vsp/stage1_tiny.yaml
+	$(BIN)/accelerate launch --cpu --num_processes 1 recipes/stage2_vsp.py --config recipes/vsp/stage2_tiny.yaml
+	@if $(BIN)/mirage-trl eval --help >/dev/null 2>&1; then \
+		$(BIN)/mirage-trl eval --model $(DEMO)/stage2 --benchmark vsp_planning --data $(DEMO)/test-data/planning_test_cot.jsonl \
+			--max-new-tokens 64 --batch-size 16 --out $(DEMO)/eval-generated --overwrite; \
+		if [ -f $(SHARED_TEST) ]; then $(BIN)/mirage-trl eval --model $(DEMO)/stage2 --benchmark vsp_planning \
+			--data $(SHARED_TEST) --num-samples 64 --max-new-tokens 64 --batch-size 32 --out $(DEMO)/eval-reference --overwrite; fi; fi
+	@if $(BIN)/mirage-trl export --help >/dev/null 2>&1; then \
+		$(BIN)/mirage-trl export --model $(DEMO)/stage2 --out $(DEMO)/export --overwrite; fi
+	@echo "demo outputs in $(DEMO)"
+
+test: install
+	$(PY) -m pytest -q -x --timeout 600
+
+quality: install
+	$(BIN)/ruff check mirage_trl tests recipes bench
+	$(BIN)/ruff format --check mirage_trl tests recipes bench
+
+style: install
+	$(BIN)/ruff check --fix mirage_trl tests recipes bench
+	$(BIN)/ruff format mirage_trl tests recipes bench
+
+bench: install
+	$(PY) -m bench
+
+clean:
+	rm -rf $(DEMO) .pytest_cache
