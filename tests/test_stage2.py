@@ -1,0 +1,355 @@
+"""Stage 2 forward with self-generated latents: every batched method equals a plain per-sample reference.
+
+The reference runs each sample alone (no padding, no cache, no slot hook): for every latent slot
+t in order it runs the whole prefix [0, t) through the model and writes the final-norm hidden
+state at t-1 into the input embeddings at t; then one full pass gives the hidden states. The
+model computes its own rope positions there, so positions are checked too.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+from mirage_trl.errors import MirageError
+from mirage_trl.latent.model_utils import multimodal_model, unwrap
+from mirage_trl.latent.stage2 import (
+    METHODS,
+    is_checkpointing,
+    plan_rounds,
+    self_latent_forward,
+)
+from mirage_trl.latent.tokens import add_latent_tokens
+from mirage_trl.models.tiny import build_tiny_model
+
+K = 4
+REL = 1e-5
+BATCHED = ("rounds", "rounds_checkpointed", "recompute")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from threads; one thread keeps the file fast on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@functools.lru_cache(maxsize=None)
+def _base(model_type: str = "qwen2_5_vl"):
+    model, processor = build_tiny_model(model_type, seed=0)
+    tokens = add_latent_tokens(processor, model, K)
+    return model, processor, tokens
+
+
+def fresh(model_type="qwen2_5_vl", attn=None):
+    model, processor, tokens = _base(model_type)
+    model = copy.deepcopy(model)
+    if attn is not None:
+        model.set_attn_implementation(attn)
+    return model.train(), processor, tokens
+
+
+def _image(seed, w=84, h=56):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8"))
+
+
+# Four samples: 0, 1, 3, 2 spans; different lengths; images in the prompt of two of them.
+WORDS = "Moving to Ice keeps me on the safe path Next the goal falling into a hole results in defeat".split()
+
+
+def _messages(i, n_spans, n_words, image, tokens):
+    parts = []
+    for s in range(n_spans):
+        parts.append(" ".join(WORDS[(i + s) % 7:(i + s) % 7 + 2 + s]))
+        parts.append(tokens.span_text())
+    parts.append(" ".join(WORDS[:n_words]) + " \\boxed{A}")
+    user = [{"type": "text", "text": "Plan the path " * (1 + i % 2)}]
+    if image:
+        user = [{"type": "image"}] + user
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": " ".join(parts)}]
+
+
+SPEC = [(0, 6, True), (1, 3, False), (3, 9, True), (2, 1, False)]
+
+
+def make_batch(processor, tokens, padding_side="right", spec=SPEC, images=True):
+    texts, imgs, singles = [], [], []
+    for i, (n_spans, n_words, has_image) in enumerate(spec):
+        has_image = has_image and images
+        text = processor.apply_chat_template(_messages(i, n_spans, n_words, has_image, tokens), tokenize=False)
+        texts.append(text)
+        img = [_image(i)] if has_image else None
+        if img:
+            imgs += img
+        singles.append(dict(processor(text=[text], images=img, return_tensors="pt")))
+    processor.tokenizer.padding_side = padding_side
+    batch = dict(processor(text=texts, images=imgs or None, padding=True, return_tensors="pt"))
+    batch["slot_mask"] = batch["input_ids"] == tokens.pad_id
+    for i, (n_spans, _, _) in enumerate(spec):
+        assert int(batch["slot_mask"][i].sum()) == n_spans * K
+    return batch, singles
+
+
+def _labels(ids, real, pad_id):
+    """Next-token targets at every real position whose next token is real text (not a latent pad)."""
+    labels = torch.full_like(ids, -100)
+    nxt = ids[..., 1:]
+    ok = real[..., 1:].bool() & real[..., :-1].bool() & (nxt != pad_id)
+    labels[..., :-1] = torch.where(ok, nxt, labels[..., :-1])
+    return labels
+
+
+def _ce_sum(model, hidden, labels):
+    logits = unwrap(model).lm_head(hidden).float()
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                             ignore_index=-100, reduction="sum")
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+# --------------------------------------------------------------------------- the reference
+
+
+def reference_sample(model, single, pad_id, embed_grad=False):
+    """One sample alone: prefix passes fill the slots one by one, then one full pass. Returns (hidden, embeds)."""
+    inner = multimodal_model(model)
+    ids = single["input_ids"]
+    vision = {k: single[k] for k in ("pixel_values", "image_grid_thw") if k in single}
+    embeds = model.get_input_embeddings()(ids)
+    if embed_grad:
+        embeds.retain_grad()
+    x = embeds
+    for t in (ids[0] == pad_id).nonzero().flatten().tolist():
+        prefix = inner(input_ids=ids[:, :t], inputs_embeds=x[:, :t], mm_token_type_ids=single["mm_token_type_ids"][:, :t],
+                       **vision).last_hidden_state
+        x = torch.cat([x[:, :t], prefix[:, t - 1:t], x[:, t + 1:]], dim=1)
+    hidden = inner(input_ids=ids, inputs_embeds=x, mm_token_type_ids=single["mm_token_type_ids"],
+                   **vision).last_hidden_state
+    return hidden, embeds
+
+
+def reference_loss_and_grads(model, singles, pad_id, n_targets):
+    model.zero_grad(set_to_none=True)
+    total = 0.0
+    for single in singles:
+        hidden, _ = reference_sample(model, single, pad_id)
+        loss = _ce_sum(model, hidden, _labels(single["input_ids"], single["attention_mask"], pad_id)) / n_targets
+        loss.backward()
+        total += loss.item()
+    return total, _grads(model)
+
+
+def batched_loss_and_grads(model, batch, pad_id, method, **kw):
+    model.zero_grad(set_to_none=True)
+    out = self_latent_forward(
+        model, batch["input_ids"], batch["attention_mask"], batch["slot_mask"],
+        pixel_values=batch.get("pixel_values"), image_grid_thw=batch.get("image_grid_thw"),
+        mm_token_type_ids=batch.get("mm_token_type_ids"), method=method, **kw)
+    labels = _labels(batch["input_ids"], batch["attention_mask"], pad_id)
+    n_targets = int((labels != -100).sum())
+    loss = _ce_sum(model, out.hidden_states, labels) / n_targets
+    loss.backward()
+    return loss.item(), _grads(model), out, n_targets
+
+
+def assert_close_grads(got, ref, rel=REL):
+    assert got.keys() == ref.keys()
+    assert len(ref) > 0
+    for name in ref:
+        err = (got[name] - ref[name]).norm() / ref[name].norm().clamp_min(1e-20)
+        assert float(err) <= rel, f"{name}: relative error {float(err):.2e}"
+
+
+def _lora(model):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                             init_lora_weights=False))
+    return model.train()
+
+
+# --------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("finetune", ["full", "lora"])
+@pytest.mark.parametrize("ckpt", [False, True], ids=["no_ckpt", "ckpt"])
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_methods_match_reference(padding, ckpt, finetune):
+    model, processor, tokens = fresh()
+    if finetune == "lora":
+        model = _lora(model)
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert is_checkpointing(model) == ckpt
+    batch, singles = make_batch(processor, tokens, padding)
+    assert batch["attention_mask"].min() == 0  # really padded
+    pad_side_col = 0 if padding == "left" else -1
+    assert batch["attention_mask"][:, pad_side_col].min() == 0
+
+    results = {m: batched_loss_and_grads(model, batch, tokens.pad_id, m) for m in BATCHED + ("auto",)}
+    n_targets = results["rounds"][3]
+    ref_loss, ref_grads = reference_loss_and_grads(model, singles, tokens.pad_id, n_targets)
+    if finetune == "lora":
+        assert all("lora_" in n for n in ref_grads)
+    else:
+        assert any("visual" in n for n in ref_grads)  # the image path is trained too
+    for method, (loss, grads, out, _) in results.items():
+        assert loss == pytest.approx(ref_loss, rel=REL), method
+        assert_close_grads(grads, ref_grads)
+        assert out.latents.shape == (int(batch["slot_mask"].sum()), 64)
+        assert torch.isfinite(out.hidden_states).all()
+    assert results["auto"][2].method == ("rounds_checkpointed" if ckpt else "rounds")
+    assert results["rounds"][2].steps == 3 * K + 1
+    assert is_checkpointing(model) == ckpt  # the model's own flag is restored
+
+
+def test_latents_and_hidden_match_reference_values():
+    model, processor, tokens = fresh()
+    batch, singles = make_batch(processor, tokens, "left")
+    with torch.no_grad():
+        out = self_latent_forward(model, batch["input_ids"], batch["attention_mask"], batch["slot_mask"],
+                                  pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+                                  mm_token_type_ids=batch["mm_token_type_ids"], method="rounds")
+        ref_latents = []
+        for b, single in enumerate(singles):
+            hidden, _ = reference_sample(model, single, tokens.pad_id)
+            real = batch["attention_mask"][b].bool()
+            torch.testing.assert_close(out.hidden_states[b, real], hidden[0], rtol=1e-5, atol=1e-5)
+            assert (out.hidden_states[b, ~real] == 0).all()
+            slots = (single["input_ids"][0] == tokens.pad_id).nonzero().flatten()
+            ref_latents.append(hidden[0, slots - 1])
+    torch.testing.assert_close(out.latents, torch.cat(ref_latents), rtol=1e-5, atol=1e-5)
+
+
+def _embed_grads_rounds(model, batch, pad_id, detach):
+    """Gradient of the loss w.r.t. the embedding output of every position, for the 'rounds' method."""
+    captured = []
+
+    def hook(module, args, output):
+        output.retain_grad()
+        captured.append(output)
+
+    handle = model.get_input_embeddings().register_forward_hook(hook)  # runs before the slot hook
+    try:
+        batched_loss_and_grads(model, batch, pad_id, "rounds", detach_latents=detach)
+    finally:
+        handle.remove()
+    plan = plan_rounds(batch["attention_mask"], batch["slot_mask"])
+    grads = torch.cat([c.grad for c in captured], dim=1)
+    return grads.gather(1, plan.back[..., None].expand(-1, -1, grads.shape[-1]))
+
+
+def test_gradient_flows_through_latents():
+    model, processor, tokens = fresh()
+    batch, singles = make_batch(processor, tokens, "right", images=False)
+    g_live = _embed_grads_rounds(model, batch, tokens.pad_id, detach=False)
+    g_cut = _embed_grads_rounds(model, batch, tokens.pad_id, detach=True)
+    labels = _labels(batch["input_ids"], batch["attention_mask"], tokens.pad_id)
+    n_targets = int((labels != -100).sum())
+    for b, single in enumerate(singles):
+        first = (batch["input_ids"][b] == tokens.start_id).nonzero().flatten()
+        n_real = int(batch["attention_mask"][b].sum())
+        model.zero_grad(set_to_none=True)
+        hidden, embeds = reference_sample(model, single, tokens.pad_id, embed_grad=True)
+        (_ce_sum(model, hidden, _labels(single["input_ids"], single["attention_mask"], tokens.pad_id))
+         / n_targets).backward()
+        non_slot = single["input_ids"][0] != tokens.pad_id
+        torch.testing.assert_close(g_live[b, :n_real][non_slot], embeds.grad[0][non_slot], rtol=1e-5, atol=1e-7)
+        if len(first):
+            before = slice(0, int(first[0]))  # the prompt and text before the first span
+            diff = (g_live[b, before] - g_cut[b, before]).norm() / g_live[b, before].norm()
+            assert diff > 1e-3, f"sample {b}: detaching the latents did not change the prompt gradient"
+        else:  # no span: nothing to detach
+            torch.testing.assert_close(g_live[b], g_cut[b])
+
+
+def test_auto_is_exact_with_checkpointing_where_a_plain_cache_loop_is_not():
+    model, processor, tokens = fresh()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batch, singles = make_batch(processor, tokens, "left", images=False)
+    loss, grads, out, n_targets = batched_loss_and_grads(model, batch, tokens.pad_id, "auto")
+    assert out.method == "rounds_checkpointed"
+    ref_loss, ref_grads = reference_loss_and_grads(model, singles, tokens.pad_id, n_targets)
+    assert loss == pytest.approx(ref_loss, rel=REL)
+    assert_close_grads(grads, ref_grads)
+    # The reference implementation's bug: under HF checkpointing a cache-based loop silently gets no cache.
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=unwrap(model).config)
+    multimodal_model(model)(input_ids=batch["input_ids"][:, :5], cache=cache, use_cache=True)
+    assert cache.get_seq_length() == 0
+    assert is_checkpointing(model)
+
+
+def test_forced_rounds_with_checkpointing_switches_it_off_for_the_call(caplog):
+    model, processor, tokens = fresh()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batch, singles = make_batch(processor, tokens, "right", images=False)
+    loss, grads, out, n_targets = batched_loss_and_grads(model, batch, tokens.pad_id, "rounds")
+    assert out.method == "rounds"
+    assert is_checkpointing(model)
+    ref_loss, ref_grads = reference_loss_and_grads(model, singles, tokens.pad_id, n_targets)
+    assert loss == pytest.approx(ref_loss, rel=REL)
+    assert_close_grads(grads, ref_grads)
+
+
+def test_eager_attention_matches_reference():
+    model, processor, tokens = fresh(attn="eager")
+    assert unwrap(model).config._attn_implementation == "eager"
+    batch, singles = make_batch(processor, tokens, "left")
+    for method in BATCHED:
+        loss, grads, out, n_targets = batched_loss_and_grads(model, batch, tokens.pad_id, method)
+        assert torch.isfinite(out.hidden_states).all()
+        if method == "rounds":
+            ref_loss, ref_grads = reference_loss_and_grads(model, singles, tokens.pad_id, n_targets)
+        assert loss == pytest.approx(ref_loss, rel=REL), method
+        assert_close_grads(grads, ref_grads)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_vl", "qwen2_vl"])
+def test_other_qwen_vl_models_rounds_equal_recompute(model_type):
+    model, processor, tokens = fresh(model_type)
+    spec = [(0, 4, True), (1, 2, False), (2, 5, False)]
+    batch, _ = make_batch(processor, tokens, "left", spec=spec)
+    res = {m: batched_loss_and_grads(model, batch, tokens.pad_id, m) for m in BATCHED}
+    for method in ("rounds", "rounds_checkpointed"):
+        assert res[method][0] == pytest.approx(res["recompute"][0], rel=REL)
+        assert_close_grads(res[method][1], res["recompute"][1])
+        torch.testing.assert_close(res[method][2].latents, res["recompute"][2].latents, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_without_slots_is_one_plain_forward():
+    model, processor, tokens = fresh()
+    batch, _ = make_batch(processor, tokens, "right", spec=[(0, 3, False), (0, 7, False)])
+    out = self_latent_forward(model, batch["input_ids"], batch["attention_mask"], batch["slot_mask"])
+    assert out.steps == 1 and out.latents.shape == (0, 64)
+    plain = multimodal_model(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(out.hidden_states[real], plain[real], rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_method_and_bad_masks():
+    model, processor, tokens = fresh()
+    batch, _ = make_batch(processor, tokens, "right", spec=[(1, 3, False), (0, 2, False)])
+    args = (model, batch["input_ids"], batch["attention_mask"], batch["slot_mask"])
+    with pytest.raises(MirageError) as err:
+        self_latent_forward(*args, method="segments")
+    assert "'segments'" in str(err.value)
+    for name in METHODS:
+        assert name in str(err.value)
+    bad = batch["slot_mask"].clone()
+    bad[1, -1] = True  # a padding position
+    with pytest.raises(MirageError, match="padding"):
+        self_latent_forward(model, batch["input_ids"], batch["attention_mask"], bad)
