@@ -112,18 +112,26 @@ class MirageDataCollator:
 
     # ------------------------------------------------------------------ batches
     def __call__(self, rows: list[dict]) -> dict:
-        samples, helpers = [], []
+        samples, helpers, cached = [], [], []
         for row in rows:
             sample = self._encode_row(row)
             if sample is None:
                 continue
             samples.append(sample)
-            helpers.extend(sample.pop("helper_paths"))
+            paths = sample.pop("helper_paths")
+            if row.get("latent_targets"):  # precomputed once (see latent.targets.precompute_latent_targets)
+                cached.append(torch.tensor(row["latent_targets"]).flatten(0, 1))
+            else:
+                helpers.extend(paths)
         if not samples:
             raise MirageError(
                 f"every row of the batch was dropped by truncation at max_length={self.max_length}; raise max_length"
             )
         batch = self._pad(samples)
+        if cached and helpers:
+            raise MirageError("a batch mixes rows with cached latent targets and rows without; cache the whole dataset")
+        if cached:
+            batch["latent_targets"] = torch.cat(cached)
         if self.with_helpers and helpers:
             images = [load_image(p, source=src) for p, src in helpers]
             enc = self.processor.image_processor(images=images, return_tensors="pt")

@@ -50,3 +50,71 @@ def helper_latent_targets(
         sizes = (image_grid_thw.prod(-1) // mm.visual.spatial_merge_size**2).tolist()
         per_image = torch.split(per_image, sizes)
     return torch.cat([pool_helper_features(f, latent_size, pooling) for f in per_image]).detach()
+
+
+def _vision_fingerprint(model) -> str:
+    """A cheap identity of the vision tower's weights (name, shapes, a few sums): cache key material."""
+    import hashlib
+
+    from .model_utils import vision_tower
+
+    h = hashlib.sha256()
+    h.update(str(getattr(getattr(model, "config", None), "_name_or_path", "")).encode())
+    for name, p in vision_tower(model).named_parameters():
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        h.update(f"{float(p.detach().float().sum()):.6e}".encode())
+    return h.hexdigest()[:16]
+
+
+def precompute_latent_targets(
+    dataset, model, processor, latent_size: int, pooling: str = "drop_remainder", batch_size: int = 16, cache_dir=None
+):
+    """Add a `latent_targets` column (one (k, D) list per helper image) computed once, cached by `datasets`.
+
+    Epochs 2..N read the column instead of running the vision tower. The Arrow file is kept under
+    `cache_dir` (default: the `datasets` cache) with a fingerprint of the helper images (paths,
+    sizes, mtimes), the vision tower's weights, k and the pooling, so a later run reuses it.
+    """
+    import hashlib
+    import os
+    from pathlib import Path
+
+    import datasets
+
+    from ..data.images import load_image
+
+    check_pooling(pooling)
+    h = hashlib.sha256(f"{_vision_fingerprint(model)}-{latent_size}-{pooling}".encode())
+    for paths in dataset["helper_images"]:
+        for p in paths:
+            st = os.stat(p) if os.path.exists(p) else None
+            h.update(f"{p}:{st.st_size if st else -1}:{st.st_mtime_ns if st else -1};".encode())
+    fingerprint = h.hexdigest()[:16]
+    cache_dir = Path(cache_dir or Path(datasets.config.HF_DATASETS_CACHE) / "mirage_latent_targets")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    device = next(multimodal_model(model).visual.parameters()).device
+
+    def encode(batch):
+        out = []
+        for paths, source in zip(batch["helper_images"], batch["source"]):
+            if not paths:
+                out.append([])
+                continue
+            images = [load_image(p, source=f"{source}:helper_images") for p in paths]
+            enc = processor.image_processor(images=images, return_tensors="pt")
+            targets = helper_latent_targets(
+                model, enc["pixel_values"].to(device), enc["image_grid_thw"].to(device), latent_size, pooling
+            )
+            out.append(targets.float().cpu().reshape(len(paths), latent_size, -1).tolist())
+        return {"latent_targets": out}
+
+    return dataset.map(
+        encode,
+        batched=True,
+        batch_size=batch_size,
+        new_fingerprint=fingerprint,
+        cache_file_name=str(cache_dir / f"latent_targets-{fingerprint}.arrow"),
+        load_from_cache_file=True,
+        desc="latent targets",
+    )

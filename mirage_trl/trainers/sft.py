@@ -80,6 +80,12 @@ class MirageSFTTrainer(SFTTrainer):
         if args.stage == 1 and train_dataset is not None and not _has_helpers(train_dataset):
             # Rows without spans are fine in a mix; a stage-1 dataset with no helper image at all is a mistake.
             require_helper_images(train_dataset, stage=1)
+        if args.cache_latent_targets and args.stage == 1 and train_dataset is not None:
+            from ..latent.targets import precompute_latent_targets
+
+            train_dataset = precompute_latent_targets(
+                train_dataset, unwrap(model), processing_class, args.latent_size, args.latent_pooling
+            )
         if data_collator is None:
             data_collator = MirageDataCollator(
                 processing_class,
