@@ -1,0 +1,410 @@
+"""Evaluation: batched latent decoding, reference grading, per-level / per-task tables, latent ablations.
+
+`evaluate(model, processor, dataset, benchmark, ...)`:
+
+* encodes every prompt once (chat template + generation prompt + input images), sorts the rows by
+  prompt length so batches carry little padding, decodes each batch with `generate_with_latents`
+  and puts the completions back in the rows' order;
+* grades every completion with `grading.grade` (MIRAGE.md section 1.3);
+* groups rows by level for VSP, by the row's `task` field (else the benchmark) for the others;
+* runs once per latent mode (`latent_modes`, the ablation table): the same rows, batches and seed
+  for every mode. "mean" feeds the mean latent of the eval set, taken from the "model" run's
+  returned latents, so "model" runs first (it is added when "mean" is asked for without it).
+
+Per mode and group: accuracy, invalid rate, mean latent spans per answer; per mode: generated
+tokens/s (latent steps included) and rows/s (decoding and grading; prompt encoding is timed once,
+separately, in `EvalResult.encode_seconds`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from .errors import MirageError
+from .grading import BENCHMARKS, CHOICE_BENCHMARKS, extract_choice, grade, summarize
+
+logger = logging.getLogger(__name__)
+
+GROUP_ALL = "all"
+
+
+@dataclass
+class ModeResult:
+    """One decoding run (one latent mode) over the eval rows."""
+
+    mode: str
+    groups: dict  # group -> {n, correct, invalid, accuracy, invalid_rate, latent_spans, mean_latent_spans}
+    completions: list[dict]  # one per row, in the dataset's order
+    seconds: float  # decoding + grading wall time
+    num_generated_tokens: int  # latent steps included
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.num_generated_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def rows_per_s(self) -> float:
+        return len(self.completions) / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def accuracy(self) -> float:
+        return self.groups[GROUP_ALL]["accuracy"]
+
+    def to_dict(self) -> dict:
+        return {
+            "groups": {str(k): v for k, v in self.groups.items()},
+            "seconds": self.seconds,
+            "num_generated_tokens": self.num_generated_tokens,
+            "tokens_per_s": self.tokens_per_s,
+            "rows_per_s": self.rows_per_s,
+        }
+
+
+@dataclass
+class EvalResult:
+    benchmark: str
+    settings: dict
+    modes: dict[str, ModeResult] = field(default_factory=dict)  # in run order ("model" first)
+    encode_seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "benchmark": self.benchmark,
+            "settings": dict(self.settings),
+            "num_rows": self.num_rows,
+            "encode_seconds": self.encode_seconds,
+            "modes": {m: r.to_dict() for m, r in self.modes.items()},
+            "notes": list(self.notes),
+        }
+
+    @property
+    def num_rows(self) -> int:
+        return len(next(iter(self.modes.values())).completions) if self.modes else 0
+
+    def completion_rows(self) -> list[dict]:
+        """Every completion of every mode (mode-major, rows in the dataset's order)."""
+        return [c for r in self.modes.values() for c in r.completions]
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def row_group(benchmark: str, row) -> object:
+    """VSP: the level (grid side); others: the row's `task` field when it has one, else the benchmark."""
+    if benchmark.startswith("vsp"):
+        return int(row.get("level") or 0)
+    task = row.get("task")
+    return str(task) if task else benchmark
+
+
+def check_rows(benchmark: str, rows: Sequence) -> None:
+    """Every row carries what grading its benchmark needs; a one-line `MirageError` names the field."""
+    if benchmark not in BENCHMARKS:
+        raise MirageError(f"unknown benchmark {benchmark!r}; valid: {', '.join(BENCHMARKS)}")
+    for i, row in enumerate(rows):
+        where = row.get("source") or f"row {i}"
+        if "messages" not in row:
+            raise MirageError(
+                f"{where}: no messages (load the data with mirage_trl.data.reference.load_reference_jsonl)"
+            )
+        if benchmark == "vsp_planning":
+            if not str(row.get("map_desc") or "").strip():
+                raise MirageError(f"{where}:map_desc: vsp_planning rows need map_desc (the grid) for grading")
+        elif benchmark in CHOICE_BENCHMARKS and extract_choice(str(row.get("answer") or "")) is None:
+            raise MirageError(
+                f"{where}:answer: {benchmark} rows need answer (the reference choice letter, or a boxed answer in "
+                f"text_output), got {row.get('answer')!r}"
+            )
+
+
+def check_latent_modes(modes: Sequence[str]) -> list[str]:
+    """Validate and order the modes: unique, "model" first (added when "mean" needs it)."""
+    from .generation import LATENT_MODES
+
+    modes = list(dict.fromkeys(modes))
+    if not modes:
+        raise MirageError(f"no latent mode given; valid modes: {', '.join(LATENT_MODES)}")
+    bad = [m for m in modes if m not in LATENT_MODES]
+    if bad:
+        raise MirageError(f"unknown latent mode {bad[0]!r}; valid modes: {', '.join(LATENT_MODES)}")
+    if "mean" in modes and "model" not in modes:
+        modes.insert(0, "model")
+    if "model" in modes:
+        modes.remove("model")
+        modes.insert(0, "model")
+    return modes
+
+
+# ---------------------------------------------------------------------------------------------- batching
+
+
+def _left_pad(samples: list[dict], pad_id: int) -> dict:
+    """Left-padded batch of encoded prompts (the layout `MirageDataCollator.prompt_batch` returns)."""
+    import torch
+
+    length = max(s["input_ids"].shape[0] for s in samples)
+    ids, mm, mask = [], [], []
+    for s in samples:
+        n = s["input_ids"].shape[0]
+        pad = length - n
+        ids.append(torch.cat([torch.full((pad,), pad_id, dtype=s["input_ids"].dtype), s["input_ids"]]))
+        mm.append(torch.cat([torch.zeros(pad, dtype=s["mm_token_type_ids"].dtype), s["mm_token_type_ids"]]))
+        mask.append(torch.cat([torch.zeros(pad, dtype=torch.long), torch.ones(n, dtype=torch.long)]))
+    batch = {
+        "input_ids": torch.stack(ids),
+        "attention_mask": torch.stack(mask),
+        "mm_token_type_ids": torch.stack(mm),
+    }
+    with_images = [s for s in samples if "pixel_values" in s]
+    if with_images:
+        batch["pixel_values"] = torch.cat([s["pixel_values"] for s in with_images])
+        batch["image_grid_thw"] = torch.cat([s["image_grid_thw"] for s in with_images])
+    return batch
+
+
+def _prompt_encoder(processor):
+    from .collator import MirageDataCollator
+    from .latent.tokens import LatentTokens
+
+    try:
+        lt = LatentTokens.from_tokenizer(processor, 1)
+    except MirageError:  # a plain model: prompts do not use the latent tokens
+        lt = LatentTokens(-1, -1, -1, 1)
+    return MirageDataCollator(processor, lt, padding_side="left", with_helpers=False)
+
+
+def _model_device(model):
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        import torch
+
+        return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------- evaluate
+
+
+def evaluate(
+    model,
+    processor,
+    dataset,
+    benchmark: str,
+    *,
+    batch_size: int = 16,
+    num_samples: int | None = None,
+    max_new_tokens: int = 1024,
+    do_sample: bool = True,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    seed: int = 42,
+    latent_modes: Sequence[str] = ("model",),
+    progress: bool = True,
+    generate_fn: Callable | None = None,
+) -> EvalResult:
+    """Decode, grade and summarise `dataset` (rows of `load_reference_jsonl`) once per latent mode.
+
+    `num_samples`: the first N rows. `generate_fn`: defaults to `generation.generate_with_latents`
+    (tests inject a fake with the same signature and output fields).
+    """
+    import torch
+
+    from .generation import generate_with_latents
+
+    if batch_size < 1:
+        raise MirageError(f"--batch-size must be >= 1, got {batch_size}")
+    if num_samples is not None and num_samples < 1:
+        raise MirageError(f"--num-samples must be >= 1, got {num_samples}")
+    modes = check_latent_modes(latent_modes)
+    rows = [dataset[i] for i in range(len(dataset))] if not isinstance(dataset, list) else list(dataset)
+    if num_samples is not None:
+        rows = rows[:num_samples]
+    if not rows:
+        raise MirageError("the eval data has no rows")
+    check_rows(benchmark, rows)
+    generate_fn = generate_fn or generate_with_latents
+
+    settings = {
+        "batch_size": batch_size,
+        "num_samples": num_samples,
+        "num_rows": len(rows),
+        "max_new_tokens": max_new_tokens,
+        "do_sample": do_sample,
+        "temperature": temperature if do_sample else None,
+        "top_p": top_p if do_sample else None,
+        "seed": seed,
+        "latent_modes": modes,
+    }
+    result = EvalResult(benchmark=benchmark, settings=settings)
+    if "mean" in latent_modes and "model" not in latent_modes:
+        result.notes.append(
+            "'mean' needs the eval set's mean latent: the 'model' run was added to compute it"
+        )
+
+    # Encode every prompt once; sort by length (longest first) to cut padding.
+    encoder = _prompt_encoder(processor)
+    t0 = time.perf_counter()
+    encoded = [encoder.encode_prompt(r) for r in _progress(rows, progress, "encoding prompts")]
+    result.encode_seconds = time.perf_counter() - t0
+    order = sorted(range(len(rows)), key=lambda i: -encoded[i]["input_ids"].shape[0])
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    device = _model_device(model)
+    groups = [row_group(benchmark, r) for r in rows]
+
+    latent_mean = None
+    for mode in modes:
+        want_latents = mode == "model" and "mean" in modes
+        generator = torch.Generator(device=device).manual_seed(seed)
+        texts: list[str | None] = [None] * len(rows)
+        spans = [0] * len(rows)
+        ntok = [0] * len(rows)
+        collected = []
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for idx in _progress(batches, progress, f"decoding ({mode})"):
+            batch = _left_pad([encoded[i] for i in idx], encoder.pad_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = generate_fn(
+                model,
+                processor,
+                batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_p=top_p,
+                generator=generator,
+                latent_mode=mode,
+                latent_mean=latent_mean,
+                return_latents=want_latents,
+            )
+            for j, i in enumerate(idx):
+                texts[i] = out.texts[j]
+                spans[i] = int(out.num_latent_spans[j])
+                ntok[i] = int(out.num_generated_tokens[j])
+            if want_latents and out.latents is not None:
+                collected.extend(x.detach().float().cpu() for x in out.latents if x.shape[0])
+        grades = [grade(benchmark, texts[i], rows[i]) for i in range(len(rows))]
+        seconds = time.perf_counter() - start
+
+        if want_latents:
+            latent_mean = _mean_latent(collected, model, result)
+        table = summarize(grades, groups)
+        _add_spans(table, groups, spans)
+        completions = [
+            {
+                "index": i,
+                "source": rows[i].get("source", ""),
+                "benchmark": benchmark,
+                "level": rows[i].get("level"),
+                "group": groups[i],
+                "mode": mode,
+                "completion": texts[i],
+                "answer": grades[i].answer,
+                "reference": rows[i].get("answer") or None,
+                "correct": grades[i].correct,
+                "invalid": grades[i].invalid,
+                "num_latent_spans": spans[i],
+                "num_generated_tokens": ntok[i],
+            }
+            for i in range(len(rows))
+        ]
+        result.modes[mode] = ModeResult(mode, table, completions, seconds, sum(ntok))
+    return result
+
+
+def _mean_latent(collected, model, result: EvalResult):
+    import torch
+
+    if collected:
+        stacked = torch.cat(collected)
+        result.notes.append(f"mean latent over {stacked.shape[0]} latent vectors of the 'model' run")
+        return stacked.mean(dim=0)
+    config = getattr(model, "config", None)
+    size = getattr(getattr(config, "text_config", config), "hidden_size", None)
+    msg = "the 'model' run produced no latents; 'mean' feeds zeros (it feeds nothing if no span opens)"
+    warnings.warn(msg, stacklevel=3)
+    result.notes.append(msg)
+    return torch.zeros(int(size or 1))
+
+
+def _add_spans(table: dict, groups: list, spans: list[int]) -> None:
+    for key, bucket in table.items():
+        total = sum(s for g, s in zip(groups, spans) if key == GROUP_ALL or g == key)
+        bucket["latent_spans"] = total
+        bucket["mean_latent_spans"] = total / bucket["n"] if bucket["n"] else 0.0
+
+
+def _progress(items, enabled: bool, label: str):
+    if not enabled:
+        yield from items
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True
+    ) as bar:
+        yield from bar.track(list(items))
+
+
+# ---------------------------------------------------------------------------------------------- tables
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}" if not math.isnan(x) else "-"
+
+
+def print_tables(result: EvalResult, console=None) -> None:
+    """One rich table per latent mode (groups + "all"), and an ablation summary when several modes ran."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    group_name = "level" if result.benchmark.startswith("vsp") else "task"
+    for mode, res in result.modes.items():
+        table = Table(
+            title=f"{result.benchmark} | latents: {mode}",
+            caption=f"{res.tokens_per_s:.1f} tok/s, {res.rows_per_s:.2f} rows/s",
+        )
+        table.add_column(group_name)
+        table.add_column("n", justify="right")
+        table.add_column("accuracy %", justify="right")
+        table.add_column("invalid %", justify="right")
+        table.add_column("spans/answer", justify="right")
+        for key, b in res.groups.items():
+            style = "bold" if key == GROUP_ALL else None
+            table.add_row(
+                str(key),
+                str(b["n"]),
+                _pct(b["accuracy"]),
+                _pct(b["invalid_rate"]),
+                f"{b['mean_latent_spans']:.2f}",
+                style=style,
+            )
+        console.print(table)
+    if len(result.modes) > 1:
+        base = result.modes.get("model")
+        keys = list(next(iter(result.modes.values())).groups)
+        table = Table(title=f"{result.benchmark} | latent ablation: accuracy % per {group_name}")
+        table.add_column("latents")
+        for key in keys:
+            table.add_column(str(key), justify="right")
+        table.add_column("vs model", justify="right")
+        table.add_column("invalid %", justify="right")
+        table.add_column("spans/answer", justify="right")
+        for mode, res in result.modes.items():
+            delta = "" if base is None or mode == "model" else f"{100 * (res.accuracy - base.accuracy):+.1f}"
+            table.add_row(
+                mode,
+                *(_pct(res.groups[k]["accuracy"]) for k in keys),
+                delta,
+                _pct(res.groups[GROUP_ALL]["invalid_rate"]),
+                f"{res.groups[GROUP_ALL]['mean_latent_spans']:.2f}",
+            )
+        console.print(table)
