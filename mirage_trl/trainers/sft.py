@@ -107,6 +107,9 @@ class MirageSFTTrainer(SFTTrainer):
             peft_config=peft_config,
             **kwargs,
         )
+        # compute_loss normalises CE by `num_items_in_batch` itself. Qwen-VL classes declare
+        # accepts_loss_kwargs=False, which would make Trainer skip that count (per-micro-batch means, then / GA).
+        self.model_accepts_loss_kwargs = True
 
     # ------------------------------------------------------------------ forward passes
     def _positions(self, model, inputs) -> torch.Tensor:
