@@ -86,12 +86,40 @@ class MirageGRPOConfig(_MirageLatentArgs, GRPOConfig):
     remove_unused_columns: bool = False
 
     def __post_init__(self):
-        if self.reward_weights is None and self.reward_names == ["accuracy", "format"]:
-            self.reward_weights = [0.9, 0.1]
-        super().__post_init__()
-        validate_latent_args(self)
+        from .rewards import DEFAULT_REWARD_WEIGHTS, get_reward_funcs
+
+        if isinstance(self.reward_names, str):
+            self.reward_names = [self.reward_names]
+        get_reward_funcs(self.reward_names)  # an unknown name: one clear line
+        if self.reward_weights is None and set(self.reward_names) <= set(DEFAULT_REWARD_WEIGHTS):
+            self.reward_weights = [DEFAULT_REWARD_WEIGHTS[n] for n in self.reward_names]
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_names):
+            raise MirageError(
+                f"--reward_weights has {len(self.reward_weights)} values for {len(self.reward_names)} reward(s) "
+                f"{self.reward_names}"
+            )
         if getattr(self, "use_vllm", False):
             raise MirageError("--use_vllm: latent rollouts need per-step hidden-state feedback, which vLLM cannot do")
+        try:
+            super().__post_init__()
+        except ValueError:
+            gbs, n = self.generation_batch_size, self.num_generations
+            if gbs and n and gbs % n:
+                raise MirageError(
+                    f"generation batch {gbs} (per_device_train_batch_size x processes x steps_per_generation) is not "
+                    f"divisible by num_generations={n}: every prompt needs its full group; make it a multiple of {n}"
+                ) from None
+            raise
+        validate_latent_args(self)
+        # Latent decoding samples with temperature and top-p only.
+        unsupported = {"top_k": (self.top_k, (0, None)), "min_p": (self.min_p, (None, 0.0)),
+                       "repetition_penalty": (self.repetition_penalty, (1.0,)),
+                       "generation_kwargs": (self.generation_kwargs, (None, {}))}
+        for name, (value, defaults) in unsupported.items():
+            if value not in defaults:
+                raise MirageError(f"--{name} {value!r}: latent rollouts sample with temperature and top_p only")
+        if self.use_transformers_continuous_batching:
+            raise MirageError("--use_transformers_continuous_batching: latent rollouts use mirage-trl's own decoding")
 
 
 def validate_latent_args(args) -> None:

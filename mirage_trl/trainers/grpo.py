@@ -1,0 +1,360 @@
+"""`MirageGRPOTrainer`: TRL's `GRPOTrainer` whose rollouts imagine (stage 3, MIRAGE.md sections 3-4).
+
+What latents change, and therefore what is overridden (everything else is TRL's: prompt
+templating and image processing, generation batching, rewards and their weights, advantages,
+loss types, clipping, KL, logging):
+
+* `_generate_and_score_completions`: rows carry image *paths*; each generation batch gets its
+  images loaded (PIL, what TRL's VLM prompt processing expects) and a `prompt` (the user turns
+  of `messages`), then TRL does the rest. Afterwards the accuracy metric is logged.
+* `_generate_single_turn`: the regular transformers branch is replaced by
+  `generate_with_latents` (per-sample latent mode, KV cache). vLLM / continuous batching refuse.
+* `_generate`: after TRL decodes and logs lengths, each completion gets a loss mask (TRL's
+  `tool_mask`, "tokens the policy did not sample") that is 0 at latent slots and at the forced
+  `<|latent_end|>` after each span. TRL multiplies it into `completion_mask` for the loss, the
+  importance ratio, the KL, `num_items_in_batch` and every masked metric. `completion_mask`
+  itself stays 1 there because TRL also uses it as the attention mask, and the slots must be
+  attended. Logs the mean number of latent spans and of text tokens per completion.
+* `_get_per_token_logps_and_entropies`: the forward is `self_latent_forward` over
+  prompt + completion, slots recomputed from the model being scored (so the gradient flows
+  through every latent into earlier positions), then log-probabilities (temperature-scaled, as
+  TRL) of the completion's text tokens from the LM head; slot and forced positions get 0.
+  The same function scores `old_per_token_logps` and the reference: the reference recomputes
+  *its own* latents (its probability of the text under its own imagination; TRL's reference for
+  a PEFT model is the base with adapters disabled, or the frozen "ref" copy of a loaded adapter).
+* `_compute_loss`: TRL's loss, then the numerical guard (loss and latents finite, latent norm).
+
+The slot layout is a function of the completion ids alone: every `<|latent_start|>` in a
+completion was sampled in text mode, so the k positions after it are slots and the next one is
+the forced end (a span cut by the length limit keeps its first slots). A `<|latent_pad|>` the
+model sampled as text elsewhere is a text token, as it was during the rollout.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from torch.utils.checkpoint import checkpoint
+from trl import GRPOTrainer
+from trl.trainer import grpo_trainer as _trl_grpo
+
+from ..configs import MirageGRPOConfig
+from ..data.images import load_image
+from ..errors import MirageError
+from ..grading import BENCHMARKS
+from ..latent.model_utils import rope_positions, unwrap
+from ..latent.tokens import LatentTokens
+from ..rewards import accuracy_reward, get_reward_funcs
+from .common import adapt_peft_config, check_finite, prepare_model
+
+logger = logging.getLogger(__name__)
+
+# LM-head rows scored at once (bounds the (rows, vocab) logits kept for the backward pass).
+LOGPROB_CHUNK = 1024
+
+
+def latent_layout(completion_ids: torch.Tensor, tokens: LatentTokens) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slots, forced_end) bool masks of a (B, C) completion batch: the k positions after each
+    `<|latent_start|>` that hold `<|latent_pad|>`, and the `<|latent_end|>` right after them."""
+    k = tokens.latent_size
+    is_start = completion_ids == tokens.start_id
+    slots = torch.zeros_like(is_start)
+    forced = torch.zeros_like(is_start)
+    C = completion_ids.shape[1]
+    for j in range(1, min(k, C - 1) + 1):
+        slots[:, j:] |= is_start[:, :-j]
+    if C > k + 1:
+        forced[:, k + 1:] = is_start[:, : C - k - 1]
+    return slots & (completion_ids == tokens.pad_id), forced & (completion_ids == tokens.end_id)
+
+
+def _text_logps(head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool):
+    """Log-probabilities of `targets` (N,) under `head(hidden)/temperature` (N, D), in float32, and entropies.
+
+    The head is called as a module (a PEFT trainable-tokens wrapper keeps its rows), a chunk of
+    rows at a time, each chunk recomputed in the backward pass so its logits are not kept.
+    """
+
+    def score(h, t):
+        logp = (head(h).float() / temperature).log_softmax(-1)
+        lp = logp.gather(-1, t[:, None]).squeeze(-1)
+        ent = -(logp.exp() * logp).sum(-1) if with_entropy else lp.new_zeros(())
+        return lp, ent
+
+    logps, ents = [], []
+    for s in range(0, hidden.shape[0], LOGPROB_CHUNK):
+        h, t = hidden[s:s + LOGPROB_CHUNK], targets[s:s + LOGPROB_CHUNK]
+        if torch.is_grad_enabled() and h.requires_grad:
+            lp, ent = checkpoint(score, h, t, use_reentrant=False)
+        else:
+            lp, ent = score(h, t)
+        logps.append(lp)
+        ents.append(ent)
+    if not logps:
+        return hidden.new_zeros(0, dtype=torch.float32), hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat(logps), (torch.cat(ents) if with_entropy else None)
+
+
+def _user_turns(messages) -> list[dict]:
+    return [m for m in messages if m["role"] != "assistant"]
+
+
+def check_accuracy_benchmarks(benchmarks, where: str = "train_dataset") -> None:
+    """Every row graded by the accuracy reward needs a benchmark with a grader."""
+    bad = sorted({str(b) for b in benchmarks if b not in BENCHMARKS})
+    if bad:
+        raise MirageError(
+            f"{where}: the accuracy reward has no grader for benchmark(s) {', '.join(repr(b) for b in bad)} "
+            f"(graders: {', '.join(BENCHMARKS)}); set --benchmark or the rows' benchmark, or drop 'accuracy' "
+            "from --reward_names"
+        )
+
+
+class MirageGRPOTrainer(GRPOTrainer):
+    """GRPO with latent rollouts and a text-only loss whose gradient flows through recomputed latents."""
+
+    _tag_names = ["trl", "grpo", "mirage"]
+    _name = "Mirage GRPO"
+
+    def __init__(
+        self,
+        model,
+        reward_funcs=None,
+        args: MirageGRPOConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        peft_config=None,
+        **kwargs,
+    ):
+        if args is None:
+            args = MirageGRPOConfig(output_dir="mirage-grpo")
+        if not isinstance(args, MirageGRPOConfig):
+            raise MirageError(f"MirageGRPOTrainer needs a MirageGRPOConfig, got {type(args).__name__}")
+        if isinstance(model, str):
+            from ..models.training import load_for_training
+
+            model, processing_class = load_for_training(model, args)
+        if processing_class is None:
+            from ..models.loading import load_processor
+
+            processing_class = load_processor(unwrap(model).config._name_or_path)
+        self.latent_tokens = prepare_model(model, processing_class, args.latent_size)
+        peft_config = adapt_peft_config(peft_config, self.latent_tokens)
+        if reward_funcs is None:
+            reward_funcs = get_reward_funcs(args.reward_names)
+        funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
+        self._grades_accuracy = any(f is accuracy_reward for f in funcs)
+        if self._grades_accuracy:
+            for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+                column = getattr(dataset, "column_names", None)
+                if column is not None and "benchmark" in column:
+                    check_accuracy_benchmarks([b or args.benchmark for b in set(dataset["benchmark"])], name)
+                elif dataset is not None and args.benchmark is not None:
+                    check_accuracy_benchmarks([args.benchmark], name)
+        self._train_latents: list[torch.Tensor] = []
+        self.num_skipped_steps = 0
+        super().__init__(
+            model=model,
+            reward_funcs=reward_funcs,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            peft_config=peft_config,
+            **kwargs,
+        )
+
+    # ------------------------------------------------------------------ rows -> TRL's inputs
+    def _rollout_row(self, row: dict) -> dict:
+        """A row as TRL's VLM path wants it: `prompt` = the user turns, `images` = PIL images."""
+        row = dict(row)
+        if "prompt" not in row:
+            if "messages" not in row:
+                raise MirageError(f"{row.get('source', '<row>')}: a GRPO row needs 'messages' or 'prompt'")
+            row["prompt"] = _user_turns(row["messages"])
+        paths = row.get("images")
+        if paths:
+            source = f"{row.get('source', '<row>')}:images"
+            row["images"] = [load_image(p, source=source) if isinstance(p, str) else p for p in paths]
+        if self._grades_accuracy:
+            if not row.get("benchmark"):
+                row["benchmark"] = self.args.benchmark
+            check_accuracy_benchmarks([row.get("benchmark")], row.get("source", "batch"))
+        return row
+
+    def _generate_and_score_completions(self, inputs):
+        mode = "train" if self.model.training else "eval"
+        output = super()._generate_and_score_completions([self._rollout_row(x) for x in inputs])
+        accuracy = self._metrics[mode].get("rewards/accuracy_reward/mean")
+        if self._grades_accuracy and accuracy:
+            self._metrics[mode]["accuracy"].append(accuracy[-1])
+        return output
+
+    # ------------------------------------------------------------------ rollouts
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        from ..generation import generate_with_latents
+
+        if self.use_vllm or self.use_transformers_continuous_batching:
+            raise MirageError("latent rollouts need per-step hidden-state feedback: use the transformers generation path")
+        pad = _trl_grpo.pad
+        tensors = [torch.tensor(ids) for ids in prompt_ids]
+        inputs = {
+            "input_ids": pad(tensors, padding_value=self._tokenizer.pad_token_id, padding_side="left"),
+            "attention_mask": pad([torch.ones_like(t) for t in tensors], padding_value=0, padding_side="left"),
+        }
+        for key, value in multimodal_fields.items():
+            if isinstance(value, torch.Tensor):
+                inputs[key] = value
+            elif isinstance(value, list) and value and isinstance(value[0], list):  # per-token field
+                inputs[key] = pad([torch.tensor(x) for x in value], padding_value=0, padding_side="left")
+            else:
+                inputs[key] = torch.tensor(np.array(value))
+        inputs = super(GRPOTrainer, self)._prepare_inputs(inputs)  # Trainer's: to device
+        with (
+            _trl_grpo.profiling_context(self, "mirage.generate_with_latents"),
+            _trl_grpo.unwrap_model_for_generation(
+                self.model_wrapped,
+                self.accelerator,
+                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            ) as unwrapped_model,
+            torch.no_grad(),
+            self._dist.summon_full_params(self.model_wrapped, recurse=False),
+        ):
+            out = generate_with_latents(
+                unwrapped_model,
+                self.processing_class,
+                inputs,
+                latent_tokens=self.latent_tokens,
+                max_new_tokens=self.max_completion_length,
+                do_sample=True,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                eos_token_ids=self.eos_token_ids,
+                pad_token_id=self._tokenizer.pad_token_id,
+            )
+        lengths = out.num_generated_tokens.tolist()
+        return [s[:n] for s, n in zip(out.sequences.tolist(), lengths)], None
+
+    def _generate(self, prompts):
+        result = list(super()._generate(prompts))
+        completion_ids, tool_mask = result[1], result[2]
+        device = self.accelerator.device
+        masks, spans, text_lengths = [], [], []
+        for i, ids in enumerate(completion_ids):
+            t = torch.tensor([ids], dtype=torch.long)
+            slots, forced = latent_layout(t, self.latent_tokens) if t.numel() else (t.bool(), t.bool())
+            keep = (~(slots | forced))[0].long().tolist()
+            if tool_mask is not None:
+                keep = [a * b for a, b in zip(keep, tool_mask[i])]
+            masks.append(keep)
+            spans.append(int((t == self.latent_tokens.start_id).sum()))
+            text_lengths.append(sum(keep))
+        result[2] = masks
+        mode = "train" if self.model.training else "eval"
+        stats = self.accelerator.gather(torch.tensor([spans, text_lengths], dtype=torch.float32, device=device).T)
+        self._metrics[mode]["latent/spans_mean"].append(stats[:, 0].mean().item())
+        self._metrics[mode]["latent/with_span_frac"].append((stats[:, 0] > 0).float().mean().item())
+        self._metrics[mode]["completions/mean_text_length"].append(stats[:, 1].mean().item())
+        return tuple(result)
+
+    # ------------------------------------------------------------------ training forward
+    def _get_per_token_logps_and_entropies(
+        self,
+        model,
+        input_ids,
+        attention_mask,
+        logits_to_keep,
+        batch_size=None,
+        compute_entropy=False,
+        compute_aux_loss=False,
+        pixel_values=None,
+        image_grid_thw=None,
+        num_images=None,
+        mm_token_type_ids=None,
+        **unused,
+    ):
+        """Per-token log-probs (B, C) of the completion's text tokens with the latents recomputed by `model`."""
+        from ..latent.stage2 import self_latent_forward
+
+        if compute_aux_loss:
+            raise MirageError("MoE router auxiliary losses are not supported by Mirage GRPO")
+        others = [k for k, v in unused.items() if v is not None]
+        if others:
+            raise MirageError(f"Mirage GRPO supports Qwen-VL inputs only; got {', '.join(others)}")
+        batch_size = batch_size or input_ids.size(0)
+        C = logits_to_keep
+        head = unwrap(model).get_output_embeddings()
+        all_logps, all_entropies = [], []
+        for start in range(0, input_ids.size(0), batch_size):
+            end = min(start + batch_size, input_ids.size(0))
+            ids, attn = input_ids[start:end], attention_mask[start:end]
+            vision = {}
+            if pixel_values is not None and image_grid_thw is not None:
+                counts = num_images if num_images is not None else [1] * input_ids.size(0)
+                img = torch.tensor([0] + list(counts)).cumsum(0)
+                rows = torch.split(image_grid_thw.prod(-1), list(counts))
+                row_cum = torch.tensor([0] + [int(r.sum()) for r in rows]).cumsum(0)
+                vision["pixel_values"] = pixel_values[row_cum[start]:row_cum[end]]
+                vision["image_grid_thw"] = image_grid_thw[img[start]:img[end]]
+                if vision["image_grid_thw"].shape[0] == 0:
+                    vision = {}
+            mm = mm_token_type_ids[start:end] if mm_token_type_ids is not None else None
+            completion = ids[:, -C:]
+            slots_c, forced_c = latent_layout(completion, self.latent_tokens)
+            real_c = attn[:, -C:].bool()
+            slots_c = slots_c & real_c
+            slot_mask = torch.zeros_like(ids, dtype=torch.bool)
+            slot_mask[:, -C:] = slots_c
+            positions = rope_positions(model, ids, attn, mm, vision.get("image_grid_thw"))
+            with self.accelerator.autocast():
+                out = self_latent_forward(model, ids, attn, slot_mask, position_ids=positions, mm_token_type_ids=mm,
+                                          **vision)
+                hidden = out.hidden_states[:, -C - 1:-1]  # position t-1 predicts completion token t
+                if self.args.cast_lm_head_to_fp32:
+                    hidden = hidden.float()
+                scored = real_c & ~slots_c & ~forced_c
+                lp, ent = _text_logps(head, hidden[scored], completion[scored], self.temperature, compute_entropy)
+            logps = lp.new_zeros(scored.shape).masked_scatter(scored, lp)
+            all_logps.append(logps)
+            if compute_entropy:
+                all_entropies.append(ent.new_zeros(scored.shape).masked_scatter(scored, ent))
+            if torch.is_grad_enabled() and out.latents.shape[0]:
+                self._train_latents.append(out.latents)
+        entropies = torch.cat(all_entropies) if compute_entropy else None
+        return torch.cat(all_logps), entropies, None
+
+    # ------------------------------------------------------------------ loss + guard
+    def _compute_loss(self, model, inputs):
+        self._train_latents = []
+        loss = super()._compute_loss(model, inputs)
+        latents = torch.cat(self._train_latents) if self._train_latents else None
+        self._train_latents = []
+        mode = "train" if self.model.training else "eval"
+        terms = {"loss": loss}
+        if latents is not None:
+            terms["latents"] = latents
+        ok = check_finite(self.state.global_step, self.args.skip_nonfinite_steps, **terms)
+        if latents is not None:
+            norms = latents.detach().float().norm(dim=-1)
+            self._metrics[mode]["latent/norm"].append(self.accelerator.gather(norms.mean().reshape(1)).mean().item())
+            if ok and self.args.max_latent_norm is not None:
+                ok = self._latent_norm_ok(norms.max())
+        if not ok:
+            self.num_skipped_steps += 1
+            self._metrics[mode]["skipped_steps"].append(float(self.num_skipped_steps))
+            loss = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)  # no update, graph intact
+        return loss
+
+    def _latent_norm_ok(self, peak) -> bool:
+        if bool(peak <= self.args.max_latent_norm):
+            return True
+        msg = (f"step {self.state.global_step}: latent norm {float(peak):.3g} exceeds max_latent_norm="
+               f"{self.args.max_latent_norm:g}")
+        if self.args.skip_nonfinite_steps:
+            logger.warning("%s; step skipped", msg)
+            return False
+        raise MirageError(msg + " (raise max_latent_norm, or set skip_nonfinite_steps=True)")
