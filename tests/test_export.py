@@ -1,0 +1,359 @@
+"""Export, merge, upload and loading: round trips on the tiny model.
+
+A tiny Qwen2.5-VL is trained for 3 LoRA steps (lr 1e-2, so the LoRA weights and the latent-token
+rows really move) and saved the way the recipes save it (`scripts.save_outputs`, plus a
+`checkpoint-3` folder from the Trainer). The adapter export, the merged export and the
+checkpoint must decode (greedy, with latents) exactly like the in-memory trained model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from stage1_utils import four_rows, make_images
+
+from mirage_trl.cli import main as cli_main
+from mirage_trl.errors import MirageError
+from mirage_trl.export import export_model, load_model, resolve_model_dir
+from mirage_trl.generation import generate_with_latents
+from mirage_trl.latent.model_utils import unwrap
+from mirage_trl.latent.tokens import LATENT_START, LATENT_TOKEN_NAMES
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_NEW = 24
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _token_layers(peft_model):
+    """The PEFT trainable-token layers of the input embedding and of the LM head."""
+    net = unwrap(peft_model)
+    return net.get_input_embeddings().token_adapter, net.get_output_embeddings().token_adapter
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(trainer, run folder, base folder, rows, initial latent rows) after 3 LoRA steps."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForImageTextToText
+
+    from mirage_trl.configs import MirageSFTConfig
+    from mirage_trl.data.reference import _features
+    from mirage_trl.models.loading import load_processor
+    from mirage_trl.models.tiny import save_tiny_model
+    from mirage_trl.scripts import save_outputs
+    from mirage_trl.trainers.sft import MirageSFTTrainer
+
+    root = tmp_path_factory.mktemp("export")
+    base = save_tiny_model(root / "base")
+    rows = four_rows(make_images(root / "images"))
+    model = AutoModelForImageTextToText.from_pretrained(str(base))
+    processor = load_processor(str(base))
+    args = MirageSFTConfig(
+        output_dir=str(root / "run"), use_cpu=True, report_to=[], save_strategy="steps", save_steps=3, max_steps=3,
+        gradient_checkpointing=False, per_device_train_batch_size=4, learning_rate=1e-2, disable_tqdm=True,
+        logging_steps=1, seed=0,
+    )
+    peft_config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = MirageSFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows, features=_features()),
+                               processing_class=processor, peft_config=peft_config)
+    embed, head = _token_layers(trainer.model)
+    initial = embed.trainable_tokens_original["default"].detach().clone()
+    trainer.train()
+    # Make latent spans appear in greedy decoding: the start row copies (scaled) the row of the
+    # token the model picks most, so wherever that token would win, <|latent_start|> wins instead.
+    with torch.no_grad():
+        tok = processor.tokenizer
+        start = tok.convert_tokens_to_ids(LATENT_START)
+        idx = head.token_indices["default"].index(start)
+        out = _decode(trainer.model.eval(), processor, trainer.latent_tokens, rows)
+        seq = out.sequences.flatten()
+        seq = seq[~torch.isin(seq, torch.tensor(head.token_indices["default"]))]
+        common = torch.mode(seq).values.item()
+        head.trainable_tokens_delta["default"][idx] = 3.0 * head.get_merged_weights(["default"])[common]
+    save_outputs(trainer, str(root / "run"), stage=1, base_model=str(base))
+    return dict(trainer=trainer, run=root / "run", base=base, rows=rows, initial=initial, root=root)
+
+
+def _decode(model, processor, latent_tokens, rows):
+    from mirage_trl.collator import MirageDataCollator
+
+    batch = MirageDataCollator(processor, latent_tokens).prompt_batch(rows)
+    return generate_with_latents(model, processor, batch, max_new_tokens=MAX_NEW, do_sample=False, return_latents=True)
+
+
+@pytest.fixture(scope="module")
+def reference(trained):
+    trainer = trained["trainer"]
+    out = _decode(trainer.model.eval(), trainer.processing_class, trainer.latent_tokens, trained["rows"])
+    assert int(out.num_latent_spans.sum()) > 0, "the test needs latent spans in the reference decoding"
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapter_export(trained):
+    return export_model(trained["run"], trained["root"] / "export-adapter")
+
+
+@pytest.fixture(scope="module")
+def merged_export(trained):
+    eval_json = trained["root"] / "results.json"
+    eval_json.write_text(json.dumps({"metrics": {"accuracy": 0.75, "latent_spans": 3}, "benchmark": "vsp_planning"}))
+    return export_model(trained["run"], trained["root"] / "export-merged", merge=True, eval_json=eval_json,
+                        datasets=["vsp_planning_train.jsonl"], launch_lines=["mirage-trl export --merge ..."])
+
+
+def _same_decoding(out, ref):
+    assert torch.equal(out.sequences, ref.sequences)
+    assert torch.equal(out.latent_mask, ref.latent_mask)
+    assert out.texts == ref.texts
+    for a, b in zip(out.latents, ref.latents):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _no_pickles(folder: Path):
+    names = sorted(p.name for p in folder.iterdir())
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl"))], names
+    assert not any(n.startswith("checkpoint-") for n in names)
+    return names
+
+
+def _check_tokens(processor):
+    vocab = processor.tokenizer.get_vocab()
+    assert all(t in vocab for t in LATENT_TOKEN_NAMES)
+
+
+# ---------------------------------------------------------------------------------------- adapter
+def test_adapter_export_files_and_round_trip(trained, reference, adapter_export):
+    names = _no_pickles(adapter_export)
+    for f in ("adapter_config.json", "adapter_model.safetensors", "mirage_config.json", "README.md", "tokenizer.json"):
+        assert f in names
+    assert "config.json" not in names  # an adapter folder, not a model folder
+    adapter_config = json.loads((adapter_export / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(trained["base"])
+    mirage = json.loads((adapter_export / "mirage_config.json").read_text())
+    assert mirage["latent_size"] == 4 and mirage["stages"] == [1] and mirage["format"] == "adapter"
+    # The trained latent-token rows travel as PEFT trainable tokens.
+    from safetensors import safe_open
+
+    with safe_open(str(adapter_export / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert any("embed_tokens" in k and "trainable_tokens" in k for k in keys), keys
+    assert any("lm_head" in k and "trainable_tokens" in k for k in keys), keys
+
+    model, processor = load_model(adapter_export)
+    _check_tokens(processor)
+    _same_decoding(_decode(model, processor, trained["trainer"].latent_tokens, trained["rows"]), reference)
+
+
+# ---------------------------------------------------------------------------------------- merged
+def test_merged_export_round_trip_and_rows(trained, reference, merged_export):
+    names = _no_pickles(merged_export)
+    assert "model.safetensors" in names and "adapter_config.json" not in names
+    config = json.loads((merged_export / "config.json").read_text())
+    assert config["mirage"] == {"latent_size": 4, "latent_tokens": list(LATENT_TOKEN_NAMES)}
+    card = (merged_export / "README.md").read_text()
+    for needle in ("2506.17218", "stage 1", "accuracy", "0.75", "vsp_planning_train.jsonl", "mirage-trl export --merge",
+                   str(trained["base"]), "yang2025mirage"):
+        assert needle in card, needle
+
+    model, processor = load_model(merged_export)
+    _check_tokens(processor)
+    _same_decoding(_decode(model, processor, trained["trainer"].latent_tokens, trained["rows"]), reference)
+
+    # The new rows survived the merge, and training moved them.
+    embed, head = _token_layers(trained["trainer"].model)
+    ids = embed.token_indices["default"]
+    rows_in = model.get_input_embeddings().weight[ids]
+    torch.testing.assert_close(rows_in, embed.trainable_tokens_delta["default"].detach(), rtol=0, atol=0)
+    torch.testing.assert_close(model.get_output_embeddings().weight[head.token_indices["default"]],
+                               head.trainable_tokens_delta["default"].detach(), rtol=0, atol=0)
+    assert (rows_in - trained["initial"]).abs().max() > 1e-4
+
+    # Merged logits equal base + adapter (the adapter export loaded over its base).
+    adapter_model, _ = load_model(trained["root"] / "export-adapter")
+    from mirage_trl.collator import MirageDataCollator
+
+    batch = MirageDataCollator(processor, trained["trainer"].latent_tokens).prompt_batch(trained["rows"])
+    kw = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")}
+    with torch.no_grad():
+        merged_logits = model(**kw).logits
+        adapter_logits = adapter_model(**kw).logits
+    torch.testing.assert_close(merged_logits, adapter_logits, rtol=0, atol=1e-5)
+
+
+def test_full_model_reexport(trained, merged_export):
+    out = export_model(merged_export, trained["root"] / "reexport", dtype="bfloat16")
+    config = json.loads((out / "config.json").read_text())
+    assert config["mirage"]["latent_size"] == 4
+    model, _ = load_model(out)
+    assert model.dtype == torch.bfloat16
+    assert json.loads((out / "mirage_config.json").read_text())["stages"] == [1]
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+def test_checkpoint_loads_and_exports(trained, reference, tmp_path):
+    ckpt = trained["run"] / "checkpoint-3"
+    src = resolve_model_dir(ckpt)
+    assert src.checkpoint and src.is_adapter and src.latent_size == 4
+    model, processor = load_model(ckpt)
+    out = _decode(model, processor, trained["trainer"].latent_tokens, trained["rows"])
+    # The checkpoint was saved before the start row was biased: compare with a fresh load of it.
+    assert out.sequences.shape[0] == len(trained["rows"])
+    exported = export_model(ckpt, tmp_path / "ckpt-export")
+    names = _no_pickles(exported)
+    assert "adapter_model.safetensors" in names
+    # A checkpoint of an interrupted run (no mirage_config.json anywhere): the size comes from training_args.bin.
+    lone = tmp_path / "lone" / "checkpoint-3"
+    shutil.copytree(ckpt, lone)
+    assert resolve_model_dir(lone).latent_size == 4
+    with pytest.raises(MirageError, match="latent_size=8 disagrees"):
+        resolve_model_dir(lone, latent_size=8)
+
+
+# ---------------------------------------------------------------------------------------- refusals
+def test_non_mirage_folder_is_refused(trained, tmp_path):
+    base = trained["base"]
+    with pytest.raises(MirageError, match=f"{base} is not a Mirage model"):
+        export_model(base, tmp_path / "out")
+    with pytest.raises(MirageError, match="not a Mirage model"):
+        load_model(base)
+    assert not (tmp_path / "out").exists()
+    assert resolve_model_dir(base, require_mirage=False).latent_size is None
+    with pytest.raises(MirageError, match="neither a model folder"):
+        resolve_model_dir(tmp_path)
+
+
+def test_latent_size_disagreements(trained, merged_export, tmp_path):
+    # mirage_config.json disagrees with config.json
+    bad = tmp_path / "bad-size"
+    shutil.copytree(merged_export, bad)
+    mirage = json.loads((bad / "mirage_config.json").read_text())
+    (bad / "mirage_config.json").write_text(json.dumps(dict(mirage, latent_size=8)))
+    with pytest.raises(MirageError, match=r"latent size disagrees .*k=4.*k=8"):
+        load_model(bad)
+    # config.json says k=4 but the tokenizer has no latent tokens
+    no_tokens = tmp_path / "no-tokens"
+    shutil.copytree(merged_export, no_tokens)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(trained["base"] / name, no_tokens / name)
+    with pytest.raises(MirageError, match="k=4, but the tokenizer .* lacks the latent tokens"):
+        load_model(no_tokens)
+    # an explicit latent size that is not the trained one
+    with pytest.raises(MirageError, match="latent_size=2 disagrees"):
+        load_model(merged_export, latent_size=2)
+
+
+def test_existing_out_needs_overwrite(trained, adapter_export):
+    with pytest.raises(MirageError, match="already exists"):
+        export_model(trained["run"], adapter_export)
+    before = (adapter_export / "adapter_model.safetensors").stat().st_mtime_ns
+    export_model(trained["run"], adapter_export, overwrite=True)
+    assert (adapter_export / "adapter_model.safetensors").stat().st_mtime_ns != before
+    assert not [p for p in adapter_export.parent.iterdir() if p.name.startswith(".export-adapter.")]
+
+
+# ---------------------------------------------------------------------------------------- atomicity
+def test_failed_export_leaves_nothing(trained, tmp_path, monkeypatch):
+    import mirage_trl.export as export
+
+    def boom(folder, text):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(export, "_write_card", boom)
+    with pytest.raises(RuntimeError):
+        export_model(trained["run"], tmp_path / "out", merge=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_killed_export_leaves_no_complete_folder(trained, tmp_path):
+    """SIGKILL while the temporary folder is written: no `out` folder, only a hidden temp one."""
+    out = tmp_path / "out"
+    code = (
+        "import sys, time\n"
+        "import mirage_trl.export as e\n"
+        "orig = e._write_card\n"
+        "def slow(folder, text):\n"
+        "    orig(folder, text)\n"
+        "    print('READY', flush=True)\n"
+        "    time.sleep(120)\n"
+        "e._write_card = slow\n"
+        "from mirage_trl.cli import main\n"
+        f"sys.exit(main(['export', '--model', {str(trained['run'])!r}, '--out', {str(out)!r}, '--merge']))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
+                            text=True)
+    try:
+        seen = []
+        for line in proc.stdout:  # other libraries may print first
+            seen.append(line)
+            if line.strip() == "READY":
+                break
+        assert seen and seen[-1].strip() == "READY", seen
+        temps = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+        assert len(temps) == 1 and (temps[0] / "model.safetensors").is_file() and (temps[0] / "README.md").is_file()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not out.exists()
+    with pytest.raises(MirageError):  # an unfinished temp folder is never taken for a model
+        load_model(out)
+
+
+# ---------------------------------------------------------------------------------------- hub
+def _dead_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_push_without_network_fails_cleanly(trained, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_dead_port()}")
+    monkeypatch.setenv("HF_TOKEN", "hf_dummysecret123")
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "2")
+    monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", "2")
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    out = tmp_path / "pushed"
+    start = time.monotonic()
+    rc = cli_main(["export", "--model", str(trained["run"]), "--out", str(out), "--push-to-hub", "me/mirage-tiny",
+                   "--private", "--revision", "v1"])
+    took = time.monotonic() - start
+    err = capsys.readouterr().err
+    assert rc == 2
+    lines = [line for line in err.splitlines() if line.startswith("mirage-trl export: error:")]
+    assert len(lines) == 1, err
+    assert "me/mirage-tiny" in lines[0] and "upload failed" in lines[0] and f"complete in {out}" in lines[0]
+    assert "hf_dummysecret123" not in err
+    assert took < 30, took  # loading + export is most of it; the failed upload itself is immediate
+    # The local export is complete and loads.
+    assert (out / "README.md").is_file() and (out / "adapter_model.safetensors").is_file()
+    load_model(out)
+
+
+def test_cli_refuses_non_mirage_folder(trained, tmp_path, capsys):
+    rc = cli_main(["export", "--model", str(trained["base"]), "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and str(trained["base"]) in err[0]
