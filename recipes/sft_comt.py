@@ -1,0 +1,23 @@
+"""Baseline on COMT: text-only SFT with plain TRL `SFTTrainer` (`<output_image>` markers and helper
+images removed; direct or CoT as the data file is), or the upper bound with `--helper_as_input true`
+(helper images given as real input images).
+
+Usage:
+    # tiny offline model on CPU
+    accelerate launch --cpu recipes/sft_comt.py --config recipes/vsp/sft_tiny.yaml \
+        --dataset_name my_comt_train.jsonl
+    # Qwen2.5-VL-7B-Instruct, LoRA, one or more GPUs with DeepSpeed ZeRO-2
+    accelerate launch --config_file zero_configs/zero2.yaml recipes/sft_comt.py \
+        --config recipes/Qwen2.5-VL-7B-Instruct/sft_vsp_lora.yaml --dataset_name <comt train jsonl> --output_dir <dir>
+    # upper bound: add --helper_as_input true
+Any YAML key can be overridden on the command line, e.g. `--per_device_train_batch_size 4`.
+"""
+
+from trl import ModelConfig, SFTConfig, TrlParser
+
+from mirage_trl.baselines import BaselineScriptArguments, run_text_sft
+
+if __name__ == "__main__":
+    parser = TrlParser((BaselineScriptArguments, SFTConfig, ModelConfig))
+    script_args, training_args, model_args = parser.parse_args_and_config()
+    run_text_sft(script_args, training_args, model_args, benchmark="comt")
