@@ -60,7 +60,9 @@ class ModelSource:
     kind: str  # "full" or "adapter"
     base: str | None  # the base model of an adapter
     latent_size: int | None  # None: not a Mirage model (only with require_mirage=False)
-    mirage: dict = field(default_factory=dict)  # merged settings: latent_size, latent_tokens, stages, base_model, ...
+    mirage: dict = field(
+        default_factory=dict
+    )  # merged settings: latent_size, latent_tokens, stages, base_model, ...
     checkpoint: bool = False  # a Trainer `checkpoint-N` folder
     tokenizer_dir: Path | None = None
 
@@ -142,7 +144,9 @@ def resolve_model_dir(path, latent_size: int | None = None, require_mirage: bool
     elif config_file.is_file():
         kind = "full"
     else:
-        raise MirageError(f"{p} is neither a model folder (no config.json) nor a PEFT adapter folder (no adapter_config.json)")
+        raise MirageError(
+            f"{p} is neither a model folder (no config.json) nor a PEFT adapter folder (no adapter_config.json)"
+        )
     checkpoint = _is_checkpoint(p)
 
     # Every place that may state the latent size, with a name for the error messages.
@@ -172,7 +176,9 @@ def resolve_model_dir(path, latent_size: int | None = None, require_mirage: bool
         if Path(base, "config.json").is_file():
             base_config = _read_json(Path(base, "config.json"))
             if isinstance(base_config.get(CONFIG_KEY), dict):
-                sources.append((f"{Path(base, 'config.json')} '{CONFIG_KEY}' (the base model)", base_config[CONFIG_KEY]))
+                sources.append(
+                    (f"{Path(base, 'config.json')} '{CONFIG_KEY}' (the base model)", base_config[CONFIG_KEY])
+                )
         elif not _looks_like_hub_name(str(base)):
             raise MirageError(f"{p}: its base model {base!r} is not a folder or a hub model name")
 
@@ -197,7 +203,9 @@ def resolve_model_dir(path, latent_size: int | None = None, require_mirage: bool
         if names is not None and list(names) != list(LATENT_TOKEN_NAMES):
             raise MirageError(f"{p}: {name} names latent tokens {names}, expected {list(LATENT_TOKEN_NAMES)}")
 
-    tokenizer_dir = p if (p / "tokenizer_config.json").is_file() else (Path(base) if base and Path(base).is_dir() else p)
+    tokenizer_dir = (
+        p if (p / "tokenizer_config.json").is_file() else (Path(base) if base and Path(base).is_dir() else p)
+    )
     vocab = _tokenizer_vocab(tokenizer_dir)
     missing = [t for t in LATENT_TOKEN_NAMES if t not in vocab]
     if missing and k is None:
@@ -231,7 +239,12 @@ def resolve_model_dir(path, latent_size: int | None = None, require_mirage: bool
 
 
 def _looks_like_hub_name(name: str) -> bool:
-    return not os.path.isabs(name) and not name.startswith(".") and name.count("/") == 1 and not Path(name).exists()
+    return (
+        not os.path.isabs(name)
+        and not name.startswith(".")
+        and name.count("/") == 1
+        and not Path(name).exists()
+    )
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -272,9 +285,13 @@ def _load_source(src: ModelSource, dtype=None, trust_remote_code: bool = False):
     torch_dtype = _dtype(dtype)
     name = str(src.base if src.is_adapter else src.path)
     model_type = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code).model_type
-    processor = load_processor(str(src.tokenizer_dir or src.path), model_type=model_type, trust_remote_code=trust_remote_code)
+    processor = load_processor(
+        str(src.tokenizer_dir or src.path), model_type=model_type, trust_remote_code=trust_remote_code
+    )
     try:
-        model = AutoModelForImageTextToText.from_pretrained(name, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForImageTextToText.from_pretrained(
+            name, dtype=torch_dtype, trust_remote_code=trust_remote_code
+        )
     except OSError as exc:
         raise MirageError(f"{src.path}: cannot load the model {name} ({str(exc).splitlines()[0]})") from None
     resized = False
@@ -292,13 +309,22 @@ def _load_source(src: ModelSource, dtype=None, trust_remote_code: bool = False):
         resized = resized or _adapter_embedding_rows(src.path) is not None
     elif src.latent_size is not None:
         if len(processor.tokenizer) > model.get_input_embeddings().weight.shape[0]:
-            raise MirageError(f"{src.path}: the tokenizer has more tokens than the model's embedding has rows")
+            raise MirageError(
+                f"{src.path}: the tokenizer has more tokens than the model's embedding has rows"
+            )
         set_mirage_config(model, src.latent_size)
     return model.eval(), processor, resized
 
 
-def load_model(path_or_name, *, dtype=None, device=None, latent_size: int | None = None, require_mirage: bool = True,
-               trust_remote_code: bool = False):
+def load_model(
+    path_or_name,
+    *,
+    dtype=None,
+    device=None,
+    latent_size: int | None = None,
+    require_mirage: bool = True,
+    trust_remote_code: bool = False,
+):
     """(model, processor) ready for `generate_with_latents`.
 
     `path_or_name`: a merged/full Mirage model folder, an adapter folder (loaded over its base,
@@ -313,7 +339,9 @@ def load_model(path_or_name, *, dtype=None, device=None, latent_size: int | None
             raise MirageError(f"{name}: not a model folder, an adapter folder or a hub model name (org/name)")
         from .models.load import load_model as load_hub
 
-        return load_hub(name, dtype=dtype, device=device, latent_size=latent_size, trust_remote_code=trust_remote_code)
+        return load_hub(
+            name, dtype=dtype, device=device, latent_size=latent_size, trust_remote_code=trust_remote_code
+        )
     src = resolve_model_dir(name, latent_size=latent_size, require_mirage=require_mirage)
     model, processor, _ = _load_source(src, dtype=dtype, trust_remote_code=trust_remote_code)
     if device is not None:
@@ -353,21 +381,31 @@ def _as_list(value) -> list[str]:
     return [str(v) for v in value]
 
 
-def build_model_card(mirage: dict, *, kind: str, model_name: str, repo_id: str | None = None,
-                     eval_results: dict | None = None, launch_lines: list[str] | None = None,
-                     datasets: list[str] | None = None) -> str:
+def build_model_card(
+    mirage: dict,
+    *,
+    kind: str,
+    model_name: str,
+    repo_id: str | None = None,
+    eval_results: dict | None = None,
+    launch_lines: list[str] | None = None,
+    datasets: list[str] | None = None,
+) -> str:
     """The README.md text: TRL's model card with the Mirage details (stages, latent size, metrics, launch lines)."""
     from trl.trainer.utils import generate_model_card
 
     base_model = mirage.get("base_model")
-    datasets = _as_list(datasets) + [d for d in _as_list(mirage.get("datasets")) if d not in _as_list(datasets)]
+    datasets = _as_list(datasets) + [
+        d for d in _as_list(mirage.get("datasets")) if d not in _as_list(datasets)
+    ]
     hub_datasets = [d for d in datasets if _looks_like_hub_name(d)]
     card = generate_model_card(
         base_model=str(base_model) if base_model else None,
         model_name=model_name,
         hub_model_id=repo_id or model_name,
         dataset_name=hub_datasets or None,
-        tags=["mirage", "latent-visual-reasoning", "trl", "sft"] + (["peft", "lora"] if kind == "adapter" else []),
+        tags=["mirage", "latent-visual-reasoning", "trl", "sft"]
+        + (["peft", "lora"] if kind == "adapter" else []),
         wandb_url=None,
         trackio_url=None,
         trainer_name="Mirage (mirage-trl)",
@@ -380,8 +418,11 @@ def build_model_card(mirage: dict, *, kind: str, model_name: str, repo_id: str |
     if base_model and not _looks_like_hub_name(str(base_model)):
         card.data.base_model = None  # a local path is no Hub model id
     stages = mirage.get("stages") or []
-    what = {"adapter": "a LoRA adapter (load it over its base model)", "merged": "the LoRA adapter merged into the base model",
-            "full": "a fully fine-tuned model"}[kind]
+    what = {
+        "adapter": "a LoRA adapter (load it over its base model)",
+        "merged": "the LoRA adapter merged into the base model",
+        "full": "a fully fine-tuned model",
+    }[kind]
     target = repo_id or model_name
     lines = [
         "## Mirage",
@@ -435,10 +476,21 @@ def _check_safetensors_only(folder: Path) -> None:
             f.unlink()  # e.g. a pickle a saver added; the export carries safetensors only
 
 
-def export_model(model_path, out, *, merge: bool = False, overwrite: bool = False, eval_json=None, dtype=None,
-                 latent_size: int | None = None, push_to_hub: str | None = None, private: bool = False,
-                 revision: str | None = None, launch_lines: list[str] | None = None,
-                 datasets: list[str] | None = None) -> Path:
+def export_model(
+    model_path,
+    out,
+    *,
+    merge: bool = False,
+    overwrite: bool = False,
+    eval_json=None,
+    dtype=None,
+    latent_size: int | None = None,
+    push_to_hub: str | None = None,
+    private: bool = False,
+    revision: str | None = None,
+    launch_lines: list[str] | None = None,
+    datasets: list[str] | None = None,
+) -> Path:
     """Export a Mirage training output (see the module doc); returns the output folder.
 
     Adapter input: without `merge` the adapter (+ latent token rows), with `merge` a full model.
@@ -482,8 +534,15 @@ def export_model(model_path, out, *, merge: bool = False, overwrite: bool = Fals
             mirage["base_model"] = str(src.base)  # the model the adapter loads over
         write_json(tmp / MIRAGE_FILE, mirage)
         _check_safetensors_only(tmp)
-        card = build_model_card(mirage, kind=kind, model_name=out.name, repo_id=push_to_hub, eval_results=eval_results,
-                                launch_lines=launch_lines, datasets=datasets)
+        card = build_model_card(
+            mirage,
+            kind=kind,
+            model_name=out.name,
+            repo_id=push_to_hub,
+            eval_results=eval_results,
+            launch_lines=launch_lines,
+            datasets=datasets,
+        )
         _write_card(tmp, card)
 
     if push_to_hub:
@@ -492,8 +551,14 @@ def export_model(model_path, out, *, merge: bool = False, overwrite: bool = Fals
 
 
 # ---------------------------------------------------------------------------------------- hub
-def push_folder(folder, repo_id: str, *, private: bool = False, revision: str | None = None,
-                commit_message: str | None = None) -> str:
+def push_folder(
+    folder,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+) -> str:
     """Upload `folder` to the model repo `repo_id` (created if needed); returns the commit URL.
 
     The token comes from the environment (HF_TOKEN) or `hf auth login`, and the endpoint from
@@ -506,7 +571,9 @@ def push_folder(folder, repo_id: str, *, private: bool = False, revision: str | 
     where = f"the export is complete in {folder}"
     token = get_token()
     if not token:
-        raise MirageError(f"--push-to-hub {repo_id}: no Hub token (set HF_TOKEN or run `hf auth login`); {where}")
+        raise MirageError(
+            f"--push-to-hub {repo_id}: no Hub token (set HF_TOKEN or run `hf auth login`); {where}"
+        )
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
@@ -521,7 +588,9 @@ def push_folder(folder, repo_id: str, *, private: bool = False, revision: str | 
         )
     except Exception as exc:  # network, auth, permissions: the local export stays as it is
         first = (str(exc).splitlines() or [""])[0].replace(token, "***")
-        raise MirageError(f"--push-to-hub {repo_id}: upload failed ({type(exc).__name__}: {first}); {where}") from None
+        raise MirageError(
+            f"--push-to-hub {repo_id}: upload failed ({type(exc).__name__}: {first}); {where}"
+        ) from None
     return str(getattr(info, "commit_url", info))
 
 

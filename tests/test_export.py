@@ -67,13 +67,27 @@ def trained(tmp_path_factory):
     model = AutoModelForImageTextToText.from_pretrained(str(base))
     processor = load_processor(str(base))
     args = MirageSFTConfig(
-        output_dir=str(root / "run"), use_cpu=True, report_to=[], save_strategy="steps", save_steps=3, max_steps=3,
-        gradient_checkpointing=False, per_device_train_batch_size=4, learning_rate=1e-2, disable_tqdm=True,
-        logging_steps=1, seed=0,
+        output_dir=str(root / "run"),
+        use_cpu=True,
+        report_to=[],
+        save_strategy="steps",
+        save_steps=3,
+        max_steps=3,
+        gradient_checkpointing=False,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        disable_tqdm=True,
+        logging_steps=1,
+        seed=0,
     )
     peft_config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    trainer = MirageSFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows, features=_features()),
-                               processing_class=processor, peft_config=peft_config)
+    trainer = MirageSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows, features=_features()),
+        processing_class=processor,
+        peft_config=peft_config,
+    )
     embed, head = _token_layers(trainer.model)
     initial = embed.trainable_tokens_original["default"].detach().clone()
     trainer.train()
@@ -96,7 +110,9 @@ def _decode(model, processor, latent_tokens, rows):
     from mirage_trl.collator import MirageDataCollator
 
     batch = MirageDataCollator(processor, latent_tokens).prompt_batch(rows)
-    return generate_with_latents(model, processor, batch, max_new_tokens=MAX_NEW, do_sample=False, return_latents=True)
+    return generate_with_latents(
+        model, processor, batch, max_new_tokens=MAX_NEW, do_sample=False, return_latents=True
+    )
 
 
 @pytest.fixture(scope="module")
@@ -115,9 +131,17 @@ def adapter_export(trained):
 @pytest.fixture(scope="module")
 def merged_export(trained):
     eval_json = trained["root"] / "results.json"
-    eval_json.write_text(json.dumps({"metrics": {"accuracy": 0.75, "latent_spans": 3}, "benchmark": "vsp_planning"}))
-    return export_model(trained["run"], trained["root"] / "export-merged", merge=True, eval_json=eval_json,
-                        datasets=["vsp_planning_train.jsonl"], launch_lines=["mirage-trl export --merge ..."])
+    eval_json.write_text(
+        json.dumps({"metrics": {"accuracy": 0.75, "latent_spans": 3}, "benchmark": "vsp_planning"})
+    )
+    return export_model(
+        trained["run"],
+        trained["root"] / "export-merged",
+        merge=True,
+        eval_json=eval_json,
+        datasets=["vsp_planning_train.jsonl"],
+        launch_lines=["mirage-trl export --merge ..."],
+    )
 
 
 def _same_decoding(out, ref):
@@ -143,7 +167,13 @@ def _check_tokens(processor):
 # ---------------------------------------------------------------------------------------- adapter
 def test_adapter_export_files_and_round_trip(trained, reference, adapter_export):
     names = _no_pickles(adapter_export)
-    for f in ("adapter_config.json", "adapter_model.safetensors", "mirage_config.json", "README.md", "tokenizer.json"):
+    for f in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "mirage_config.json",
+        "README.md",
+        "tokenizer.json",
+    ):
         assert f in names
     assert "config.json" not in names  # an adapter folder, not a model folder
     adapter_config = json.loads((adapter_export / "adapter_config.json").read_text())
@@ -170,8 +200,16 @@ def test_merged_export_round_trip_and_rows(trained, reference, merged_export):
     config = json.loads((merged_export / "config.json").read_text())
     assert config["mirage"] == {"latent_size": 4, "latent_tokens": list(LATENT_TOKEN_NAMES)}
     card = (merged_export / "README.md").read_text()
-    for needle in ("2506.17218", "stage 1", "accuracy", "0.75", "vsp_planning_train.jsonl", "mirage-trl export --merge",
-                   str(trained["base"]), "yang2025mirage"):
+    for needle in (
+        "2506.17218",
+        "stage 1",
+        "accuracy",
+        "0.75",
+        "vsp_planning_train.jsonl",
+        "mirage-trl export --merge",
+        str(trained["base"]),
+        "yang2025mirage",
+    ):
         assert needle in card, needle
 
     model, processor = load_model(merged_export)
@@ -183,8 +221,12 @@ def test_merged_export_round_trip_and_rows(trained, reference, merged_export):
     ids = embed.token_indices["default"]
     rows_in = model.get_input_embeddings().weight[ids]
     torch.testing.assert_close(rows_in, embed.trainable_tokens_delta["default"].detach(), rtol=0, atol=0)
-    torch.testing.assert_close(model.get_output_embeddings().weight[head.token_indices["default"]],
-                               head.trainable_tokens_delta["default"].detach(), rtol=0, atol=0)
+    torch.testing.assert_close(
+        model.get_output_embeddings().weight[head.token_indices["default"]],
+        head.trainable_tokens_delta["default"].detach(),
+        rtol=0,
+        atol=0,
+    )
     assert (rows_in - trained["initial"]).abs().max() > 1e-4
 
     # Merged logits equal base + adapter (the adapter export loaded over its base).
@@ -192,7 +234,10 @@ def test_merged_export_round_trip_and_rows(trained, reference, merged_export):
     from mirage_trl.collator import MirageDataCollator
 
     batch = MirageDataCollator(processor, trained["trainer"].latent_tokens).prompt_batch(trained["rows"])
-    kw = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")}
+    kw = {
+        k: batch[k]
+        for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+    }
     with torch.no_grad():
         merged_logits = model(**kw).logits
         adapter_logits = adapter_model(**kw).logits
@@ -299,8 +344,9 @@ def test_killed_export_leaves_no_complete_folder(trained, tmp_path):
         f"sys.exit(main(['export', '--model', {str(trained['run'])!r}, '--out', {str(out)!r}, '--merge']))\n"
     )
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True
+    )
     try:
         seen = []
         for line in proc.stdout:  # other libraries may print first
@@ -309,7 +355,11 @@ def test_killed_export_leaves_no_complete_folder(trained, tmp_path):
                 break
         assert seen and seen[-1].strip() == "READY", seen
         temps = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
-        assert len(temps) == 1 and (temps[0] / "model.safetensors").is_file() and (temps[0] / "README.md").is_file()
+        assert (
+            len(temps) == 1
+            and (temps[0] / "model.safetensors").is_file()
+            and (temps[0] / "README.md").is_file()
+        )
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
     finally:
@@ -338,8 +388,20 @@ def test_push_without_network_fails_cleanly(trained, tmp_path, monkeypatch, caps
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     out = tmp_path / "pushed"
     start = time.monotonic()
-    rc = cli_main(["export", "--model", str(trained["run"]), "--out", str(out), "--push-to-hub", "me/mirage-tiny",
-                   "--private", "--revision", "v1"])
+    rc = cli_main(
+        [
+            "export",
+            "--model",
+            str(trained["run"]),
+            "--out",
+            str(out),
+            "--push-to-hub",
+            "me/mirage-tiny",
+            "--private",
+            "--revision",
+            "v1",
+        ]
+    )
     took = time.monotonic() - start
     err = capsys.readouterr().err
     assert rc == 2
