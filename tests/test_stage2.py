@@ -198,7 +198,11 @@ def test_methods_match_reference(padding, ckpt, finetune):
     pad_side_col = 0 if padding == "left" else -1
     assert batch["attention_mask"][:, pad_side_col].min() == 0
 
-    results = {m: batched_loss_and_grads(model, batch, tokens.pad_id, m) for m in BATCHED + ("auto",)}
+    runs = {"rounds": ("rounds", {"schedule": "aligned"}), "rounds_packed": ("rounds", {"schedule": "packed"}),
+            "rounds_checkpointed": ("rounds_checkpointed", {"schedule": "aligned"}),
+            "rounds_checkpointed_packed": ("rounds_checkpointed", {"schedule": "packed"}),
+            "recompute": ("recompute", {}), "auto": ("auto", {})}
+    results = {name: batched_loss_and_grads(model, batch, tokens.pad_id, m, **kw) for name, (m, kw) in runs.items()}
     n_targets = results["rounds"][3]
     ref_loss, ref_grads = reference_loss_and_grads(model, singles, tokens.pad_id, n_targets)
     if finetune == "lora":
@@ -212,6 +216,7 @@ def test_methods_match_reference(padding, ckpt, finetune):
         assert torch.isfinite(out.hidden_states).all()
     assert results["auto"][2].method == ("rounds_checkpointed" if ckpt else "rounds")
     assert results["rounds"][2].steps == 3 * K + 1
+    assert results["rounds_packed"][2].schedule == "packed"
     assert is_checkpointing(model) == ckpt  # the model's own flag is restored
 
 
@@ -328,6 +333,31 @@ def test_other_qwen_vl_models_rounds_equal_recompute(model_type):
         assert res[method][0] == pytest.approx(res["recompute"][0], rel=REL)
         assert_close_grads(res[method][1], res["recompute"][1])
         torch.testing.assert_close(res[method][2].latents, res["recompute"][2].latents, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_schedule_cuts_padding_and_keeps_slots_first():
+    g = torch.Generator().manual_seed(0)
+    B, L = 6, 200
+    attn = torch.zeros(B, L, dtype=torch.bool)
+    slot = torch.zeros(B, L, dtype=torch.bool)
+    for b in range(B):
+        n = L - int(torch.randint(0, 20, (1,), generator=g))
+        attn[b, L - n:] = True  # left padding
+        for centre in (0.25, 0.5, 0.75):
+            t = L - n + int((centre + float(torch.rand((), generator=g)) * 0.2 - 0.1) * n)
+            slot[b, t + 1:t + 1 + K] = True
+    aligned = plan_rounds(attn, slot, "aligned")
+    packed = plan_rounds(attn, slot, "packed", round_overhead=4)
+    assert len(aligned.lengths) == 3 * K + 1
+    assert packed.computed_tokens < 0.9 * aligned.computed_tokens
+    for plan in (aligned, packed):
+        offsets = torch.tensor([0] + plan.lengths[:-1]).cumsum(0)
+        cols = plan.back[slot]
+        assert torch.isin(cols, offsets).all()  # every slot opens its round's chunk
+        sb, st = slot.nonzero(as_tuple=True)
+        assert (plan.back[sb, st - 1] < offsets[torch.searchsorted(offsets, cols, right=True) - 1]).all()
+        assert int(plan.valid.sum()) == int(attn.sum())
+        assert (torch.gather(plan.src, 1, plan.back)[attn] == attn.nonzero()[:, 1]).all()
 
 
 def test_batch_without_slots_is_one_plain_forward():

@@ -14,6 +14,11 @@ Methods (all exact; they differ in cost and in how they live with gradient check
   for ever after by a key-validity mask that grows with the cache. Each round gets an explicit
   additive 4-D mask (causal inside the round, full over valid past keys) and explicit 3-D rope
   positions gathered from the full-sequence positions. About one forward of compute.
+  That "aligned" schedule pads each round to the longest segment, which costs 1.3x or more
+  when spans sit at ragged positions; the "packed" schedule (`plan_rounds`) lets a text chunk
+  end anywhere (rounds are causal, only a slot must open its chunk) and picks round lengths
+  that cut the padded work, at the price of more rounds. `schedule="auto"` (default) takes the
+  cheaper by an estimate B x sum(round lengths) + `round_overhead` x rounds.
 - ``"rounds_checkpointed"``: the same rounds, each wrapped in
   ``torch.utils.checkpoint.checkpoint(use_reentrant=False)`` as a pure function of
   (round inputs, past key/value chunks) -> (hidden states, the round's new keys/values); the
@@ -69,6 +74,7 @@ class SelfLatentOutput:
     method: str
     steps: int
     computed_tokens: int
+    schedule: str = ""
 
 
 # --------------------------------------------------------------------------- checkpointing flags
@@ -110,60 +116,150 @@ def resolve_method(model, method: str) -> str:
 class RoundPlan:
     """Where each real token of the batch goes in the rounds (built once per batch on CPU)."""
 
-    lengths: list[int]  # round lengths L_r (padded to the round's longest segment)
+    lengths: list[int]  # round lengths L_r (padded to the round's longest chunk)
     src: torch.Tensor  # (B, sum L_r) position in the padded sequence of each round column (0 for padding)
     valid: torch.Tensor  # (B, sum L_r) bool, real token
     back: torch.Tensor  # (B, L) column (in the concatenated rounds) of each sequence position (0 for padding)
-    slot_rows: list[torch.Tensor]  # per round r >= 1: samples that have a slot at column 0 of round r
-    prev_last: list[torch.Tensor]  # per round r >= 1: for those samples, their last column in round r-1
+    # per round: the samples with a slot at column 0 (sorted), and for each source round r' < r the
+    # (positions in that sorted list, rows, columns in round r') of the slots' predecessors
+    slot_rows: list[torch.Tensor]
+    sources: list[list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]]
     latent_order: torch.Tensor  # (n,) gather index: round-order latents -> row-major latents
     n_slots: int
+    schedule: str
+
+    @property
+    def computed_tokens(self) -> int:
+        return self.src.shape[0] * sum(self.lengths)
 
 
-def plan_rounds(attention_mask: torch.Tensor, slot_mask: torch.Tensor) -> RoundPlan:
-    """Split every sample into segments that start at its slots; segment r of each sample goes to round r."""
+def _aligned_schedule(n_real: list[int], slot_ranks: list[list[int]]) -> list[list[int]]:
+    """Chunk r of every sample = its text from its (r-1)-th slot to its r-th slot (MIRAGE.md design)."""
+    R = max(len(s) for s in slot_ranks) + 1
+    out = [[0] * len(n_real) for _ in range(R)]
+    for b, (n, sl) in enumerate(zip(n_real, slot_ranks)):
+        cuts = [0, *sl, n]
+        for r in range(len(cuts) - 1):
+            out[r][b] = cuts[r + 1] - cuts[r]
+    return out
+
+
+def _packed_schedule(n_real: list[int], slot_ranks: list[list[int]], overhead: float) -> list[list[int]]:
+    """Rounds chosen one at a time to keep the padded work low (slots still start their chunk).
+
+    A chunk may end anywhere (the rounds are causal), but a slot can only be the first token of a
+    chunk. Each round picks the length l (among the samples' distances to their next slot) that
+    minimises (overhead + B x growth of the projected makespan) / useful tokens; a sample blocked
+    by a slot before l just falls behind (its projected finish grows by the tokens it could not run).
+    """
+    import bisect
+
+    B = len(n_real)
+    pos = [0] * B
+    finish = list(n_real)
+    out: list[list[int]] = []
+    while True:
+        avail = {}
+        for b in range(B):
+            if pos[b] < n_real[b]:
+                sl = slot_ranks[b]
+                i = bisect.bisect_right(sl, pos[b])
+                avail[b] = (sl[i] if i < len(sl) else n_real[b]) - pos[b]
+        if not avail:
+            return out
+        M = max(finish)
+        best = None
+        for ell in sorted(set(avail.values())):
+            grow = max([M] + [finish[b] + max(0, ell - a) for b, a in avail.items()]) - M
+            work = sum(min(a, ell) for a in avail.values())
+            score = (overhead + B * grow) / work
+            if best is None or score < best[0]:
+                best = (score, ell)
+        ell = best[1]
+        row = [0] * B
+        for b, a in avail.items():
+            row[b] = min(a, ell)
+            pos[b] += row[b]
+            finish[b] += ell - row[b]
+        out.append(row)
+
+
+def _cost(schedule: list[list[int]], overhead: float) -> float:
+    B = len(schedule[0])
+    return sum(B * max(r) + overhead for r in schedule)
+
+
+def plan_rounds(attention_mask: torch.Tensor, slot_mask: torch.Tensor, schedule: str = "auto",
+                round_overhead: float = 16.0) -> RoundPlan:
+    """Assign every real token of the batch to a round and a column.
+
+    schedule "aligned": round r = each sample's r-th slot and its text up to the next slot (rounds =
+    most slots + 1). "packed": rounds of any length chosen to cut padding (more rounds, less padded
+    work). "auto": whichever has the lower cost B x sum(L_r) + round_overhead x rounds, where
+    `round_overhead` is the fixed cost of one round in token positions.
+    """
     attn = attention_mask.detach().to("cpu").bool()
     slots = slot_mask.detach().to("cpu").bool()
     if attn.shape != slots.shape:
         raise MirageError(f"slot_mask {tuple(slots.shape)} and attention_mask {tuple(attn.shape)} differ in shape")
     if bool((slots & ~attn).any()):
         raise MirageError("slot_mask marks padding positions as latent slots")
+    if schedule not in ("auto", "aligned", "packed"):
+        raise MirageError(f"unknown round schedule {schedule!r}; choose auto, aligned or packed")
     B, L = attn.shape
-    rank = attn.long().cumsum(1) - 1  # rank of each real token among the sample's real tokens
-    seg = slots.long().cumsum(1)  # segment (= round) of each token: slots at or before it
-    counts = slots.sum(1)  # slots per sample
-    R = int(counts.max()) + 1 if B else 1
-    # Real-rank of each segment's first token: 0 for segment 0, the slot's rank for segment s >= 1.
-    seg_start = torch.zeros(B, R, dtype=torch.long)
-    b_idx, t_idx = slots.nonzero(as_tuple=True)  # row-major
-    seg_start[b_idx, seg[b_idx, t_idx]] = rank[b_idx, t_idx]
-    if bool((rank[b_idx, t_idx] == 0).any()):
+    rank = attn.long().cumsum(1) - 1  # rank of each real token among its sample's real tokens
+    n_real = attn.sum(1).tolist()
+    slot_ranks = [rank[b][slots[b]].tolist() for b in range(B)]
+    if any(sl and sl[0] == 0 for sl in slot_ranks):
         raise MirageError("a latent slot is the first token of its sequence: it has no previous hidden state")
-    col = rank - seg_start.gather(1, seg.clamp(max=R - 1))  # column inside the round
-    seg_len = torch.zeros(B, R, dtype=torch.long)
-    seg_len.scatter_add_(1, seg * attn, attn.long())
-    lengths = seg_len.max(0).values.tolist()
-    offsets = torch.tensor([0] + lengths[:-1]).cumsum(0)
-    flat = offsets[seg.clamp(max=R - 1)] + col  # (B, L) column in the concatenated rounds
-    total = sum(lengths)
-    src = torch.zeros(B, total, dtype=torch.long)
-    valid = torch.zeros(B, total, dtype=torch.bool)
-    rb, rt = attn.nonzero(as_tuple=True)
-    src[rb, flat[rb, rt]] = rt
-    valid[rb, flat[rb, rt]] = True
-    back = torch.where(attn, flat, torch.zeros_like(flat))
-    slot_rows, prev_last = [], []
-    for r in range(1, R):
-        rows = (counts >= r).nonzero(as_tuple=True)[0]
-        slot_rows.append(rows)
-        prev_last.append(seg_len[rows, r - 1] - 1)
-    # Latents are produced round by round (round r: rows with >= r slots, in sample order).
-    # Row-major index of (sample b, slot j) is first[b] + j.
-    first = torch.cumsum(counts, 0) - counts
-    round_major = torch.cat([first[rows] + (r - 1) for r, rows in enumerate(slot_rows, start=1)]) if slot_rows else (
-        torch.zeros(0, dtype=torch.long))
+    chosen = "aligned"
+    table = _aligned_schedule(n_real, slot_ranks)
+    if schedule != "aligned" and int(slots.sum()):
+        best = None
+        for factor in (0.25, 0.5, 1.0, 2.0, 4.0):
+            cand = _packed_schedule(n_real, slot_ranks, round_overhead * factor)
+            c = _cost(cand, round_overhead)
+            if best is None or c < best[0]:
+                best = (c, cand)
+        if schedule == "packed" or best[0] < _cost(table, round_overhead):
+            table, chosen = best[1], "packed"
+    chunk = torch.tensor(table, dtype=torch.long).T  # (B, R) chunk lengths
+    R = chunk.shape[1]
+    lengths = chunk.max(0).values.tolist()
+    offsets = torch.tensor([0] + lengths[:-1], dtype=torch.long).cumsum(0)
+    chunk_start = chunk.cumsum(1) - chunk  # rank of each chunk's first token
+    src = torch.zeros(B, sum(lengths), dtype=torch.long)
+    valid = torch.zeros(B, sum(lengths), dtype=torch.bool)
+    back = torch.zeros(B, L, dtype=torch.long)
+    for b in range(B):  # vector ops per sample, no loop over tokens
+        n = n_real[b]
+        r_of = torch.repeat_interleave(torch.arange(R), chunk[b])  # round of each real token, by rank
+        col = torch.arange(n) - chunk_start[b][r_of]
+        flat = offsets[r_of] + col
+        pos = attn[b].nonzero().flatten()
+        src[b, flat] = pos
+        valid[b, flat] = True
+        back[b, pos] = flat
+    # Slots: round and predecessor column, row-major order.
+    sb, st = slots.nonzero(as_tuple=True)
+    col_of_slot = back[sb, st]
+    round_of_slot = torch.searchsorted(offsets, col_of_slot, right=True) - 1
+    pred = back[sb, st - 1]
+    pred_round = torch.searchsorted(offsets, pred, right=True) - 1
+    pred_col = pred - offsets[pred_round]
+    slot_rows, sources, order = [], [], []
+    for r in range(R):
+        sel = (round_of_slot == r).nonzero().flatten()  # already sorted by sample (row-major)
+        slot_rows.append(sb[sel])
+        groups = []
+        for rp in pred_round[sel].unique().tolist():
+            where_ = (pred_round[sel] == rp).nonzero().flatten()
+            groups.append((rp, where_, sb[sel][where_], pred_col[sel][where_]))
+        sources.append(groups)
+        order.append(sel)
+    round_major = torch.cat(order) if order else torch.zeros(0, dtype=torch.long)
     latent_order = torch.argsort(round_major)
-    return RoundPlan(lengths, src, valid, back, slot_rows, prev_last, latent_order, int(counts.sum()))
+    return RoundPlan(lengths, src, valid, back, slot_rows, sources, latent_order, int(slots.sum()), chosen)
 
 
 def _round_mask(past_valid: torch.Tensor | None, valid_r: torch.Tensor, dtype) -> torch.Tensor:
@@ -201,6 +297,8 @@ def self_latent_forward(
     method: str = "auto",
     checkpoint: bool | None = None,
     detach_latents: bool = False,
+    schedule: str = "auto",
+    round_overhead: float = 16.0,
 ) -> SelfLatentOutput:
     """Final-norm hidden states of a batch whose latent slots carry self-generated latents.
 
@@ -210,6 +308,7 @@ def self_latent_forward(
     `position_ids` (3, B, L) default to the model's rope positions of the full sequences.
     `checkpoint`: True/False overrides the model's own checkpointing flag when `method="auto"`.
     `detach_latents=True` cuts the gradient through the latents (for ablations and tests).
+    `schedule` / `round_overhead`: how the round methods cut the batch into rounds (see `plan_rounds`).
     """
     resolved = resolve_method(model, method)
     if method == "auto" and checkpoint is not None:
@@ -236,7 +335,8 @@ def self_latent_forward(
         off = model_checkpointing_off(model)
     with off:
         return _rounds(model, input_ids, attention_mask, slot_mask, position_ids, vision, mm_token_type_ids,
-                       checkpointed=resolved == "rounds_checkpointed", detach_latents=detach_latents)
+                       checkpointed=resolved == "rounds_checkpointed", detach_latents=detach_latents,
+                       schedule=schedule, round_overhead=round_overhead)
 
 
 # --------------------------------------------------------------------------- rounds
@@ -247,10 +347,11 @@ def _inner_forward(inner, **kw) -> torch.Tensor:
 
 
 def _rounds(model, input_ids, attention_mask, slot_mask, position_ids, vision, mm_token_type_ids, *,
-            checkpointed: bool, detach_latents: bool) -> SelfLatentOutput:
+            checkpointed: bool, detach_latents: bool, schedule: str = "auto",
+            round_overhead: float = 16.0) -> SelfLatentOutput:
     from transformers import DynamicCache
 
-    plan = plan_rounds(attention_mask, slot_mask)
+    plan = plan_rounds(attention_mask, slot_mask, schedule, round_overhead)
     inner = multimodal_model(model)
     config = unwrap(model).config
     dev = input_ids.device
@@ -276,10 +377,16 @@ def _rounds(model, input_ids, attention_mask, slot_mask, position_ids, vision, m
         mask_r = _round_mask(past_valid, valid_r, dtype)
         slot_r = torch.zeros(B, Lr, dtype=torch.bool, device=dev)
         values = None
-        if r >= 1:
-            rows = plan.slot_rows[r - 1].to(dev)
-            slot_r[rows, 0] = True
-            values = hiddens[-1][rows, plan.prev_last[r - 1].to(dev)]
+        rows = plan.slot_rows[r]
+        if len(rows):
+            slot_r[rows.to(dev), 0] = True
+            parts, where_ = [], []
+            for rp, idx, prow, pcol in plan.sources[r]:
+                parts.append(hiddens[rp][prow.to(dev), pcol.to(dev)])
+                where_.append(idx)
+            values = torch.cat(parts) if len(parts) > 1 else parts[0]
+            if len(parts) > 1:  # back to sample order
+                values = values[torch.argsort(torch.cat(where_)).to(dev)]
             if detach_latents:
                 values = values.detach()
             latents_round_order.append(values)
@@ -322,7 +429,7 @@ def _rounds(model, input_ids, attention_mask, slot_mask, position_ids, vision, m
     else:
         latents = all_h.new_zeros(0, D)
     return SelfLatentOutput(hidden, latents, "rounds_checkpointed" if checkpointed else "rounds",
-                            len(plan.lengths), B * sum(plan.lengths))
+                            len(plan.lengths), plan.computed_tokens, plan.schedule)
 
 
 def _checkpointed_round(model, inner, config, ids_r, pos_r, mask_r, slot_r, values, extra, n_past, n_chunks,
@@ -379,4 +486,4 @@ def _recompute(model, input_ids, attention_mask, slot_mask, position_ids, vision
             if detach_latents:
                 values = values.detach()
     hidden = hidden * attention_mask.to(hidden.dtype)[..., None]
-    return SelfLatentOutput(hidden, values, "recompute", passes, B * L * passes)
+    return SelfLatentOutput(hidden, values, "recompute", passes, B * L * passes, "full")
