@@ -269,17 +269,12 @@ def generate_with_latents(
             in_latent = remaining > 0
             text_step = ~(in_latent | force_end | done)
             picked = _pick(logits, do_sample, temperature, top_p, generator)
-            token = torch.where(text_step, picked, torch.full_like(picked, pad_id))
-            token = torch.where(force_end, torch.full_like(picked, end_id), token)
-            token = torch.where(in_latent, torch.full_like(picked, latent_pad), token)
+            token = torch.where(text_step, picked, pad_id)
+            token = torch.where(force_end, end_id, token)
+            token = torch.where(in_latent, latent_pad, token)
             sequences[:, t] = token
             latent_mask[:, t] = in_latent
             n_gen += (~done).long()
-
-            # What the latent slots get at this step (ablations replace the model's own hidden state).
-            values = None
-            if lt is not None and latent_mode != "remove":
-                values = _latent_values(latent_mode, hidden, in_latent, arange_b, generator, mean_vec)
 
             # State for the next step.
             started = text_step & (token == start_id)
@@ -288,12 +283,16 @@ def generate_with_latents(
                 force_end = started
             else:
                 force_end = in_latent & (remaining == 1)
-                remaining = torch.where(started, torch.full_like(remaining, k), remaining - in_latent.long())
+                remaining = torch.where(started, k, remaining - in_latent.long())
             done = done | (text_step & torch.isin(token, eos_t))
 
             all_done, any_latent = torch.stack((done.all(), in_latent.any())).tolist()  # one host sync per step
-            if return_latents and any_latent and values is not None:
-                stored.append((t, values))
+            values = None
+            if any_latent:
+                # What the latent slots get at this step (ablations replace the model's own hidden state).
+                values = _latent_values(latent_mode, hidden, in_latent, arange_b, generator, mean_vec)
+                if return_latents:
+                    stored.append((t, values))
             if t == max_new_tokens - 1:
                 break
             if all_done:
