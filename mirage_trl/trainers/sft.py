@@ -128,7 +128,8 @@ class MirageSFTTrainer(SFTTrainer):
 
     def stage1_forward(self, model, inputs, targets):
         """One forward with the targets at the slots; returns final-norm hidden states (B, L, D)."""
-        with latent_inputs(model, inputs["latent_mask"], targets), capture_final_hidden(model) as captured:
+        # unwrap: a DDP wrapper has no get_input_embeddings (DeepSpeed's engine forwards it)
+        with latent_inputs(unwrap(model), inputs["latent_mask"], targets), capture_final_hidden(model) as captured:
             model(
                 input_ids=inputs["input_ids"],
                 attention_mask=inputs["attention_mask"],

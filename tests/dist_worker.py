@@ -1,0 +1,123 @@
+"""Worker for tests/test_distributed.py: two stage-1 steps of MirageSFTTrainer on the tiny model.
+
+Launch (one or two real processes on CPU, gloo):
+    torchrun --nproc_per_node 2 tests/dist_worker.py --out result.json --workdir DIR [--backend deepspeed|ddp]
+
+The global batch is always the same 4 rows (per-device batch = 4 / world size), in dataset order, and
+both steps use it (max_steps=2 over a 4-row dataset), so step 1's loss checks the forward and the
+loss normalisation across ranks, and step 2's loss checks that the ZeRO-2 / DDP update equals the
+single-process one. Rank 0 writes the logged losses and gradient norms as JSON to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # stage1_utils
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package, from a clean clone
+
+GLOBAL_BATCH = 4
+
+ZERO2 = {
+    "zero_optimization": {"stage": 2, "overlap_comm": False, "contiguous_gradients": True},
+    "train_micro_batch_size_per_gpu": "auto",
+    "train_batch_size": "auto",
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+    "bf16": {"enabled": False},
+    "fp16": {"enabled": False},
+    "zero_allow_untested_optimizer": True,
+}
+
+
+def rows_for(workdir: Path) -> list[dict]:
+    """4 rows with 1, 2, 2, 1 latent spans and different lengths: any 2 + 2 split that keeps dataset
+    order ((0, 1) + (2, 3) or (0, 2) + (1, 3)) gives each rank 3 spans, so the per-rank mean of the
+    cosine term equals the global mean (the trainer's convention, see test_stage1's GA test)."""
+    from stage1_utils import four_rows, make_images, make_row
+
+    img = make_images(workdir)
+    base = four_rows(img)
+    return [
+        base[1],  # 1 span
+        base[3],  # 2 spans, no input image
+        make_row(
+            "Which way leads to the goal? Think step by step.",
+            "<think> DOWN <output_image> then RIGHT <output_image> lands on the Target. </think> \\boxed{DR}",
+            [img["in2"]], [img["h1"], img["h0"]], "dist:3",
+        ),
+        make_row("Go.", "<output_image> \\boxed{A}", [img["in0"]], [img["h3"]], "dist:4"),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--backend", choices=("deepspeed", "ddp"), default="deepspeed")
+    opts = parser.parse_args()
+
+    import torch
+    import torch.distributed as dist
+    from datasets import Dataset
+
+    from mirage_trl.configs import MirageSFTConfig
+    from mirage_trl.data.reference import _features
+    from mirage_trl.models.tiny import build_tiny_model
+    from mirage_trl.trainers.sft import MirageSFTTrainer
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    torch.set_num_threads(1)
+    workdir = Path(opts.workdir) / f"rank{rank}"  # every rank renders the same deterministic images
+    rows = rows_for(workdir)
+    model, processor = build_tiny_model(seed=0)
+    args = MirageSFTConfig(
+        output_dir=str(workdir / "out"),
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        save_strategy="no",
+        activation_checkpointing=False,
+        per_device_train_batch_size=GLOBAL_BATCH // world,
+        gradient_accumulation_steps=1,
+        max_steps=2,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        optim="adamw_torch",
+        logging_steps=1,
+        disable_tqdm=True,
+        train_sampling_strategy="sequential",
+        deepspeed=ZERO2 if opts.backend == "deepspeed" else None,
+        ddp_backend="gloo" if world > 1 else None,
+        seed=0,
+    )
+    trainer = MirageSFTTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(rows, features=_features()), processing_class=processor
+    )
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
+    result = {
+        "world_size": world,
+        "backend": opts.backend,
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "num_processes": trainer.accelerator.num_processes,
+        "loss": [h["loss"] for h in logs],
+        "grad_norm": [h.get("grad_norm") for h in logs],
+        "ce": [h.get("ce") for h in logs],
+        "latent_loss": [h.get("latent_loss") for h in logs],
+    }
+    if rank == 0:
+        Path(opts.out).write_text(json.dumps(result))
+        print(json.dumps(result))
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
