@@ -345,6 +345,10 @@ def test_cli_bad_input(tiny_model_dir, reference_rows, tmp_path, capsys):
     )
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "map_desc" in err
 
+    # The upper bound needs helper images (the reference test rows have none).
+    rc, _, err = run_cli([*common, "--benchmark", "vsp_planning", "--helper-as-input"], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and ":image_output:" in err
+
     # Choice benchmarks need the reference answer.
     rc, _, err = run_cli(
         [
@@ -363,3 +367,31 @@ def test_cli_bad_input(tiny_model_dir, reference_rows, tmp_path, capsys):
     )
     assert rc == 2 and len(err.strip().splitlines()) == 1 and ":answer:" in err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
+
+
+def test_cli_helper_as_input(tiny_model_dir, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    for name, seed in (("in.png", 0), ("helper.png", 1)):
+        Image.fromarray((np.random.RandomState(seed).rand(56, 56, 3) * 255).astype("uint8")).save(
+            tmp_path / name
+        )
+    row = {
+        "text_input": "<image>Find the path.",
+        "image_input": "in.png",
+        "text_output": "<output_image> \\boxed{R}",
+        "image_output": "helper.png",
+        "map_desc": [[1, 2]],
+    }
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps(row) + "\n")
+    out = tmp_path / "upper"
+    rc, _, _ = run_cli(
+        ["--model", tiny_model_dir, "--benchmark", "vsp_planning", "--data", data, "--root", tmp_path,
+         "--helper-as-input", "--max-new-tokens", 3, "--out", out],
+        capsys,
+    )  # fmt: skip
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["helper_as_input"] is True and results["modes"]["model"]["groups"]["all"]["n"] == 1

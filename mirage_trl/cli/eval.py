@@ -42,6 +42,11 @@ def register(subparsers) -> None:
         metavar="MODE",
         help=f"what is fed at latent slots, one run per mode: {MODES_HELP} (default: model)",
     )
+    p.add_argument(
+        "--helper-as-input",
+        action="store_true",
+        help="upper bound: give each row's helper images (image_output) as real input images",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (default: as saved)")
     p.add_argument("--out", default=None, help="output folder for results.json and completions.jsonl")
@@ -86,6 +91,15 @@ def run(args) -> int:
 
     dataset = load_reference_jsonl(args.data, root=args.root, benchmark=args.benchmark)
     rows = [dataset[i] for i in range(len(dataset))]
+    if args.helper_as_input:
+        from ..data.reference import helper_as_input
+
+        for row in rows[: args.num_samples]:
+            if not row["helper_images"]:
+                raise MirageError(
+                    f"{row['source']}:image_output: --helper-as-input needs helper images in every row"
+                )
+        rows = [helper_as_input(r) for r in rows]
     check_rows(args.benchmark, rows[: args.num_samples])  # before the model loads
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -115,6 +129,7 @@ def run(args) -> int:
             "model": str(Path(args.model).resolve()) if Path(args.model).exists() else args.model,
             "data": str(Path(args.data).resolve()),
             "root": str(Path(args.root).resolve()) if args.root else None,
+            "helper_as_input": bool(args.helper_as_input),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": str(device),
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
