@@ -206,8 +206,10 @@ def generate_with_latents(
     eos = _default_eos(net, tok) if eos_token_ids is None else [int(i) for i in eos_token_ids]
     pad_id = _pad_id(net, tok, eos) if pad_token_id is None else int(pad_token_id)
 
+    param = next(net.parameters(), None)
+    device = param.device if param is not None else inputs["input_ids"].device
+    inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
     input_ids = inputs["input_ids"]
-    device = input_ids.device
     batch, prompt_len = input_ids.shape
     attention_mask = inputs.get("attention_mask")
     if attention_mask is None:
