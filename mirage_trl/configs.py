@@ -81,7 +81,8 @@ class MirageSFTConfig(_MirageLatentArgs, SFTConfig):
 class MirageGRPOConfig(_MirageLatentArgs, GRPOConfig):
     """`GRPOConfig` plus the latent settings; rollouts decode latents, the loss covers text tokens only."""
 
-    benchmark: str | None = field(default=None, metadata={"help": "benchmark whose grader gives the accuracy reward"})
+    # No `benchmark` here: the accuracy reward grades each row by its own `benchmark` column, which the data
+    # loader fills from the script's --benchmark (one field in both dataclasses would clash in TrlParser).
     reward_names: list[str] = field(default_factory=lambda: ["accuracy", "format"], metadata={"help": "reward functions by name"})
     remove_unused_columns: bool = False
 

@@ -107,8 +107,8 @@ def check_accuracy_benchmarks(benchmarks, where: str = "train_dataset") -> None:
     if bad:
         raise MirageError(
             f"{where}: the accuracy reward has no grader for benchmark(s) {', '.join(repr(b) for b in bad)} "
-            f"(graders: {', '.join(BENCHMARKS)}); set --benchmark or the rows' benchmark, or drop 'accuracy' "
-            "from --reward_names"
+            f"(graders: {', '.join(BENCHMARKS)}); set the rows' benchmark column (the scripts' --benchmark), or drop "
+            "'accuracy' from --reward_names"
         )
 
 
@@ -150,10 +150,8 @@ class MirageGRPOTrainer(GRPOTrainer):
         if self._grades_accuracy:
             for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
                 column = getattr(dataset, "column_names", None)
-                if column is not None and "benchmark" in column:
-                    check_accuracy_benchmarks([b or args.benchmark for b in set(dataset["benchmark"])], name)
-                elif dataset is not None and args.benchmark is not None:
-                    check_accuracy_benchmarks([args.benchmark], name)
+                if column is not None:
+                    check_accuracy_benchmarks(set(dataset["benchmark"]) if "benchmark" in column else [None], name)
         self._train_latents: list[torch.Tensor] = []
         self.num_skipped_steps = 0
         super().__init__(
@@ -180,8 +178,6 @@ class MirageGRPOTrainer(GRPOTrainer):
             source = f"{row.get('source', '<row>')}:images"
             row["images"] = [load_image(p, source=source) if isinstance(p, str) else p for p in paths]
         if self._grades_accuracy:
-            if not row.get("benchmark"):
-                row["benchmark"] = self.args.benchmark
             check_accuracy_benchmarks([row.get("benchmark")], row.get("source", "batch"))
         return row
 
