@@ -20,7 +20,7 @@ _LAZY = {
     "LatentTokens": "mirage_trl.latent.tokens",
     "add_latent_tokens": "mirage_trl.latent.tokens",
     "generate_with_latents": "mirage_trl.generation",
-    "load_model": "mirage_trl.export",
+    "load_model": "mirage_trl.models.load",
     "grade": "mirage_trl.grading",
     "load_reference_jsonl": "mirage_trl.data.reference",
 }

@@ -24,10 +24,11 @@ from stage1_utils import four_rows, make_images
 
 from mirage_trl.cli import main as cli_main
 from mirage_trl.errors import MirageError
-from mirage_trl.export import export_model, load_model, resolve_model_dir
+from mirage_trl.export import export_model
 from mirage_trl.generation import generate_with_latents
 from mirage_trl.latent.model_utils import unwrap
 from mirage_trl.latent.tokens import LATENT_START, LATENT_TOKEN_NAMES
+from mirage_trl.models.load import load_model, resolve_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_NEW = 24

@@ -435,8 +435,10 @@ def test_load_model_errors_and_plain_model_warning(tmp_path):
     with pytest.raises(MirageError, match="missing_dir"):
         load_model(tmp_path / "missing_dir")
     plain = save_tiny_model(tmp_path / "plain")
+    with pytest.raises(MirageError, match="is not a Mirage model"):
+        load_model(plain)  # export and inference refuse it by default
     with pytest.warns(UserWarning, match="no latent tokens"):
-        model, processor = load_model(plain)
+        model, processor = load_model(plain, require_mirage=False)  # eval of text-only baselines
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = generate_with_latents(model, processor, make_batch(processor, PROMPTS[:2]), max_new_tokens=4)

@@ -105,7 +105,7 @@ def run(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     with warnings.catch_warnings():
         warnings.simplefilter("default")
-        model, processor = load_model(args.model, dtype=args.dtype, device=device)
+        model, processor = load_model(args.model, dtype=args.dtype, device=device, require_mirage=False)
 
     result = evaluate(
         model,

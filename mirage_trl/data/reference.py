@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..errors import MirageError, where
 from ..grading import BENCHMARKS, check_benchmark, extract_boxed
+
 IMAGE_MARKER = "<image>"
 OUTPUT_IMAGE_MARKER = "<output_image>"
 

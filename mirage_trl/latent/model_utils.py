@@ -51,7 +51,7 @@ def vision_tower(model) -> torch.nn.Module:
 
 def hidden_size(model) -> int:
     config = unwrap(model).config
-    return getattr(getattr(config, "text_config", config), "hidden_size")
+    return getattr(config, "text_config", config).hidden_size
 
 
 @contextlib.contextmanager
