@@ -48,13 +48,16 @@ def run_sft(script_args, training_args, model_args, stage: int, benchmark: str |
         peft_config=peft_config,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    save_outputs(trainer, training_args.output_dir, stage=stage, base_model=model_args.model_name_or_path)
+    save_outputs(
+        trainer, training_args.output_dir, stage=stage, base_model=model_args.model_name_or_path,
+        datasets=[script_args.dataset_name],
+    )
     if training_args.push_to_hub:
         push_outputs(trainer, script_args.dataset_name)
     return trainer
 
 
-def save_outputs(trainer, output_dir: str, stage: int, base_model: str) -> None:
+def save_outputs(trainer, output_dir: str, stage: int, base_model: str, datasets: list[str] | None = None) -> None:
     """Save the model or adapter, the processor with the latent tokens, and the Mirage settings."""
     from .io import write_json
     from .latent.model_utils import unwrap
@@ -65,7 +68,11 @@ def save_outputs(trainer, output_dir: str, stage: int, base_model: str) -> None:
         trainer.processing_class.save_pretrained(output_dir)
         mirage = get_mirage_config(unwrap(trainer.model)) or {}
         history = _stages_run(base_model) + [stage]
-        mirage.update(stages=history, base_model=base_model)
+        from .export import launch_line
+
+        mirage.update(stages=history, base_model=base_model, launch=launch_line())
+        if datasets:
+            mirage["datasets"] = list(datasets)
         # Adapters do not save the base config: the settings travel in their own file as well.
         write_json(Path(output_dir) / "mirage_config.json", mirage)
 

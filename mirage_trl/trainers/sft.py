@@ -234,6 +234,21 @@ class MirageSFTTrainer(SFTTrainer):
             return False
         raise MirageError(msg + " (raise max_latent_norm, or set skip_nonfinite_steps=True)")
 
+    def _save_checkpoint(self, model, trial):
+        # The Mirage settings travel with every checkpoint, so a checkpoint loads and resumes on its own.
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            import os
+
+            from ..io import write_json
+            from ..latent.tokens import get_mirage_config
+
+            folder = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
+            mirage = get_mirage_config(unwrap(self.model)) or {}
+            mirage.update(stage=self.args.stage)
+            if os.path.isdir(folder):
+                write_json(os.path.join(folder, "mirage_config.json"), mirage)
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
