@@ -1,0 +1,193 @@
+"""Latent analysis: are the generated latents closer to the image-feature space or to the text-embedding space?
+
+For a set of rows: decode with `generate_with_latents(..., return_latents=True)` (latent mode "model"),
+collect every latent vector fed; encode the rows' input and helper images with the model's own vision
+tower + merger (the features the language model sees for an image, one per visual token); take the
+text-embedding space as the rows of the input embedding matrix. Figures, per space:
+
+(text space: the embedding rows of the tokenizer's vocabulary, all-zero rows left out)
+
+* `nn_cosine`: mean over latents of the cosine to the nearest vector of the space;
+* `centroid_cosine`: mean over latents of the cosine to the space's centroid (mean vector);
+* `latent_centroid_cosine`: cosine between the latents' centroid and the space's centroid.
+
+The 2-D projection (as the paper's figure): PCA of the unit-normalised vectors, fitted on the three sets together (text embeddings
+subsampled to `max_text_points`), drawn with PIL (no matplotlib needed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import MirageError
+
+COLORS = {"text embeddings": (150, 150, 150), "image features": (31, 119, 180), "latents": (214, 39, 40)}
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a = torch.nn.functional.normalize(a.double(), dim=-1)
+    b = torch.nn.functional.normalize(b.double(), dim=-1)
+    return a @ b.T
+
+
+def space_stats(latents: torch.Tensor, space: torch.Tensor, chunk: int = 8192) -> dict:
+    """Cosine figures of (N, D) latents against an (M, D) space (see the module doc)."""
+    if latents.numel() == 0 or space.numel() == 0:
+        raise MirageError("latent analysis needs at least one latent and one vector of each space")
+    best = torch.full((latents.shape[0],), -2.0, dtype=torch.float64)
+    for start in range(0, space.shape[0], chunk):
+        best = torch.maximum(best, _cos(latents, space[start : start + chunk]).amax(dim=1))
+    centroid = space.double().mean(dim=0, keepdim=True)
+    return {
+        "nn_cosine": float(best.mean()),
+        "centroid_cosine": float(_cos(latents, centroid).mean()),
+        "latent_centroid_cosine": float(_cos(latents.double().mean(dim=0, keepdim=True), centroid)[0, 0]),
+        "size": int(space.shape[0]),
+    }
+
+
+def pca_2d(sets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Project every set on the first two principal components of all of them together."""
+    allv = torch.cat([v.double() for v in sets.values()])
+    mean = allv.mean(dim=0, keepdim=True)
+    _, _, vh = torch.linalg.svd(allv - mean, full_matrices=False)
+    basis = vh[:2].T
+    return {k: (v.double() - mean) @ basis for k, v in sets.items()}
+
+
+def draw_projection(points: dict[str, torch.Tensor], path, lines: list[str], size: int = 640) -> None:
+    """Scatter plot PNG of 2-D point sets with a legend and text lines, drawn with PIL."""
+    from PIL import Image, ImageDraw
+
+    text_h = 16 * (len(lines) + len(points)) + 16
+    img = Image.new("RGB", (size, size + text_h), "white")
+    draw = ImageDraw.Draw(img)
+    allp = torch.cat(list(points.values()))
+    lo, hi = allp.amin(dim=0), allp.amax(dim=0)
+    span = torch.where(hi - lo > 0, hi - lo, torch.ones_like(hi))
+    margin = 20
+    for name, pts in points.items():  # latents drawn last, on top
+        color = COLORS.get(name, (0, 0, 0))
+        xy = (pts - lo) / span * (size - 2 * margin) + margin
+        r = 3 if name == "latents" else 2
+        for x, y in xy.tolist():
+            y = size - y
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=color)
+    y = size + 8
+    for name, pts in points.items():
+        draw.rectangle((10, y + 3, 20, y + 13), fill=COLORS.get(name, (0, 0, 0)))
+        draw.text((26, y), f"{name} ({pts.shape[0]})", fill="black")
+        y += 16
+    for line in lines:
+        draw.text((10, y), line, fill="black")
+        y += 16
+    img.save(path)
+
+
+@dataclass
+class LatentAnalysis:
+    stats: dict  # {"image features": {...}, "text embeddings": {...}, "num_latents", ...}
+    latents: torch.Tensor  # (N, D)
+    image_features: torch.Tensor  # (M, D)
+    text_embeddings: torch.Tensor  # (V, D), the full embedding matrix
+    projection: dict  # name -> (n, 2)
+
+
+@torch.no_grad()
+def image_features(model, processor, paths: list[str], batch_size: int = 16) -> torch.Tensor:
+    """Vision tower + merger features (one row per visual token) of the images at `paths`."""
+    from .data.images import load_image
+    from .latent.model_utils import multimodal_model
+
+    mm = multimodal_model(model)
+    device = next(model.parameters()).device
+    feats = []
+    for start in range(0, len(paths), batch_size):
+        images = [load_image(p, source="images") for p in paths[start : start + batch_size]]
+        enc = processor.image_processor(images=images, return_tensors="pt")
+        pixel = enc["pixel_values"].to(device=device, dtype=next(mm.visual.parameters()).dtype)
+        grid = enc["image_grid_thw"].to(device)
+        out = mm.get_image_features(pixel, grid, return_dict=True).pooler_output
+        feats.extend([out] if isinstance(out, torch.Tensor) else list(out))
+    return torch.cat([f.float().cpu() for f in feats])
+
+
+def analyze_latents(
+    model,
+    processor,
+    rows,
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 256,
+    do_sample: bool = False,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    seed: int = 42,
+    max_text_points: int = 2000,
+    progress: bool = False,
+) -> LatentAnalysis:
+    from .evaluation import _left_pad, _model_device, _progress, _prompt_encoder
+    from .generation import generate_with_latents
+    from .latent.model_utils import text_model
+
+    rows = list(rows)
+    if not rows:
+        raise MirageError("latent analysis needs at least one row")
+    encoder = _prompt_encoder(processor)
+    device = _model_device(model)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    latents = []
+    for start in _progress(range(0, len(rows), batch_size), progress, "decoding"):
+        chunk = rows[start : start + batch_size]
+        batch = _left_pad([encoder.encode_prompt(r) for r in chunk], encoder.pad_id)
+        out = generate_with_latents(
+            model, processor, {k: v.to(device) for k, v in batch.items()}, max_new_tokens=max_new_tokens,
+            do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator, return_latents=True,
+        )  # fmt: skip
+        latents.extend(x.float().cpu() for x in (out.latents or []) if x.shape[0])
+    if not latents:
+        raise MirageError(
+            f"no latent was generated for {len(rows)} row(s) within {max_new_tokens} new tokens: the model never "
+            "emitted <|latent_start|> (is it a Mirage-trained model with latent tokens?)"
+        )
+    lat = torch.cat(latents)
+    paths = [p for r in rows for p in list(r.get("images") or []) + list(r.get("helper_images") or [])]
+    if not paths:
+        raise MirageError("latent analysis needs rows with input or helper images")
+    img = image_features(model, processor, paths, batch_size)
+    # The vocabulary's rows only (no spare rows past the tokenizer), without all-zero rows (padding).
+    tok = getattr(processor, "tokenizer", processor)
+    text = text_model(model).embed_tokens.weight.detach().float().cpu()[: len(tok)]
+    text = text[text.norm(dim=-1) > 0]
+    stats = {
+        "num_rows": len(rows),
+        "num_latents": int(lat.shape[0]),
+        "num_images": len(paths),
+        "image features": space_stats(lat, img),
+        "text embeddings": space_stats(lat, text),
+    }
+    stats["closer_to"] = (
+        "image features"
+        if stats["image features"]["nn_cosine"] >= stats["text embeddings"]["nn_cosine"]
+        else "text embeddings"
+    )
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(text.shape[0], generator=g)[:max_text_points]
+    img_pick = torch.randperm(img.shape[0], generator=g)[:max_text_points]
+    unit = torch.nn.functional.normalize  # directions, as the cosine figures measure
+    projection = pca_2d({"text embeddings": unit(text[pick], dim=-1), "image features": unit(img[img_pick], dim=-1),
+                         "latents": unit(lat, dim=-1)})  # fmt: skip
+    return LatentAnalysis(stats, lat, img, text, projection)
+
+
+def summary_lines(stats: dict) -> list[str]:
+    lines = [f"{stats['num_latents']} latents from {stats['num_rows']} rows; {stats['num_images']} images"]
+    for space in ("image features", "text embeddings"):
+        s = stats[space]
+        lines.append(
+            f"{space:>15}: nearest-neighbour cos {s['nn_cosine']:.3f}, cos to centroid {s['centroid_cosine']:.3f}, "
+            f"centroid-centroid cos {s['latent_centroid_cosine']:.3f} (n={s['size']})"
+        )
+    return lines

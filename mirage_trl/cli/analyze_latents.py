@@ -1,0 +1,71 @@
+"""`mirage-trl analyze-latents`: how close are generated latents to image features vs text embeddings?
+
+Writes OUT/analysis.json (nearest-neighbour and centroid cosine figures per space), OUT/projection.png
+(2-D PCA of text embeddings, image features and latents, with the numbers) and OUT/vectors.pt
+(the latents and image features, for your own analysis), atomically.
+"""
+
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "analyze-latents",
+        help="compare generated latents with the image-feature and text-embedding spaces (numbers + PNG)",
+        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+    )
+    p.add_argument("--model", required=True, help="model folder, PEFT adapter folder or hub name")
+    p.add_argument("--data", required=True, help="reference-format JSONL (input and/or helper images)")
+    p.add_argument("--root", default=None, help="folder the image paths are relative to")
+    p.add_argument("--benchmark", default=None, help="benchmark of the rows (inferred for VSP)")
+    p.add_argument("--num-samples", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument(
+        "--sample", action="store_true", help="sample (temperature/top-p) instead of greedy decoding"
+    )
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from ..errors import MirageError
+    from ..io import check_output_dir
+
+    if args.num_samples < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
+        raise MirageError("--num-samples, --batch-size and --max-new-tokens must be >= 1")
+    check_output_dir(args.out, args.overwrite)
+
+    import torch
+
+    from ..analysis import analyze_latents, draw_projection, summary_lines
+    from ..data.reference import load_reference_jsonl
+    from ..io import atomic_dir, write_json
+    from ..models.load import load_model
+
+    data = load_reference_jsonl(args.data, root=args.root, benchmark=args.benchmark)
+    rows = [data[i] for i in range(min(args.num_samples, len(data)))]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, processor = load_model(args.model, dtype=args.dtype, device=device, require_mirage=False)
+    result = analyze_latents(
+        model, processor, rows, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+    )  # fmt: skip
+    lines = summary_lines(result.stats)
+    with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
+        tmp = Path(tmp)
+        write_json(tmp / "analysis.json", {"model": args.model, "data": args.data, **result.stats})
+        draw_projection(result.projection, tmp / "projection.png", lines)
+        torch.save({"latents": result.latents, "image_features": result.image_features}, tmp / "vectors.pt")
+    for line in lines:
+        print(line)
+    print(f"closer to: {result.stats['closer_to']}; written to {args.out}")
+    return 0
