@@ -50,7 +50,12 @@ def rows_for(workdir: Path) -> list[dict]:
             "<think> DOWN <output_image> then RIGHT <output_image> lands on the Target. </think> \\boxed{DR}",
             [img["in2"]], [img["h1"], img["h0"]], "dist:3",
         ),
-        make_row("Go.", "<output_image> \\boxed{A}", [img["in0"]], [img["h3"]], "dist:4"),
+        make_row(
+            "Go.",
+            "<output_image> " + "Moving to [(3,2),Ice] keeps me on the safe path, next moving to [(0,2),Target] ensures "
+            "success; falling into a hole results in defeat. " * 3 + "\\boxed{A}",
+            [img["in0"]], [img["h3"]], "dist:4",
+        ),  # long: the ranks hold very different token counts, so CE must be normalised over all ranks
     ]
 
 
