@@ -5,10 +5,10 @@
     python bench/grpo.py --json out.json
 
 Same random Qwen2.5-VL, same prompts (text + one image each), same reward (format), same GRPO
-settings, float32 on CPU. EOS is made impossible in both (a -30 logit bias through a hook on the
-LM head) so every completion runs to `max_completion_length` in both trainers. The Mirage model
+settings, float32 on CPU. EOS and the vision placeholders are made impossible in both (a -30 logit bias through a hook
+on the LM head) so every completion runs to `max_completion_length` in both trainers. The Mirage model
 has the `<|latent_start|>` logit raised (`--start-bias`) so rollouts open latent spans (reported
-as spans per completion); with 0 it measures the pure overhead. Each step is split into
+as spans per completion); `--start-bias -30` measures the overhead without spans. Each step is split into
 
 * generation: `_generate_single_turn` (TRL's `model.generate` vs `generate_with_latents`);
 * scoring: the rest of `_generate_and_score_completions` (prompt processing, rewards, advantages);
@@ -49,7 +49,10 @@ def build(quick: bool, start_bias: float):
     eos |= set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
                else [model.generation_config.eos_token_id])
     plain_bias = torch.zeros(model.lm_head.weight.shape[0])
-    plain_bias[sorted(i for i in eos if i is not None)] = -30.0
+    # A random model samples any id: also keep out the vision placeholders (a sampled <|image_pad|> in a completion
+    # breaks the training forward's image-token count, in TRL's trainer as in ours).
+    vision = {tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>")}
+    plain_bias[sorted(i for i in eos | vision if i is not None)] = -30.0
     latent_bias = plain_bias.clone()
     latent_bias[tokens.start_id] = start_bias
     plain, mirage = copy.deepcopy(model), copy.deepcopy(model)
