@@ -38,7 +38,7 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _base():
     model, processor = build_tiny_model(seed=0)
     tokens = add_latent_tokens(processor, model, K)
@@ -191,7 +191,6 @@ def test_latent_layout_matches_decoder_walk(trainer):
 
 def test_prompts_match_the_collator(trainer, rows):
     """TRL's own prompt processing (PIL images loaded by the trainer) gives the collator's prompt ids."""
-    prompts = [trainer._rollout_row(r)["prompt"] for r in rows]
     from trl.data_utils import prepare_multimodal_messages
 
     loaded = [trainer._rollout_row(r) for r in rows]
