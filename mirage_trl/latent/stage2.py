@@ -298,7 +298,7 @@ def self_latent_forward(
     checkpoint: bool | None = None,
     detach_latents: bool = False,
     schedule: str = "auto",
-    round_overhead: float = 16.0,
+    round_overhead: float | None = None,
 ) -> SelfLatentOutput:
     """Final-norm hidden states of a batch whose latent slots carry self-generated latents.
 
@@ -308,8 +308,12 @@ def self_latent_forward(
     `position_ids` (3, B, L) default to the model's rope positions of the full sequences.
     `checkpoint`: True/False overrides the model's own checkpointing flag when `method="auto"`.
     `detach_latents=True` cuts the gradient through the latents (for ablations and tests).
-    `schedule` / `round_overhead`: how the round methods cut the batch into rounds (see `plan_rounds`).
+    `schedule` / `round_overhead`: how the round methods cut the batch into rounds (see `plan_rounds`);
+    the default overhead of a round is 16 token positions on CPU and 1024 on an accelerator, where a
+    round's kernel launches cost far more than a few padded positions (so "aligned" usually wins).
     """
+    if round_overhead is None:
+        round_overhead = 16.0 if input_ids.device.type == "cpu" else 1024.0
     resolved = resolve_method(model, method)
     if method == "auto" and checkpoint is not None:
         resolved = "rounds_checkpointed" if checkpoint else "rounds"
