@@ -210,6 +210,7 @@ def main(argv=None) -> int:
     med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     ratio = med["mirage"] / med["trl"]
     ratio_cpu = med_cpu["mirage"] / med_cpu["trl"]
+    ratio_min = min(times["mirage"]) / min(times["trl"])  # the least disturbed step of each kind
     info["load_average_1min"] = f"{load_before:.1f} -> {load_after:.1f} on {os.cpu_count()} cores"
 
     config = Table(title="stage-1 benchmark: config", show_header=False)
@@ -237,7 +238,7 @@ def main(argv=None) -> int:
     console.print(parts_table)
     verdict = "[green]meets[/green]" if ratio <= GOAL else "[red]above[/red]"
     console.print(f"ratio mirage / trl = [bold]{ratio:.3f}x[/bold] wall, {ratio_cpu:.3f}x CPU time "
-                  f"({verdict} the goal <= {GOAL}x on wall time)")
+                  f"({verdict} the goal <= {GOAL}x on wall time); fastest steps {ratio_min:.3f}x")
     if load_before > os.cpu_count():
         console.print(f"[yellow]the machine was loaded (load {load_before:.1f} on {os.cpu_count()} cores): "
                       "wall times are noisy, the CPU-time ratio is the steadier figure[/yellow]")
@@ -245,7 +246,7 @@ def main(argv=None) -> int:
         opts.json.write_text(json.dumps({
             "config": info, "repeats": repeats, "warmup": opts.warmup, "times_s": times, "median_s": med,
             "cpu_times_s": cpu, "median_cpu_s": med_cpu, "mirage_parts_median_s": breakdown, "ratio": ratio,
-            "ratio_cpu": ratio_cpu, "goal": GOAL,
+            "ratio_cpu": ratio_cpu, "ratio_min": ratio_min, "goal": GOAL,
         }, indent=2))
     return 0
 
