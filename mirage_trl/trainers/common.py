@@ -74,3 +74,21 @@ def check_finite(step: int, skip: bool, **terms: torch.Tensor) -> bool:
         f"step {step}: non-finite {', '.join(bad)} (NaN or inf); lower the learning rate, check the data, "
         "or set skip_nonfinite_steps=True to skip such steps"
     )
+
+
+def check_distributed_support(accelerator, what: str) -> None:
+    """Self-generated latents run the model in several dependent passes per step, inside the
+    trainer rather than through the wrapper's `forward`. Plain DDP only syncs gradients of a
+    backward that follows its own `forward`, so it would silently train each rank alone; DeepSpeed
+    reduces gradients per parameter and is fine. Refuse DDP with the fix in the message."""
+    from accelerate.utils import DistributedType
+
+    ddp = {DistributedType.MULTI_GPU, DistributedType.MULTI_CPU, DistributedType.MULTI_XPU}
+    for name in ("MULTI_NPU", "MULTI_MLU", "MULTI_SDAA", "MULTI_MUSA", "MULTI_HPU"):
+        if hasattr(DistributedType, name):
+            ddp.add(getattr(DistributedType, name))
+    if accelerator.distributed_type in ddp and accelerator.num_processes > 1:
+        raise MirageError(
+            f"{what} on several processes needs DeepSpeed: plain DDP would not sync the gradients of the "
+            "latent passes; launch with `accelerate launch --config_file zero_configs/zero2.yaml ...`"
+        )

@@ -47,7 +47,7 @@ from ..grading import BENCHMARKS
 from ..latent.model_utils import rope_positions, unwrap
 from ..latent.tokens import LatentTokens
 from ..rewards import accuracy_reward, get_reward_funcs
-from .common import adapt_peft_config, check_finite, prepare_model
+from .common import adapt_peft_config, check_distributed_support, check_finite, prepare_model
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +164,7 @@ class MirageGRPOTrainer(GRPOTrainer):
             peft_config=peft_config,
             **kwargs,
         )
+        check_distributed_support(self.accelerator, "GRPO with latent rollouts")
 
     # ------------------------------------------------------------------ rows -> TRL's inputs
     def _rollout_row(self, row: dict) -> dict:

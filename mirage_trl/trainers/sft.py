@@ -25,7 +25,7 @@ from ..data.user import require_helper_images
 from ..latent.model_utils import capture_final_hidden, rope_positions, unwrap
 from ..latent.slots import latent_inputs
 from ..latent.targets import helper_latent_targets
-from .common import adapt_peft_config, check_finite, prepare_model
+from .common import adapt_peft_config, check_distributed_support, check_finite, prepare_model
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +110,8 @@ class MirageSFTTrainer(SFTTrainer):
         # compute_loss normalises CE by `num_items_in_batch` itself. Qwen-VL classes declare
         # accepts_loss_kwargs=False, which would make Trainer skip that count (per-micro-batch means, then / GA).
         self.model_accepts_loss_kwargs = True
+        if args.stage == 2:
+            check_distributed_support(self.accelerator, "stage 2")
 
     # ------------------------------------------------------------------ forward passes
     def _positions(self, model, inputs) -> torch.Tensor:
