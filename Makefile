@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 CPU_TORCH ?= torch==2.13.0
 DEMO ?= outputs/demo
 SHARED_TEST ?= ../shared/data/mirage_official/data/vsp_spatial_planning/test_direct.jsonl
+LAUNCH := $(BIN)/accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
 
 .PHONY: install demo test quality style bench clean
 
@@ -26,16 +27,19 @@ demo: install
 		--out $(DEMO)/data --overwrite $(if $(wildcard $(SHARED_TEST)),--exclude $(SHARED_TEST))
 	$(BIN)/mirage-trl data vsp --task planning --split test --style cot --levels 3 4 --num-samples 16 --seed 1 \
 		--out $(DEMO)/test-data --overwrite
-	$(BIN)/accelerate launch --cpu --num_processes 1 recipes/stage1_vsp.py --config recipes/vsp/stage1_tiny.yaml
-	$(BIN)/accelerate launch --cpu --num_processes 1 recipes/stage2_vsp.py --config recipes/vsp/stage2_tiny.yaml
-	@if $(BIN)/mirage-trl eval --help >/dev/null 2>&1; then \
-		$(BIN)/mirage-trl eval --model $(DEMO)/stage2 --benchmark vsp_planning --data $(DEMO)/test-data/planning_test_cot.jsonl \
-			--max-new-tokens 64 --batch-size 16 --out $(DEMO)/eval-generated --overwrite; \
-		if [ -f $(SHARED_TEST) ]; then $(BIN)/mirage-trl eval --model $(DEMO)/stage2 --benchmark vsp_planning \
-			--data $(SHARED_TEST) --num-samples 64 --max-new-tokens 64 --batch-size 32 --out $(DEMO)/eval-reference --overwrite; fi; fi
-	@if $(BIN)/mirage-trl export --help >/dev/null 2>&1; then \
-		$(BIN)/mirage-trl export --model $(DEMO)/stage2 --out $(DEMO)/export --overwrite; fi
-	@echo "demo outputs in $(DEMO)"
+	$(LAUNCH) recipes/stage1_vsp.py --config recipes/vsp/stage1_tiny.yaml
+	$(LAUNCH) recipes/stage2_vsp.py --config recipes/vsp/stage2_tiny.yaml
+	@if [ -n "$(GRPO)" ]; then $(LAUNCH) recipes/grpo_vsp.py --config recipes/vsp/grpo_tiny.yaml; fi
+	$(BIN)/mirage-trl export --model $(DEMO)/stage2 --out $(DEMO)/export-adapter --overwrite
+	$(BIN)/mirage-trl export --model $(DEMO)/stage2 --merge --out $(DEMO)/export-merged --overwrite
+	$(BIN)/mirage-trl eval --model $(DEMO)/export-merged --benchmark vsp_planning \
+		--data $(DEMO)/test-data/planning_test_cot.jsonl --max-new-tokens 64 --batch-size 16 \
+		--latents model zero remove --out $(DEMO)/eval-generated --overwrite --no-progress
+	@if [ -f $(SHARED_TEST) ]; then $(BIN)/mirage-trl eval --model $(DEMO)/export-adapter --benchmark vsp_planning \
+		--data $(SHARED_TEST) --num-samples 64 --max-new-tokens 64 --batch-size 32 \
+		--out $(DEMO)/eval-reference --overwrite --no-progress; fi
+	@echo "demo done: models, exports and eval results under $(DEMO) (numbers from a tiny random model are low;"
+	@echo "the pipeline is what the demo shows). Optional: make demo GRPO=1 adds a short GRPO step."
 
 test: install
 	$(PY) -m pytest -q -x --timeout 600

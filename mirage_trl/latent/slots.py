@@ -28,7 +28,9 @@ def latent_inputs(model, slot_mask: torch.Tensor | None, values: torch.Tensor | 
     if slot_mask is None or values is None or values.shape[0] == 0:
         yield
         return
-    embedding = model.get_input_embeddings()
+    from .model_utils import unwrap
+
+    embedding = unwrap(model).get_input_embeddings()  # DDP wrappers do not forward this method
 
     def hook(module, args, output):
         if output.shape[:2] != slot_mask.shape:
