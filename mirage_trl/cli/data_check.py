@@ -31,6 +31,13 @@ def run(args) -> int:
         except MirageError as e:
             raise MirageError(f"--benchmark: {e}") from None
     rows = load_rows(args.data, root=args.root, benchmark=args.benchmark, check_images=True)
+    # Decode every image now: a broken or truncated file fails here, not halfway through training.
+    from ..data.images import load_image
+
+    for r in rows:
+        for field, column in (("image_input", "images"), ("image_output", "helper_images")):
+            for path in r[column]:
+                load_image(path, source=f"{r['source']}:{field}")
     groups = Counter((r["benchmark"], r["level"]) for r in rows)
     with_helpers = sum(1 for r in rows if r["helper_images"])
     with_answer = sum(1 for r in rows if r["completion_text"])

@@ -106,3 +106,25 @@ def check_latent_size(model, latent_size: int) -> None:
             f"latent_size={latent_size} disagrees with {name}, which was trained with "
             f"latent_size={saved['latent_size']} (config.json '{CONFIG_KEY}'); use the same latent size"
         )
+
+
+def check_checkpoint_latent_size(checkpoint_dir, latent_size: int) -> None:
+    """Resuming from a `checkpoint-N` trained with another latent size is refused (one line, both values).
+
+    Reads the checkpoint's `mirage_config.json`; a checkpoint without one (older runs) is not checked.
+    """
+    import json
+    from pathlib import Path
+
+    path = Path(checkpoint_dir) / "mirage_config.json"
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8")).get("latent_size")
+    except (OSError, ValueError, AttributeError):
+        raise MirageError(f"{path}: cannot read it as a JSON object") from None
+    if saved is not None and int(saved) != int(latent_size):
+        raise MirageError(
+            f"--latent_size {latent_size} disagrees with {path} (latent_size={saved}); "
+            f"resume with --latent_size {saved}, or start a new run"
+        )

@@ -263,6 +263,12 @@ def _load_source(src: ModelSource, dtype=None, trust_remote_code: bool = False):
     torch_dtype = _dtype(dtype)
     name = str(src.base if src.is_adapter else src.path)
     model_type = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code).model_type
+    from .loading import processor_class
+
+    try:  # a text-only model (no vision tower): say which folder, before anything loads
+        processor_class(model_type)
+    except MirageError as exc:
+        raise MirageError(f"{src.path}: {exc}") from None
     processor = load_processor(
         str(src.tokenizer_dir or src.path), model_type=model_type, trust_remote_code=trust_remote_code
     )
@@ -331,8 +337,14 @@ def _load_hub(name, *, dtype=None, device=None, latent_size=None, trust_remote_c
 
     from .loading import load_processor
 
-    model = AutoModelForImageTextToText.from_pretrained(name, dtype=_dtype(dtype), trust_remote_code=trust_remote_code)
-    processor = load_processor(name, trust_remote_code=trust_remote_code)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(
+            name, dtype=_dtype(dtype), trust_remote_code=trust_remote_code
+        )
+        processor = load_processor(name, trust_remote_code=trust_remote_code)
+    except OSError as e:  # offline, no such repo, gated without a token: one line, no token in it
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise MirageError(f"{name}: cannot load it from the Hub ({reason})") from None
     vocab = processor.tokenizer.get_vocab()
     if any(t not in vocab for t in LATENT_TOKEN_NAMES):
         warnings.warn(f"{name}: the tokenizer has no latent tokens; it decodes as a plain model", stacklevel=3)
@@ -342,3 +354,32 @@ def _load_hub(name, *, dtype=None, device=None, latent_size=None, trust_remote_c
     if device is not None:
         model.to(device)
     return model.eval(), processor
+
+
+def load_checkpoint_weights(model, checkpoint_dir) -> bool:
+    """Load a full-model `checkpoint-N` into `model` in place, reading it the way `from_pretrained` does.
+
+    transformers 5 saves Qwen-VL weights under the hub's key names (`model.layers...`, `visual...`) and
+    only `from_pretrained` maps them back; `Trainer._load_from_checkpoint` loads the raw state dict with
+    strict=False, so on resume every weight is silently left as initialised. Returns False (nothing done)
+    for adapter checkpoints and folders without full weights, which the Trainer's own loader handles.
+    """
+    from ..latent.model_utils import unwrap
+
+    folder = Path(checkpoint_dir)
+    if (folder / "adapter_config.json").is_file() or not (
+        (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
+    ):
+        return False
+    inner = unwrap(model)
+    if getattr(inner, "peft_config", None):
+        return False
+    param = next(inner.parameters())
+    saved = type(inner).from_pretrained(str(folder), config=inner.config, dtype=param.dtype)
+    missing, unexpected = inner.load_state_dict(saved.state_dict(), strict=False)
+    if missing or unexpected:
+        raise MirageError(
+            f"{folder}: checkpoint weights do not fit the model ({len(missing)} missing, {len(unexpected)} "
+            f"unexpected, e.g. {(missing or unexpected)[0]})"
+        )
+    return True
