@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(BIN)/mirage-trl tiny-model --out $(DEMO)/tiny-model
+	$(BIN)/mirage-trl tiny-model --out $(DEMO)/tiny-model --overwrite
 	$(BIN)/mirage-trl data vsp --task planning --split train --style cot --levels 3 4 --num-samples 64 --seed 0 \
 		--out $(DEMO)/data --overwrite $(if $(wildcard $(SHARED_TEST)),--exclude $(SHARED_TEST))
 	$(BIN)/mirage-trl data vsp --task planning --split test --style cot --levels 3 4 --num-samples 16 --seed 1 \
@@ -53,7 +53,7 @@ style: install
 	$(BIN)/ruff format mirage_trl tests recipes bench
 
 bench: install
-	$(PY) -m bench
+	$(PY) -m bench --json bench/results.json
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

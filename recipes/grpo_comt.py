@@ -11,10 +11,16 @@ Any YAML key can be overridden on the command line, e.g. `--num_generations 8`.
 
 from trl import ModelConfig, TrlParser
 
+from mirage_trl.cli import run_recipe
 from mirage_trl.configs import MirageGRPOConfig, MirageScriptArguments
 from mirage_trl.grpo_script import run_grpo
 
-if __name__ == "__main__":
+
+def main():
     parser = TrlParser((MirageScriptArguments, MirageGRPOConfig, ModelConfig))
     script_args, training_args, model_args = parser.parse_args_and_config()
     run_grpo(script_args, training_args, model_args, benchmark="comt")
+
+
+if __name__ == "__main__":
+    run_recipe(main)

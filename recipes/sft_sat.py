@@ -16,8 +16,14 @@ Any YAML key can be overridden on the command line, e.g. `--per_device_train_bat
 from trl import ModelConfig, SFTConfig, TrlParser
 
 from mirage_trl.baselines import BaselineScriptArguments, run_text_sft
+from mirage_trl.cli import run_recipe
 
-if __name__ == "__main__":
+
+def main():
     parser = TrlParser((BaselineScriptArguments, SFTConfig, ModelConfig))
     script_args, training_args, model_args = parser.parse_args_and_config()
     run_text_sft(script_args, training_args, model_args, benchmark="sat")
+
+
+if __name__ == "__main__":
+    run_recipe(main)

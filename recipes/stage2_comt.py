@@ -12,10 +12,16 @@ Any YAML key can be overridden on the command line, e.g. `--per_device_train_bat
 
 from trl import ModelConfig, TrlParser
 
+from mirage_trl.cli import run_recipe
 from mirage_trl.configs import MirageScriptArguments, MirageSFTConfig
 from mirage_trl.scripts import run_sft
 
-if __name__ == "__main__":
+
+def main():
     parser = TrlParser((MirageScriptArguments, MirageSFTConfig, ModelConfig))
     script_args, training_args, model_args = parser.parse_args_and_config()
     run_sft(script_args, training_args, model_args, stage=2, benchmark="comt")
+
+
+if __name__ == "__main__":
+    run_recipe(main)

@@ -490,8 +490,6 @@ def test_run_recipe_debug_env_shows_trace(monkeypatch, capsys):
     assert run_recipe(lambda: 7) == 7
 
 
-@pytest.mark.xfail(strict=True, reason="recipes/*.py call run_sft/run_grpo bare: a MirageError prints a stack "
-                   "trace (proposed diff: wrap __main__ in mirage_trl.cli.run_recipe; see docs/reliability.md)")
 def test_every_recipe_runs_under_run_recipe():
     recipes = sorted((REPO / "recipes").glob("*.py"))
     assert recipes and all("run_recipe(" in p.read_text() for p in recipes)

@@ -56,27 +56,6 @@ def datasets_cache(tmp_path, monkeypatch):
     return tmp_path / "hf-datasets"
 
 
-def _proposed_load_from_checkpoint(self, resume_from_checkpoint, model=None):
-    """The override proposed for MirageSFTTrainer (mirage_trl/trainers/sft.py, docs/reliability.md)."""
-    from mirage_trl.latent.tokens import check_checkpoint_latent_size
-    from mirage_trl.models.load import load_checkpoint_weights
-
-    check_checkpoint_latent_size(resume_from_checkpoint, self.args.latent_size)
-    if not load_checkpoint_weights(model if model is not None else self.model, resume_from_checkpoint):
-        MirageSFTTrainer._load_from_checkpoint.__wrapped__(self, resume_from_checkpoint, model)
-
-
-@pytest.fixture
-def proposed_resume(monkeypatch):
-    """Until trainers/sft.py adopts it: resume through load_checkpoint_weights (see the xfail tests below)."""
-    if "_load_from_checkpoint" in vars(MirageSFTTrainer):
-        return  # the trainer has its own now: test that one
-    from transformers import Trainer
-
-    _proposed_load_from_checkpoint.__wrapped__ = Trainer._load_from_checkpoint
-    monkeypatch.setattr(MirageSFTTrainer, "_load_from_checkpoint", _proposed_load_from_checkpoint, raising=False)
-
-
 def make_trainer(out: Path, dataset, stage: int, stop_at=None, latent_size=K, save=True, **kw):
     model, processor = build_tiny_model(seed=0)
     if stage == 2:  # as after stage 1: the latent tokens exist
@@ -96,7 +75,7 @@ def losses(trainer) -> dict[int, float]:
 
 
 @pytest.mark.parametrize(("stage", "extra"), [(1, {"cache_latent_targets": True}), (2, {})], ids=["stage1", "stage2"])
-def test_resumed_run_matches_uninterrupted_run(dataset, tmp_path, datasets_cache, proposed_resume, stage, extra):
+def test_resumed_run_matches_uninterrupted_run(dataset, tmp_path, datasets_cache, stage, extra):
     full = make_trainer(tmp_path / "full", dataset, stage, save=False, **extra)
     full.train()
     expected = losses(full)
@@ -132,11 +111,9 @@ def test_resumed_run_matches_uninterrupted_run(dataset, tmp_path, datasets_cache
     assert len({round(v, 6) for v in expected.values()}) > 1
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "Trainer._load_from_checkpoint loads transformers-5 Qwen-VL checkpoints (hub key names) with strict=False: "
-    "every weight is missing and left as initialised, silently (fix: MirageSFTTrainer._load_from_checkpoint -> "
-    "mirage_trl.models.load.load_checkpoint_weights; diff in docs/reliability.md)"))
-def test_trainer_restores_weights_on_resume_without_the_proposed_override(dataset, tmp_path):
+def test_trainer_restores_weights_on_resume(dataset, tmp_path):
+    """transformers 5 saves Qwen-VL checkpoints under hub key names that Trainer's own loader misses
+    (strict=False, silently); MirageSFTTrainer._load_from_checkpoint restores every weight."""
     import torch
 
     first = make_trainer(tmp_path / "run", dataset, 1, stop_at=STOP)
@@ -147,7 +124,7 @@ def test_trainer_restores_weights_on_resume_without_the_proposed_override(datase
     assert all(torch.equal(p, trained[n]) for n, p in other.model.named_parameters())
 
 
-def test_resume_with_another_latent_size_is_refused_by_the_proposed_override(dataset, tmp_path, proposed_resume):
+def test_resume_with_another_latent_size_is_refused(dataset, tmp_path):
     first = make_trainer(tmp_path / "run", dataset, 1, stop_at=STOP)
     first.train()
     other = make_trainer(tmp_path / "run", dataset, 1, latent_size=K + 1)

@@ -180,13 +180,16 @@ def build_tiny_model(model_type: str = "qwen2_5_vl", seed: int = 0, dtype=None, 
     return model.eval(), processor
 
 
-def save_tiny_model(out_dir: str | os.PathLike, model_type: str = "qwen2_5_vl", seed: int = 0, **kw) -> Path:
+def save_tiny_model(
+    out_dir: str | os.PathLike, model_type: str = "qwen2_5_vl", seed: int = 0, overwrite: bool = True, **kw
+) -> Path:
     """Write a tiny model + processor folder that `from_pretrained` loads offline."""
-    from ..io import atomic_dir
+    from ..io import atomic_dir, check_output_dir
 
-    model, processor = build_tiny_model(model_type, seed=seed, **kw)
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir, overwrite=True) as tmp:
+    check_output_dir(out_dir, overwrite)
+    model, processor = build_tiny_model(model_type, seed=seed, **kw)
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
     return out_dir

@@ -92,3 +92,19 @@ def check_distributed_support(accelerator, what: str) -> None:
             f"{what} on several processes needs DeepSpeed: plain DDP would not sync the gradients of the "
             "latent passes; launch with `accelerate launch --config_file zero_configs/zero2.yaml ...`"
         )
+
+
+def load_from_checkpoint(trainer, resume_from_checkpoint, model, fallback) -> None:
+    """Resume: refuse a latent size that disagrees with the checkpoint, then load its weights.
+
+    transformers 5 saves Qwen-VL checkpoints under the hub's key names, which
+    `Trainer._load_from_checkpoint` loads with strict=False: every weight would silently stay as
+    initialised. Full-model checkpoints are read the way `from_pretrained` reads them; adapters go
+    through the Trainer's own loader (`fallback`).
+    """
+    from ..latent.tokens import check_checkpoint_latent_size
+    from ..models.load import load_checkpoint_weights
+
+    check_checkpoint_latent_size(resume_from_checkpoint, trainer.args.latent_size)
+    if not load_checkpoint_weights(model if model is not None else trainer.model, resume_from_checkpoint):
+        fallback(resume_from_checkpoint, model)

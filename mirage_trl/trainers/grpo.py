@@ -47,7 +47,13 @@ from ..grading import BENCHMARKS
 from ..latent.model_utils import rope_positions, unwrap
 from ..latent.tokens import LatentTokens
 from ..rewards import accuracy_reward, get_reward_funcs
-from .common import adapt_peft_config, check_distributed_support, check_finite, prepare_model
+from .common import (
+    adapt_peft_config,
+    check_distributed_support,
+    check_finite,
+    load_from_checkpoint,
+    prepare_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -165,6 +171,9 @@ class MirageGRPOTrainer(GRPOTrainer):
             **kwargs,
         )
         check_distributed_support(self.accelerator, "GRPO with latent rollouts")
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        load_from_checkpoint(self, resume_from_checkpoint, model, super()._load_from_checkpoint)
 
     # ------------------------------------------------------------------ rows -> TRL's inputs
     def _rollout_row(self, row: dict) -> dict:

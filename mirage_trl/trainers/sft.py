@@ -25,7 +25,13 @@ from ..data.user import require_helper_images
 from ..latent.model_utils import capture_final_hidden, rope_positions, unwrap
 from ..latent.slots import latent_inputs
 from ..latent.targets import helper_latent_targets
-from .common import adapt_peft_config, check_distributed_support, check_finite, prepare_model
+from .common import (
+    adapt_peft_config,
+    check_distributed_support,
+    check_finite,
+    load_from_checkpoint,
+    prepare_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -250,6 +256,9 @@ class MirageSFTTrainer(SFTTrainer):
             mirage.update(stage=self.args.stage)
             if os.path.isdir(folder):
                 write_json(os.path.join(folder, "mirage_config.json"), mirage)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        load_from_checkpoint(self, resume_from_checkpoint, model, super()._load_from_checkpoint)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
