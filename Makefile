@@ -41,8 +41,13 @@ demo: install
 	@echo "demo done: models, exports and eval results under $(DEMO) (numbers from a tiny random model are low;"
 	@echo "the pipeline is what the demo shows). Optional: make demo GRPO=1 adds a short GRPO step."
 
-test: install
-	$(PY) -m pytest -q -x --timeout 600
+# The tests also cover DeepSpeed ZeRO-2 (2 processes on CPU): the `deepspeed` extra, built against the torch above.
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PY) -m pip install -q --no-build-isolation "deepspeed>=0.15"
+	touch $@
+
+test: install $(VENV)/.installed-test
+	$(PY) -m pytest -q --timeout 900
 
 quality: install
 	$(BIN)/ruff check mirage_trl tests recipes bench
