@@ -28,18 +28,24 @@ def load_train_data(script_args, benchmark: str | None = None):
 
 def run_sft(script_args, training_args, model_args, stage: int, benchmark: str | None = None):
     """Stage 1 or stage 2 of Mirage: load, train, save (adapter or full model + processor), push if asked."""
+    from .trainers.sft import MirageSFTTrainer
+
+    training_args.stage = stage
+    return train_and_save(MirageSFTTrainer, script_args, training_args, model_args, stage, benchmark)
+
+
+def train_and_save(trainer_cls, script_args, training_args, model_args, stage: int, benchmark: str | None = None):
+    """What every Mirage recipe does: load the data and the model, train, save, push if asked."""
     from peft import PeftModel
     from trl import get_peft_config
 
     from .models.training import load_for_training
-    from .trainers.sft import MirageSFTTrainer
 
-    training_args.stage = stage
     train, evals = load_train_data(script_args, benchmark)
     model, processor = load_for_training(model_args.model_name_or_path, training_args, model_args)
-    # A stage-1 LoRA output is continued as the same adapter, so no new PEFT config then.
+    # A LoRA output of the previous stage is continued as the same adapter, so no new PEFT config then.
     peft_config = None if isinstance(model, PeftModel) else get_peft_config(model_args)
-    trainer = MirageSFTTrainer(
+    trainer = trainer_cls(
         model=model,
         args=training_args,
         train_dataset=train,

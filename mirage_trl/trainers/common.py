@@ -38,6 +38,23 @@ def prepare_model(model, processing_class, latent_size: int, stage: int | None =
     return tokens
 
 
+def setup_model(model, processing_class, peft_config, args, stage: int | None = None):
+    """What both Mirage trainers do before TRL's `__init__`: load a model given by name, find its
+    processor, add the latent tokens, freeze the vision tower, adapt the PEFT config.
+
+    Returns (model, processing_class, peft_config, latent_tokens)."""
+    if isinstance(model, str):
+        from ..models.training import load_for_training
+
+        model, processing_class = load_for_training(model, args)
+    if processing_class is None:
+        from ..models.loading import load_processor
+
+        processing_class = load_processor(unwrap(model).config._name_or_path)
+    tokens = prepare_model(model, processing_class, args.latent_size, stage=stage)
+    return model, processing_class, adapt_peft_config(peft_config, tokens), tokens
+
+
 def adapt_peft_config(peft_config, tokens: LatentTokens):
     """Mirage defaults for a PEFT config: LoRA on the language model only, new token rows trainable."""
     if peft_config is None:

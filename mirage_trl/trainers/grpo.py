@@ -48,11 +48,10 @@ from ..latent.model_utils import rope_positions, unwrap
 from ..latent.tokens import LatentTokens
 from ..rewards import accuracy_reward, get_reward_funcs
 from .common import (
-    adapt_peft_config,
     check_distributed_support,
     check_finite,
     load_from_checkpoint,
-    prepare_model,
+    setup_model,
 )
 
 logger = logging.getLogger(__name__)
@@ -139,16 +138,9 @@ class MirageGRPOTrainer(GRPOTrainer):
             args = MirageGRPOConfig(output_dir="mirage-grpo")
         if not isinstance(args, MirageGRPOConfig):
             raise MirageError(f"MirageGRPOTrainer needs a MirageGRPOConfig, got {type(args).__name__}")
-        if isinstance(model, str):
-            from ..models.training import load_for_training
-
-            model, processing_class = load_for_training(model, args)
-        if processing_class is None:
-            from ..models.loading import load_processor
-
-            processing_class = load_processor(unwrap(model).config._name_or_path)
-        self.latent_tokens = prepare_model(model, processing_class, args.latent_size)
-        peft_config = adapt_peft_config(peft_config, self.latent_tokens)
+        model, processing_class, peft_config, self.latent_tokens = setup_model(
+            model, processing_class, peft_config, args, stage=None
+        )
         if reward_funcs is None:
             reward_funcs = get_reward_funcs(args.reward_names)
         funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]

@@ -26,11 +26,10 @@ from ..latent.model_utils import capture_final_hidden, rope_positions, unwrap
 from ..latent.slots import latent_inputs
 from ..latent.targets import helper_latent_targets
 from .common import (
-    adapt_peft_config,
     check_distributed_support,
     check_finite,
     load_from_checkpoint,
-    prepare_model,
+    setup_model,
 )
 
 logger = logging.getLogger(__name__)
@@ -73,16 +72,9 @@ class MirageSFTTrainer(SFTTrainer):
     ):
         if args is None:
             args = MirageSFTConfig(output_dir="mirage-sft")
-        if isinstance(model, str):
-            from ..models.training import load_for_training
-
-            model, processing_class = load_for_training(model, args)
-        if processing_class is None:
-            from ..models.loading import load_processor
-
-            processing_class = load_processor(unwrap(model).config._name_or_path)
-        self.latent_tokens = prepare_model(model, processing_class, args.latent_size, stage=args.stage)
-        peft_config = adapt_peft_config(peft_config, self.latent_tokens)
+        model, processing_class, peft_config, self.latent_tokens = setup_model(
+            model, processing_class, peft_config, args, stage=args.stage
+        )
         if args.stage == 1 and train_dataset is not None and not _has_helpers(train_dataset):
             # Rows without spans are fine in a mix; a stage-1 dataset with no helper image at all is a mistake.
             require_helper_images(train_dataset, stage=1)
