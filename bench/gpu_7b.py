@@ -1,0 +1,189 @@
+"""7B-shaped throughput on one GPU: stage 1 and stage 2 with LoRA (r 64 on every linear layer of the
+language model), bf16, SDPA, with and without gradient checkpointing; latent decoding vs `generate`.
+
+    python bench/gpu_7b.py --json gpu.json                 # on a GPU (about 20 GB for weights + LoRA)
+    python bench/gpu_7b.py --load-in-4bit --json q.json    # QLoRA: 4-bit base (bitsandbytes)
+    python bench/gpu_7b.py --tiny                          # the same code path on CPU in seconds (CI smoke)
+
+The model has random weights built from `bench/configs/qwen2_5_vl_7b_instruct.json` (the real
+Qwen2.5-VL-7B-Instruct architecture; no hub needed). Sequences are synthetic and VSP-like: one
+448 x 448 input image (256 visual tokens), CoT text, three latent spans of k = 4. MFU counts
+4 N T FLOPs for a LoRA step (forward 2NT + activation gradients 2NT; the frozen base has no weight
+gradients) over the GPU's dense bf16 peak (`--peak-tflops`, H100 SXM: 989).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+CONFIG = Path(__file__).resolve().parent / "configs" / "qwen2_5_vl_7b_instruct.json"
+K = 4
+
+
+def build(tiny: bool, load_in_4bit: bool, device):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from mirage_trl.trainers.common import LANGUAGE_MODEL_LINEAR
+
+    d = json.loads(CONFIG.read_text())
+    d.pop("_comment", None)
+    if tiny:
+        d["text_config"].update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, rope_parameters={"rope_type": "default", "mrope_section": [4, 2, 2],
+                                                                        "rope_theta": 1e6})
+        d["vision_config"].update(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                                  fullatt_block_indexes=[1])
+    config = AutoConfig.for_model(**d)
+    dtype = torch.float32 if tiny else torch.bfloat16
+    kwargs = {}
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype,
+                                                           bnb_4bit_quant_type="nf4")
+    with torch.device(device):
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation="sdpa", **kwargs)
+    model.requires_grad_(False)
+    lora = LoraConfig(r=8 if tiny else 64, lora_alpha=16 if tiny else 128, target_modules=LANGUAGE_MODEL_LINEAR)
+    return get_peft_model(model, lora), config
+
+
+def synthetic_batch(config, batch: int, text_len: int, device, tiny: bool):
+    """One image (16 x 16 merged tokens; 4 x 4 when tiny), text, three latent spans at ragged places."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    side = 8 if tiny else 32  # patches per side before the 2 x 2 merge
+    n_img = (side // 2) ** 2
+    vocab = config.text_config.vocab_size
+    start, pad, end = vocab - 3, vocab - 2, vocab - 1  # spare rows stand in for the latent tokens
+    rows, masks = [], []
+    for b in range(batch):
+        text = torch.randint(0, 150000 if not tiny else vocab - 8, (text_len,), generator=g)
+        prompt = torch.tensor([config.vision_start_token_id] + [config.image_token_id] * n_img + [config.vision_end_token_id])
+        cuts = sorted(int(text_len * f) + int(torch.randint(-text_len // 10, text_len // 10, (1,), generator=g))
+                      for f in (0.25, 0.5, 0.75))
+        pieces, last = [prompt], 0
+        for c in cuts:
+            pieces += [text[last:c], torch.tensor([start] + [pad] * K + [end])]
+            last = c
+        pieces.append(text[last:])
+        ids = torch.cat(pieces)
+        rows.append(ids)
+    length = max(r.shape[0] for r in rows)
+    input_ids = torch.zeros(batch, length, dtype=torch.long)
+    attention = torch.zeros(batch, length, dtype=torch.long)
+    for b, r in enumerate(rows):
+        input_ids[b, : r.shape[0]] = r
+        attention[b, : r.shape[0]] = 1
+    slot_mask = input_ids == pad
+    labels = input_ids.clone()
+    labels[(attention == 0) | slot_mask | (input_ids == config.image_token_id)] = -100
+    mm = (input_ids == config.image_token_id).int()
+    pixel = torch.randn(batch * side * side, 3 * 2 * 14 * 14, generator=g)
+    grid = torch.tensor([[1, side, side]] * batch)
+    out = dict(input_ids=input_ids, attention_mask=attention, labels=labels, slot_mask=slot_mask, mm_token_type_ids=mm,
+               pixel_values=pixel, image_grid_thw=grid)
+    return {k: v.to(device) for k, v in out.items()}, n_img
+
+
+def step_fns(model, batch, n_img, k_hidden):
+    import torch
+    import torch.nn.functional as F
+
+    from mirage_trl.latent.model_utils import capture_final_hidden, rope_positions
+    from mirage_trl.latent.slots import latent_inputs
+    from mirage_trl.latent.stage2 import self_latent_forward
+    from mirage_trl.trainers.sft import text_cross_entropy
+
+    pos = rope_positions(model, batch["input_ids"], batch["attention_mask"], batch["mm_token_type_ids"], batch["image_grid_thw"])
+    n_slots = int(batch["slot_mask"].sum())
+    targets = torch.randn(n_slots, k_hidden, device=batch["input_ids"].device, dtype=next(model.parameters()).dtype)
+
+    def stage1():
+        with latent_inputs(model, batch["slot_mask"], targets), capture_final_hidden(model) as cap:
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=pos,
+                  pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"], use_cache=False, logits_to_keep=1)
+        h = cap[-1]
+        ce, n = text_cross_entropy(model, h, batch["labels"])
+        cos = F.cosine_similarity(h[:, :-1][batch["slot_mask"][:, 1:]].float(), targets.float(), dim=-1)
+        (0.1 * ce / n + (1 - cos).mean()).backward()
+
+    def stage2():
+        out = self_latent_forward(model, batch["input_ids"], batch["attention_mask"], batch["slot_mask"], position_ids=pos,
+                                  pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+                                  mm_token_type_ids=batch["mm_token_type_ids"])
+        ce, n = text_cross_entropy(model, out.hidden_states, batch["labels"])
+        (ce / n).backward()
+
+    return stage1, stage2
+
+
+def timed(fn, repeats: int, sync) -> float:
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes on CPU: checks the code path only")
+    ap.add_argument("--load-in-4bit", action="store_true", help="QLoRA: 4-bit NF4 base weights")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--text-len", type=int, default=600)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--peak-tflops", type=float, default=989.0)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
+    if args.tiny:
+        args.batch, args.text_len, args.repeats = 2, 48, 1
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    model, config = build(args.tiny, args.load_in_4bit, device)
+    n_params = sum(p.numel() for n, p in model.named_parameters() if "visual" not in n)
+    batch, n_img = synthetic_batch(config, args.batch, args.text_len, device, args.tiny)
+    tokens = int(batch["attention_mask"].sum())
+    results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "batch": args.batch,
+               "tokens_per_batch": tokens, "image_tokens": n_img, "4bit": args.load_in_4bit, "runs": {}}
+    for ckpt in (False, True):
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        else:
+            model.gradient_checkpointing_disable()
+        stage1, stage2 = step_fns(model, batch, n_img, config.text_config.hidden_size)
+        for name, fn in (("stage1", stage1), ("stage2", stage2)):
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            seconds = timed(fn, args.repeats, sync)
+            model.zero_grad(set_to_none=True)
+            run = {"seconds": seconds, "samples_per_s": args.batch / seconds, "tokens_per_s": tokens / seconds,
+                   "mfu": 4 * n_params * tokens / seconds / (args.peak_tflops * 1e12)}
+            if device == "cuda":
+                run["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            results["runs"][f"{name}{'_ckpt' if ckpt else ''}"] = run
+    r = results["runs"]
+    results["stage2_over_stage1"] = r["stage2"]["seconds"] / r["stage1"]["seconds"]
+    results["stage2_over_stage1_ckpt"] = r["stage2_ckpt"]["seconds"] / r["stage1_ckpt"]["seconds"]
+    print(json.dumps(results, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
