@@ -29,12 +29,42 @@ def _get(d, *keys):
 # (script, figure, path into its JSON, goal text, goal check)
 FIGURES = [
     ("stage1", "stage-1 step / plain TRL SFT step", ("ratio",), "<= 1.15", lambda v: v <= 1.15),
-    ("stage2_engine", "stage-2 step / stage-1 step (no checkpointing)", ("ratios", "rounds / plain"), "<= 1.25", lambda v: v <= 1.25),
-    ("stage2_engine", "stage-2 / stage-1, checkpointing on", ("ratios", "rounds_checkpointed / plain_ckpt"), "<= 1.5", lambda v: v <= 1.5),
-    ("stage2_engine", "reference-style loop time / stage-2 time (B=8)", ("ratios", "reference_style / rounds (samples/s gain)"), ">= 5", lambda v: v >= 5),
-    ("stage2_engine", "stage-2 / stage-1 peak memory, checkpointing on", ("ratios", "peak mem rounds_checkpointed / plain_ckpt"), "<= 1.15", lambda v: v <= 1.15),
+    (
+        "stage2_engine",
+        "stage-2 step / stage-1 step (no checkpointing)",
+        ("ratios", "rounds / plain"),
+        "<= 1.25",
+        lambda v: v <= 1.25,
+    ),
+    (
+        "stage2_engine",
+        "stage-2 / stage-1, checkpointing on",
+        ("ratios", "rounds_checkpointed / plain_ckpt"),
+        "<= 1.5",
+        lambda v: v <= 1.5,
+    ),
+    (
+        "stage2_engine",
+        "reference-style loop time / stage-2 time (B=8)",
+        ("ratios", "reference_style / rounds (samples/s gain)"),
+        ">= 5",
+        lambda v: v >= 5,
+    ),
+    (
+        "stage2_engine",
+        "stage-2 / stage-1 peak memory, checkpointing on",
+        ("ratios", "peak mem rounds_checkpointed / plain_ckpt"),
+        "<= 1.15",
+        lambda v: v <= 1.15,
+    ),
     ("decoding", "latent decoding tok/s / generate tok/s (B=16)", ("ratio",), ">= 0.95", lambda v: v >= 0.95),
-    ("eval_throughput", "eval rows/s batched (B=16) / batch 1", ("ratio",), ">= 8 (GPU goal)", lambda v: v >= 8),
+    (
+        "eval_throughput",
+        "eval rows/s batched (B=16) / batch 1",
+        ("ratio",),
+        ">= 8 (GPU goal)",
+        lambda v: v >= 8,
+    ),
     ("grpo", "Mirage GRPO step / plain TRL GRPO step", ("ratio", "step"), "<= 1.3", lambda v: v <= 1.3),
 ]
 SCRIPTS = list(dict.fromkeys(f[0] for f in FIGURES))
@@ -55,7 +85,9 @@ def run_script(name: str, quick: bool, out: Path, timeout: int) -> tuple[dict | 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run that checks every figure is produced")
+    ap.add_argument(
+        "--quick", action="store_true", help="tiny shapes: a smoke run that checks every figure is produced"
+    )
     ap.add_argument("--json", type=Path, default=Path("bench/results.json"))
     ap.add_argument("--only", nargs="*", choices=SCRIPTS, help="run only these scripts")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per script")
@@ -77,8 +109,10 @@ def main(argv=None) -> int:
             else:
                 errors[name] = err
 
-    table = Table(title=f"mirage-trl benchmarks ({'quick smoke shapes' if args.quick else 'full shapes'}, "
-                        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
+    table = Table(
+        title=f"mirage-trl benchmarks ({'quick smoke shapes' if args.quick else 'full shapes'}, "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    )
     for col in ("figure", "value", "goal", "met", "script"):
         table.add_column(col, justify="right" if col == "value" else "left")
     rows = []
@@ -91,13 +125,18 @@ def main(argv=None) -> int:
             shown = f"{value:.2f}x"
         except (KeyError, TypeError):
             value, met, shown = None, "-", "missing" if name not in errors else "error"
-        rows.append({"figure": figure, "value": value, "goal": goal, "met": met, "script": f"bench/{name}.py"})
+        rows.append(
+            {"figure": figure, "value": value, "goal": goal, "met": met, "script": f"bench/{name}.py"}
+        )
         table.add_row(figure, shown, goal, met, f"bench/{name}.py")
     console.print(table)
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": {"processor": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "python": platform.python_version()},
+        "machine": {
+            "processor": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+        },
         "quick": args.quick,
         "figures": rows,
         "raw": results,

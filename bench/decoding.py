@@ -37,7 +37,11 @@ def build(batch: int, prompt_len: int):
     from mirage_trl.models.tiny import build_tiny_model
 
     model, processor = build_tiny_model(
-        seed=0, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+        seed=0,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=4,
         num_key_value_heads=2,
     )
     lt = add_latent_tokens(processor, model, latent_size=4)
@@ -50,10 +54,13 @@ def build(batch: int, prompt_len: int):
     attention_mask = torch.zeros(batch, prompt_len, dtype=torch.long)
     for i in range(batch):
         n = prompt_len - (i % 4) * (prompt_len // 8)
-        input_ids[i, prompt_len - n:] = torch.randint(low, high, (n,), generator=gen)
-        attention_mask[i, prompt_len - n:] = 1
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask,
-              "mm_token_type_ids": torch.zeros_like(input_ids)}
+        input_ids[i, prompt_len - n :] = torch.randint(low, high, (n,), generator=gen)
+        attention_mask[i, prompt_len - n :] = 1
+    inputs = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "mm_token_type_ids": torch.zeros_like(input_ids),
+    }
     return model, processor, lt, inputs
 
 
@@ -87,11 +94,14 @@ def main(argv=None) -> int:
 
     def run_generate():
         with torch.no_grad():
-            return model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            return model.generate(
+                **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+            )
 
     def run_ours():
-        return generate_with_latents(model, processor, inputs, latent_tokens=lt, max_new_tokens=new_tokens,
-                                     eos_token_ids=[])
+        return generate_with_latents(
+            model, processor, inputs, latent_tokens=lt, max_new_tokens=new_tokens, eos_token_ids=[]
+        )
 
     head = model.get_output_embeddings().weight
     original = head[lt.start_id].clone()
@@ -113,7 +123,7 @@ def main(argv=None) -> int:
     # Trigger: the token that most samples emit first, at different steps.
     firsts = {}
     for tok_id in torch.unique(ours.sequences).tolist():
-        hits = (ours.sequences == tok_id)
+        hits = ours.sequences == tok_id
         steps = {int(r.nonzero()[0, 0]) for r in hits if r.any() and int(r.nonzero()[0, 0]) < new_tokens - 6}
         firsts[tok_id] = (int(hits.any(1).sum()), len(steps))
     trigger["id"] = max(firsts, key=lambda t: (firsts[t][1], firsts[t][0]))
@@ -132,23 +142,37 @@ def main(argv=None) -> int:
     ratio = tps["latent_model_no_spans"] / tps["generate"]
     ratio_spans = tps["latent_model_with_spans"] / tps["generate"]
     result = {
-        "batch": args.batch, "prompt_len": plen, "new_tokens": new_tokens, "repeats": repeats,
-        "threads": torch.get_num_threads(), "model": "qwen2_5_vl random, text hidden 256, 4 layers",
-        "tokens_per_s": tps, "seconds": times,
-        "ratio": ratio, "ratio_with_spans": ratio_spans, "goal": GOAL, "meets_goal": ratio >= GOAL,
+        "batch": args.batch,
+        "prompt_len": plen,
+        "new_tokens": new_tokens,
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+        "model": "qwen2_5_vl random, text hidden 256, 4 layers",
+        "tokens_per_s": tps,
+        "seconds": times,
+        "ratio": ratio,
+        "ratio_with_spans": ratio_spans,
+        "goal": GOAL,
+        "meets_goal": ratio >= GOAL,
         "same_tokens_as_generate": same_tokens,
         "latent_spans_in_span_run": int(spans.num_latent_spans.sum()),
         "latent_steps_in_span_run": int(spans.latent_mask.sum()),
         "samples_with_spans": int((spans.num_latent_spans > 0).sum()),
     }
-    print(f"decoding benchmark: batch {args.batch}, prompt {plen}, {new_tokens} new tokens, "
-          f"{repeats} repeats, {torch.get_num_threads()} threads")
+    print(
+        f"decoding benchmark: batch {args.batch}, prompt {plen}, {new_tokens} new tokens, "
+        f"{repeats} repeats, {torch.get_num_threads()} threads"
+    )
     for name, value in tps.items():
         print(f"  {name:26s} {value:9.1f} tokens/s")
     print(f"  same tokens as generate:   {same_tokens}")
-    print(f"  span run: {result['latent_spans_in_span_run']} spans, {result['latent_steps_in_span_run']} latent steps, "
-          f"{result['samples_with_spans']}/{args.batch} samples")
-    print(f"ratio latent/generate (no spans): {ratio:.3f} (goal >= {GOAL}) {'OK' if ratio >= GOAL else 'BELOW GOAL'}")
+    print(
+        f"  span run: {result['latent_spans_in_span_run']} spans, {result['latent_steps_in_span_run']} latent steps, "
+        f"{result['samples_with_spans']}/{args.batch} samples"
+    )
+    print(
+        f"ratio latent/generate (no spans): {ratio:.3f} (goal >= {GOAL}) {'OK' if ratio >= GOAL else 'BELOW GOAL'}"
+    )
     print(f"ratio latent/generate (with spans): {ratio_spans:.3f}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

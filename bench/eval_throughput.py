@@ -38,11 +38,24 @@ def main(argv=None) -> int:
     from mirage_trl.latent.tokens import add_latent_tokens
     from mirage_trl.models.tiny import build_tiny_model
 
-    overrides = {} if args.quick else dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, intermediate_size=1024)
+    overrides = (
+        {}
+        if args.quick
+        else dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, intermediate_size=1024)
+    )
     model, processor = build_tiny_model(**overrides)
     add_latent_tokens(processor, model, 4)
     with tempfile.TemporaryDirectory() as tmp:
-        path = generate_vsp("planning", [3, 4], rows_n, split="test", style="cot", seed=0, out_dir=Path(tmp) / "d", progress=False)
+        path = generate_vsp(
+            "planning",
+            [3, 4],
+            rows_n,
+            split="test",
+            style="cot",
+            seed=0,
+            out_dir=Path(tmp) / "d",
+            progress=False,
+        )
         rows = load_reference_jsonl(path)
 
         def fixed_length(*a, **kw):
@@ -52,16 +65,39 @@ def main(argv=None) -> int:
         timings = {}
         for name, bs in (("batch_1", 1), ("batch_16", 16)):
             t = time.perf_counter()
-            res = evaluate(model, processor, rows, "vsp_planning", batch_size=bs, max_new_tokens=new_tokens,
-                           do_sample=False, progress=False, generate_fn=fixed_length)
-            timings[name] = {"seconds": time.perf_counter() - t, "rows_per_s": res.modes["model"].rows_per_s,
-                             "tokens_per_s": res.modes["model"].tokens_per_s}
+            res = evaluate(
+                model,
+                processor,
+                rows,
+                "vsp_planning",
+                batch_size=bs,
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                progress=False,
+                generate_fn=fixed_length,
+            )
+            timings[name] = {
+                "seconds": time.perf_counter() - t,
+                "rows_per_s": res.modes["model"].rows_per_s,
+                "tokens_per_s": res.modes["model"].tokens_per_s,
+            }
     ratio = timings["batch_16"]["rows_per_s"] / timings["batch_1"]["rows_per_s"]
-    result = {"config": {"rows": rows_n, "new_tokens": new_tokens, "model": overrides or "tiny",
-                         "threads": torch.get_num_threads()},
-              "timings": timings, "ratio": ratio, "goal": GOAL, "meets_goal": ratio >= GOAL}
-    print(f"eval rows/s: batch 16 {timings['batch_16']['rows_per_s']:.2f}, batch 1 {timings['batch_1']['rows_per_s']:.2f}, "
-          f"ratio {ratio:.2f}x (goal >= {GOAL}x)")
+    result = {
+        "config": {
+            "rows": rows_n,
+            "new_tokens": new_tokens,
+            "model": overrides or "tiny",
+            "threads": torch.get_num_threads(),
+        },
+        "timings": timings,
+        "ratio": ratio,
+        "goal": GOAL,
+        "meets_goal": ratio >= GOAL,
+    }
+    print(
+        f"eval rows/s: batch 16 {timings['batch_16']['rows_per_s']:.2f}, batch 1 {timings['batch_1']['rows_per_s']:.2f}, "
+        f"ratio {ratio:.2f}x (goal >= {GOAL}x)"
+    )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0

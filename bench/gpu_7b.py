@@ -33,23 +33,39 @@ def build(tiny: bool, load_in_4bit: bool, device):
     d = json.loads(CONFIG.read_text())
     d.pop("_comment", None)
     if tiny:
-        d["text_config"].update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                num_key_value_heads=2, rope_parameters={"rope_type": "default", "mrope_section": [4, 2, 2],
-                                                                        "rope_theta": 1e6})
-        d["vision_config"].update(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                                  fullatt_block_indexes=[1])
+        d["text_config"].update(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_parameters={"rope_type": "default", "mrope_section": [4, 2, 2], "rope_theta": 1e6},
+        )
+        d["vision_config"].update(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=64,
+            fullatt_block_indexes=[1],
+        )
     config = AutoConfig.for_model(**d)
     dtype = torch.float32 if tiny else torch.bfloat16
     kwargs = {}
     if load_in_4bit:
         from transformers import BitsAndBytesConfig
 
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype,
-                                                           bnb_4bit_quant_type="nf4")
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4"
+        )
     with torch.device(device):
-        model = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation="sdpa", **kwargs)
+        model = AutoModelForImageTextToText.from_config(
+            config, dtype=dtype, attn_implementation="sdpa", **kwargs
+        )
     model.requires_grad_(False)
-    lora = LoraConfig(r=8 if tiny else 64, lora_alpha=16 if tiny else 128, target_modules=LANGUAGE_MODEL_LINEAR)
+    lora = LoraConfig(
+        r=8 if tiny else 64, lora_alpha=16 if tiny else 128, target_modules=LANGUAGE_MODEL_LINEAR
+    )
     return get_peft_model(model, lora), config
 
 
@@ -62,12 +78,16 @@ def synthetic_batch(config, batch: int, text_len: int, device, tiny: bool):
     n_img = (side // 2) ** 2
     vocab = config.text_config.vocab_size
     start, pad, end = vocab - 3, vocab - 2, vocab - 1  # spare rows stand in for the latent tokens
-    rows, masks = [], []
-    for b in range(batch):
+    rows = []
+    for _ in range(batch):
         text = torch.randint(0, 150000 if not tiny else vocab - 8, (text_len,), generator=g)
-        prompt = torch.tensor([config.vision_start_token_id] + [config.image_token_id] * n_img + [config.vision_end_token_id])
-        cuts = sorted(int(text_len * f) + int(torch.randint(-text_len // 10, text_len // 10, (1,), generator=g))
-                      for f in (0.25, 0.5, 0.75))
+        prompt = torch.tensor(
+            [config.vision_start_token_id] + [config.image_token_id] * n_img + [config.vision_end_token_id]
+        )
+        cuts = sorted(
+            int(text_len * f) + int(torch.randint(-text_len // 10, text_len // 10, (1,), generator=g))
+            for f in (0.25, 0.5, 0.75)
+        )
         pieces, last = [prompt], 0
         for c in cuts:
             pieces += [text[last:c], torch.tensor([start] + [pad] * K + [end])]
@@ -87,8 +107,15 @@ def synthetic_batch(config, batch: int, text_len: int, device, tiny: bool):
     mm = (input_ids == config.image_token_id).int()
     pixel = torch.randn(batch * side * side, 3 * 2 * 14 * 14, generator=g)
     grid = torch.tensor([[1, side, side]] * batch)
-    out = dict(input_ids=input_ids, attention_mask=attention, labels=labels, slot_mask=slot_mask, mm_token_type_ids=mm,
-               pixel_values=pixel, image_grid_thw=grid)
+    out = dict(
+        input_ids=input_ids,
+        attention_mask=attention,
+        labels=labels,
+        slot_mask=slot_mask,
+        mm_token_type_ids=mm,
+        pixel_values=pixel,
+        image_grid_thw=grid,
+    )
     return {k: v.to(device) for k, v in out.items()}, n_img
 
 
@@ -101,23 +128,45 @@ def step_fns(model, batch, n_img, k_hidden):
     from mirage_trl.latent.stage2 import self_latent_forward
     from mirage_trl.trainers.sft import text_cross_entropy
 
-    pos = rope_positions(model, batch["input_ids"], batch["attention_mask"], batch["mm_token_type_ids"], batch["image_grid_thw"])
+    pos = rope_positions(
+        model,
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["mm_token_type_ids"],
+        batch["image_grid_thw"],
+    )
     n_slots = int(batch["slot_mask"].sum())
-    targets = torch.randn(n_slots, k_hidden, device=batch["input_ids"].device, dtype=next(model.parameters()).dtype)
+    targets = torch.randn(
+        n_slots, k_hidden, device=batch["input_ids"].device, dtype=next(model.parameters()).dtype
+    )
 
     def stage1():
         with latent_inputs(model, batch["slot_mask"], targets), capture_final_hidden(model) as cap:
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=pos,
-                  pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"], use_cache=False, logits_to_keep=1)
+            model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                position_ids=pos,
+                pixel_values=batch["pixel_values"],
+                image_grid_thw=batch["image_grid_thw"],
+                use_cache=False,
+                logits_to_keep=1,
+            )
         h = cap[-1]
         ce, n = text_cross_entropy(model, h, batch["labels"])
         cos = F.cosine_similarity(h[:, :-1][batch["slot_mask"][:, 1:]].float(), targets.float(), dim=-1)
         (0.1 * ce / n + (1 - cos).mean()).backward()
 
     def stage2():
-        out = self_latent_forward(model, batch["input_ids"], batch["attention_mask"], batch["slot_mask"], position_ids=pos,
-                                  pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
-                                  mm_token_type_ids=batch["mm_token_type_ids"])
+        out = self_latent_forward(
+            model,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["slot_mask"],
+            position_ids=pos,
+            pixel_values=batch["pixel_values"],
+            image_grid_thw=batch["image_grid_thw"],
+            mm_token_type_ids=batch["mm_token_type_ids"],
+        )
         ce, n = text_cross_entropy(model, out.hidden_states, batch["labels"])
         (ce / n).backward()
 
@@ -157,8 +206,14 @@ def main(argv=None) -> int:
     n_params = sum(p.numel() for n, p in model.named_parameters() if "visual" not in n)
     batch, n_img = synthetic_batch(config, args.batch, args.text_len, device, args.tiny)
     tokens = int(batch["attention_mask"].sum())
-    results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "batch": args.batch,
-               "tokens_per_batch": tokens, "image_tokens": n_img, "4bit": args.load_in_4bit, "runs": {}}
+    results = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "batch": args.batch,
+        "tokens_per_batch": tokens,
+        "image_tokens": n_img,
+        "4bit": args.load_in_4bit,
+        "runs": {},
+    }
     for ckpt in (False, True):
         if ckpt:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -171,8 +226,12 @@ def main(argv=None) -> int:
                 torch.cuda.reset_peak_memory_stats()
             seconds = timed(fn, args.repeats, sync)
             model.zero_grad(set_to_none=True)
-            run = {"seconds": seconds, "samples_per_s": args.batch / seconds, "tokens_per_s": tokens / seconds,
-                   "mfu": 4 * n_params * tokens / seconds / (args.peak_tflops * 1e12)}
+            run = {
+                "seconds": seconds,
+                "samples_per_s": args.batch / seconds,
+                "tokens_per_s": tokens / seconds,
+                "mfu": 4 * n_params * tokens / seconds / (args.peak_tflops * 1e12),
+            }
             if device == "cuda":
                 run["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             results["runs"][f"{name}{'_ckpt' if ckpt else ''}"] = run

@@ -40,14 +40,26 @@ def build(quick: bool, start_bias: float):
     from mirage_trl.latent.tokens import add_latent_tokens
     from mirage_trl.models.tiny import build_tiny_model
 
-    size = {} if quick else dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                                 num_attention_heads=4, num_key_value_heads=2)
+    size = (
+        {}
+        if quick
+        else dict(
+            hidden_size=256,
+            intermediate_size=1024,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     model, processor = build_tiny_model(seed=0, **size)
     tokens = add_latent_tokens(processor, model, latent_size=4)
     tok = processor.tokenizer
     eos = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
-    eos |= set(model.generation_config.eos_token_id if isinstance(model.generation_config.eos_token_id, list)
-               else [model.generation_config.eos_token_id])
+    eos |= set(
+        model.generation_config.eos_token_id
+        if isinstance(model.generation_config.eos_token_id, list)
+        else [model.generation_config.eos_token_id]
+    )
     plain_bias = torch.zeros(model.lm_head.weight.shape[0])
     # A random model samples any id: also keep out the vision placeholders (a sampled <|image_pad|> in a completion
     # breaks the training forward's image-token count, in TRL's trainer as in ours).
@@ -70,10 +82,18 @@ def rows(folder: Path, n: int):
         path = folder / f"{i}.png"
         rng = np.random.default_rng(i)
         Image.fromarray(rng.integers(0, 256, size=(112, 112, 3), dtype=np.uint8)).save(path)
-        content = [{"type": "image", "text": None},
-                   {"type": "text", "text": f"Plan {i}: find the shortest safe path to the goal. " * 2}]
-        out.append({"messages": [{"role": "user", "content": content}], "images": [str(path)], "benchmark": "vsp_planning",
-                    "source": f"bench:{i}"})
+        content = [
+            {"type": "image", "text": None},
+            {"type": "text", "text": f"Plan {i}: find the shortest safe path to the goal. " * 2},
+        ]
+        out.append(
+            {
+                "messages": [{"role": "user", "content": content}],
+                "images": [str(path)],
+                "benchmark": "vsp_planning",
+                "source": f"bench:{i}",
+            }
+        )
     return out
 
 
@@ -115,7 +135,9 @@ def main(argv=None) -> int:
     parser.add_argument("--completion-len", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="steps per round (the first is dropped)")
-    parser.add_argument("--start-bias", type=float, default=4.0, help="logit bias of <|latent_start|> (Mirage model)")
+    parser.add_argument(
+        "--start-bias", type=float, default=4.0, help="logit bias of <|latent_start|> (Mirage model)"
+    )
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
@@ -139,15 +161,34 @@ def main(argv=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench_grpo_"))
     data = rows(tmp, prompts)
     plain_data = [{"prompt": r["messages"], "images": [load_image(p) for p in r["images"]]} for r in data]
-    common = dict(per_device_train_batch_size=2 * prompts, num_generations=2, max_completion_length=length,
-                  max_steps=steps, use_cpu=True, bf16=False, report_to="none", logging_steps=1000,
-                  save_strategy="no", learning_rate=1e-5, seed=0, disable_tqdm=True,
-                  gradient_checkpointing=args.gradient_checkpointing)
-    plain = GRPOTrainer(plain_model, reward_funcs=[format_reward], args=GRPOConfig(output_dir=str(tmp / "p"), **common),
-                        train_dataset=Dataset.from_list(plain_data), processing_class=processor)
-    mirage = MirageGRPOTrainer(mirage_model, args=MirageGRPOConfig(output_dir=str(tmp / "m"), reward_names=["format"],
-                                                                   latent_size=4, **common),
-                               train_dataset=Dataset.from_list(data), processing_class=processor)
+    common = dict(
+        per_device_train_batch_size=2 * prompts,
+        num_generations=2,
+        max_completion_length=length,
+        max_steps=steps,
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        logging_steps=1000,
+        save_strategy="no",
+        learning_rate=1e-5,
+        seed=0,
+        disable_tqdm=True,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
+    plain = GRPOTrainer(
+        plain_model,
+        reward_funcs=[format_reward],
+        args=GRPOConfig(output_dir=str(tmp / "p"), **common),
+        train_dataset=Dataset.from_list(plain_data),
+        processing_class=processor,
+    )
+    mirage = MirageGRPOTrainer(
+        mirage_model,
+        args=MirageGRPOConfig(output_dir=str(tmp / "m"), reward_names=["format"], latent_size=4, **common),
+        train_dataset=Dataset.from_list(data),
+        processing_class=processor,
+    )
     timings = {"plain": instrument(plain), "mirage": instrument(mirage)}
     plain._start_id = mirage._start_id = tokens.start_id
     for _ in range(rounds):
@@ -168,19 +209,30 @@ def main(argv=None) -> int:
     result["ratio"] = {k.replace("_s", ""): result["mirage"][k] / result["plain"][k] for k in result["plain"]}
     result["mirage_spans_per_completion"] = statistics.mean(timings["mirage"]["spans"])
     result["plain_spans_per_completion"] = statistics.mean(timings["plain"]["spans"])  # the plain model: 0
-    result["setup"] = dict(quick=args.quick, completions_per_step=2 * prompts, completion_len=length, rounds=rounds,
-                           steps_per_round=steps, start_bias=args.start_bias, threads=torch.get_num_threads(),
-                           gradient_checkpointing=args.gradient_checkpointing)
+    result["setup"] = dict(
+        quick=args.quick,
+        completions_per_step=2 * prompts,
+        completion_len=length,
+        rounds=rounds,
+        steps_per_round=steps,
+        start_bias=args.start_bias,
+        threads=torch.get_num_threads(),
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
     result["goal"] = GOAL
     result["meets_goal"] = result["ratio"]["step"] <= GOAL
 
     print(f"{'':10s} {'generation':>11s} {'scoring':>9s} {'training':>9s} {'step':>9s}")
     for name in ("plain", "mirage"):
         r = result[name]
-        print(f"{name:10s} {r['generation_s']:10.3f}s {r['scoring_s']:8.3f}s {r['training_s']:8.3f}s {r['step_s']:8.3f}s")
+        print(
+            f"{name:10s} {r['generation_s']:10.3f}s {r['scoring_s']:8.3f}s {r['training_s']:8.3f}s {r['step_s']:8.3f}s"
+        )
     r = result["ratio"]
-    print(f"{'ratio':10s} {r['generation']:10.2f}x {r['scoring']:8.2f}x {r['training']:8.2f}x {r['step']:8.2f}x"
-          f"   (goal <= {GOAL}x; {result['mirage_spans_per_completion']:.2f} latent spans per completion)")
+    print(
+        f"{'ratio':10s} {r['generation']:10.2f}x {r['scoring']:8.2f}x {r['training']:8.2f}x {r['step']:8.2f}x"
+        f"   (goal <= {GOAL}x; {result['mirage_spans_per_completion']:.2f} latent spans per completion)"
+    )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0

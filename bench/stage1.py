@@ -28,7 +28,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 GOAL = 1.15
-MODEL = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+MODEL = dict(
+    hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2
+)
 TEXT = (
     "Moving to [(3,2),Ice] keeps me on the safe path, next moving to [(0,2),Target] ensures success; "
     "falling into a hole results in defeat. "
@@ -50,16 +52,33 @@ def make_rows(folder: Path, batch: int, text_repeats: int) -> list[dict]:
             Image.fromarray(rng.integers(0, 256, size=(112, 112, 3), dtype=np.uint8)).save(p)
             paths.append(str(p))
         reps = text_repeats + i % 3  # ragged lengths
-        answer = " ".join(f"<think> {TEXT * reps} <output_image>" for _ in range(spans)) + " </think> \\boxed{RDL}"
-        rows.append({
-            "messages": [
-                {"role": "user", "content": [{"type": "text", "text": "Plan the moves. " + TEXT}, {"type": "image", "text": None}]},
-                {"role": "assistant", "content": [{"type": "text", "text": answer}]},
-            ],
-            "images": paths[:1], "helper_images": paths[1:], "prompt_text": "Plan the moves.", "completion_text": answer,
-            "benchmark": "vsp_planning", "answer": "RDL", "map_desc": None, "map_id": None, "level": None,
-            "source": f"bench:{i}",
-        })
+        answer = (
+            " ".join(f"<think> {TEXT * reps} <output_image>" for _ in range(spans)) + " </think> \\boxed{RDL}"
+        )
+        rows.append(
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "Plan the moves. " + TEXT},
+                            {"type": "image", "text": None},
+                        ],
+                    },
+                    {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+                ],
+                "images": paths[:1],
+                "helper_images": paths[1:],
+                "prompt_text": "Plan the moves.",
+                "completion_text": answer,
+                "benchmark": "vsp_planning",
+                "answer": "RDL",
+                "map_desc": None,
+                "map_id": None,
+                "level": None,
+                "source": f"bench:{i}",
+            }
+        )
     return rows
 
 
@@ -76,17 +95,32 @@ def build(batch: int, text_repeats: int, tmp: Path):
     model, processor = build_tiny_model(seed=0, **MODEL)
     rows = make_rows(tmp, batch, text_repeats)
     plain_rows = [strip_latent_markers(r) for r in rows]
-    common = dict(use_cpu=True, bf16=False, report_to=[], save_strategy="no", activation_checkpointing=False,
-                  per_device_train_batch_size=batch, disable_tqdm=True, max_length=None)
+    common = dict(
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        save_strategy="no",
+        activation_checkpointing=False,
+        per_device_train_batch_size=batch,
+        disable_tqdm=True,
+        max_length=None,
+    )
     mirage = MirageSFTTrainer(
-        model=model, args=MirageSFTConfig(output_dir=str(tmp / "m"), **common),
-        train_dataset=Dataset.from_list(rows, features=_features()), processing_class=processor,
+        model=model,
+        args=MirageSFTConfig(output_dir=str(tmp / "m"), **common),
+        train_dataset=Dataset.from_list(rows, features=_features()),
+        processing_class=processor,
     )
     trl = SFTTrainer(
         model=model,
-        args=SFTConfig(output_dir=str(tmp / "t"), remove_unused_columns=False,
-                       dataset_kwargs={"skip_prepare_dataset": True}, **common),
-        train_dataset=Dataset.from_list(plain_rows, features=_features()), processing_class=processor,
+        args=SFTConfig(
+            output_dir=str(tmp / "t"),
+            remove_unused_columns=False,
+            dataset_kwargs={"skip_prepare_dataset": True},
+            **common,
+        ),
+        train_dataset=Dataset.from_list(plain_rows, features=_features()),
+        processing_class=processor,
     )
     model.model.visual.requires_grad_(False)  # frozen in both (MirageSFTTrainer already froze it)
     model.train()
@@ -95,8 +129,17 @@ def build(batch: int, text_repeats: int, tmp: Path):
     # with only the keys a plain Qwen-VL forward takes.
     t_full = mirage.data_collator(plain_rows)
     assert not t_full["latent_mask"].any() and "helper_pixel_values" not in t_full
-    t_batch = {k: t_full[k] for k in ("input_ids", "attention_mask", "labels", "mm_token_type_ids", "pixel_values",
-                                       "image_grid_thw")}
+    t_batch = {
+        k: t_full[k]
+        for k in (
+            "input_ids",
+            "attention_mask",
+            "labels",
+            "mm_token_type_ids",
+            "pixel_values",
+            "image_grid_thw",
+        )
+    }
     params = [p for p in model.parameters() if p.requires_grad]
     opt_m = torch.optim.AdamW(params, lr=1e-5)
     opt_t = torch.optim.AdamW(params, lr=1e-5)
@@ -140,7 +183,8 @@ def timed(fn) -> tuple[float, float]:
 
 
 def profile(step_mirage, step_trl, top: int = 15) -> None:
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     for name, fn in (("mirage", step_mirage), ("trl", step_trl)):
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -169,14 +213,18 @@ def phases(mirage, model, batch, repeats: int) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="batch 4, shorter rows, fewer repeats (a smoke run)")
+    parser.add_argument(
+        "--quick", action="store_true", help="batch 4, shorter rows, fewer repeats (a smoke run)"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default 8; 4 with --quick)")
     parser.add_argument("--text-repeats", type=int, default=None, help="sentences per think block (length)")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps of each kind")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--profile", action="store_true", help="torch.profiler tables of one step of each kind")
+    parser.add_argument(
+        "--profile", action="store_true", help="torch.profiler tables of one step of each kind"
+    )
     opts = parser.parse_args(argv)
 
     import torch
@@ -225,11 +273,15 @@ def main(argv=None) -> int:
     table.add_column("max s", justify="right")
     table.add_column("CPU s (median)", justify="right")
     table.add_column("tokens/s", justify="right")
-    for name, key, tokens in (("trl SFTTrainer (markers removed)", "trl", info["trl_tokens"]),
-                              ("MirageSFTTrainer stage 1", "mirage", info["mirage_tokens"])):
+    for name, key, tokens in (
+        ("trl SFTTrainer (markers removed)", "trl", info["trl_tokens"]),
+        ("MirageSFTTrainer stage 1", "mirage", info["mirage_tokens"]),
+    ):
         v = times[key]
         m = statistics.median(v)
-        table.add_row(name, f"{m:.4f}", f"{min(v):.4f}", f"{max(v):.4f}", f"{med_cpu[key]:.4f}", f"{tokens / m:,.0f}")
+        table.add_row(
+            name, f"{m:.4f}", f"{min(v):.4f}", f"{max(v):.4f}", f"{med_cpu[key]:.4f}", f"{tokens / m:,.0f}"
+        )
     console.print(table)
     parts_table = Table(title="MirageSFTTrainer step parts, median s")
     for k in breakdown:
@@ -237,17 +289,35 @@ def main(argv=None) -> int:
     parts_table.add_row(*(f"{v:.4f}" for v in breakdown.values()))
     console.print(parts_table)
     verdict = "[green]meets[/green]" if ratio <= GOAL else "[red]above[/red]"
-    console.print(f"ratio mirage / trl = [bold]{ratio:.3f}x[/bold] wall, {ratio_cpu:.3f}x CPU time "
-                  f"({verdict} the goal <= {GOAL}x on wall time); fastest steps {ratio_min:.3f}x")
+    console.print(
+        f"ratio mirage / trl = [bold]{ratio:.3f}x[/bold] wall, {ratio_cpu:.3f}x CPU time "
+        f"({verdict} the goal <= {GOAL}x on wall time); fastest steps {ratio_min:.3f}x"
+    )
     if load_before > os.cpu_count():
-        console.print(f"[yellow]the machine was loaded (load {load_before:.1f} on {os.cpu_count()} cores): "
-                      "wall times are noisy, the CPU-time ratio is the steadier figure[/yellow]")
+        console.print(
+            f"[yellow]the machine was loaded (load {load_before:.1f} on {os.cpu_count()} cores): "
+            "wall times are noisy, the CPU-time ratio is the steadier figure[/yellow]"
+        )
     if opts.json:
-        opts.json.write_text(json.dumps({
-            "config": info, "repeats": repeats, "warmup": opts.warmup, "times_s": times, "median_s": med,
-            "cpu_times_s": cpu, "median_cpu_s": med_cpu, "mirage_parts_median_s": breakdown, "ratio": ratio,
-            "ratio_cpu": ratio_cpu, "ratio_min": ratio_min, "goal": GOAL,
-        }, indent=2))
+        opts.json.write_text(
+            json.dumps(
+                {
+                    "config": info,
+                    "repeats": repeats,
+                    "warmup": opts.warmup,
+                    "times_s": times,
+                    "median_s": med,
+                    "cpu_times_s": cpu,
+                    "median_cpu_s": med_cpu,
+                    "mirage_parts_median_s": breakdown,
+                    "ratio": ratio,
+                    "ratio_cpu": ratio_cpu,
+                    "ratio_min": ratio_min,
+                    "goal": GOAL,
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

@@ -46,9 +46,14 @@ def setup(cfg, seed=0):
     from mirage_trl.models.tiny import build_tiny_model
 
     model, processor = build_tiny_model(
-        "qwen2_5_vl", seed=seed, hidden_size=cfg["hidden"], num_hidden_layers=cfg["layers"],
-        num_attention_heads=cfg["heads"], num_key_value_heads=cfg["kv_heads"],
-        intermediate_size=cfg["intermediate"])
+        "qwen2_5_vl",
+        seed=seed,
+        hidden_size=cfg["hidden"],
+        num_hidden_layers=cfg["layers"],
+        num_attention_heads=cfg["heads"],
+        num_key_value_heads=cfg["kv_heads"],
+        intermediate_size=cfg["intermediate"],
+    )
     tokens = add_latent_tokens(processor, model, cfg["k"])
     model.train()
     g = torch.Generator().manual_seed(seed)
@@ -60,11 +65,11 @@ def setup(cfg, seed=0):
         n = L - int(torch.randint(0, max(L // 15, 1), (1,), generator=g))  # ragged lengths
         row = torch.randint(10, 500, (n,), generator=g)
         # three spans at ragged positions: around 25%, 50%, 75% of the sample, +-10%
-        for s, centre in enumerate((0.25, 0.5, 0.75)[: cfg["spans"]]):
+        for _s, centre in enumerate((0.25, 0.5, 0.75)[: cfg["spans"]]):
             jitter = float(torch.rand((), generator=g)) * 0.2 - 0.1
             start = int((centre + jitter) * n)
             row[start] = tokens.start_id
-            row[start + 1:start + 1 + k] = tokens.pad_id
+            row[start + 1 : start + 1 + k] = tokens.pad_id
             row[start + 1 + k] = tokens.end_id
         ids[b, :n] = row
         attn[b, :n] = 1
@@ -80,8 +85,9 @@ def _ce(model, hidden, labels):
     from mirage_trl.latent.model_utils import unwrap
 
     logits = unwrap(model).lm_head(hidden)
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                             ignore_index=-100)
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+    )
 
 
 def make_steps(model, tokens, batch):
@@ -113,6 +119,7 @@ def make_steps(model, tokens, batch):
             with latent_inputs(model, slot, fixed):
                 h = inner(input_ids=ids, attention_mask=attn, position_ids=pos).last_hidden_state
             _ce(model, h, labels).backward()
+
         return step
 
     def stage2(method, on=False, **kw):
@@ -120,6 +127,7 @@ def make_steps(model, tokens, batch):
             ckpt(on)
             out = self_latent_forward(model, ids, attn, slot, position_ids=pos, method=method, **kw)
             _ce(model, out.hidden_states, labels).backward()
+
         return step
 
     def reference_style():
@@ -130,7 +138,7 @@ def make_steps(model, tokens, batch):
         emb = model.get_input_embeddings()
         for b in range(ids.shape[0]):
             n = int(attn[b].sum())
-            row, p, lab = ids[b:b + 1, :n], pos[:, b:b + 1, :n], labels[b:b + 1, :n]
+            row, p, lab = ids[b : b + 1, :n], pos[:, b : b + 1, :n], labels[b : b + 1, :n]
             cuts = [0] + slot[b, :n].nonzero().flatten().tolist() + [n]
             cache = DynamicCache(config=model.config)
             hs, last = [], None
@@ -138,7 +146,9 @@ def make_steps(model, tokens, batch):
                 x = emb(row[:, a:e])
                 if a > 0:  # a latent token: its input is the previous hidden state
                     x = torch.cat([last, x[:, 1:]], dim=1)
-                h = inner(inputs_embeds=x, position_ids=p[:, :, a:e], cache=cache, use_cache=True).last_hidden_state
+                h = inner(
+                    inputs_embeds=x, position_ids=p[:, :, a:e], cache=cache, use_cache=True
+                ).last_hidden_state
                 hs.append(h)
                 last = h[:, -1:]
             h = torch.cat(hs, dim=1)
@@ -175,9 +185,14 @@ def run_timings(cfg, repeats, names=None):
 
     plan = plan_rounds(batch["attention_mask"], batch["slot_mask"])  # the default schedule, as timed
     real = int(batch["attention_mask"].sum())
-    info = dict(rounds=len(plan.lengths), schedule=plan.schedule, round_tokens=plan.computed_tokens,
-                real_tokens=real, padded_tokens=int(batch["attention_mask"].numel()),
-                torch_threads=torch.get_num_threads())
+    info = dict(
+        rounds=len(plan.lengths),
+        schedule=plan.schedule,
+        round_tokens=plan.computed_tokens,
+        real_tokens=real,
+        padded_tokens=int(batch["attention_mask"].numel()),
+        torch_threads=torch.get_num_threads(),
+    )
     return {n: statistics.median(v) for n, v in times.items()}, times, info
 
 
@@ -217,8 +232,13 @@ def run_memory(cfg, names):
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     out = {}
     for name in names:
-        res = subprocess.run([sys.executable, __file__, "--memory-child", name, "--config", json.dumps(cfg)],
-                             env=env, capture_output=True, text=True, check=True)
+        res = subprocess.run(
+            [sys.executable, __file__, "--memory-child", name, "--config", json.dumps(cfg)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         out[name] = json.loads(res.stdout.strip().splitlines()[-1])
     return out
 
@@ -229,8 +249,9 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--no-memory", action="store_true")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (default 1: steadier on a shared machine)")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default 1: steadier on a shared machine)"
+    )
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -244,24 +265,33 @@ def main(argv=None):
     B = cfg["batch"]
     ratios = {
         "rounds / plain": (medians["rounds"] / medians["plain"], "<= 1.25"),
-        "rounds_checkpointed / plain_ckpt": (medians["rounds_checkpointed"] / medians["plain_ckpt"], "<= 1.5"),
+        "rounds_checkpointed / plain_ckpt": (
+            medians["rounds_checkpointed"] / medians["plain_ckpt"],
+            "<= 1.5",
+        ),
         "reference_style / rounds (samples/s gain)": (medians["reference_style"] / medians["rounds"], ">= 5"),
         "rounds_aligned (MIRAGE.md schedule) / plain": (medians["rounds_aligned"] / medians["plain"], "-"),
         "recompute / plain": (medians["recompute"] / medians["plain"], "-"),
     }
     if mem:
         ratios["peak mem rounds_checkpointed / plain_ckpt"] = (
-            mem["rounds_checkpointed"]["delta"] / mem["plain_ckpt"]["delta"], "<= 1.15")
+            mem["rounds_checkpointed"]["delta"] / mem["plain_ckpt"]["delta"],
+            "<= 1.15",
+        )
         ratios["peak mem rounds / plain"] = (mem["rounds"]["delta"] / mem["plain"]["delta"], "-")
 
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    console.print(f"config: {cfg}, float32, CPU, torch threads {info['torch_threads']}, "
-                  f"{args.repeats} repeats after 1 warm-up (median)")
-    console.print(f"rounds per batch {info['rounds']} ({info['schedule']} schedule); tokens run by the round methods {info['round_tokens']} "
-                  f"vs {info['padded_tokens']} padded / {info['real_tokens']} real tokens in the batch")
+    console.print(
+        f"config: {cfg}, float32, CPU, torch threads {info['torch_threads']}, "
+        f"{args.repeats} repeats after 1 warm-up (median)"
+    )
+    console.print(
+        f"rounds per batch {info['rounds']} ({info['schedule']} schedule); tokens run by the round methods {info['round_tokens']} "
+        f"vs {info['padded_tokens']} padded / {info['real_tokens']} real tokens in the batch"
+    )
     t = Table(title="stage-2 step time (forward + backward)")
     t.add_column("method")
     t.add_column("median s", justify="right")
@@ -280,8 +310,19 @@ def main(argv=None):
         r.add_row(k, f"{v:.2f}", goal)
     console.print(r)
     if args.json:
-        args.json.write_text(json.dumps(dict(config=cfg, info=info, median_s=medians, runs_s=raw, memory=mem,
-                                             ratios={k: v for k, (v, _) in ratios.items()}), indent=2))
+        args.json.write_text(
+            json.dumps(
+                dict(
+                    config=cfg,
+                    info=info,
+                    median_s=medians,
+                    runs_s=raw,
+                    memory=mem,
+                    ratios={k: v for k, (v, _) in ratios.items()},
+                ),
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -129,7 +129,9 @@ class MirageDataCollator:
             )
         batch = self._pad(samples)
         if cached and helpers:
-            raise MirageError("a batch mixes rows with cached latent targets and rows without; cache the whole dataset")
+            raise MirageError(
+                "a batch mixes rows with cached latent targets and rows without; cache the whole dataset"
+            )
         if cached:
             batch["latent_targets"] = torch.cat(cached)
         if self.with_helpers and helpers:
@@ -145,7 +147,13 @@ class MirageDataCollator:
         for row in rows:
             enc = self.encode_prompt(row)
             n = enc["input_ids"].shape[0]
-            samples.append({**enc, "labels": torch.full((n,), IGNORE_INDEX), "latent_mask": torch.zeros(n, dtype=torch.bool)})
+            samples.append(
+                {
+                    **enc,
+                    "labels": torch.full((n,), IGNORE_INDEX),
+                    "latent_mask": torch.zeros(n, dtype=torch.bool),
+                }
+            )
         batch = self._pad(samples, padding_side="left")
         batch.pop("labels")
         batch.pop("latent_mask")
@@ -166,9 +174,13 @@ class MirageDataCollator:
         latent_mask = ids == self.latent_tokens.pad_id
         labels[latent_mask] = IGNORE_INDEX
         if self.max_length is not None and ids.shape[0] > self.max_length:
-            last_span_end = int((ids == self.latent_tokens.end_id).nonzero().max()) + 1 if num_spans else n_prompt
+            last_span_end = (
+                int((ids == self.latent_tokens.end_id).nonzero().max()) + 1 if num_spans else n_prompt
+            )
             if self.max_length < max(n_prompt + 1, last_span_end):
-                what = "the prompt (with its image tokens)" if self.max_length <= n_prompt else "a latent span"
+                what = (
+                    "the prompt (with its image tokens)" if self.max_length <= n_prompt else "a latent span"
+                )
                 if self.truncation == "drop":
                     self.num_dropped += 1
                     logger.warning("dropped %s: max_length=%d cuts through %s", source, self.max_length, what)
@@ -178,14 +190,25 @@ class MirageDataCollator:
                     f"tokens, needs at least {max(n_prompt + 1, last_span_end)}); raise max_length or set "
                     "truncation='drop' to skip such rows"
                 )
-            ids, labels, latent_mask = ids[: self.max_length], labels[: self.max_length], latent_mask[: self.max_length]
-        mm = torch.cat([prompt["mm_token_type_ids"], torch.zeros(completion.shape[0], dtype=prompt["mm_token_type_ids"].dtype)])
+            ids, labels, latent_mask = (
+                ids[: self.max_length],
+                labels[: self.max_length],
+                latent_mask[: self.max_length],
+            )
+        mm = torch.cat(
+            [
+                prompt["mm_token_type_ids"],
+                torch.zeros(completion.shape[0], dtype=prompt["mm_token_type_ids"].dtype),
+            ]
+        )
         sample = {
             "input_ids": ids,
             "labels": labels,
             "latent_mask": latent_mask,
             "mm_token_type_ids": mm[: ids.shape[0]],
-            "helper_paths": [(p, f"{source}:helper_images") for p in helper_paths] if self.with_helpers else [],
+            "helper_paths": [(p, f"{source}:helper_images") for p in helper_paths]
+            if self.with_helpers
+            else [],
         }
         for key in ("pixel_values", "image_grid_thw"):
             if key in prompt:
@@ -195,7 +218,12 @@ class MirageDataCollator:
     def _pad(self, samples: list[dict], padding_side: str | None = None) -> dict:
         side = padding_side or self.padding_side
         length = max(s["input_ids"].shape[0] for s in samples)
-        fills = {"input_ids": self.pad_id, "labels": IGNORE_INDEX, "latent_mask": False, "mm_token_type_ids": 0}
+        fills = {
+            "input_ids": self.pad_id,
+            "labels": IGNORE_INDEX,
+            "latent_mask": False,
+            "mm_token_type_ids": 0,
+        }
         batch = {}
         for key, fill in fills.items():
             rows = []

@@ -20,9 +20,12 @@ STAGE2_METHODS = ("auto", "rounds", "rounds_checkpointed", "recompute")
 class MirageScriptArguments(ScriptArguments):
     """Where the data lives. `dataset_name` may be a local reference-format JSONL file."""
 
-    dataset_name: str | None = field(default=None, metadata={"help": "reference-format JSONL (or a hub dataset)"})
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "reference-format JSONL (or a hub dataset)"}
+    )
     dataset_root: str | None = field(
-        default=None, metadata={"help": "folder image paths are relative to (default: the JSONL's dataset root)"}
+        default=None,
+        metadata={"help": "folder image paths are relative to (default: the JSONL's dataset root)"},
     )
     benchmark: str | None = field(
         default=None, metadata={"help": "vsp_planning, vsp_reasoning, jigsaw, sat or comt (inferred for VSP)"}
@@ -40,13 +43,18 @@ class _MirageLatentArgs:
     )
     latent_truncation: str = field(
         default="error",
-        metadata={"help": "a row whose max_length cut goes through a latent span: 'error' or 'drop' (counted)"},
+        metadata={
+            "help": "a row whose max_length cut goes through a latent span: 'error' or 'drop' (counted)"
+        },
     )
     max_latent_norm: float | None = field(
         default=1e4, metadata={"help": "stop when a latent's norm exceeds this (None: no bound)"}
     )
     skip_nonfinite_steps: bool = field(
-        default=False, metadata={"help": "skip (and count) a step whose loss or latents are not finite, instead of stopping"}
+        default=False,
+        metadata={
+            "help": "skip (and count) a step whose loss or latents are not finite, instead of stopping"
+        },
     )
 
 
@@ -54,14 +62,22 @@ class _MirageLatentArgs:
 class MirageSFTConfig(_MirageLatentArgs, SFTConfig):
     """`SFTConfig` plus the Mirage stage-1/stage-2 settings."""
 
-    stage: int = field(default=1, metadata={"help": "1: CE + cosine latent loss; 2: text loss through self-generated latents"})
-    text_loss_weight: float = field(default=0.1, metadata={"help": "gamma: weight of the text CE in stage 1 (paper 0.1)"})
+    stage: int = field(
+        default=1,
+        metadata={"help": "1: CE + cosine latent loss; 2: text loss through self-generated latents"},
+    )
+    text_loss_weight: float = field(
+        default=0.1, metadata={"help": "gamma: weight of the text CE in stage 1 (paper 0.1)"}
+    )
     stage2_method: str = field(
         default="auto",
-        metadata={"help": f"stage-2 forward: {', '.join(STAGE2_METHODS)} ('auto' picks the exact one for the checkpointing setting)"},
+        metadata={
+            "help": f"stage-2 forward: {', '.join(STAGE2_METHODS)} ('auto' picks the exact one for the checkpointing setting)"
+        },
     )
     cache_latent_targets: bool = field(
-        default=False, metadata={"help": "compute stage-1 targets once up front and cache them with the dataset"}
+        default=False,
+        metadata={"help": "compute stage-1 targets once up front and cache them with the dataset"},
     )
     padding_side: str = field(default="right", metadata={"help": "padding side of training batches"})
     # TRL's collator and dataset preparation do not know latent spans: rows reach our collator raw.
@@ -74,7 +90,9 @@ class MirageSFTConfig(_MirageLatentArgs, SFTConfig):
         if self.stage not in STAGES:
             raise MirageError(f"--stage {self.stage}: must be 1 or 2")
         if self.stage2_method not in STAGE2_METHODS:
-            raise MirageError(f"--stage2_method {self.stage2_method!r}: choose one of {', '.join(STAGE2_METHODS)}")
+            raise MirageError(
+                f"--stage2_method {self.stage2_method!r}: choose one of {', '.join(STAGE2_METHODS)}"
+            )
 
 
 @dataclass
@@ -83,7 +101,9 @@ class MirageGRPOConfig(_MirageLatentArgs, GRPOConfig):
 
     # No `benchmark` here: the accuracy reward grades each row by its own `benchmark` column, which the data
     # loader fills from the script's --benchmark (one field in both dataclasses would clash in TrlParser).
-    reward_names: list[str] = field(default_factory=lambda: ["accuracy", "format"], metadata={"help": "reward functions by name"})
+    reward_names: list[str] = field(
+        default_factory=lambda: ["accuracy", "format"], metadata={"help": "reward functions by name"}
+    )
     remove_unused_columns: bool = False
 
     def __post_init__(self):
@@ -100,7 +120,9 @@ class MirageGRPOConfig(_MirageLatentArgs, GRPOConfig):
                 f"{self.reward_names}"
             )
         if getattr(self, "use_vllm", False):
-            raise MirageError("--use_vllm: latent rollouts need per-step hidden-state feedback, which vLLM cannot do")
+            raise MirageError(
+                "--use_vllm: latent rollouts need per-step hidden-state feedback, which vLLM cannot do"
+            )
         try:
             super().__post_init__()
         except ValueError:
@@ -113,14 +135,21 @@ class MirageGRPOConfig(_MirageLatentArgs, GRPOConfig):
             raise
         validate_latent_args(self)
         # Latent decoding samples with temperature and top-p only.
-        unsupported = {"top_k": (self.top_k, (0, None)), "min_p": (self.min_p, (None, 0.0)),
-                       "repetition_penalty": (self.repetition_penalty, (1.0,)),
-                       "generation_kwargs": (self.generation_kwargs, (None, {}))}
+        unsupported = {
+            "top_k": (self.top_k, (0, None)),
+            "min_p": (self.min_p, (None, 0.0)),
+            "repetition_penalty": (self.repetition_penalty, (1.0,)),
+            "generation_kwargs": (self.generation_kwargs, (None, {})),
+        }
         for name, (value, defaults) in unsupported.items():
             if value not in defaults:
-                raise MirageError(f"--{name} {value!r}: latent rollouts sample with temperature and top_p only")
+                raise MirageError(
+                    f"--{name} {value!r}: latent rollouts sample with temperature and top_p only"
+                )
         if self.use_transformers_continuous_batching:
-            raise MirageError("--use_transformers_continuous_batching: latent rollouts use mirage-trl's own decoding")
+            raise MirageError(
+                "--use_transformers_continuous_batching: latent rollouts use mirage-trl's own decoding"
+            )
 
 
 def validate_latent_args(args) -> None:

@@ -215,7 +215,9 @@ def generate_with_latents(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if bool((attention_mask[:, -1] == 0).any()):
-        raise MirageError("generate_with_latents needs left-padded inputs (pad the processor batch on the left)")
+        raise MirageError(
+            "generate_with_latents needs left-padded inputs (pad the processor batch on the left)"
+        )
     if latent_mode == "shuffle" and batch == 1 and lt is not None:
         warnings.warn("latent_mode='shuffle' with a batch of one sample feeds its own latents", stacklevel=2)
 
@@ -234,7 +236,11 @@ def generate_with_latents(
     text_config = getattr(net.config, "text_config", net.config)
     cache = DynamicCache(config=text_config)
     forward_kw = dict(use_cache=True, logits_to_keep=1)
-    prefill_kw = {k: inputs[k] for k in ("pixel_values", "image_grid_thw", "mm_token_type_ids") if inputs.get(k) is not None}
+    prefill_kw = {
+        k: inputs[k]
+        for k in ("pixel_values", "image_grid_thw", "mm_token_type_ids")
+        if inputs.get(k) is not None
+    }
 
     # Per-sample state, all tensors.
     start_id = lt.start_id if lt is not None else -1
@@ -254,8 +260,14 @@ def generate_with_latents(
     stored: list[tuple[int, torch.Tensor]] = []
 
     with capture_final_hidden(net) as captured:
-        out = net(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache,
-                  **prefill_kw, **forward_kw)
+        out = net(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            cache=cache,
+            **prefill_kw,
+            **forward_kw,
+        )
         logits = out.logits[:, -1]
         hidden = captured.pop()[:, -1]
         captured.clear()
@@ -288,7 +300,9 @@ def generate_with_latents(
                 remaining = torch.where(started, k, remaining - in_latent.long())
             done = done | (text_step & torch.isin(token, eos_t))
 
-            all_done, any_latent = torch.stack((done.all(), in_latent.any())).tolist()  # one host sync per step
+            all_done, any_latent = torch.stack(
+                (done.all(), in_latent.any())
+            ).tolist()  # one host sync per step
             values = None
             if any_latent:
                 # What the latent slots get at this step (ablations replace the model's own hidden state).
@@ -308,11 +322,21 @@ def generate_with_latents(
                 order = torch.argsort((~in_latent).to(torch.int8), stable=True)
                 fed = values[order]
                 with latent_inputs(net, in_latent.view(batch, 1), fed):
-                    out = net(input_ids=token.view(batch, 1), attention_mask=step_mask, position_ids=position_ids,
-                              cache=cache, **forward_kw)
+                    out = net(
+                        input_ids=token.view(batch, 1),
+                        attention_mask=step_mask,
+                        position_ids=position_ids,
+                        cache=cache,
+                        **forward_kw,
+                    )
             else:
-                out = net(input_ids=token.view(batch, 1), attention_mask=step_mask, position_ids=position_ids,
-                          cache=cache, **forward_kw)
+                out = net(
+                    input_ids=token.view(batch, 1),
+                    attention_mask=step_mask,
+                    position_ids=position_ids,
+                    cache=cache,
+                    **forward_kw,
+                )
             logits = out.logits[:, -1]
             hidden = captured.pop()[:, -1]
             next_pos = next_pos + 1

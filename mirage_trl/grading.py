@@ -88,7 +88,7 @@ def _grid(row: Mapping) -> list[list[int]]:
 
 def walk_plan(grid: list[list[int]], moves: str) -> bool:
     """Reference rule: walk `moves` (U/D/L/R) from the start; True iff it ends on the goal without a hole."""
-    rows, cols = len(grid), len(grid[0])
+    rows = len(grid)
     r, c = next((i, j) for i, line in enumerate(grid) for j, v in enumerate(line) if v == 1)
     for move in moves:
         dr, dc = _MOVES[move]
@@ -115,7 +115,9 @@ def grade(benchmark: str, completion: str, row: Mapping) -> Grade:
         return Grade(walk_plan(grid, moves), False, moves)
     reference = extract_choice(str(row.get("answer") or ""))
     if reference is None:
-        raise MirageError(f"{_source(row)}{benchmark} grading needs the row's reference answer letter, got {row.get('answer')!r}")
+        raise MirageError(
+            f"{_source(row)}{benchmark} grading needs the row's reference answer letter, got {row.get('answer')!r}"
+        )
     choice = extract_choice(boxed)
     if choice is None:
         return Grade(False, True, None)

@@ -22,7 +22,9 @@ def load_train_data(script_args, benchmark: str | None = None):
         train = train.select(range(min(script_args.max_train_samples, len(train))))
     evals = None
     if script_args.eval_dataset_name:
-        evals = load_reference_jsonl(script_args.eval_dataset_name, root=script_args.dataset_root, benchmark=name)
+        evals = load_reference_jsonl(
+            script_args.eval_dataset_name, root=script_args.dataset_root, benchmark=name
+        )
     return train, evals
 
 
@@ -34,7 +36,9 @@ def run_sft(script_args, training_args, model_args, stage: int, benchmark: str |
     return train_and_save(MirageSFTTrainer, script_args, training_args, model_args, stage, benchmark)
 
 
-def train_and_save(trainer_cls, script_args, training_args, model_args, stage: int, benchmark: str | None = None):
+def train_and_save(
+    trainer_cls, script_args, training_args, model_args, stage: int, benchmark: str | None = None
+):
     """What every Mirage recipe does: load the data and the model, train, save, push if asked."""
     from peft import PeftModel
     from trl import get_peft_config
@@ -55,7 +59,10 @@ def train_and_save(trainer_cls, script_args, training_args, model_args, stage: i
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     save_outputs(
-        trainer, training_args.output_dir, stage=stage, base_model=model_args.model_name_or_path,
+        trainer,
+        training_args.output_dir,
+        stage=stage,
+        base_model=model_args.model_name_or_path,
         datasets=[script_args.dataset_name],
     )
     if training_args.push_to_hub:
@@ -63,7 +70,9 @@ def train_and_save(trainer_cls, script_args, training_args, model_args, stage: i
     return trainer
 
 
-def save_outputs(trainer, output_dir: str, stage: int, base_model: str, datasets: list[str] | None = None) -> None:
+def save_outputs(
+    trainer, output_dir: str, stage: int, base_model: str, datasets: list[str] | None = None
+) -> None:
     """Save the model or adapter, the processor with the latent tokens, and the Mirage settings."""
     from .io import write_json
     from .latent.model_utils import unwrap

@@ -48,13 +48,18 @@ def rows_for(workdir: Path) -> list[dict]:
         make_row(
             "Which way leads to the goal? Think step by step.",
             "<think> DOWN <output_image> then RIGHT <output_image> lands on the Target. </think> \\boxed{DR}",
-            [img["in2"]], [img["h1"], img["h0"]], "dist:3",
+            [img["in2"]],
+            [img["h1"], img["h0"]],
+            "dist:3",
         ),
         make_row(
             "Go.",
-            "<output_image> " + "Moving to [(3,2),Ice] keeps me on the safe path, next moving to [(0,2),Target] ensures "
+            "<output_image> "
+            + "Moving to [(3,2),Ice] keeps me on the safe path, next moving to [(0,2),Target] ensures "
             "success; falling into a hole results in defeat. " * 3 + "\\boxed{A}",
-            [img["in0"]], [img["h3"]], "dist:4",
+            [img["in0"]],
+            [img["h3"]],
+            "dist:4",
         ),  # long: the ranks hold very different token counts, so CE must be normalised over all ranks
     ]
 
@@ -102,7 +107,10 @@ def main() -> None:
         seed=0,
     )
     trainer = MirageSFTTrainer(
-        model=model, args=args, train_dataset=Dataset.from_list(rows, features=_features()), processing_class=processor
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows, features=_features()),
+        processing_class=processor,
     )
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]

@@ -28,10 +28,20 @@ def make_images(folder: Path) -> dict[str, str]:
     """
     folder.mkdir(parents=True, exist_ok=True)
     sizes = {
-        "in0": (56, 56), "in1": (84, 56), "in2": (112, 84),
-        "h0": (84, 56), "h1": (112, 112), "h2": (56, 56), "h3": (112, 84), "h4": (84, 56), "h5": (56, 84),
+        "in0": (56, 56),
+        "in1": (84, 56),
+        "in2": (112, 84),
+        "h0": (84, 56),
+        "h1": (112, 112),
+        "h2": (56, 56),
+        "h3": (112, 84),
+        "h4": (84, 56),
+        "h5": (56, 84),
     }
-    return {name: noise_image(folder / f"{name}.png", w, h, seed=i) for i, (name, (w, h)) in enumerate(sizes.items())}
+    return {
+        name: noise_image(folder / f"{name}.png", w, h, seed=i)
+        for i, (name, (w, h)) in enumerate(sizes.items())
+    }
 
 
 def make_row(prompt: str, answer: str, images: list[str], helpers: list[str], source: str = "test:1") -> dict:
@@ -61,23 +71,31 @@ def four_rows(img: dict[str, str]) -> list[dict]:
         make_row(
             "Which way leads to the goal?",
             "<think> Moving RIGHT <output_image> keeps me safe. </think> \\boxed{R}",
-            [img["in1"]], [img["h0"]], "test:2",
+            [img["in1"]],
+            [img["h0"]],
+            "test:2",
         ),
         make_row(
             "As a professional maze solver, devise an action plan for the player.",
             "<think> First RIGHT <output_image> then DOWN <output_image> and LEFT <output_image> "
             "reaches the Target without falling into any hole. </think> The answer is \\boxed{RDL}.",
-            [img["in1"], img["in2"]], [img["h1"], img["h2"], img["h3"]], "test:3",
+            [img["in1"], img["in2"]],
+            [img["h1"], img["h2"], img["h3"]],
+            "test:3",
         ),
         make_row(
             "Plan the moves.",
             "<output_image> Next, <output_image> success. \\boxed{B}",
-            [], [img["h4"], img["h5"]], "test:4",
+            [],
+            [img["h4"], img["h5"]],
+            "test:4",
         ),
     ]
 
 
-def expected_layout(ids: torch.Tensor, tokenizer, latent_size: int, attention_mask: torch.Tensor | None = None):
+def expected_layout(
+    ids: torch.Tensor, tokenizer, latent_size: int, attention_mask: torch.Tensor | None = None
+):
     """Labels and latent slot positions expected for one (possibly padded) sequence, from its ids only.
 
     The prompt ends with the last `<|im_start|>assistant\\n` header; after it every token is trained

@@ -17,9 +17,20 @@ def test_config_is_qwen2_5_vl_7b_instruct():
     d.pop("_comment")
     config = AutoConfig.for_model(**d)
     t, v = config.text_config, config.vision_config
-    assert (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads) == (3584, 28, 28, 4)
+    assert (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads) == (
+        3584,
+        28,
+        28,
+        4,
+    )
     assert (t.intermediate_size, t.vocab_size) == (18944, 152064)
-    assert (v.depth, v.hidden_size, v.intermediate_size, v.num_heads, v.out_hidden_size) == (32, 1280, 3420, 16, 3584)
+    assert (v.depth, v.hidden_size, v.intermediate_size, v.num_heads, v.out_hidden_size) == (
+        32,
+        1280,
+        3420,
+        16,
+        3584,
+    )
     assert (v.patch_size, v.spatial_merge_size) == (14, 2)
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config)

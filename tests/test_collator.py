@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from stage1_utils import IGNORE, expected_layout, four_rows, make_images, make_row
 
 from mirage_trl.collator import MirageDataCollator
 from mirage_trl.errors import MirageError
 from mirage_trl.latent.tokens import add_latent_tokens
-from stage1_utils import IGNORE, expected_layout, four_rows, make_images, make_row
 
 K = 4
 
@@ -113,7 +113,9 @@ def test_helper_pixel_values_one_image_per_span_in_row_major_order(setup):
     batch = MirageDataCollator(processor, tokens)(rows)
     order = [h for row in rows for h in row["helper_images"]]  # row-major: sample, then span
     assert len(order) == 6
-    one_by_one = [processor.image_processor(images=[Image.open(p).convert("RGB")], return_tensors="pt") for p in order]
+    one_by_one = [
+        processor.image_processor(images=[Image.open(p).convert("RGB")], return_tensors="pt") for p in order
+    ]
     assert torch.equal(batch["helper_pixel_values"], torch.cat([e["pixel_values"] for e in one_by_one]))
     assert torch.equal(batch["helper_image_grid_thw"], torch.cat([e["image_grid_thw"] for e in one_by_one]))
     # one helper per span: spans counted from the latent mask, in the order latent_mask.nonzero() visits them
@@ -131,7 +133,9 @@ def test_no_helpers_when_disabled(setup):
 
 def test_marker_helper_count_mismatch_names_the_row(setup):
     processor, tokens, images = setup
-    row = make_row("Plan.", "a <output_image> b <output_image> c", [images["in0"]], [images["h0"]], "maze.jsonl:17")
+    row = make_row(
+        "Plan.", "a <output_image> b <output_image> c", [images["in0"]], [images["h0"]], "maze.jsonl:17"
+    )
     with pytest.raises(MirageError, match=r"maze\.jsonl:17.*2 <output_image> marker\(s\) but 1 helper"):
         MirageDataCollator(processor, tokens)([row])
     # stage 1 (require_helpers): a row with markers and no helper at all is an error too
@@ -145,7 +149,9 @@ def test_marker_helper_count_mismatch_names_the_row(setup):
 
 def test_missing_helper_image_names_the_row(setup, tmp_path):
     processor, tokens, images = setup
-    row = make_row("Plan.", "a <output_image> b", [images["in0"]], [str(tmp_path / "nope.png")], "maze.jsonl:3")
+    row = make_row(
+        "Plan.", "a <output_image> b", [images["in0"]], [str(tmp_path / "nope.png")], "maze.jsonl:3"
+    )
     with pytest.raises(MirageError, match=r"maze\.jsonl:3:helper_images: image not found"):
         MirageDataCollator(processor, tokens)([row])
 
@@ -188,7 +194,10 @@ def test_cut_after_the_last_span_truncates_text_only(setup):
     row = four_rows(images)[2]
     ids, labels, slots = _full(MirageDataCollator(processor, tokens), row)
     last_end = int((ids == tokens.end_id).nonzero().max())
-    for cut in (last_end + 1, last_end + 4):  # exactly after the span's end token, and a few text tokens later
+    for cut in (
+        last_end + 1,
+        last_end + 4,
+    ):  # exactly after the span's end token, and a few text tokens later
         assert cut < ids.shape[0]
         batch = MirageDataCollator(processor, tokens, max_length=cut)([row])
         assert batch["input_ids"].shape == (1, cut)
@@ -211,7 +220,7 @@ def test_prompt_batch_is_left_padded_prompts(setup):
         mask = prompts["attention_mask"][i].bool()
         assert mask[-1]  # left padded: every prompt ends at the last column
         prompt_ids = prompts["input_ids"][i][mask]
-        assert prompt_ids[-len(header):].tolist() == header
+        assert prompt_ids[-len(header) :].tolist() == header
         assert torch.equal(full["input_ids"][i][: prompt_ids.shape[0]], prompt_ids)
         assert int(full["labels"][i][: prompt_ids.shape[0]].ne(IGNORE).sum()) == 0
 

@@ -32,15 +32,35 @@ def _free_port() -> int:
 
 def _run(nproc: int, backend: str, tmp_path: Path) -> dict:
     out = tmp_path / f"{backend}-{nproc}.json"
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    )
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), str(WORKER), "--out", str(out), "--workdir", str(tmp_path / f"w{nproc}"),
-        "--backend", backend,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        str(WORKER),
+        "--out",
+        str(out),
+        "--workdir",
+        str(tmp_path / f"w{nproc}"),
+        "--backend",
+        backend,
     ]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{nproc}-process {backend} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (
+        f"{nproc}-process {backend} run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    )
     return json.loads(out.read_text())
 
 

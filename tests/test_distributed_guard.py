@@ -12,7 +12,9 @@ from mirage_trl.trainers.common import check_distributed_support
 
 @pytest.mark.parametrize("kind", [DistributedType.MULTI_GPU, DistributedType.MULTI_CPU])
 def test_plain_ddp_is_refused_with_the_fix(kind):
-    with pytest.raises(MirageError, match=r"stage 2 on several processes needs DeepSpeed.*zero_configs/zero2.yaml"):
+    with pytest.raises(
+        MirageError, match=r"stage 2 on several processes needs DeepSpeed.*zero_configs/zero2.yaml"
+    ):
         check_distributed_support(SimpleNamespace(distributed_type=kind, num_processes=2), "stage 2")
 
 
@@ -20,4 +22,7 @@ def test_plain_ddp_is_refused_with_the_fix(kind):
     "kind,procs", [(DistributedType.DEEPSPEED, 2), (DistributedType.NO, 1), (DistributedType.MULTI_GPU, 1)]
 )
 def test_deepspeed_and_single_process_pass(kind, procs):
-    assert check_distributed_support(SimpleNamespace(distributed_type=kind, num_processes=procs), "stage 2") is None
+    assert (
+        check_distributed_support(SimpleNamespace(distributed_type=kind, num_processes=procs), "stage 2")
+        is None
+    )

@@ -43,10 +43,14 @@ def make_batch(processor, prompts):
     texts, images = [], []
     for text, image_seed in prompts:
         content = ([{"type": "image"}] if image_seed is not None else []) + [{"type": "text", "text": text}]
-        texts.append(processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True))
+        texts.append(
+            processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        )
         if image_seed is not None:
             images.append(_image(image_seed))
-    return processor(text=texts, images=images or None, padding=True, padding_side="left", return_tensors="pt")
+    return processor(
+        text=texts, images=images or None, padding=True, padding_side="left", return_tensors="pt"
+    )
 
 
 def set_trigger(model, lt, token_id: int):
@@ -69,12 +73,16 @@ def first_steps(seqs, token):
 def install_trigger(model, processor, lt, batch):
     """Make `<|latent_start|>` the greedy pick where some token X would be, choosing X so that in `batch`
     samples enter latent mode at different steps and at least one sample never does (checked)."""
-    plain = generate_with_latents(model, processor, batch, latent_tokens=lt, max_new_tokens=STEPS, eos_token_ids=[])
+    plain = generate_with_latents(
+        model, processor, batch, latent_tokens=lt, max_new_tokens=STEPS, eos_token_ids=[]
+    )
     head = model.get_output_embeddings().weight
     original = head[lt.start_id].clone()
     for token in torch.unique(plain.sequences).tolist():
         set_trigger(model, lt, token)
-        out = generate_with_latents(model, processor, batch, latent_tokens=lt, max_new_tokens=STEPS, eos_token_ids=[])
+        out = generate_with_latents(
+            model, processor, batch, latent_tokens=lt, max_new_tokens=STEPS, eos_token_ids=[]
+        )
         starts = first_steps(out.sequences, lt.start_id)
         if None in starts and len({s for s in starts if s is not None and s < STEPS - K - 1}) >= 2:
             return token
@@ -98,8 +106,13 @@ def reference_decode(model, processor, lt, prompt, max_new_tokens, eos=()):
         values = torch.stack(latents) if latents else None
         mm_full = torch.cat([mm, torch.zeros(len(generated), dtype=mm.dtype)])
         with torch.no_grad(), capture_final_hidden(model) as cap, latent_inputs(model, slot_mask, values):
-            out = model(input_ids=seq[None], attention_mask=torch.ones_like(seq)[None],
-                        mm_token_type_ids=mm_full[None], use_cache=False, **extra)
+            out = model(
+                input_ids=seq[None],
+                attention_mask=torch.ones_like(seq)[None],
+                mm_token_type_ids=mm_full[None],
+                use_cache=False,
+                **extra,
+            )
         hidden = cap[-1][0, -1]
         if remaining > 0:
             token = lt.pad_id
@@ -116,7 +129,11 @@ def reference_decode(model, processor, lt, prompt, max_new_tokens, eos=()):
         generated.append(token)
         if token in eos and token not in (lt.pad_id, lt.end_id):
             break
-    return generated, (torch.stack(latents) if latents else torch.zeros(0, model.config.text_config.hidden_size)), slots
+    return (
+        generated,
+        (torch.stack(latents) if latents else torch.zeros(0, model.config.text_config.hidden_size)),
+        slots,
+    )
 
 
 def full_forward_hidden(model, processor, lt, prompt, generated, latents):
@@ -125,13 +142,12 @@ def full_forward_hidden(model, processor, lt, prompt, generated, latents):
     ids = single["input_ids"][0]
     seq = torch.cat([ids, torch.as_tensor(generated, dtype=torch.long)])
     slot_mask = torch.zeros(1, len(seq), dtype=torch.bool)
-    slot_mask[0, len(ids):] = torch.as_tensor(generated) == lt.pad_id
+    slot_mask[0, len(ids) :] = torch.as_tensor(generated) == lt.pad_id
     mm = torch.cat([single["mm_token_type_ids"][0], torch.zeros(len(generated), dtype=torch.long)])
     extra = {k: single[k] for k in ("pixel_values", "image_grid_thw") if k in single}
     with torch.no_grad(), capture_final_hidden(model) as cap, latent_inputs(model, slot_mask, latents):
         model(input_ids=seq[None], mm_token_type_ids=mm[None], use_cache=False, **extra)
     return cap[-1][0], len(ids)
-
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +170,9 @@ def test_batched_greedy_equals_plain_loop(model_type):
     model, processor, lt = new_model(model_type)
     batch = make_batch(processor, PROMPTS)
     install_trigger(model, processor, lt, batch)
-    out = generate_with_latents(model, processor, batch, max_new_tokens=STEPS, eos_token_ids=[], return_latents=True)
+    out = generate_with_latents(
+        model, processor, batch, max_new_tokens=STEPS, eos_token_ids=[], return_latents=True
+    )
     _check_batch_has_ragged_spans(out, lt)
     for i, prompt in enumerate(PROMPTS):
         tokens, latents, slots = reference_decode(model, processor, lt, prompt, STEPS)
@@ -168,7 +186,9 @@ def test_batched_greedy_equals_plain_loop(model_type):
 
 def test_fed_latents_are_the_hidden_states_before_each_slot(setup):
     model, processor, lt, batch = setup
-    out = generate_with_latents(model, processor, batch, max_new_tokens=STEPS, eos_token_ids=[], return_latents=True)
+    out = generate_with_latents(
+        model, processor, batch, max_new_tokens=STEPS, eos_token_ids=[], return_latents=True
+    )
     assert sum(len(x) for x in out.latents) > 0
     for i, prompt in enumerate(PROMPTS):
         hidden, plen = full_forward_hidden(model, processor, lt, prompt, out.sequences[i], out.latents[i])
@@ -180,7 +200,7 @@ def test_fed_latents_are_the_hidden_states_before_each_slot(setup):
         seq = out.sequences[i].tolist()
         for s, tok in enumerate(seq):
             if tok == lt.start_id and s + K + 1 < len(seq):
-                assert seq[s + 1: s + K + 1] == [lt.pad_id] * K and seq[s + K + 1] == lt.end_id
+                assert seq[s + 1 : s + K + 1] == [lt.pad_id] * K and seq[s + K + 1] == lt.end_id
 
 
 def test_batched_equals_one_at_a_time(setup):
@@ -190,8 +210,9 @@ def test_batched_equals_one_at_a_time(setup):
     out = generate_with_latents(model, processor, batch, max_new_tokens=STEPS, return_latents=True)
     assert out.num_latent_spans.sum() > 0
     for i, prompt in enumerate(PROMPTS):
-        one = generate_with_latents(model, processor, make_batch(processor, [prompt]), max_new_tokens=STEPS,
-                                    return_latents=True)
+        one = generate_with_latents(
+            model, processor, make_batch(processor, [prompt]), max_new_tokens=STEPS, return_latents=True
+        )
         n = one.num_generated_tokens[0].item()
         assert out.num_generated_tokens[i].item() == n
         assert out.sequences[i, :n].tolist() == one.sequences[0, :n].tolist()
@@ -217,7 +238,7 @@ def test_no_latent_tokens_decodes_like_model_generate():
     with pytest.warns(UserWarning, match="no latent tokens"):
         out = generate_with_latents(model, processor, batch, max_new_tokens=12, eos_token_ids=[])
     ref = model.generate(**batch, max_new_tokens=12, min_new_tokens=12, do_sample=False)
-    assert out.sequences.tolist() == ref[:, batch["input_ids"].shape[1]:].tolist()
+    assert out.sequences.tolist() == ref[:, batch["input_ids"].shape[1] :].tolist()
     assert not out.latent_mask.any() and out.num_latent_spans.sum() == 0
 
 
@@ -231,8 +252,9 @@ def test_sampling_seeded_and_tiny_top_p_is_greedy(setup):
     assert a.sequences.tolist() != c.sequences.tolist()
     greedy = generate_with_latents(model, processor, batch, max_new_tokens=STEPS, eos_token_ids=[])
     assert a.sequences.tolist() != greedy.sequences.tolist()
-    tiny_p = generate_with_latents(model, processor, batch, generator=torch.Generator().manual_seed(3),
-                                   top_p=1e-6, **kw)
+    tiny_p = generate_with_latents(
+        model, processor, batch, generator=torch.Generator().manual_seed(3), top_p=1e-6, **kw
+    )
     assert tiny_p.sequences.tolist() == greedy.sequences.tolist()
 
 
@@ -243,9 +265,19 @@ def _prefix_until_first_start(out, i, lt):
 
 def _ablation(setup, mode, **kw):
     model, processor, lt, batch = setup
-    base = generate_with_latents(model, processor, batch, max_new_tokens=STEPS, eos_token_ids=[], return_latents=True)
-    out = generate_with_latents(model, processor, batch, max_new_tokens=STEPS, eos_token_ids=[], return_latents=True,
-                                latent_mode=mode, **kw)
+    base = generate_with_latents(
+        model, processor, batch, max_new_tokens=STEPS, eos_token_ids=[], return_latents=True
+    )
+    out = generate_with_latents(
+        model,
+        processor,
+        batch,
+        max_new_tokens=STEPS,
+        eos_token_ids=[],
+        return_latents=True,
+        latent_mode=mode,
+        **kw,
+    )
     for i in range(len(PROMPTS)):  # nothing changes before the first latent span
         assert _prefix_until_first_start(out, i, lt) == _prefix_until_first_start(base, i, lt)
     return base, out
@@ -288,10 +320,20 @@ def test_ablation_shuffle_feeds_another_samples_latent(setup):
     # (several samples in latent mode) and the single-sample fallback (next sample in the batch).
     prompts = PROMPTS + [("plan a route please!", None)]
     batch = make_batch(processor, prompts)
-    out = generate_with_latents(model, processor, batch, max_new_tokens=STEPS, eos_token_ids=[], return_latents=True,
-                                latent_mode="shuffle")
+    out = generate_with_latents(
+        model,
+        processor,
+        batch,
+        max_new_tokens=STEPS,
+        eos_token_ids=[],
+        return_latents=True,
+        latent_mode="shuffle",
+    )
     B = len(prompts)
-    hiddens = [full_forward_hidden(model, processor, lt, p, out.sequences[i], out.latents[i]) for i, p in enumerate(prompts)]
+    hiddens = [
+        full_forward_hidden(model, processor, lt, p, out.sequences[i], out.latents[i])
+        for i, p in enumerate(prompts)
+    ]
     seen_roll = seen_single = False
     counters = [0] * B
     for t in range(out.sequences.shape[1]):
@@ -348,8 +390,9 @@ def test_eos_stops_a_sample_and_max_new_tokens_counts_latent_steps(setup):
         assert set(out.sequences[i, n:].tolist()) <= {pad}
     assert out.num_generated_tokens[1].item() == step + 1
     # When every sample has stopped, decoding stops.
-    one = generate_with_latents(model, processor, make_batch(processor, [PROMPTS[1]]), max_new_tokens=STEPS,
-                                eos_token_ids=[eos])
+    one = generate_with_latents(
+        model, processor, make_batch(processor, [PROMPTS[1]]), max_new_tokens=STEPS, eos_token_ids=[eos]
+    )
     assert one.sequences.shape[1] == step + 1
 
 

@@ -73,8 +73,19 @@ def test_planning_needs_grid():
 
 @pytest.mark.parametrize(
     "boxed, letter",
-    [("A", "A"), ("(A)", "A"), ("A.", "A"), ("A. Action Success", "A"), (" B ", "B"), ("\\text{C}", "C"),
-     ("c", "C"), ("B) fails", "B"), ("Action Success", None), ("", None), ("AB", None)],
+    [
+        ("A", "A"),
+        ("(A)", "A"),
+        ("A.", "A"),
+        ("A. Action Success", "A"),
+        (" B ", "B"),
+        ("\\text{C}", "C"),
+        ("c", "C"),
+        ("B) fails", "B"),
+        ("Action Success", None),
+        ("", None),
+        ("AB", None),
+    ],
 )
 def test_choice_letters(boxed, letter):
     assert extract_choice(boxed) == letter
@@ -102,7 +113,12 @@ def test_format_ok():
 
 
 def test_summarize():
-    grades = [Grade(True, False, "R"), Grade(False, True, None), Grade(False, False, "L"), Grade(True, False, "U")]
+    grades = [
+        Grade(True, False, "R"),
+        Grade(False, True, None),
+        Grade(False, False, "L"),
+        Grade(True, False, "U"),
+    ]
     out = summarize(grades, [4, 3, 4, 4])
     assert list(out) == [3, 4, "all"]
     assert out[3] == {"n": 1, "correct": 0, "invalid": 1, "accuracy": 0.0, "invalid_rate": 1.0}
@@ -140,5 +156,9 @@ def test_bfs_shortest_paths_grade_correct_on_reference_test_set(official_data):
     assert all(r.correct and not r.invalid for r in results)
     summary = summarize(results, [r["level"] for r in rows])
     assert [(k, v["n"], v["accuracy"]) for k, v in summary.items()] == [
-        (3, 100, 1.0), (4, 100, 1.0), (5, 100, 1.0), (6, 100, 1.0), ("all", 400, 1.0)
+        (3, 100, 1.0),
+        (4, 100, 1.0),
+        (5, 100, 1.0),
+        (6, 100, 1.0),
+        ("all", 400, 1.0),
     ]

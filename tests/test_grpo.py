@@ -62,10 +62,16 @@ def _row(i, images, benchmark="vsp_reasoning", answer="A"):
     content = [{"type": "text", "text": f"Is plan {i} safe? Answer with a letter."}]
     content += [{"type": "image", "text": None} for _ in images]
     return {
-        "messages": [{"role": "user", "content": content},
-                     {"role": "assistant", "content": [{"type": "text", "text": "<think> ok </think> \\boxed{A}"}]}],
-        "images": list(images), "helper_images": [], "benchmark": benchmark, "answer": answer,
-        "map_desc": "", "source": f"test:{i + 1}",
+        "messages": [
+            {"role": "user", "content": content},
+            {"role": "assistant", "content": [{"type": "text", "text": "<think> ok </think> \\boxed{A}"}]},
+        ],
+        "images": list(images),
+        "helper_images": [],
+        "benchmark": benchmark,
+        "answer": answer,
+        "map_desc": "",
+        "source": f"test:{i + 1}",
     }
 
 
@@ -79,9 +85,22 @@ def rows(tmp_path_factory):
 
 
 def _config(tmp, **kw):
-    base = dict(output_dir=str(tmp), per_device_train_batch_size=2, num_generations=2, max_completion_length=12,
-                max_steps=1, use_cpu=True, bf16=False, report_to="none", logging_steps=1, save_strategy="no",
-                latent_size=K, temperature=TEMPERATURE, learning_rate=1e-2, seed=0)
+    base = dict(
+        output_dir=str(tmp),
+        per_device_train_batch_size=2,
+        num_generations=2,
+        max_completion_length=12,
+        max_steps=1,
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        logging_steps=1,
+        save_strategy="no",
+        latent_size=K,
+        temperature=TEMPERATURE,
+        learning_rate=1e-2,
+        seed=0,
+    )
     base.update(kw)
     return MirageGRPOConfig(**base)
 
@@ -97,8 +116,13 @@ def trainer(rows, tmp_path_factory):
     from datasets import Dataset
 
     model, processor, _ = fresh()
-    tr = MirageGRPOTrainer(model, args=_config(tmp_path_factory.mktemp("grpo")), train_dataset=Dataset.from_list(rows),
-                           processing_class=processor, peft_config=_lora())
+    tr = MirageGRPOTrainer(
+        model,
+        args=_config(tmp_path_factory.mktemp("grpo")),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=processor,
+        peft_config=_lora(),
+    )
     tr.model.train()
     return tr
 
@@ -148,9 +172,15 @@ def _batch(processor, tokens, rows, comps):
     cmask = torch.tensor([[1] * len(c) + [0] * (C - len(c)) for c in comps])
     ids = torch.cat([prompt["input_ids"], comp], 1)
     attn = torch.cat([prompt["attention_mask"], cmask], 1)
-    mm = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(comp, dtype=prompt["mm_token_type_ids"].dtype)], 1)
-    kw = dict(pixel_values=prompt["pixel_values"], image_grid_thw=prompt["image_grid_thw"],
-              num_images=[len(r["images"]) for r in rows], mm_token_type_ids=mm)
+    mm = torch.cat(
+        [prompt["mm_token_type_ids"], torch.zeros_like(comp, dtype=prompt["mm_token_type_ids"].dtype)], 1
+    )
+    kw = dict(
+        pixel_values=prompt["pixel_values"],
+        image_grid_thw=prompt["image_grid_thw"],
+        num_images=[len(r["images"]) for r in rows],
+        mm_token_type_ids=mm,
+    )
     return ids, attn, C, kw, collator
 
 
@@ -159,17 +189,21 @@ def reference_logps(model, collator, row, comp, tokens, detach=False):
     inner = multimodal_model(model)
     enc = collator.encode_prompt(row)
     ids = torch.cat([enc["input_ids"], torch.tensor(comp)])[None]
-    mm = torch.cat([enc["mm_token_type_ids"], torch.zeros(len(comp), dtype=enc["mm_token_type_ids"].dtype)])[None]
+    mm = torch.cat([enc["mm_token_type_ids"], torch.zeros(len(comp), dtype=enc["mm_token_type_ids"].dtype)])[
+        None
+    ]
     vision = {k: enc[k] for k in ("pixel_values", "image_grid_thw") if k in enc}
     n = enc["input_ids"].shape[0]
     slots, _ = _expected_masks(comp, tokens)
     x = model.get_input_embeddings()(ids)
     for t in sorted(n + s for s in slots):
-        h = inner(input_ids=ids[:, :t], inputs_embeds=x[:, :t], mm_token_type_ids=mm[:, :t], **vision).last_hidden_state
-        latent = h[:, t - 1:t].detach() if detach else h[:, t - 1:t]
-        x = torch.cat([x[:, :t], latent, x[:, t + 1:]], dim=1)
+        h = inner(
+            input_ids=ids[:, :t], inputs_embeds=x[:, :t], mm_token_type_ids=mm[:, :t], **vision
+        ).last_hidden_state
+        latent = h[:, t - 1 : t].detach() if detach else h[:, t - 1 : t]
+        x = torch.cat([x[:, :t], latent, x[:, t + 1 :]], dim=1)
     hidden = inner(input_ids=ids, inputs_embeds=x, mm_token_type_ids=mm, **vision).last_hidden_state
-    logits = unwrap(model).lm_head(hidden[0, n - 1:-1]).float() / TEMPERATURE
+    logits = unwrap(model).lm_head(hidden[0, n - 1 : -1]).float() / TEMPERATURE
     return logits.log_softmax(-1).gather(-1, torch.tensor(comp)[:, None]).squeeze(-1)
 
 
@@ -199,7 +233,9 @@ def test_prompts_match_the_collator(trainer, rows):
     collator = MirageDataCollator(trainer.processing_class, trainer.latent_tokens)
     for row, ids in zip(rows, prompt_ids):
         assert list(ids) == collator.encode_prompt(row)["input_ids"].tolist()
-    assert torch.equal(torch.as_tensor(np.array(fields["image_grid_thw"])), collator.prompt_batch(rows)["image_grid_thw"])
+    assert torch.equal(
+        torch.as_tensor(np.array(fields["image_grid_thw"])), collator.prompt_batch(rows)["image_grid_thw"]
+    )
 
 
 def test_scored_batch_masks_latents_and_gives_rewards(trainer, rows, monkeypatch):
@@ -216,9 +252,11 @@ def test_scored_batch_masks_latents_and_gives_rewards(trainer, rows, monkeypatch
         assert out["completion_mask"][i, : len(c)].tolist() == [1] * len(c)  # slots stay attended
         expected = [0 if j in slots or j in forced else 1 for j in range(len(c))]
         assert loss_mask[i, : len(c)].tolist() == expected
-        assert loss_mask[i, len(c):].sum() == 0
+        assert loss_mask[i, len(c) :].sum() == 0
     # <|latent_start|> was sampled: it is trained
-    assert all(loss_mask[i, j] == 1 for i, c in enumerate(comps) for j, t in enumerate(c) if t == tokens.start_id)
+    assert all(
+        loss_mask[i, j] == 1 for i, c in enumerate(comps) for j, t in enumerate(c) if t == tokens.start_id
+    )
     assert out["num_items_in_batch"].item() == loss_mask.sum().item()
 
     # Rewards: 0.9 x accuracy + 0.1 x format on hand-written completions.
@@ -253,15 +291,16 @@ def test_logps_equal_per_sample_reference(trainer, rows):
     comps = completions(tokens, tok)
     ids, attn, C, kw, collator = _batch(trainer.processing_class, tokens, rows, comps)
     with torch.no_grad():
-        logps, ent, _ = trainer._get_per_token_logps_and_entropies(model, ids, attn, C, batch_size=2,
-                                                                   compute_entropy=True, **kw)
+        logps, ent, _ = trainer._get_per_token_logps_and_entropies(
+            model, ids, attn, C, batch_size=2, compute_entropy=True, **kw
+        )
         assert logps.shape == (4, C) and ent.shape == (4, C)
         for i, (row, c) in enumerate(zip(rows, comps)):
             ref = reference_logps(model, collator, row, c, tokens)
             slots, forced = _expected_masks(c, tokens)
             text = [j for j in range(len(c)) if j not in slots and j not in forced]
             torch.testing.assert_close(logps[i, text], ref[text], rtol=0, atol=1e-5)
-            assert logps[i, sorted(slots | forced)].abs().sum() == 0 and logps[i, len(c):].abs().sum() == 0
+            assert logps[i, sorted(slots | forced)].abs().sum() == 0 and logps[i, len(c) :].abs().sum() == 0
             assert (ent[i, text] > 0).all()
     # Training mode with gradients (checkpointed rounds when gradient checkpointing is on) gives the same numbers.
     with_grad, _, _ = trainer._get_per_token_logps_and_entropies(model, ids, attn, C, batch_size=4, **kw)
@@ -292,12 +331,16 @@ def test_gradient_flows_through_latents(trainer, rows):
         fn().backward()
         return emb.grad.detach().clone()
 
-    g_trainer = grad_of(lambda: (trainer._get_per_token_logps_and_entropies(model, ids, attn, C, **kw)[0] * weights).sum())
+    g_trainer = grad_of(
+        lambda: (trainer._get_per_token_logps_and_entropies(model, ids, attn, C, **kw)[0] * weights).sum()
+    )
     trainer._train_latents = []
 
     def ref(detach):
-        return sum((reference_logps(model, collator, r, c, tokens, detach) * weights[i, : len(c)]).sum()
-                   for i, (r, c) in enumerate(zip(rows[:2], comps)))
+        return sum(
+            (reference_logps(model, collator, r, c, tokens, detach) * weights[i, : len(c)]).sum()
+            for i, (r, c) in enumerate(zip(rows[:2], comps))
+        )
 
     g_ref = grad_of(lambda: ref(False))
     g_det = grad_of(lambda: ref(True))
@@ -313,13 +356,22 @@ def test_one_training_step_updates_adapter_and_logs(rows, tmp_path, monkeypatch)
     from datasets import Dataset
 
     # A reward that varies between completions, so advantages (and the update) are not zero.
-    monkeypatch.setitem(REWARD_FUNCS, "length", lambda prompts, completions, **kw: [
-        float(sum(map(ord, c[0]["content"])) % 7) for c in completions])
+    monkeypatch.setitem(
+        REWARD_FUNCS,
+        "length",
+        lambda prompts, completions, **kw: [float(sum(map(ord, c[0]["content"])) % 7) for c in completions],
+    )
     model, processor, tokens = fresh()
-    args = _config(tmp_path, reward_names=["accuracy", "format", "length"], reward_weights=[0.9, 0.1, 1.0],
-                   beta=0.01)
-    tr = MirageGRPOTrainer(model, args=args, train_dataset=Dataset.from_list(rows), processing_class=processor,
-                           peft_config=_lora())
+    args = _config(
+        tmp_path, reward_names=["accuracy", "format", "length"], reward_weights=[0.9, 0.1, 1.0], beta=0.01
+    )
+    tr = MirageGRPOTrainer(
+        model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=processor,
+        peft_config=_lora(),
+    )
     # Make the random model open latent spans often, in rollouts and training alike (the head as PEFT wrapped it).
     bias = torch.zeros(model.lm_head.weight.shape[0])
     bias[tokens.start_id] = 6.0
@@ -330,8 +382,18 @@ def test_one_training_step_updates_adapter_and_logs(rows, tmp_path, monkeypatch)
     changed = [n for n, p in tr.model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert any("lora_" in n for n in changed)
     logs = tr.state.log_history[0]
-    for key in ("reward", "reward_std", "rewards/accuracy_reward/mean", "rewards/format_reward/std", "accuracy",
-                "latent/spans_mean", "completions/mean_length", "completions/mean_text_length", "kl", "latent/norm"):
+    for key in (
+        "reward",
+        "reward_std",
+        "rewards/accuracy_reward/mean",
+        "rewards/format_reward/std",
+        "accuracy",
+        "latent/spans_mean",
+        "completions/mean_length",
+        "completions/mean_text_length",
+        "kl",
+        "latent/norm",
+    ):
         assert key in logs, key
     assert logs["latent/spans_mean"] > 0 and logs["latent/norm"] > 0
     assert logs["completions/mean_text_length"] < logs["completions/mean_length"]
@@ -364,8 +426,14 @@ def test_benchmark_without_grader(rows, tmp_path):
     model, processor, _ = fresh()
     bad = [dict(r, benchmark="mystery") for r in rows]
     with pytest.raises(MirageError, match="no grader for benchmark.*'mystery'"):
-        MirageGRPOTrainer(model, args=_config(tmp_path), train_dataset=Dataset.from_list(bad), processing_class=processor)
+        MirageGRPOTrainer(
+            model, args=_config(tmp_path), train_dataset=Dataset.from_list(bad), processing_class=processor
+        )
     # Without the accuracy reward the benchmark does not matter.
-    tr = MirageGRPOTrainer(model, args=_config(tmp_path, reward_names=["format"]), train_dataset=Dataset.from_list(bad),
-                           processing_class=processor)
+    tr = MirageGRPOTrainer(
+        model,
+        args=_config(tmp_path, reward_names=["format"]),
+        train_dataset=Dataset.from_list(bad),
+        processing_class=processor,
+    )
     assert tr.reward_weights.tolist() == pytest.approx([0.1])

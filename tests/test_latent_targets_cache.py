@@ -13,7 +13,9 @@ def _rows(tmp_path):
     from mirage_trl.data.reference import load_reference_jsonl
     from mirage_trl.data.vsp import generate_vsp
 
-    out = generate_vsp("planning", [3], 4, split="train", style="cot", seed=0, out_dir=tmp_path / "d", progress=False)
+    out = generate_vsp(
+        "planning", [3], 4, split="train", style="cot", seed=0, out_dir=tmp_path / "d", progress=False
+    )
     return load_reference_jsonl(out)
 
 
@@ -25,7 +27,9 @@ def test_cached_targets_equal_fresh_targets_and_are_reused(tmp_path):
     fresh = MirageDataCollator(processor, tokens)([rows[i] for i in range(4)])
     from_cache = MirageDataCollator(processor, tokens)([cached[i] for i in range(4)])
     assert "helper_pixel_values" not in from_cache
-    expected = helper_latent_targets(model, fresh["helper_pixel_values"], fresh["helper_image_grid_thw"], 4, "even")
+    expected = helper_latent_targets(
+        model, fresh["helper_pixel_values"], fresh["helper_image_grid_thw"], 4, "even"
+    )
     torch.testing.assert_close(from_cache["latent_targets"], expected, rtol=1e-5, atol=1e-6)
     assert from_cache["latent_targets"].shape[0] == int(fresh["latent_mask"].sum())
 
@@ -37,5 +41,7 @@ def test_cached_targets_equal_fresh_targets_and_are_reused(tmp_path):
     assert calls == []
     assert again["latent_targets"] == cached["latent_targets"]
     # Different pooling -> different cache entry, different targets.
-    other = precompute_latent_targets(rows, model, processor, 4, "drop_remainder", cache_dir=tmp_path / "cache")
+    other = precompute_latent_targets(
+        rows, model, processor, 4, "drop_remainder", cache_dir=tmp_path / "cache"
+    )
     assert other._fingerprint != cached._fingerprint

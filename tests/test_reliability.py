@@ -52,20 +52,35 @@ def env(tmp_path_factory):
     # A model without a vision tower, with the latent tokens and settings of a Mirage model.
     tok = build_tiny_tokenizer()
     text_only = Qwen2ForCausalLM(
-        Qwen2Config(vocab_size=len(tok) + 16, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                    num_attention_heads=2, num_key_value_heads=1)
+        Qwen2Config(
+            vocab_size=len(tok) + 16,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
     )
     add_latent_tokens(tok, text_only, latent_size=2)
     text_only.save_pretrained(root / "text-only")
     tok.save_pretrained(root / "text-only")
 
-    data = generate_vsp("planning", [3], 4, split="train", style="cot", seed=0, out_dir=root / "data", progress=False)
+    data = generate_vsp(
+        "planning", [3], 4, split="train", style="cot", seed=0, out_dir=root / "data", progress=False
+    )
     objs = [json.loads(line) for line in data.read_text().splitlines()]
     for o in objs:  # absolute image paths, so bad files can live anywhere
         o["image_input"] = str((data.parent / o["image_input"]).resolve())
         o["image_output"] = str((data.parent / o["image_output"]).resolve())
-    return dict(root=root, base=base, mirage=mirage, text_only=root / "text-only", data=data, objs=objs,
-                processor=processor)
+    return dict(
+        root=root,
+        base=base,
+        mirage=mirage,
+        text_only=root / "text-only",
+        data=data,
+        objs=objs,
+        processor=processor,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +141,9 @@ def nothing_written(folder: Path) -> bool:
 
 # ---------------------------------------------------------------------------------------------- bad data files
 def _malformed(env, folder):
-    return write_rows(folder / "bad.jsonl", env["objs"], {1: '{"text_input": "half a row'}), r"bad\.jsonl:2: malformed JSON"
+    return write_rows(
+        folder / "bad.jsonl", env["objs"], {1: '{"text_input": "half a row'}
+    ), r"bad\.jsonl:2: malformed JSON"
 
 
 def _missing_field(env, folder):
@@ -143,13 +160,17 @@ def _empty(env, folder):
 def _missing_image(env, folder):
     objs = copy_objs(env)
     objs[2]["image_input"] = str(folder / "nowhere.png")
-    return write_rows(folder / "bad.jsonl", objs), r"bad\.jsonl:3:image_input: image not found: .*nowhere\.png"
+    return write_rows(
+        folder / "bad.jsonl", objs
+    ), r"bad\.jsonl:3:image_input: image not found: .*nowhere\.png"
 
 
 def _image_count(env, folder):
     objs = copy_objs(env)
     objs[0]["text_input"] += " <image>"
-    return write_rows(folder / "bad.jsonl", objs), r"bad\.jsonl:1:image_input: 2 <image> marker\(s\) in text_input but 1 input image"
+    return write_rows(
+        folder / "bad.jsonl", objs
+    ), r"bad\.jsonl:1:image_input: 2 <image> marker\(s\) in text_input but 1 input image"
 
 
 def _output_image_count(env, folder):
@@ -175,13 +196,35 @@ def _recipe_args(argv):
 
     from mirage_trl.configs import MirageScriptArguments, MirageSFTConfig
 
-    return TrlParser((MirageScriptArguments, MirageSFTConfig, ModelConfig)).parse_args_and_config(args=[str(a) for a in argv])
+    return TrlParser((MirageScriptArguments, MirageSFTConfig, ModelConfig)).parse_args_and_config(
+        args=[str(a) for a in argv]
+    )
 
 
 def _recipe_argv(env, data, out, *extra):
-    return ["--model_name_or_path", env["mirage"], "--dataset_name", data, "--output_dir", out, "--use_cpu", "true",
-            "--report_to", "none", "--max_steps", "1", "--latent_size", "2", "--per_device_train_batch_size", "2",
-            "--activation_checkpointing", "false", "--disable_tqdm", "true", *extra]
+    return [
+        "--model_name_or_path",
+        env["mirage"],
+        "--dataset_name",
+        data,
+        "--output_dir",
+        out,
+        "--use_cpu",
+        "true",
+        "--report_to",
+        "none",
+        "--max_steps",
+        "1",
+        "--latent_size",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--activation_checkpointing",
+        "false",
+        "--disable_tqdm",
+        "true",
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("entry", ["loader", "data check", "eval", "recipe"])
@@ -198,8 +241,21 @@ def test_bad_data_file(env, tmp_path, capsys, case, entry):
     elif entry == "data check":
         assert_cli_error(*run_cli(["data", "check", "--data", path], capsys)[::2], "data", pattern)
     elif entry == "eval":
-        rc, _, err = run_cli(["eval", "--model", env["mirage"], "--benchmark", "vsp_planning", "--data", path,
-                              "--out", out, "--no-progress"], capsys)
+        rc, _, err = run_cli(
+            [
+                "eval",
+                "--model",
+                env["mirage"],
+                "--benchmark",
+                "vsp_planning",
+                "--data",
+                path,
+                "--out",
+                out,
+                "--no-progress",
+            ],
+            capsys,
+        )
         assert_cli_error(rc, err, "eval", pattern)
     else:  # the stage-1 recipe in-process: what recipes/stage1_vsp.py runs after TrlParser
         from mirage_trl.scripts import run_sft
@@ -214,8 +270,13 @@ def test_bad_data_file(env, tmp_path, capsys, case, entry):
 @pytest.mark.parametrize("kind", ["unreadable", "truncated"])
 @pytest.mark.parametrize(
     ("entry", "field"),  # eval reads no helper image; the trainer: test_broken_helper_image_stops_training...
-    [("data check", "image_input"), ("data check", "image_output"), ("collator", "image_input"),
-     ("collator", "image_output"), ("eval", "image_input")],
+    [
+        ("data check", "image_input"),
+        ("data check", "image_output"),
+        ("collator", "image_input"),
+        ("collator", "image_output"),
+        ("eval", "image_input"),
+    ],
 )
 def test_broken_image(env, tmp_path, capsys, kind, field, entry):
     objs = copy_objs(env)
@@ -238,8 +299,24 @@ def test_broken_image(env, tmp_path, capsys, kind, field, entry):
         with pytest.raises(MirageError, match=rf"bad\.jsonl:2:{column}: {reason}:? .*{kind}\.png"):
             collator([ds[0], ds[1]])
     else:
-        rc, _, err = run_cli(["eval", "--model", env["mirage"], "--benchmark", "vsp_planning", "--data", path,
-                              "--out", out, "--no-progress", "--max-new-tokens", "2", "--greedy"], capsys)
+        rc, _, err = run_cli(
+            [
+                "eval",
+                "--model",
+                env["mirage"],
+                "--benchmark",
+                "vsp_planning",
+                "--data",
+                path,
+                "--out",
+                out,
+                "--no-progress",
+                "--max-new-tokens",
+                "2",
+                "--greedy",
+            ],
+            capsys,
+        )
         assert_cli_error(rc, err, "eval", rf"bad\.jsonl:2:{column}: {reason}")
         assert not out.exists()
 
@@ -248,9 +325,21 @@ def test_broken_image(env, tmp_path, capsys, kind, field, entry):
 def sft_args(out, **kw):
     from mirage_trl.configs import MirageSFTConfig
 
-    base = dict(output_dir=str(out), use_cpu=True, report_to=[], save_strategy="no", activation_checkpointing=False,
-                per_device_train_batch_size=2, logging_steps=1, max_steps=1, learning_rate=1e-3, disable_tqdm=True,
-                bf16=False, seed=0, latent_size=2)
+    base = dict(
+        output_dir=str(out),
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        activation_checkpointing=False,
+        per_device_train_batch_size=2,
+        logging_steps=1,
+        max_steps=1,
+        learning_rate=1e-3,
+        disable_tqdm=True,
+        bf16=False,
+        seed=0,
+        latent_size=2,
+    )
     base.update(kw)
     return MirageSFTConfig(**base)
 
@@ -261,11 +350,15 @@ def sft_trainer(out, dataset, model=None, processor=None, **kw):
 
     if model is None:
         model, processor = build_tiny_model(seed=0)
-    return MirageSFTTrainer(model=model, args=sft_args(out, **kw), train_dataset=dataset, processing_class=processor)
+    return MirageSFTTrainer(
+        model=model, args=sft_args(out, **kw), train_dataset=dataset, processing_class=processor
+    )
 
 
 def no_checkpoint(out: Path) -> bool:
-    return not out.exists() or not [p for p in out.iterdir() if p.name.startswith("checkpoint-") or p.suffix == ".safetensors"]
+    return not out.exists() or not [
+        p for p in out.iterdir() if p.name.startswith("checkpoint-") or p.suffix == ".safetensors"
+    ]
 
 
 def test_stage1_on_rows_without_helper_images(env, tmp_path):
@@ -285,7 +378,9 @@ def test_stage1_on_rows_without_helper_images(env, tmp_path):
 
 def test_truncation_through_a_latent_span(rows, tmp_path):
     trainer = sft_trainer(tmp_path / "out", rows, max_length=120)
-    with pytest.raises(MirageError, match=r"data/planning_train_cot\.jsonl:\d+: max_length=120 would cut through"):
+    with pytest.raises(
+        MirageError, match=r"data/planning_train_cot\.jsonl:\d+: max_length=120 would cut through"
+    ):
         trainer.train()
     assert no_checkpoint(tmp_path / "out")
 
@@ -309,16 +404,22 @@ def test_latent_size_disagreeing_with_checkpoint(env, rows, tmp_path, capsys):
 
     mirage = env["mirage"]
     model = AutoModelForImageTextToText.from_pretrained(mirage)
-    with pytest.raises(MirageError, match=r"latent_size=4 disagrees with .*mirage, which was trained with latent_size=2"):
+    with pytest.raises(
+        MirageError, match=r"latent_size=4 disagrees with .*mirage, which was trained with latent_size=2"
+    ):
         sft_trainer(tmp_path / "out", rows, model=model, processor=load_processor(str(mirage)), latent_size=4)
-    with pytest.raises(MirageError, match=r"mirage: latent_size=3 disagrees with .*config\.json 'mirage' \(k=2\)"):
+    with pytest.raises(
+        MirageError, match=r"mirage: latent_size=3 disagrees with .*config\.json 'mirage' \(k=2\)"
+    ):
         load_model(mirage, latent_size=3)
     rc, _, err = run_cli(["export", "--model", mirage, "--out", tmp_path / "x", "--latent-size", "3"], capsys)
     assert_cli_error(rc, err, "export", r"mirage: latent_size=3 disagrees")
     # The recipe path: the checkpoint's k against --latent_size.
     from mirage_trl.scripts import run_sft
 
-    script_args, training_args, model_args = _recipe_args(_recipe_argv(env, env["data"], tmp_path / "r", "--latent_size", "4"))
+    script_args, training_args, model_args = _recipe_args(
+        _recipe_argv(env, env["data"], tmp_path / "r", "--latent_size", "4")
+    )
     with pytest.raises(MirageError, match=r"latent_size=4 disagrees"):
         run_sft(script_args, training_args, model_args, stage=2)
     assert not (tmp_path / "x").exists() and no_checkpoint(tmp_path / "out") and no_checkpoint(tmp_path / "r")
@@ -330,11 +431,34 @@ def test_model_without_vision_tower(env, tmp_path, capsys):
     text_only = env["text_only"]
     with pytest.raises(MirageError, match=re.escape(str(text_only))):
         load_model(text_only)
-    rc, _, err = run_cli(["eval", "--model", text_only, "--benchmark", "vsp_planning", "--data", env["data"],
-                          "--out", tmp_path / "e", "--no-progress"], capsys)
-    assert_cli_error(rc, err, "eval", re.escape(str(text_only)) + r": model type 'qwen2' is not a supported vision-language")
+    rc, _, err = run_cli(
+        [
+            "eval",
+            "--model",
+            text_only,
+            "--benchmark",
+            "vsp_planning",
+            "--data",
+            env["data"],
+            "--out",
+            tmp_path / "e",
+            "--no-progress",
+        ],
+        capsys,
+    )
+    assert_cli_error(
+        rc,
+        err,
+        "eval",
+        re.escape(str(text_only)) + r": model type 'qwen2' is not a supported vision-language",
+    )
     rc, _, err = run_cli(["export", "--model", text_only, "--out", tmp_path / "x"], capsys)
-    assert_cli_error(rc, err, "export", re.escape(str(text_only)) + r": model type 'qwen2' is not a supported vision-language")
+    assert_cli_error(
+        rc,
+        err,
+        "export",
+        re.escape(str(text_only)) + r": model type 'qwen2' is not a supported vision-language",
+    )
     assert not (tmp_path / "e").exists() and not (tmp_path / "x").exists()
     # The trainer: tests/test_stage1.py::test_model_without_vision_tower_is_a_clear_error
 
@@ -351,8 +475,20 @@ def test_unknown_benchmark(env, tmp_path, capsys):
         grade("maze", "\\boxed{A}", {"answer": "A"})
     rc, _, err = run_cli(["data", "check", "--data", env["data"], "--benchmark", "maze"], capsys)
     assert_cli_error(rc, err, "data", f"--benchmark: unknown benchmark 'maze'; valid: {valid}")
-    rc, _, err = run_cli(["eval", "--model", env["mirage"], "--benchmark", "maze", "--data", env["data"],
-                          "--out", tmp_path / "e"], capsys)
+    rc, _, err = run_cli(
+        [
+            "eval",
+            "--model",
+            env["mirage"],
+            "--benchmark",
+            "maze",
+            "--data",
+            env["data"],
+            "--out",
+            tmp_path / "e",
+        ],
+        capsys,
+    )
     assert_cli_error(rc, err, "eval", f"unknown benchmark 'maze'; valid: {valid}")
     from mirage_trl.scripts import run_sft
 
@@ -385,8 +521,17 @@ def test_unknown_reward_name(tmp_path):
 
     parser = TrlParser((MirageScriptArguments, MirageGRPOConfig, ModelConfig))
     with pytest.raises(MirageError, match=r"unknown reward 'accurcy'; valid: accuracy"):
-        parser.parse_args_and_config(args=["--output_dir", str(tmp_path / "g"), "--use_cpu", "true",
-                                           "--reward_names", "accurcy", "format"])
+        parser.parse_args_and_config(
+            args=[
+                "--output_dir",
+                str(tmp_path / "g"),
+                "--use_cpu",
+                "true",
+                "--reward_names",
+                "accurcy",
+                "format",
+            ]
+        )
     with pytest.raises(MirageError, match="unknown reward 'x'"):
         get_reward_funcs(["x"])
 
@@ -394,9 +539,26 @@ def test_unknown_reward_name(tmp_path):
 def test_unknown_latent_ablation(env, tmp_path, capsys):
     from mirage_trl.generation import generate_with_latents
 
-    rc, _, err = run_cli(["eval", "--model", env["mirage"], "--benchmark", "vsp_planning", "--data", env["data"],
-                          "--latents", "model", "blur", "--out", tmp_path / "e"], capsys)
-    assert_cli_error(rc, err, "eval", r"unknown latent mode 'blur'; valid modes: model, zero, noise, mean, shuffle, remove")
+    rc, _, err = run_cli(
+        [
+            "eval",
+            "--model",
+            env["mirage"],
+            "--benchmark",
+            "vsp_planning",
+            "--data",
+            env["data"],
+            "--latents",
+            "model",
+            "blur",
+            "--out",
+            tmp_path / "e",
+        ],
+        capsys,
+    )
+    assert_cli_error(
+        rc, err, "eval", r"unknown latent mode 'blur'; valid modes: model, zero, noise, mean, shuffle, remove"
+    )
     with pytest.raises(MirageError, match="unknown latent mode 'blur'"):
         generate_with_latents(None, env["processor"], {}, latent_mode="blur")
     assert not (tmp_path / "e").exists()
@@ -407,8 +569,20 @@ def test_non_mirage_folder_to_eval_and_export(env, tmp_path, capsys):
     from mirage_trl.models.load import load_model
 
     data_dir = env["data"].parent  # a folder, but not a model
-    rc, _, err = run_cli(["eval", "--model", data_dir, "--benchmark", "vsp_planning", "--data", env["data"],
-                          "--out", tmp_path / "e"], capsys)
+    rc, _, err = run_cli(
+        [
+            "eval",
+            "--model",
+            data_dir,
+            "--benchmark",
+            "vsp_planning",
+            "--data",
+            env["data"],
+            "--out",
+            tmp_path / "e",
+        ],
+        capsys,
+    )
     assert_cli_error(rc, err, "eval", re.escape(str(data_dir)) + " is neither a model folder")
     rc, _, err = run_cli(["export", "--model", env["base"], "--out", tmp_path / "x"], capsys)
     assert_cli_error(rc, err, "export", re.escape(str(env["base"])) + " is not a Mirage model")
@@ -436,7 +610,12 @@ def test_existing_output_folder_is_refused(env, tmp_path, capsys, command):
         "export": ["export", "--model", env["mirage"]],
     }[command]
     rc, _, err = run_cli([*argv, "--out", out], capsys)
-    assert_cli_error(rc, err, command.split()[0], re.escape(f"--out: {out} already exists and is not empty (pass --overwrite"))
+    assert_cli_error(
+        rc,
+        err,
+        command.split()[0],
+        re.escape(f"--out: {out} already exists and is not empty (pass --overwrite"),
+    )
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists"]  # no temp folder either
 
@@ -458,16 +637,32 @@ def test_recipe_subprocess_one_line_through_run_recipe(env, tmp_path):
     `mirage_trl.cli.run_recipe` (proposed for every recipe's __main__)."""
     bad, pattern = _missing_field(env, tmp_path)
     out = tmp_path / "run"
-    argv = ["stage1_vsp.py", "--config", str(REPO / "recipes/vsp/stage1_tiny.yaml"), "--dataset_name", str(bad),
-            "--model_name_or_path", str(env["mirage"]), "--output_dir", str(out), "--latent_size", "2"]
+    argv = [
+        "stage1_vsp.py",
+        "--config",
+        str(REPO / "recipes/vsp/stage1_tiny.yaml"),
+        "--dataset_name",
+        str(bad),
+        "--model_name_or_path",
+        str(env["mirage"]),
+        "--output_dir",
+        str(out),
+        "--latent_size",
+        "2",
+    ]
     code = (
         "import runpy, sys\n"
         "from mirage_trl.cli import run_recipe\n"
         f"sys.argv = {argv!r}\n"
         f"run_recipe(lambda: runpy.run_path({str(REPO / 'recipes/stage1_vsp.py')!r}, run_name='__main__'))\n"
     )
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180,
-                       env=dict(os.environ, PYTHONPATH=str(REPO), HF_TOKEN=SECRET))
+    p = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=dict(os.environ, PYTHONPATH=str(REPO), HF_TOKEN=SECRET),
+    )
     lines = [line for line in p.stderr.splitlines() if line.startswith("stage1_vsp.py: error:")]
     assert p.returncode == 2 and "Traceback" not in p.stderr and len(lines) == 1, p.stderr
     assert re.search(pattern, lines[0]) and SECRET not in p.stderr + p.stdout
@@ -519,7 +714,9 @@ def _skipped(trainer):
 def test_nan_loss_stops_stage1_naming_step_and_term(guard_rows, tmp_path):
     trainer = sft_trainer(tmp_path / "out", guard_rows, max_steps=2)
     handle = _nan_final_norm(trainer)
-    with pytest.raises(MirageError, match=r"^step 0: non-finite loss \(NaN or inf\).*skip_nonfinite_steps=True"):
+    with pytest.raises(
+        MirageError, match=r"^step 0: non-finite loss \(NaN or inf\).*skip_nonfinite_steps=True"
+    ):
         trainer.train()
     handle.remove()
     assert no_checkpoint(tmp_path / "out")
@@ -548,9 +745,13 @@ def test_skip_nonfinite_step_is_counted_and_changes_no_weight(guard_rows, tmp_pa
 
 def test_stage2_latent_norm_bound_stops_or_skips(guard_rows, tmp_path):
     trainer = sft_trainer(tmp_path / "a", guard_rows, stage=2, max_latent_norm=1e-3)
-    with pytest.raises(MirageError, match=r"^step 0: latent norm \S+ exceeds max_latent_norm=0\.001 \(raise max_latent_norm"):
+    with pytest.raises(
+        MirageError, match=r"^step 0: latent norm \S+ exceeds max_latent_norm=0\.001 \(raise max_latent_norm"
+    ):
         trainer.train()
-    trainer = sft_trainer(tmp_path / "b", guard_rows, stage=2, max_latent_norm=1e-3, skip_nonfinite_steps=True)
+    trainer = sft_trainer(
+        tmp_path / "b", guard_rows, stage=2, max_latent_norm=1e-3, skip_nonfinite_steps=True
+    )
     before = _params(trainer.model)
     trainer.train()
     after = _params(trainer.model)
@@ -563,10 +764,27 @@ def test_stage2_latent_norm_bound_stops_or_skips(guard_rows, tmp_path):
 def test_killed_data_generation_leaves_no_output(tmp_path):
     """SIGKILL `mirage-trl data vsp` once its temporary folder holds images: no `out` appears."""
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "mirage_trl", "data", "vsp", "--task", "planning", "--levels", "3", "4", "5", "6",
-           "--num-samples", "2000", "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+    cmd = [
+        sys.executable,
+        "-m",
+        "mirage_trl",
+        "data",
+        "vsp",
+        "--task",
+        "planning",
+        "--levels",
+        "3",
+        "4",
+        "5",
+        "6",
+        "--num-samples",
+        "2000",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(REPO))
+    )
     try:
         deadline = time.monotonic() + 60
         temp = None
@@ -624,8 +842,26 @@ def test_interrupted_eval_leaves_no_results(env, tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(io, "write_jsonl", half_then_interrupt)
     out = tmp_path / "eval"
-    rc, _, err = run_cli(["eval", "--model", env["mirage"], "--benchmark", "vsp_planning", "--data", env["data"],
-                          "--num-samples", "2", "--max-new-tokens", "2", "--greedy", "--no-progress", "--out", out], capsys)
+    rc, _, err = run_cli(
+        [
+            "eval",
+            "--model",
+            env["mirage"],
+            "--benchmark",
+            "vsp_planning",
+            "--data",
+            env["data"],
+            "--num-samples",
+            "2",
+            "--max-new-tokens",
+            "2",
+            "--greedy",
+            "--no-progress",
+            "--out",
+            out,
+        ],
+        capsys,
+    )
     assert rc == 130 and "interrupted" in err
     assert list(tmp_path.iterdir()) == []  # neither `eval` nor its temporary folder
 
@@ -677,11 +913,34 @@ def test_export_holds_safetensors_only(env, tmp_path, capsys):
 def test_hub_token_never_printed(env, tmp_path):
     """A hub name that cannot be reached (offline) with HF_TOKEN set: one line, exit 2, no token anywhere."""
     out = tmp_path / "e"
-    cmd = [sys.executable, "-m", "mirage_trl", "eval", "--model", "someorg/not-here", "--benchmark", "vsp_planning",
-           "--data", str(env["data"]), "--out", str(out), "--no-progress"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
-                       env=dict(os.environ, PYTHONPATH=str(REPO), HF_TOKEN=SECRET, HUGGING_FACE_HUB_TOKEN=SECRET,
-                                HF_HUB_OFFLINE="1"))
+    cmd = [
+        sys.executable,
+        "-m",
+        "mirage_trl",
+        "eval",
+        "--model",
+        "someorg/not-here",
+        "--benchmark",
+        "vsp_planning",
+        "--data",
+        str(env["data"]),
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    p = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=dict(
+            os.environ,
+            PYTHONPATH=str(REPO),
+            HF_TOKEN=SECRET,
+            HUGGING_FACE_HUB_TOKEN=SECRET,
+            HF_HUB_OFFLINE="1",
+        ),
+    )
     errors = [line for line in p.stderr.splitlines() if line.startswith("mirage-trl eval: error:")]
     assert p.returncode == 2 and "Traceback" not in p.stderr and len(errors) == 1, p.stderr
     assert "someorg/not-here" in errors[0]

@@ -43,8 +43,16 @@ def dataset(tmp_path_factory):
     from mirage_trl.data.reference import load_reference_jsonl
     from mirage_trl.data.vsp import generate_vsp
 
-    out = generate_vsp("planning", [3], 8, split="train", style="cot", seed=0,
-                       out_dir=tmp_path_factory.mktemp("resume") / "data", progress=False)
+    out = generate_vsp(
+        "planning",
+        [3],
+        8,
+        split="train",
+        style="cot",
+        seed=0,
+        out_dir=tmp_path_factory.mktemp("resume") / "data",
+        progress=False,
+    )
     return load_reference_jsonl(out)
 
 
@@ -61,20 +69,40 @@ def make_trainer(out: Path, dataset, stage: int, stop_at=None, latent_size=K, sa
     if stage == 2:  # as after stage 1: the latent tokens exist
         add_latent_tokens(processor, model, K)
     args = MirageSFTConfig(
-        output_dir=str(out), use_cpu=True, bf16=False, report_to=[], disable_tqdm=True, seed=0,
-        activation_checkpointing=False, per_device_train_batch_size=2, max_steps=STEPS, save_strategy="steps" if save else "no",
-        save_steps=STOP, logging_steps=1, learning_rate=5e-3, stage=stage, latent_size=latent_size,
-        dataloader_num_workers=0, **kw,
+        output_dir=str(out),
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        disable_tqdm=True,
+        seed=0,
+        activation_checkpointing=False,
+        per_device_train_batch_size=2,
+        max_steps=STEPS,
+        save_strategy="steps" if save else "no",
+        save_steps=STOP,
+        logging_steps=1,
+        learning_rate=5e-3,
+        stage=stage,
+        latent_size=latent_size,
+        dataloader_num_workers=0,
+        **kw,
     )
-    return MirageSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
-                            callbacks=[StopAt(stop_at)] if stop_at else None)
+    return MirageSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=processor,
+        callbacks=[StopAt(stop_at)] if stop_at else None,
+    )
 
 
 def losses(trainer) -> dict[int, float]:
     return {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
 
 
-@pytest.mark.parametrize(("stage", "extra"), [(1, {"cache_latent_targets": True}), (2, {})], ids=["stage1", "stage2"])
+@pytest.mark.parametrize(
+    ("stage", "extra"), [(1, {"cache_latent_targets": True}), (2, {})], ids=["stage1", "stage2"]
+)
 def test_resumed_run_matches_uninterrupted_run(dataset, tmp_path, datasets_cache, stage, extra):
     full = make_trainer(tmp_path / "full", dataset, stage, save=False, **extra)
     full.train()
@@ -87,16 +115,26 @@ def test_resumed_run_matches_uninterrupted_run(dataset, tmp_path, datasets_cache
     ckpt = tmp_path / "run" / f"checkpoint-{STOP}"
     # The Mirage state is in the checkpoint: settings, tokenizer with the latent tokens, RNG + data state.
     names = {p.name for p in ckpt.iterdir()}
-    assert {"mirage_config.json", "tokenizer.json", "trainer_state.json", "rng_state.pth", "optimizer.pt",
-            "scheduler.pt", "model.safetensors"} <= names, names
+    assert {
+        "mirage_config.json",
+        "tokenizer.json",
+        "trainer_state.json",
+        "rng_state.pth",
+        "optimizer.pt",
+        "scheduler.pt",
+        "model.safetensors",
+    } <= names, names
     mirage = json.loads((ckpt / "mirage_config.json").read_text())
     assert mirage["latent_size"] == K and mirage["latent_tokens"] == list(LATENT_TOKEN_NAMES)
     assert mirage["stage"] == stage
     saved_vocab = json.loads((ckpt / "tokenizer.json").read_text())["added_tokens"]
     saved_ids = {t["content"]: t["id"] for t in saved_vocab if t["content"] in LATENT_TOKEN_NAMES}
     tokens = first.latent_tokens
-    assert saved_ids == {LATENT_TOKEN_NAMES[0]: tokens.start_id, LATENT_TOKEN_NAMES[1]: tokens.pad_id,
-                         LATENT_TOKEN_NAMES[2]: tokens.end_id}
+    assert saved_ids == {
+        LATENT_TOKEN_NAMES[0]: tokens.start_id,
+        LATENT_TOKEN_NAMES[1]: tokens.pad_id,
+        LATENT_TOKEN_NAMES[2]: tokens.end_id,
+    }
     if extra.get("cache_latent_targets"):
         caches = sorted((datasets_cache / "mirage_latent_targets").glob("latent_targets-*.arrow"))
         assert len(caches) == 1  # three runs, one cache file: the resumed run reads the same targets
@@ -128,7 +166,9 @@ def test_resume_with_another_latent_size_is_refused(dataset, tmp_path):
     first = make_trainer(tmp_path / "run", dataset, 1, stop_at=STOP)
     first.train()
     other = make_trainer(tmp_path / "run", dataset, 1, latent_size=K + 1)
-    with pytest.raises(MirageError, match=rf"--latent_size {K + 1} disagrees with .*mirage_config\.json \(latent_size={K}\)"):
+    with pytest.raises(
+        MirageError, match=rf"--latent_size {K + 1} disagrees with .*mirage_config\.json \(latent_size={K}\)"
+    ):
         other.train(resume_from_checkpoint=str(tmp_path / "run" / f"checkpoint-{STOP}"))
 
 
@@ -138,9 +178,16 @@ def test_checkpoint_latent_size_check(dataset, tmp_path):
 
     ckpt = tmp_path / "checkpoint-2"
     ckpt.mkdir()
-    (ckpt / "mirage_config.json").write_text(json.dumps({"latent_size": 2, "latent_tokens": list(LATENT_TOKEN_NAMES)}))
+    (ckpt / "mirage_config.json").write_text(
+        json.dumps({"latent_size": 2, "latent_tokens": list(LATENT_TOKEN_NAMES)})
+    )
     check_checkpoint_latent_size(ckpt, 2)
-    with pytest.raises(MirageError, match=r"--latent_size 3 disagrees with .*checkpoint-2/mirage_config\.json "
-                                          r"\(latent_size=2\)"):
+    with pytest.raises(
+        MirageError,
+        match=r"--latent_size 3 disagrees with .*checkpoint-2/mirage_config\.json "
+        r"\(latent_size=2\)",
+    ):
         check_checkpoint_latent_size(ckpt, 3)
-    check_checkpoint_latent_size(tmp_path, 3)  # no mirage_config.json (an older checkpoint): nothing to compare
+    check_checkpoint_latent_size(
+        tmp_path, 3
+    )  # no mirage_config.json (an older checkpoint): nothing to compare

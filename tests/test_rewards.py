@@ -54,7 +54,9 @@ def test_registry_and_errors():
     assert str(e.value) == "unknown reward 'length'; valid: accuracy, format"
     with pytest.raises(MirageError) as e:
         accuracy_reward(["p"], ["\\boxed{A}"], answer=["A"])
-    assert str(e.value) == "reward needs the dataset column 'benchmark'; keep it (remove_unused_columns=False)"
+    assert (
+        str(e.value) == "reward needs the dataset column 'benchmark'; keep it (remove_unused_columns=False)"
+    )
     with pytest.raises(MirageError) as e:
         accuracy_reward(["p"], ["\\boxed{A}"], benchmark=["blink"], answer=["A"])
     assert str(e.value) == "unknown benchmark 'blink'; valid: vsp_planning, vsp_reasoning, jigsaw, sat, comt"

@@ -13,13 +13,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from stage1_utils import IGNORE, four_rows, make_images
 
 from mirage_trl.configs import MirageSFTConfig
 from mirage_trl.errors import MirageError
 from mirage_trl.latent.targets import helper_latent_targets, pool_helper_features
 from mirage_trl.models.tiny import build_tiny_model
 from mirage_trl.trainers.sft import MirageSFTTrainer, text_cross_entropy
-from stage1_utils import IGNORE, four_rows, make_images, make_row
 
 TOL = dict(rtol=2e-5, atol=2e-6)
 
@@ -41,21 +41,34 @@ def rows(images):
 
 def make_args(tmp_path, **kw):
     base = dict(
-        output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], save_strategy="no",
-        activation_checkpointing=False, per_device_train_batch_size=4, logging_steps=1, max_grad_norm=0.0,
-        learning_rate=1e-3, disable_tqdm=True, bf16=False,
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        activation_checkpointing=False,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        max_grad_norm=0.0,
+        learning_rate=1e-3,
+        disable_tqdm=True,
+        bf16=False,
     )
     base.update(kw)
     return MirageSFTConfig(**base)
 
 
-def make_trainer(tmp_path, model_type="qwen2_5_vl", model=None, processor=None, dataset=None, peft_config=None, **kw):
+def make_trainer(
+    tmp_path, model_type="qwen2_5_vl", model=None, processor=None, dataset=None, peft_config=None, **kw
+):
     if model is None:
         model, processor = build_tiny_model(model_type)
     if dataset is None:  # TRL wants a train dataset even when only compute_loss is called
         dataset = as_dataset([_ONE_ROW])
     return MirageSFTTrainer(
-        model=model, args=make_args(tmp_path, **kw), train_dataset=dataset, processing_class=processor,
+        model=model,
+        args=make_args(tmp_path, **kw),
+        train_dataset=dataset,
+        processing_class=processor,
         peft_config=peft_config,
     )
 
@@ -87,7 +100,9 @@ def image_features_one_by_one(model, pixel_values, grid_thw) -> list[torch.Tenso
     out, offset = [], 0
     for thw in grid_thw:
         n = int(thw.prod())
-        feats = mm.get_image_features(pixel_values[offset : offset + n], thw[None], return_dict=True).pooler_output
+        feats = mm.get_image_features(
+            pixel_values[offset : offset + n], thw[None], return_dict=True
+        ).pooler_output
         out.append(feats[0] if isinstance(feats, (tuple, list)) else feats)
         offset += n
     return out
@@ -101,7 +116,9 @@ def manual_stage1(model, batch, k, gamma, pooling="drop_remainder"):
     targets = None
     if mask.any():
         with torch.no_grad():
-            feats = image_features_one_by_one(model, batch["helper_pixel_values"], batch["helper_image_grid_thw"])
+            feats = image_features_one_by_one(
+                model, batch["helper_pixel_values"], batch["helper_image_grid_thw"]
+            )
             targets = torch.cat([manual_pool(f, k, pooling) for f in feats])
         slots = mask.nonzero().tolist()
         assert len(slots) == targets.shape[0]
@@ -109,24 +126,38 @@ def manual_stage1(model, batch, k, gamma, pooling="drop_remainder"):
         for (b, t), e in zip(slots, targets):
             embeds[b, t] = e
     position_ids, _ = mm.get_rope_index(
-        batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=batch.get("image_grid_thw"),
+        batch["input_ids"],
+        mm_token_type_ids=batch["mm_token_type_ids"],
+        image_grid_thw=batch.get("image_grid_thw"),
         attention_mask=batch["attention_mask"],
     )
     out = mm(
-        inputs_embeds=embeds, attention_mask=batch["attention_mask"], position_ids=position_ids,
-        pixel_values=batch.get("pixel_values"), image_grid_thw=batch.get("image_grid_thw"), use_cache=False,
+        inputs_embeds=embeds,
+        attention_mask=batch["attention_mask"],
+        position_ids=position_ids,
+        pixel_values=batch.get("pixel_values"),
+        image_grid_thw=batch.get("image_grid_thw"),
+        use_cache=False,
     )
     h = out.last_hidden_state
     logits = model.lm_head(h).float()
     labels = batch["labels"]
-    ce_sum = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum")
+    ce_sum = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
+    )
     n_tokens = int(labels[:, 1:].ne(IGNORE).sum())
     ce = ce_sum / n_tokens
-    one_minus_cos = torch.stack(
-        [1 - F.cosine_similarity(h[b, t - 1], embeds[b, t], dim=0) for b, t in mask.nonzero().tolist()]
-    ) if mask.any() else torch.zeros(0)
+    one_minus_cos = (
+        torch.stack(
+            [1 - F.cosine_similarity(h[b, t - 1], embeds[b, t], dim=0) for b, t in mask.nonzero().tolist()]
+        )
+        if mask.any()
+        else torch.zeros(0)
+    )
     loss = gamma * ce + (one_minus_cos.mean() if mask.any() else 0.0)
-    return dict(loss=loss, ce=ce, ce_sum=ce_sum, n_tokens=n_tokens, one_minus_cos=one_minus_cos, targets=targets)
+    return dict(
+        loss=loss, ce=ce, ce_sum=ce_sum, n_tokens=n_tokens, one_minus_cos=one_minus_cos, targets=targets
+    )
 
 
 def trainer_pieces(trainer, batch):
@@ -233,8 +264,14 @@ def test_lora_changes_only_adapters_and_latent_token_rows(tmp_path, rows):
     peft_config = get_peft_config(ModelConfig(use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0))
     model, processor = build_tiny_model()
     trainer = make_trainer(
-        tmp_path, model=model, processor=processor, dataset=as_dataset(rows), peft_config=peft_config,
-        max_steps=3, learning_rate=1e-2, per_device_train_batch_size=2,
+        tmp_path,
+        model=model,
+        processor=processor,
+        dataset=as_dataset(rows),
+        peft_config=peft_config,
+        max_steps=3,
+        learning_rate=1e-2,
+        per_device_train_batch_size=2,
     )
     peft_model = trainer.model
     tokens = trainer.latent_tokens
@@ -266,7 +303,9 @@ def test_lora_changes_only_adapters_and_latent_token_rows(tmp_path, rows):
     other = torch.ones(vocab, dtype=torch.bool)
     other[latent_ids] = False
     assert torch.equal(emb_after[other], emb_before[other])
-    assert not torch.equal(emb_after[[tokens.start_id, tokens.end_id]], emb_before[[tokens.start_id, tokens.end_id]])
+    assert not torch.equal(
+        emb_after[[tokens.start_id, tokens.end_id]], emb_before[[tokens.start_id, tokens.end_id]]
+    )
     assert torch.equal(head_after[:, other], head_before[:, other])
     assert not torch.equal(head_after[:, latent_ids], head_before[:, latent_ids])
 
@@ -313,7 +352,9 @@ def test_pooling_by_hand():
     torch.testing.assert_close(even[:, 1], -2 * even[:, 0])
     # n divisible by k: both poolings agree
     g = torch.randn(12, 5)
-    torch.testing.assert_close(pool_helper_features(g, 4, "drop_remainder"), pool_helper_features(g, 4, "even"))
+    torch.testing.assert_close(
+        pool_helper_features(g, 4, "drop_remainder"), pool_helper_features(g, 4, "even")
+    )
     with pytest.raises(MirageError, match="fewer than latent_size=4"):
         pool_helper_features(torch.randn(3, 2), 4)
 
@@ -325,7 +366,9 @@ def test_pooling_of_real_helper_features(tmp_path, rows, pooling):
     batch = trainer.data_collator(rows)
     model = trainer.model
     with torch.no_grad():
-        got = helper_latent_targets(model, batch["helper_pixel_values"], batch["helper_image_grid_thw"], 4, pooling)
+        got = helper_latent_targets(
+            model, batch["helper_pixel_values"], batch["helper_image_grid_thw"], 4, pooling
+        )
         feats = image_features_one_by_one(model, batch["helper_pixel_values"], batch["helper_image_grid_thw"])
         loss = trainer.compute_loss(model, batch)
         ref = manual_stage1(model, batch, k=4, gamma=0.1, pooling=pooling)
@@ -395,10 +438,18 @@ def test_model_without_vision_tower_is_a_clear_error(tmp_path):
 
     tok = build_tiny_tokenizer()
     model = Qwen2ForCausalLM(
-        Qwen2Config(vocab_size=len(tok) + 16, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                    num_attention_heads=2, num_key_value_heads=1)
+        Qwen2Config(
+            vocab_size=len(tok) + 16,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
     )
-    with pytest.raises(MirageError, match=r"Qwen2ForCausalLM is not a vision-language model with a vision tower"):
+    with pytest.raises(
+        MirageError, match=r"Qwen2ForCausalLM is not a vision-language model with a vision tower"
+    ):
         make_trainer(tmp_path, model=model, processor=tok)
     assert "<|latent_pad|>" not in tok.get_vocab()  # nothing touched
     assert not (tmp_path / "out").exists()
@@ -418,7 +469,10 @@ def test_latent_size_disagreeing_with_saved_checkpoint(tmp_path):
         make_trainer(tmp_path, model=loaded, processor=processor, latent_size=2)
     assert not (tmp_path / "out").exists()
     # the matching size is accepted
-    assert make_trainer(tmp_path, model=loaded, processor=processor, latent_size=4).latent_tokens.latent_size == 4
+    assert (
+        make_trainer(tmp_path, model=loaded, processor=processor, latent_size=4).latent_tokens.latent_size
+        == 4
+    )
 
 
 # ---------------------------------------------------------------------- gradient accumulation
@@ -430,11 +484,19 @@ def _train_and_capture_grads(tmp_path, rows, batch_size, ga):
 
     class Capture(TrainerCallback):
         def on_pre_optimizer_step(self, args, state, control, **kw):
-            captured.update({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+            captured.update(
+                {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+            )
 
     trainer = make_trainer(
-        tmp_path, model=model, processor=processor, dataset=as_dataset(rows), max_steps=1,
-        per_device_train_batch_size=batch_size, gradient_accumulation_steps=ga, train_sampling_strategy="sequential",
+        tmp_path,
+        model=model,
+        processor=processor,
+        dataset=as_dataset(rows),
+        max_steps=1,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=ga,
+        train_sampling_strategy="sequential",
     )
     trainer.add_callback(Capture())
     trainer.train()
@@ -479,4 +541,6 @@ def test_gradient_accumulation_matches_one_batch(tmp_path, rows):
     _assert_grads_close(accum, _expected_grads(tmp_path / "e", rows, [[0, 1], [2, 3]], 2))
     full, _ = _train_and_capture_grads(tmp_path / "f", rows, 4, 1)
     q = "model.language_model.layers.0.self_attn.q_proj.weight"
-    assert not torch.allclose(accum[q], full[q], rtol=1e-3, atol=0)  # the documented convention, not a global mean
+    assert not torch.allclose(
+        accum[q], full[q], rtol=1e-3, atol=0
+    )  # the documented convention, not a global mean

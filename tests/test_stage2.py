@@ -40,7 +40,7 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _base(model_type: str = "qwen2_5_vl"):
     model, processor = build_tiny_model(model_type, seed=0)
     tokens = add_latent_tokens(processor, model, K)
@@ -69,7 +69,7 @@ WORDS = "Moving to Ice keeps me on the safe path Next the goal falling into a ho
 def _messages(i, n_spans, n_words, image, tokens):
     parts = []
     for s in range(n_spans):
-        parts.append(" ".join(WORDS[(i + s) % 7:(i + s) % 7 + 2 + s]))
+        parts.append(" ".join(WORDS[(i + s) % 7 : (i + s) % 7 + 2 + s]))
         parts.append(tokens.span_text())
     parts.append(" ".join(WORDS[:n_words]) + " \\boxed{A}")
     user = [{"type": "text", "text": "Plan the path " * (1 + i % 2)}]
@@ -85,7 +85,9 @@ def make_batch(processor, tokens, padding_side="right", spec=SPEC, images=True):
     texts, imgs, singles = [], [], []
     for i, (n_spans, n_words, has_image) in enumerate(spec):
         has_image = has_image and images
-        text = processor.apply_chat_template(_messages(i, n_spans, n_words, has_image, tokens), tokenize=False)
+        text = processor.apply_chat_template(
+            _messages(i, n_spans, n_words, has_image, tokens), tokenize=False
+        )
         texts.append(text)
         img = [_image(i)] if has_image else None
         if img:
@@ -110,12 +112,17 @@ def _labels(ids, real, pad_id):
 
 def _ce_sum(model, hidden, labels):
     logits = unwrap(model).lm_head(hidden).float()
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                             ignore_index=-100, reduction="sum")
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+    )
 
 
 def _grads(model):
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    return {
+        n: p.grad.detach().clone()
+        for n, p in model.named_parameters()
+        if p.requires_grad and p.grad is not None
+    }
 
 
 # --------------------------------------------------------------------------- the reference
@@ -131,11 +138,16 @@ def reference_sample(model, single, pad_id, embed_grad=False):
         embeds.retain_grad()
     x = embeds
     for t in (ids[0] == pad_id).nonzero().flatten().tolist():
-        prefix = inner(input_ids=ids[:, :t], inputs_embeds=x[:, :t], mm_token_type_ids=single["mm_token_type_ids"][:, :t],
-                       **vision).last_hidden_state
-        x = torch.cat([x[:, :t], prefix[:, t - 1:t], x[:, t + 1:]], dim=1)
-    hidden = inner(input_ids=ids, inputs_embeds=x, mm_token_type_ids=single["mm_token_type_ids"],
-                   **vision).last_hidden_state
+        prefix = inner(
+            input_ids=ids[:, :t],
+            inputs_embeds=x[:, :t],
+            mm_token_type_ids=single["mm_token_type_ids"][:, :t],
+            **vision,
+        ).last_hidden_state
+        x = torch.cat([x[:, :t], prefix[:, t - 1 : t], x[:, t + 1 :]], dim=1)
+    hidden = inner(
+        input_ids=ids, inputs_embeds=x, mm_token_type_ids=single["mm_token_type_ids"], **vision
+    ).last_hidden_state
     return hidden, embeds
 
 
@@ -144,7 +156,9 @@ def reference_loss_and_grads(model, singles, pad_id, n_targets):
     total = 0.0
     for single in singles:
         hidden, _ = reference_sample(model, single, pad_id)
-        loss = _ce_sum(model, hidden, _labels(single["input_ids"], single["attention_mask"], pad_id)) / n_targets
+        loss = (
+            _ce_sum(model, hidden, _labels(single["input_ids"], single["attention_mask"], pad_id)) / n_targets
+        )
         loss.backward()
         total += loss.item()
     return total, _grads(model)
@@ -153,9 +167,16 @@ def reference_loss_and_grads(model, singles, pad_id, n_targets):
 def batched_loss_and_grads(model, batch, pad_id, method, **kw):
     model.zero_grad(set_to_none=True)
     out = self_latent_forward(
-        model, batch["input_ids"], batch["attention_mask"], batch["slot_mask"],
-        pixel_values=batch.get("pixel_values"), image_grid_thw=batch.get("image_grid_thw"),
-        mm_token_type_ids=batch.get("mm_token_type_ids"), method=method, **kw)
+        model,
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["slot_mask"],
+        pixel_values=batch.get("pixel_values"),
+        image_grid_thw=batch.get("image_grid_thw"),
+        mm_token_type_ids=batch.get("mm_token_type_ids"),
+        method=method,
+        **kw,
+    )
     labels = _labels(batch["input_ids"], batch["attention_mask"], pad_id)
     n_targets = int((labels != -100).sum())
     loss = _ce_sum(model, out.hidden_states, labels) / n_targets
@@ -175,8 +196,9 @@ def _lora(model):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(1)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                             init_lora_weights=False))
+    model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     return model.train()
 
 
@@ -198,11 +220,17 @@ def test_methods_match_reference(padding, ckpt, finetune):
     pad_side_col = 0 if padding == "left" else -1
     assert batch["attention_mask"][:, pad_side_col].min() == 0
 
-    runs = {"rounds": ("rounds", {"schedule": "aligned"}), "rounds_packed": ("rounds", {"schedule": "packed"}),
-            "rounds_checkpointed": ("rounds_checkpointed", {"schedule": "aligned"}),
-            "rounds_checkpointed_packed": ("rounds_checkpointed", {"schedule": "packed"}),
-            "recompute": ("recompute", {}), "auto": ("auto", {})}
-    results = {name: batched_loss_and_grads(model, batch, tokens.pad_id, m, **kw) for name, (m, kw) in runs.items()}
+    runs = {
+        "rounds": ("rounds", {"schedule": "aligned"}),
+        "rounds_packed": ("rounds", {"schedule": "packed"}),
+        "rounds_checkpointed": ("rounds_checkpointed", {"schedule": "aligned"}),
+        "rounds_checkpointed_packed": ("rounds_checkpointed", {"schedule": "packed"}),
+        "recompute": ("recompute", {}),
+        "auto": ("auto", {}),
+    }
+    results = {
+        name: batched_loss_and_grads(model, batch, tokens.pad_id, m, **kw) for name, (m, kw) in runs.items()
+    }
     n_targets = results["rounds"][3]
     ref_loss, ref_grads = reference_loss_and_grads(model, singles, tokens.pad_id, n_targets)
     if finetune == "lora":
@@ -224,9 +252,16 @@ def test_latents_and_hidden_match_reference_values():
     model, processor, tokens = fresh()
     batch, singles = make_batch(processor, tokens, "left")
     with torch.no_grad():
-        out = self_latent_forward(model, batch["input_ids"], batch["attention_mask"], batch["slot_mask"],
-                                  pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
-                                  mm_token_type_ids=batch["mm_token_type_ids"], method="rounds")
+        out = self_latent_forward(
+            model,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["slot_mask"],
+            pixel_values=batch["pixel_values"],
+            image_grid_thw=batch["image_grid_thw"],
+            mm_token_type_ids=batch["mm_token_type_ids"],
+            method="rounds",
+        )
         ref_latents = []
         for b, single in enumerate(singles):
             hidden, _ = reference_sample(model, single, tokens.pad_id)
@@ -268,10 +303,14 @@ def test_gradient_flows_through_latents():
         n_real = int(batch["attention_mask"][b].sum())
         model.zero_grad(set_to_none=True)
         hidden, embeds = reference_sample(model, single, tokens.pad_id, embed_grad=True)
-        (_ce_sum(model, hidden, _labels(single["input_ids"], single["attention_mask"], tokens.pad_id))
-         / n_targets).backward()
+        (
+            _ce_sum(model, hidden, _labels(single["input_ids"], single["attention_mask"], tokens.pad_id))
+            / n_targets
+        ).backward()
         non_slot = single["input_ids"][0] != tokens.pad_id
-        torch.testing.assert_close(g_live[b, :n_real][non_slot], embeds.grad[0][non_slot], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(
+            g_live[b, :n_real][non_slot], embeds.grad[0][non_slot], rtol=1e-5, atol=1e-7
+        )
         if len(first):
             before = slice(0, int(first[0]))  # the prompt and text before the first span
             diff = (g_live[b, before] - g_cut[b, before]).norm() / g_live[b, before].norm()
@@ -342,10 +381,10 @@ def test_packed_schedule_cuts_padding_and_keeps_slots_first():
     slot = torch.zeros(B, L, dtype=torch.bool)
     for b in range(B):
         n = L - int(torch.randint(0, 20, (1,), generator=g))
-        attn[b, L - n:] = True  # left padding
+        attn[b, L - n :] = True  # left padding
         for centre in (0.25, 0.5, 0.75):
             t = L - n + int((centre + float(torch.rand((), generator=g)) * 0.2 - 0.1) * n)
-            slot[b, t + 1:t + 1 + K] = True
+            slot[b, t + 1 : t + 1 + K] = True
     aligned = plan_rounds(attn, slot, "aligned")
     packed = plan_rounds(attn, slot, "packed", round_overhead=4)
     assert len(aligned.lengths) == 3 * K + 1
@@ -365,7 +404,9 @@ def test_batch_without_slots_is_one_plain_forward():
     batch, _ = make_batch(processor, tokens, "right", spec=[(0, 3, False), (0, 7, False)])
     out = self_latent_forward(model, batch["input_ids"], batch["attention_mask"], batch["slot_mask"])
     assert out.steps == 1 and out.latents.shape == (0, 64)
-    plain = multimodal_model(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    plain = multimodal_model(model)(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).last_hidden_state
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(out.hidden_states[real], plain[real], rtol=1e-5, atol=1e-5)
 

@@ -10,8 +10,14 @@ def register(subparsers) -> None:
         description="Load a JSONL file the way training does; any malformed row is reported as file:line:field.",
     )
     p.add_argument("--data", required=True, help="the JSONL file")
-    p.add_argument("--root", default=None, help="folder the image paths are relative to (default: the reference layout)")
-    p.add_argument("--benchmark", default=None, help="vsp_planning, vsp_reasoning, jigsaw, sat or comt (default: infer VSP)")
+    p.add_argument(
+        "--root", default=None, help="folder the image paths are relative to (default: the reference layout)"
+    )
+    p.add_argument(
+        "--benchmark",
+        default=None,
+        help="vsp_planning, vsp_reasoning, jigsaw, sat or comt (default: infer VSP)",
+    )
     p.set_defaults(func=run)
 
 

@@ -12,10 +12,19 @@ def register(subparsers) -> None:
     )
     p.add_argument("--images", required=True, help="folder of source .png/.jpg images (searched recursively)")
     p.add_argument("--num-samples", type=int, required=True, help="number of puzzles to write")
-    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files (default 0)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="random seed; the same seed gives the same files (default 0)"
+    )
     p.add_argument("--out", required=True, help="output folder (gets jigsaw.jsonl and images/)")
-    p.add_argument("--patch-frac", type=float, default=0.25, help="hole side as a fraction of the shorter image side (default 0.25, at most 1/3)")
-    p.add_argument("--max-side", type=int, default=512, help="downscale source images to this longest side (default 512)")
+    p.add_argument(
+        "--patch-frac",
+        type=float,
+        default=0.25,
+        help="hole side as a fraction of the shorter image side (default 0.25, at most 1/3)",
+    )
+    p.add_argument(
+        "--max-side", type=int, default=512, help="downscale source images to this longest side (default 512)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     p.set_defaults(func=run)
 
@@ -24,8 +33,13 @@ def run(args) -> int:
     from ..data.jigsaw import generate_jigsaw
 
     path = generate_jigsaw(
-        args.images, args.num_samples, args.seed, args.out,
-        patch_frac=args.patch_frac, max_side=args.max_side, overwrite=args.overwrite,
+        args.images,
+        args.num_samples,
+        args.seed,
+        args.out,
+        patch_frac=args.patch_frac,
+        max_side=args.max_side,
+        overwrite=args.overwrite,
     )
     print(f"wrote {args.num_samples} Jigsaw rows to {path}")
     return 0

@@ -19,13 +19,27 @@ def register(subparsers) -> None:
         "relative to --out, which is the dataset root.",
     )
     parser.add_argument("--task", required=True, choices=["reasoning", "planning"])
-    parser.add_argument("--levels", type=int, nargs="+", default=[3, 4, 5, 6], help="grid sides (default: 3 4 5 6)")
-    parser.add_argument("--num-samples", type=int, required=True, help="rows in all, spread evenly over the levels")
-    parser.add_argument("--split", default="train", choices=["train", "test"], help="test rows have no answers text/images")
-    parser.add_argument("--style", default="cot", choices=["direct", "cot"], help="answer style (default: cot)")
+    parser.add_argument(
+        "--levels", type=int, nargs="+", default=[3, 4, 5, 6], help="grid sides (default: 3 4 5 6)"
+    )
+    parser.add_argument(
+        "--num-samples", type=int, required=True, help="rows in all, spread evenly over the levels"
+    )
+    parser.add_argument(
+        "--split", default="train", choices=["train", "test"], help="test rows have no answers text/images"
+    )
+    parser.add_argument(
+        "--style", default="cot", choices=["direct", "cot"], help="answer style (default: cot)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
-    parser.add_argument("--exclude", nargs="+", default=[], metavar="FILE", help="JSONL files whose maps must not be generated")
+    parser.add_argument(
+        "--exclude",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="JSONL files whose maps must not be generated",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.set_defaults(func=run)
 

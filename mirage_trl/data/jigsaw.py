@@ -103,8 +103,15 @@ def make_sample(ref, other, rng: random.Random, patch_frac: float = 0.25) -> dic
     return {"reference": with_hole, "candidates": candidates, "helper": helper, "answer": answer, "box": box}
 
 
-def generate_jigsaw(images: str | os.PathLike, num_samples: int, seed: int, out: str | os.PathLike,
-                    patch_frac: float = 0.25, max_side: int = 512, overwrite: bool = False) -> Path:
+def generate_jigsaw(
+    images: str | os.PathLike,
+    num_samples: int,
+    seed: int,
+    out: str | os.PathLike,
+    patch_frac: float = 0.25,
+    max_side: int = 512,
+    overwrite: bool = False,
+) -> Path:
     """Write `num_samples` puzzles from the images under `images` to `out`; returns the JSONL path."""
     if num_samples < 1:
         raise MirageError(f"--num-samples: must be at least 1, got {num_samples}")

@@ -90,10 +90,14 @@ def _parse_map(value, loc) -> list[list[int]]:
     ok = (
         isinstance(value, list)
         and value
-        and all(isinstance(r, list) and r and all(type(c) is int and c in (-1, 0, 1, 2) for c in r) for r in value)
+        and all(
+            isinstance(r, list) and r and all(type(c) is int and c in (-1, 0, 1, 2) for c in r) for r in value
+        )
     )
     if not ok:
-        raise MirageError(f"{loc('map_desc')}: expected a grid of -1/0/1/2 (list of lists), got {_short(value)}")
+        raise MirageError(
+            f"{loc('map_desc')}: expected a grid of -1/0/1/2 (list of lists), got {_short(value)}"
+        )
     flat = [c for r in value for c in r]
     if flat.count(1) != 1 or flat.count(2) != 1:
         raise MirageError(f"{loc('map_desc')}: a grid needs exactly one start (1) and one goal (2)")
@@ -106,7 +110,9 @@ def _infer_benchmark(text_input: str, has_map: bool, loc) -> str:
         return "vsp_reasoning"
     if has_map or "action plan" in text_input.lower():
         return "vsp_planning"
-    raise MirageError(f"{loc(None)}: cannot tell the benchmark of this row; pass benchmark= (one of {', '.join(BENCHMARKS)})")
+    raise MirageError(
+        f"{loc(None)}: cannot tell the benchmark of this row; pass benchmark= (one of {', '.join(BENCHMARKS)})"
+    )
 
 
 def _user_content(text: str) -> list[dict]:
@@ -119,9 +125,16 @@ def _user_content(text: str) -> list[dict]:
     return content
 
 
-def parse_row(obj, path, line: int, root: str | os.PathLike | None = None, benchmark: str | None = None,
-              check_images: bool = True) -> dict:
+def parse_row(
+    obj,
+    path,
+    line: int,
+    root: str | os.PathLike | None = None,
+    benchmark: str | None = None,
+    check_images: bool = True,
+) -> dict:
     """Validate one decoded JSONL object and turn it into the row schema (see module docstring)."""
+
     def loc(field):
         return where(path, line, field)
 
@@ -141,10 +154,14 @@ def parse_row(obj, path, line: int, root: str | os.PathLike | None = None, bench
 
     n_markers = text_input.count(IMAGE_MARKER)
     if n_markers != len(inputs):
-        raise MirageError(f"{loc('image_input')}: {n_markers} <image> marker(s) in text_input but {len(inputs)} input image(s)")
+        raise MirageError(
+            f"{loc('image_input')}: {n_markers} <image> marker(s) in text_input but {len(inputs)} input image(s)"
+        )
     n_out = (text_output or "").count(OUTPUT_IMAGE_MARKER)
     if n_out != len(helpers):
-        raise MirageError(f"{loc('image_output')}: {n_out} <output_image> marker(s) in text_output but {len(helpers)} helper image(s)")
+        raise MirageError(
+            f"{loc('image_output')}: {n_out} <output_image> marker(s) in text_output but {len(helpers)} helper image(s)"
+        )
 
     def resolve(field, paths):
         out = []
@@ -203,8 +220,12 @@ def parse_row(obj, path, line: int, root: str | os.PathLike | None = None, bench
     }
 
 
-def load_rows(path: str | os.PathLike, root: str | os.PathLike | None = None, benchmark: str | None = None,
-              check_images: bool = True) -> list[dict]:
+def load_rows(
+    path: str | os.PathLike,
+    root: str | os.PathLike | None = None,
+    benchmark: str | None = None,
+    check_images: bool = True,
+) -> list[dict]:
     """Read a reference JSONL file into a list of row dicts (schema in the module docstring)."""
     if benchmark is not None:
         check_benchmark(benchmark)
@@ -224,15 +245,21 @@ def load_rows(path: str | os.PathLike, root: str | os.PathLike | None = None, be
             try:
                 obj = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
-                raise MirageError(f"{where(path, line_no)}: malformed JSON ({e.msg} at column {e.colno})") from None
+                raise MirageError(
+                    f"{where(path, line_no)}: malformed JSON ({e.msg} at column {e.colno})"
+                ) from None
             rows.append(parse_row(obj, path, line_no, root, benchmark, check_images))
     if not rows:
         raise MirageError(f"{path}: no rows (the file is empty)")
     return rows
 
 
-def load_reference_jsonl(path: str | os.PathLike, root: str | os.PathLike | None = None, benchmark: str | None = None,
-                         check_images: bool = True):
+def load_reference_jsonl(
+    path: str | os.PathLike,
+    root: str | os.PathLike | None = None,
+    benchmark: str | None = None,
+    check_images: bool = True,
+):
     """Load a reference-format JSONL file as a `datasets.Dataset` in the mirage-trl row schema.
 
     `root`: folder the image paths are relative to (default: the reference layout, see
@@ -249,12 +276,15 @@ def strip_latent_markers(row: dict) -> dict:
     messages = []
     for msg in row["messages"]:
         if msg["role"] == "assistant":
-            content = [
-                {**c, "text": _strip(c["text"])} if c["type"] == "text" else c for c in msg["content"]
-            ]
+            content = [{**c, "text": _strip(c["text"])} if c["type"] == "text" else c for c in msg["content"]]
             msg = {**msg, "content": content}
         messages.append(msg)
-    return {**row, "messages": messages, "helper_images": [], "completion_text": _strip(row["completion_text"])}
+    return {
+        **row,
+        "messages": messages,
+        "helper_images": [],
+        "completion_text": _strip(row["completion_text"]),
+    }
 
 
 def _strip(text: str) -> str:

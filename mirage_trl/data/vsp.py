@@ -29,9 +29,25 @@ from ..io import atomic_dir, check_output_dir, write_jsonl
 from .vsp_render import GOAL, HOLE, ICE, START, render_map
 
 __all__ = [
-    "GOAL", "HOLE", "ICE", "START", "Move", "PLANNING_PROMPT", "REASONING_PROMPT", "find_cell", "step",
-    "walk", "simulate", "shortest_path", "random_map", "render_map", "planning_row", "reasoning_row",
-    "random_plan", "load_map_descs", "generate_vsp",
+    "GOAL",
+    "HOLE",
+    "ICE",
+    "START",
+    "Move",
+    "PLANNING_PROMPT",
+    "REASONING_PROMPT",
+    "find_cell",
+    "step",
+    "walk",
+    "simulate",
+    "shortest_path",
+    "random_map",
+    "render_map",
+    "planning_row",
+    "reasoning_row",
+    "random_plan",
+    "load_map_descs",
+    "generate_vsp",
 ]
 
 
@@ -170,7 +186,9 @@ def random_map(level: int, rng: random.Random, max_hole_frac: float = 0.2) -> li
     `max_hole_frac`, but draws over the cap (or unsolvable ones) are redrawn.
     """
     if level < 2:
-        raise MirageError(f"--levels: level {level} is too small (the grid needs a start and a goal: 2 or more)")
+        raise MirageError(
+            f"--levels: level {level} is too small (the grid needs a start and a goal: 2 or more)"
+        )
     cap = max_holes(level, max_hole_frac)
     cells = [(r, c) for r in range(level) for c in range(level)]
     while True:
@@ -269,7 +287,9 @@ def _step_texts(map_desc, plan: str) -> list[str]:
         word = Move(move).word
         value = map_desc[after[0]][after[1]]
         if after == before:
-            texts.append(f"Moving {word} runs into the edge of the map, so I stay at {_cell(map_desc, after)}.")
+            texts.append(
+                f"Moving {word} runs into the edge of the map, so I stay at {_cell(map_desc, after)}."
+            )
         elif value == HOLE:
             texts.append(f"Moving {word} to {_cell(map_desc, after)} drops me into a hole and ends the game.")
         elif value == GOAL:
@@ -281,7 +301,9 @@ def _step_texts(map_desc, plan: str) -> list[str]:
 
 def _think(steps, before: str = "", after: str = "") -> str:
     """One think block: optional lead-in, the step sentences chained with "Next,", optional wrap-up."""
-    return "<think> " + " ".join(part for part in (before, " Next, ".join(steps), after) if part) + " </think>"
+    return (
+        "<think> " + " ".join(part for part in (before, " Next, ".join(steps), after) if part) + " </think>"
+    )
 
 
 def _boxed(answer: str) -> str:
@@ -303,17 +325,25 @@ def planning_row(map_desc, map_id: str, image: str, style: str | None, helper: s
         intro = f"The player starts at {_cell(map_desc, start)}, the goal is at {_cell(map_desc, goal)} and {where_holes}."
         check = f"The drawn path takes {len(answer)} moves and never enters a hole, and no shorter safe path exists."
         row |= {
-            "text_output": _think(_step_texts(map_desc, answer), before=intro) + "<output_image>" + _think([], after=check) + _boxed(answer),
+            "text_output": _think(_step_texts(map_desc, answer), before=intro)
+            + "<output_image>"
+            + _think([], after=check)
+            + _boxed(answer),
             "image_output": helper,
         }
     return row | {"map_desc": map_desc, "map_id": map_id, "answer": answer}
 
 
-def reasoning_row(map_desc, map_id: str, plan: str, image: str, style: str | None, helper: str | None, shown: int) -> dict:
+def reasoning_row(
+    map_desc, map_id: str, plan: str, image: str, style: str | None, helper: str | None, shown: int
+) -> dict:
     """A reasoning row for `plan`; the helper image shows the agent after `shown` moves."""
     outcome = simulate(map_desc, plan)
     answer = OUTCOMES[outcome]
-    row = {"text_input": REASONING_PROMPT.format(plan=", ".join(Move(m).word for m in plan)), "image_input": image}
+    row = {
+        "text_input": REASONING_PROMPT.format(plan=", ".join(Move(m).word for m in plan)),
+        "image_input": image,
+    }
     if style is not None:
         texts = _step_texts(map_desc, plan)
         end = walk(map_desc, plan)[-1]
@@ -326,7 +356,12 @@ def reasoning_row(map_desc, map_id: str, plan: str, image: str, style: str | Non
         if style == "direct":
             text = "<output_image>" + _boxed(answer)
         else:
-            text = _think(texts[:shown]) + "<output_image>" + _think(texts[shown:], after=conclusion) + _boxed(answer)
+            text = (
+                _think(texts[:shown])
+                + "<output_image>"
+                + _think(texts[shown:], after=conclusion)
+                + _boxed(answer)
+            )
         row |= {"text_output": text, "image_output": helper}
     return row | {"map_desc": map_desc, "map_id": map_id, "answer": answer}
 
@@ -352,7 +387,9 @@ def load_map_descs(paths, flag: str = "--exclude") -> set:
                     raise MirageError(f"{where(path, line_no)}: not valid JSON ({e.msg})") from None
                 desc = row.get("map_desc") if isinstance(row, dict) else None
                 if not isinstance(desc, list) or not all(isinstance(r, list) for r in desc):
-                    raise MirageError(f"{where(path, line_no, 'map_desc')}: missing or not a grid (list of lists)")
+                    raise MirageError(
+                        f"{where(path, line_no, 'map_desc')}: missing or not a grid (list of lists)"
+                    )
                 keys.add(_map_key(desc))
     return keys
 
@@ -371,11 +408,15 @@ def _check_request(task, levels, num_samples, split, style, max_hole_frac) -> li
         raise MirageError(f"--levels: a level is given twice ({' '.join(map(str, levels))})")
     for level in levels:
         if level < 2:
-            raise MirageError(f"--levels: level {level} is too small (the grid needs a start and a goal: 2 or more)")
+            raise MirageError(
+                f"--levels: level {level} is too small (the grid needs a start and a goal: 2 or more)"
+            )
         if level > 32:
             raise MirageError(f"--levels: level {level} is too large (32 at most)")
         if task == "reasoning" and max_holes(level, max_hole_frac) == 0:
-            raise MirageError(f"--levels: level {level} maps have no holes, so reasoning outcome B cannot occur (use 3 or more)")
+            raise MirageError(
+                f"--levels: level {level} maps have no holes, so reasoning outcome B cannot occur (use 3 or more)"
+            )
     if num_samples < 1:
         raise MirageError(f"--num-samples: must be at least 1 (got {num_samples})")
     return levels
@@ -386,8 +427,10 @@ def _sample_level(task, level, count, first_index, rng, excluded, max_hole_frac)
     upper = count_maps_upper(level, max_hole_frac)
     cap = max_holes(level, max_hole_frac)
     upper -= sum(
-        1 for key in excluded
-        if len(key) == level and sorted(v for row in key for v in row if v != ICE) == [HOLE] * _holes(key) + [START, GOAL]
+        1
+        for key in excluded
+        if len(key) == level
+        and sorted(v for row in key for v in row if v != ICE) == [HOLE] * _holes(key) + [START, GOAL]
         and _holes(key) <= cap
     )
     if count > upper:
@@ -452,7 +495,9 @@ def generate_vsp(
     index = 0
     for level, count in zip(levels, per_level):
         rng = random.Random(f"mirage-vsp:{task}:{split}:{seed}:{level}")  # train and test differ
-        for i, (desc, plan) in enumerate(_sample_level(task, level, count, index, rng, excluded, max_hole_frac)):
+        for i, (desc, plan) in enumerate(
+            _sample_level(task, level, count, index, rng, excluded, max_hole_frac)
+        ):
             shown = 0
             if plan is not None:
                 made = len(walk(desc, plan)) - 1

@@ -32,7 +32,9 @@ def sprite_dir() -> Path:
     """gymnasium's FrozenLake sprite folder, found without importing gymnasium (pygame stays out)."""
     spec = importlib.util.find_spec("gymnasium")
     if spec is None or not spec.submodule_search_locations:
-        raise MirageError("rendering VSP maps needs gymnasium 0.29.1's sprites: pip install gymnasium==0.29.1")
+        raise MirageError(
+            "rendering VSP maps needs gymnasium 0.29.1's sprites: pip install gymnasium==0.29.1"
+        )
     folder = Path(next(iter(spec.submodule_search_locations))) / "envs" / "toy_text" / "img"
     if not (folder / "ice.png").is_file():
         raise MirageError(f"{folder}: gymnasium's FrozenLake sprites are missing (need gymnasium 0.29.1)")
@@ -80,7 +82,9 @@ def _draw_path(image, map_desc, start, path: str, size: int) -> None:
             break
 
 
-def render_map(map_desc, agent=None, path: str | None = None, show_start: bool | None = None, facing: str = "D"):
+def render_map(
+    map_desc, agent=None, path: str | None = None, show_start: bool | None = None, facing: str = "D"
+):
     """Render a map as an RGB `PIL.Image.Image` (64 px tiles up to side 8).
 
     agent=None: the elf on the start, no stool (the official input images).

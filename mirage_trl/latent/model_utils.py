@@ -68,7 +68,9 @@ def capture_final_hidden(model):
         handle.remove()
 
 
-def rope_positions(model, input_ids, attention_mask, mm_token_type_ids=None, image_grid_thw=None) -> torch.Tensor:
+def rope_positions(
+    model, input_ids, attention_mask, mm_token_type_ids=None, image_grid_thw=None
+) -> torch.Tensor:
     """3-D rope positions (3, B, L) of the unpadded sequences, as the model computes them itself."""
     mm = multimodal_model(model)
     if mm_token_type_ids is None:

@@ -189,8 +189,12 @@ def _cost(schedule: list[list[int]], overhead: float) -> float:
     return sum(B * max(r) + overhead for r in schedule)
 
 
-def plan_rounds(attention_mask: torch.Tensor, slot_mask: torch.Tensor, schedule: str = "auto",
-                round_overhead: float = 16.0) -> RoundPlan:
+def plan_rounds(
+    attention_mask: torch.Tensor,
+    slot_mask: torch.Tensor,
+    schedule: str = "auto",
+    round_overhead: float = 16.0,
+) -> RoundPlan:
     """Assign every real token of the batch to a round and a column.
 
     schedule "aligned": round r = each sample's r-th slot and its text up to the next slot (rounds =
@@ -201,7 +205,9 @@ def plan_rounds(attention_mask: torch.Tensor, slot_mask: torch.Tensor, schedule:
     attn = attention_mask.detach().to("cpu").bool()
     slots = slot_mask.detach().to("cpu").bool()
     if attn.shape != slots.shape:
-        raise MirageError(f"slot_mask {tuple(slots.shape)} and attention_mask {tuple(attn.shape)} differ in shape")
+        raise MirageError(
+            f"slot_mask {tuple(slots.shape)} and attention_mask {tuple(attn.shape)} differ in shape"
+        )
     if bool((slots & ~attn).any()):
         raise MirageError("slot_mask marks padding positions as latent slots")
     if schedule not in ("auto", "aligned", "packed"):
@@ -326,21 +332,41 @@ def self_latent_forward(
         position_ids = position_ids[None].expand(3, -1, -1)
     vision = dict(pixel_values=pixel_values, image_grid_thw=image_grid_thw)
     if resolved == "recompute":
-        return _recompute(model, input_ids, attention_mask, slot_mask, position_ids, vision, mm_token_type_ids,
-                          detach_latents)
+        return _recompute(
+            model,
+            input_ids,
+            attention_mask,
+            slot_mask,
+            position_ids,
+            vision,
+            mm_token_type_ids,
+            detach_latents,
+        )
     global _warned_forced_rounds
     off = contextlib.nullcontext()
     if resolved == "rounds" and is_checkpointing(model):
         if not _warned_forced_rounds:
-            logger.warning("stage 2: method 'rounds' needs the KV cache, which gradient checkpointing disables; "
-                           "the model's gradient checkpointing is switched off for these calls "
-                           "(use 'rounds_checkpointed' or 'auto' to keep memory low)")
+            logger.warning(
+                "stage 2: method 'rounds' needs the KV cache, which gradient checkpointing disables; "
+                "the model's gradient checkpointing is switched off for these calls "
+                "(use 'rounds_checkpointed' or 'auto' to keep memory low)"
+            )
             _warned_forced_rounds = True
         off = model_checkpointing_off(model)
     with off:
-        return _rounds(model, input_ids, attention_mask, slot_mask, position_ids, vision, mm_token_type_ids,
-                       checkpointed=resolved == "rounds_checkpointed", detach_latents=detach_latents,
-                       schedule=schedule, round_overhead=round_overhead)
+        return _rounds(
+            model,
+            input_ids,
+            attention_mask,
+            slot_mask,
+            position_ids,
+            vision,
+            mm_token_type_ids,
+            checkpointed=resolved == "rounds_checkpointed",
+            detach_latents=detach_latents,
+            schedule=schedule,
+            round_overhead=round_overhead,
+        )
 
 
 # --------------------------------------------------------------------------- rounds
@@ -350,9 +376,20 @@ def _inner_forward(inner, **kw) -> torch.Tensor:
     return inner(**kw).last_hidden_state
 
 
-def _rounds(model, input_ids, attention_mask, slot_mask, position_ids, vision, mm_token_type_ids, *,
-            checkpointed: bool, detach_latents: bool, schedule: str = "auto",
-            round_overhead: float = 16.0) -> SelfLatentOutput:
+def _rounds(
+    model,
+    input_ids,
+    attention_mask,
+    slot_mask,
+    position_ids,
+    vision,
+    mm_token_type_ids,
+    *,
+    checkpointed: bool,
+    detach_latents: bool,
+    schedule: str = "auto",
+    round_overhead: float = 16.0,
+) -> SelfLatentOutput:
     from transformers import DynamicCache
 
     plan = plan_rounds(attention_mask, slot_mask, schedule, round_overhead)
@@ -373,8 +410,8 @@ def _rounds(model, input_ids, attention_mask, slot_mask, position_ids, vision, m
     latents_round_order: list[torch.Tensor] = []
     off = 0
     for r, Lr in enumerate(plan.lengths):
-        src_r = src[:, off:off + Lr]
-        valid_r = valid[:, off:off + Lr]
+        src_r = src[:, off : off + Lr]
+        valid_r = valid[:, off : off + Lr]
         off += Lr
         ids_r = input_ids.gather(1, src_r)
         pos_r = position_ids.gather(2, src_r[None].expand(position_ids.shape[0], -1, -1))
@@ -401,19 +438,38 @@ def _rounds(model, input_ids, attention_mask, slot_mask, position_ids, vision, m
                 extra["mm_token_type_ids"] = mm_token_type_ids.gather(1, src_r)
         if not checkpointed:
             with latent_inputs(model, slot_r, values):
-                h = _inner_forward(inner, input_ids=ids_r, attention_mask=mask_r, position_ids=pos_r,
-                                   cache=cache, use_cache=True, **extra)
+                h = _inner_forward(
+                    inner,
+                    input_ids=ids_r,
+                    attention_mask=mask_r,
+                    position_ids=pos_r,
+                    cache=cache,
+                    use_cache=True,
+                    **extra,
+                )
         else:
             n_past = sum(c.shape[2] for c in past_k[0]) if past_k else 0
             flat_past = [c for layer in past_k for c in layer] + [c for layer in past_v for c in layer]
             n_chunks = len(past_k[0]) if past_k else 0
             out = torch.utils.checkpoint.checkpoint(
-                _checkpointed_round, model, inner, config, ids_r, pos_r, mask_r, slot_r, values, extra,
-                n_past, n_chunks, *flat_past, use_reentrant=False,
+                _checkpointed_round,
+                model,
+                inner,
+                config,
+                ids_r,
+                pos_r,
+                mask_r,
+                slot_r,
+                values,
+                extra,
+                n_past,
+                n_chunks,
+                *flat_past,
+                use_reentrant=False,
             )
             h = out[0]
             n_layers = (len(out) - 1) // 2
-            new_k, new_v = out[1:1 + n_layers], out[1 + n_layers:]
+            new_k, new_v = out[1 : 1 + n_layers], out[1 + n_layers :]
             if not past_k:
                 past_k = [[] for _ in range(n_layers)]
                 past_v = [[] for _ in range(n_layers)]
@@ -432,27 +488,44 @@ def _rounds(model, input_ids, attention_mask, slot_mask, position_ids, vision, m
         latents = torch.cat(latents_round_order)[plan.latent_order.to(dev)]
     else:
         latents = all_h.new_zeros(0, D)
-    return SelfLatentOutput(hidden, latents, "rounds_checkpointed" if checkpointed else "rounds",
-                            len(plan.lengths), plan.computed_tokens, plan.schedule)
+    return SelfLatentOutput(
+        hidden,
+        latents,
+        "rounds_checkpointed" if checkpointed else "rounds",
+        len(plan.lengths),
+        plan.computed_tokens,
+        plan.schedule,
+    )
 
 
-def _checkpointed_round(model, inner, config, ids_r, pos_r, mask_r, slot_r, values, extra, n_past, n_chunks,
-                        *flat_past):
+def _checkpointed_round(
+    model, inner, config, ids_r, pos_r, mask_r, slot_r, values, extra, n_past, n_chunks, *flat_past
+):
     """One round as a pure function: past key/value chunks in, (hidden, new keys..., new values...) out."""
     from transformers import DynamicCache
 
     if n_chunks:
         n_layers = len(flat_past) // (2 * n_chunks)
-        ks = [torch.cat(flat_past[i * n_chunks:(i + 1) * n_chunks], dim=2) for i in range(n_layers)]
+        ks = [torch.cat(flat_past[i * n_chunks : (i + 1) * n_chunks], dim=2) for i in range(n_layers)]
         vbase = n_layers * n_chunks
-        vs = [torch.cat(flat_past[vbase + i * n_chunks: vbase + (i + 1) * n_chunks], dim=2) for i in range(n_layers)]
+        vs = [
+            torch.cat(flat_past[vbase + i * n_chunks : vbase + (i + 1) * n_chunks], dim=2)
+            for i in range(n_layers)
+        ]
         cache = DynamicCache(ddp_cache_data=list(zip(ks, vs)), config=config)
     else:
         cache = DynamicCache(config=config)
     # The model's own checkpointing would drop the cache; it is off here, also in the backward replay.
     with model_checkpointing_off(model), latent_inputs(model, slot_r, values):
-        h = _inner_forward(inner, input_ids=ids_r, attention_mask=mask_r, position_ids=pos_r, cache=cache,
-                           use_cache=True, **extra)
+        h = _inner_forward(
+            inner,
+            input_ids=ids_r,
+            attention_mask=mask_r,
+            position_ids=pos_r,
+            cache=cache,
+            use_cache=True,
+            **extra,
+        )
     layers = cache.layers
     if n_past:
         new_k = [layer.keys[:, :, n_past:].clone() for layer in layers]
@@ -466,8 +539,9 @@ def _checkpointed_round(model, inner, config, ids_r, pos_r, mask_r, slot_r, valu
 # --------------------------------------------------------------------------- recompute
 
 
-def _recompute(model, input_ids, attention_mask, slot_mask, position_ids, vision, mm_token_type_ids,
-               detach_latents) -> SelfLatentOutput:
+def _recompute(
+    model, input_ids, attention_mask, slot_mask, position_ids, vision, mm_token_type_ids, detach_latents
+) -> SelfLatentOutput:
     inner = multimodal_model(model)
     B, L = input_ids.shape
     counts = slot_mask.sum(1).cpu()  # one host sync per batch
@@ -483,8 +557,9 @@ def _recompute(model, input_ids, attention_mask, slot_mask, position_ids, vision
     hidden = None
     for i in range(passes):
         with latent_inputs(model, slot_mask, values):
-            hidden = _inner_forward(inner, input_ids=input_ids, attention_mask=attention_mask,
-                                    position_ids=position_ids, **extra)
+            hidden = _inner_forward(
+                inner, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **extra
+            )
         if i < passes - 1:
             values = hidden[prev]
             if detach_latents:

@@ -23,7 +23,9 @@ def check_pooling(pooling: str) -> str:
     return pooling
 
 
-def pool_helper_features(features: torch.Tensor, latent_size: int, pooling: str = "drop_remainder") -> torch.Tensor:
+def pool_helper_features(
+    features: torch.Tensor, latent_size: int, pooling: str = "drop_remainder"
+) -> torch.Tensor:
     """(n, D) patch features of one image -> (k, D) pooled targets."""
     check_pooling(pooling)
     n = features.shape[0]
@@ -40,7 +42,11 @@ def pool_helper_features(features: torch.Tensor, latent_size: int, pooling: str 
 
 @torch.no_grad()
 def helper_latent_targets(
-    model, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, latent_size: int, pooling: str = "drop_remainder"
+    model,
+    pixel_values: torch.Tensor,
+    image_grid_thw: torch.Tensor,
+    latent_size: int,
+    pooling: str = "drop_remainder",
 ) -> torch.Tensor:
     """Pooled targets of a batch of helper images: (num_images * k, D), no gradient, each image encoded once."""
     mm = multimodal_model(model)
@@ -68,7 +74,13 @@ def _vision_fingerprint(model) -> str:
 
 
 def precompute_latent_targets(
-    dataset, model, processor, latent_size: int, pooling: str = "drop_remainder", batch_size: int = 16, cache_dir=None
+    dataset,
+    model,
+    processor,
+    latent_size: int,
+    pooling: str = "drop_remainder",
+    batch_size: int = 16,
+    cache_dir=None,
 ):
     """Add a `latent_targets` column (one (k, D) list per helper image) computed once, cached by `datasets`.
 

@@ -56,7 +56,9 @@ def add_latent_tokens(processing_class, model=None, latent_size: int = 4) -> Lat
         raise MirageError(f"latent_size must be >= 1, got {latent_size}")
     tok = _tokenizer(processing_class)
     before = len(tok)
-    tok.add_special_tokens({"additional_special_tokens": list(LATENT_TOKEN_NAMES)}, replace_extra_special_tokens=False)
+    tok.add_special_tokens(
+        {"additional_special_tokens": list(LATENT_TOKEN_NAMES)}, replace_extra_special_tokens=False
+    )
     tokens = LatentTokens.from_tokenizer(tok, latent_size)
     if model is not None:
         check_latent_size(model, latent_size)

@@ -29,6 +29,7 @@ MIRAGE_FILE = "mirage_config.json"
 _INT_OPS = {"BININT", "BININT1", "BININT2", "INT", "LONG1", "LONG"}
 _MEMO_OPS = {"BINPUT", "LONG_BINPUT", "MEMOIZE", "PUT"}
 
+
 # ---------------------------------------------------------------------------------------- resolving
 @dataclass
 class ModelSource:
@@ -321,10 +322,14 @@ def load_model(
     if not Path(name).is_dir():
         if Path(name).exists() or not _looks_like_hub_name(name):
             raise MirageError(f"{name}: not a model folder, an adapter folder or a hub model name (org/name)")
-        return _load_hub(name, dtype=dtype, device=device, latent_size=latent_size, trust_remote_code=trust_remote_code)
+        return _load_hub(
+            name, dtype=dtype, device=device, latent_size=latent_size, trust_remote_code=trust_remote_code
+        )
     src = resolve_model_dir(name, latent_size=latent_size, require_mirage=require_mirage)
     if src.latent_size is None:  # only reachable with require_mirage=False (baselines, plain models)
-        warnings.warn(f"{name}: the tokenizer has no latent tokens; it decodes as a plain model", stacklevel=2)
+        warnings.warn(
+            f"{name}: the tokenizer has no latent tokens; it decodes as a plain model", stacklevel=2
+        )
     model, processor, _ = _load_source(src, dtype=dtype, trust_remote_code=trust_remote_code)
     if device is not None:
         model.to(device)
@@ -347,7 +352,9 @@ def _load_hub(name, *, dtype=None, device=None, latent_size=None, trust_remote_c
         raise MirageError(f"{name}: cannot load it from the Hub ({reason})") from None
     vocab = processor.tokenizer.get_vocab()
     if any(t not in vocab for t in LATENT_TOKEN_NAMES):
-        warnings.warn(f"{name}: the tokenizer has no latent tokens; it decodes as a plain model", stacklevel=3)
+        warnings.warn(
+            f"{name}: the tokenizer has no latent tokens; it decodes as a plain model", stacklevel=3
+        )
     elif latent_size is not None:
         check_latent_size(model, latent_size)
         set_mirage_config(model, latent_size)

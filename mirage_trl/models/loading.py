@@ -36,7 +36,9 @@ def processor_class(model_type: str):
             return [a for a in base.get_attributes() if a != "video_processor"]
 
         # Same class name, so a saved processor_config.json names the stock class and loads anywhere.
-        _IMAGE_ONLY[model_type] = type(name, (base,), {"get_attributes": get_attributes, "__module__": base.__module__})
+        _IMAGE_ONLY[model_type] = type(
+            name, (base,), {"get_attributes": get_attributes, "__module__": base.__module__}
+        )
     return _IMAGE_ONLY[model_type]
 
 
@@ -46,9 +48,15 @@ def load_processor(name_or_path: str, model_type: str | None = None, trust_remot
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     if model_type is None:
-        model_type = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kw).model_type
+        model_type = AutoConfig.from_pretrained(
+            name_or_path, trust_remote_code=trust_remote_code, **kw
+        ).model_type
     cls = processor_class(model_type)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kw)
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(name_or_path, **kw)
-    return cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-               chat_template=tokenizer.chat_template)
+    return cls(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=None,
+        chat_template=tokenizer.chat_template,
+    )

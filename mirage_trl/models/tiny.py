@@ -118,8 +118,12 @@ def build_tiny_processor(model_type: str = "qwen2_5_vl", tokenizer=None):
 
     tokenizer = tokenizer or build_tiny_tokenizer()
     cls = processor_class(model_type)
-    return cls(image_processor=build_tiny_image_processor(), tokenizer=tokenizer, video_processor=None,
-               chat_template=QWEN_VL_CHAT_TEMPLATE)
+    return cls(
+        image_processor=build_tiny_image_processor(),
+        tokenizer=tokenizer,
+        video_processor=None,
+        chat_template=QWEN_VL_CHAT_TEMPLATE,
+    )
 
 
 def tiny_config(model_type: str = "qwen2_5_vl", tokenizer=None, spare_rows: int = 16, **text_overrides):
@@ -146,14 +150,21 @@ def tiny_config(model_type: str = "qwen2_5_vl", tokenizer=None, spare_rows: int 
     out_hidden = text["hidden_size"]
     if model_type == "qwen3_vl":
         text.update(head_dim=head_dim)
-        vision = dict(TINY_VISION, out_hidden_size=out_hidden, patch_size=14, num_position_embeddings=64,
-                      deepstack_visual_indexes=[1])
+        vision = dict(
+            TINY_VISION,
+            out_hidden_size=out_hidden,
+            patch_size=14,
+            num_position_embeddings=64,
+            deepstack_visual_indexes=[1],
+        )
     else:
         vision = dict(TINY_VISION, patch_size=14)
         if model_type == "qwen2_5_vl":
             vision.update(out_hidden_size=out_hidden, fullatt_block_indexes=[1], window_size=56)
         else:
-            vision = dict(depth=2, embed_dim=32, hidden_size=out_hidden, mlp_ratio=2, num_heads=2, patch_size=14)
+            vision = dict(
+                depth=2, embed_dim=32, hidden_size=out_hidden, mlp_ratio=2, num_heads=2, patch_size=14
+            )
     return AutoConfig.for_model(
         model_type,
         text_config=text,

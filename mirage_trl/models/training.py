@@ -48,7 +48,9 @@ def load_for_training(name_or_path: str, args=None, model_args=None):
         if quantization is not None:
             kwargs["quantization_config"] = quantization
             kwargs["device_map"] = _kbit_device_map()
-        trust = bool(getattr(model_args, "trust_remote_code", False) or getattr(args, "trust_remote_code", False))
+        trust = bool(
+            getattr(model_args, "trust_remote_code", False) or getattr(args, "trust_remote_code", False)
+        )
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
 
     if is_adapter_dir(name_or_path):

@@ -60,7 +60,11 @@ def adapt_peft_config(peft_config, tokens: LatentTokens):
     if peft_config is None:
         return None
     target = getattr(peft_config, "target_modules", None)
-    if target is None or target == "all-linear" or (not isinstance(target, str) and set(target) == {"all-linear"}):
+    if (
+        target is None
+        or target == "all-linear"
+        or (not isinstance(target, str) and set(target) == {"all-linear"})
+    ):
         peft_config.target_modules = LANGUAGE_MODEL_LINEAR
     elif not isinstance(target, str):
         # Plain names like ["q_proj", "v_proj"] would also hit the vision tower's layers: restrict them.

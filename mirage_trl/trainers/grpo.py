@@ -71,7 +71,7 @@ def latent_layout(completion_ids: torch.Tensor, tokens: LatentTokens) -> tuple[t
     for j in range(1, min(k, C - 1) + 1):
         slots[:, j:] |= is_start[:, :-j]
     if C > k + 1:
-        forced[:, k + 1:] = is_start[:, : C - k - 1]
+        forced[:, k + 1 :] = is_start[:, : C - k - 1]
     return slots & (completion_ids == tokens.pad_id), forced & (completion_ids == tokens.end_id)
 
 
@@ -90,7 +90,7 @@ def _text_logps(head, hidden: torch.Tensor, targets: torch.Tensor, temperature: 
 
     logps, ents = [], []
     for s in range(0, hidden.shape[0], LOGPROB_CHUNK):
-        h, t = hidden[s:s + LOGPROB_CHUNK], targets[s:s + LOGPROB_CHUNK]
+        h, t = hidden[s : s + LOGPROB_CHUNK], targets[s : s + LOGPROB_CHUNK]
         if torch.is_grad_enabled() and h.requires_grad:
             lp, ent = checkpoint(score, h, t, use_reentrant=False)
         else:
@@ -149,7 +149,9 @@ class MirageGRPOTrainer(GRPOTrainer):
             for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
                 column = getattr(dataset, "column_names", None)
                 if column is not None:
-                    check_accuracy_benchmarks(set(dataset["benchmark"]) if "benchmark" in column else [None], name)
+                    check_accuracy_benchmarks(
+                        set(dataset["benchmark"]) if "benchmark" in column else [None], name
+                    )
         self._train_latents: list[torch.Tensor] = []
         self.num_skipped_steps = 0
         super().__init__(
@@ -192,16 +194,22 @@ class MirageGRPOTrainer(GRPOTrainer):
         return output
 
     # ------------------------------------------------------------------ rollouts
-    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+    def _generate_single_turn(
+        self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False
+    ):
         from ..generation import generate_with_latents
 
         if self.use_vllm or self.use_transformers_continuous_batching:
-            raise MirageError("latent rollouts need per-step hidden-state feedback: use the transformers generation path")
+            raise MirageError(
+                "latent rollouts need per-step hidden-state feedback: use the transformers generation path"
+            )
         pad = _trl_grpo.pad
         tensors = [torch.tensor(ids) for ids in prompt_ids]
         inputs = {
             "input_ids": pad(tensors, padding_value=self._tokenizer.pad_token_id, padding_side="left"),
-            "attention_mask": pad([torch.ones_like(t) for t in tensors], padding_value=0, padding_side="left"),
+            "attention_mask": pad(
+                [torch.ones_like(t) for t in tensors], padding_value=0, padding_side="left"
+            ),
         }
         for key, value in multimodal_fields.items():
             if isinstance(value, torch.Tensor):
@@ -253,7 +261,9 @@ class MirageGRPOTrainer(GRPOTrainer):
             text_lengths.append(sum(keep))
         result[2] = masks
         mode = "train" if self.model.training else "eval"
-        stats = self.accelerator.gather(torch.tensor([spans, text_lengths], dtype=torch.float32, device=device).T)
+        stats = self.accelerator.gather(
+            torch.tensor([spans, text_lengths], dtype=torch.float32, device=device).T
+        )
         self._metrics[mode]["latent/spans_mean"].append(stats[:, 0].mean().item())
         self._metrics[mode]["latent/with_span_frac"].append((stats[:, 0] > 0).float().mean().item())
         self._metrics[mode]["completions/mean_text_length"].append(stats[:, 1].mean().item())
@@ -296,8 +306,8 @@ class MirageGRPOTrainer(GRPOTrainer):
                 img = torch.tensor([0] + list(counts)).cumsum(0)
                 rows = torch.split(image_grid_thw.prod(-1), list(counts))
                 row_cum = torch.tensor([0] + [int(r.sum()) for r in rows]).cumsum(0)
-                vision["pixel_values"] = pixel_values[row_cum[start]:row_cum[end]]
-                vision["image_grid_thw"] = image_grid_thw[img[start]:img[end]]
+                vision["pixel_values"] = pixel_values[row_cum[start] : row_cum[end]]
+                vision["image_grid_thw"] = image_grid_thw[img[start] : img[end]]
                 if vision["image_grid_thw"].shape[0] == 0:
                     vision = {}
             mm = mm_token_type_ids[start:end] if mm_token_type_ids is not None else None
@@ -309,13 +319,16 @@ class MirageGRPOTrainer(GRPOTrainer):
             slot_mask[:, -C:] = slots_c
             positions = rope_positions(model, ids, attn, mm, vision.get("image_grid_thw"))
             with self.accelerator.autocast():
-                out = self_latent_forward(model, ids, attn, slot_mask, position_ids=positions, mm_token_type_ids=mm,
-                                          **vision)
-                hidden = out.hidden_states[:, -C - 1:-1]  # position t-1 predicts completion token t
+                out = self_latent_forward(
+                    model, ids, attn, slot_mask, position_ids=positions, mm_token_type_ids=mm, **vision
+                )
+                hidden = out.hidden_states[:, -C - 1 : -1]  # position t-1 predicts completion token t
                 if self.args.cast_lm_head_to_fp32:
                     hidden = hidden.float()
                 scored = real_c & ~slots_c & ~forced_c
-                lp, ent = _text_logps(head, hidden[scored], completion[scored], self.temperature, compute_entropy)
+                lp, ent = _text_logps(
+                    head, hidden[scored], completion[scored], self.temperature, compute_entropy
+                )
             logps = lp.new_zeros(scored.shape).masked_scatter(scored, lp)
             all_logps.append(logps)
             if compute_entropy:
@@ -338,20 +351,26 @@ class MirageGRPOTrainer(GRPOTrainer):
         ok = check_finite(self.state.global_step, self.args.skip_nonfinite_steps, **terms)
         if latents is not None:
             norms = latents.detach().float().norm(dim=-1)
-            self._metrics[mode]["latent/norm"].append(self.accelerator.gather(norms.mean().reshape(1)).mean().item())
+            self._metrics[mode]["latent/norm"].append(
+                self.accelerator.gather(norms.mean().reshape(1)).mean().item()
+            )
             if ok and self.args.max_latent_norm is not None:
                 ok = self._latent_norm_ok(norms.max())
         if not ok:
             self.num_skipped_steps += 1
             self._metrics[mode]["skipped_steps"].append(float(self.num_skipped_steps))
-            loss = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)  # no update, graph intact
+            loss = sum(
+                p.sum() * 0.0 for p in model.parameters() if p.requires_grad
+            )  # no update, graph intact
         return loss
 
     def _latent_norm_ok(self, peak) -> bool:
         if bool(peak <= self.args.max_latent_norm):
             return True
-        msg = (f"step {self.state.global_step}: latent norm {float(peak):.3g} exceeds max_latent_norm="
-               f"{self.args.max_latent_norm:g}")
+        msg = (
+            f"step {self.state.global_step}: latent norm {float(peak):.3g} exceeds max_latent_norm="
+            f"{self.args.max_latent_norm:g}"
+        )
         if self.args.skip_nonfinite_steps:
             logger.warning("%s; step skipped", msg)
             return False

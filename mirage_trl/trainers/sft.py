@@ -35,7 +35,9 @@ from .common import (
 logger = logging.getLogger(__name__)
 
 
-def text_cross_entropy(model, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def text_cross_entropy(
+    model, hidden: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of next-token CE over trained positions, and their count (logits only where needed)."""
     mask = labels[:, 1:] != IGNORE_INDEX
     h = hidden[:, :-1][mask]
@@ -45,7 +47,11 @@ def text_cross_entropy(model, hidden: torch.Tensor, labels: torch.Tensor) -> tup
 
 
 def _has_helpers(dataset) -> bool:
-    column = dataset["helper_images"] if hasattr(dataset, "column_names") else [r.get("helper_images") for r in dataset]
+    column = (
+        dataset["helper_images"]
+        if hasattr(dataset, "column_names")
+        else [r.get("helper_images") for r in dataset]
+    )
     return any(column)
 
 
@@ -114,7 +120,11 @@ class MirageSFTTrainer(SFTTrainer):
     # ------------------------------------------------------------------ forward passes
     def _positions(self, model, inputs) -> torch.Tensor:
         return rope_positions(
-            model, inputs["input_ids"], inputs["attention_mask"], inputs.get("mm_token_type_ids"), inputs.get("image_grid_thw")
+            model,
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            inputs.get("mm_token_type_ids"),
+            inputs.get("image_grid_thw"),
         )
 
     def _helper_targets(self, model, inputs) -> torch.Tensor | None:
@@ -123,13 +133,20 @@ class MirageSFTTrainer(SFTTrainer):
         if "helper_pixel_values" not in inputs:
             return None
         return helper_latent_targets(
-            model, inputs["helper_pixel_values"], inputs["helper_image_grid_thw"], self.args.latent_size, self.args.latent_pooling
+            model,
+            inputs["helper_pixel_values"],
+            inputs["helper_image_grid_thw"],
+            self.args.latent_size,
+            self.args.latent_pooling,
         )
 
     def stage1_forward(self, model, inputs, targets):
         """One forward with the targets at the slots; returns final-norm hidden states (B, L, D)."""
         # unwrap: a DDP wrapper has no get_input_embeddings (DeepSpeed's engine forwards it)
-        with latent_inputs(unwrap(model), inputs["latent_mask"], targets), capture_final_hidden(model) as captured:
+        with (
+            latent_inputs(unwrap(model), inputs["latent_mask"], targets),
+            capture_final_hidden(model) as captured,
+        ):
             model(
                 input_ids=inputs["input_ids"],
                 attention_mask=inputs["attention_mask"],
@@ -188,7 +205,9 @@ class MirageSFTTrainer(SFTTrainer):
                 steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
                 loss = loss + latent_loss / steps
         if has_slots:
-            metrics.update(self._latent_metrics(latents, targets if self.args.stage == 2 else None, slot_mask))
+            metrics.update(
+                self._latent_metrics(latents, targets if self.args.stage == 2 else None, slot_mask)
+            )
 
         terms = {"loss": loss}
         if has_slots:
@@ -199,10 +218,14 @@ class MirageSFTTrainer(SFTTrainer):
         if not ok:
             self.num_skipped_steps += 1
             self._metrics[mode]["skipped_steps"].append(float(self.num_skipped_steps))
-            loss = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)  # no update, graph intact
+            loss = sum(
+                p.sum() * 0.0 for p in model.parameters() if p.requires_grad
+            )  # no update, graph intact
 
         for name, value in metrics.items():
-            self._metrics[mode][name].append(self.accelerator.gather_for_metrics(value.detach().reshape(1)).mean().item())
+            self._metrics[mode][name].append(
+                self.accelerator.gather_for_metrics(value.detach().reshape(1)).mean().item()
+            )
         dropped = getattr(self.data_collator, "num_dropped", 0)
         if dropped:
             self._metrics[mode]["dropped_rows"].append(float(dropped))

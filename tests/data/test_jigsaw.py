@@ -65,7 +65,9 @@ def test_rows_answers_and_helper_images(tmp_path):
 
 
 def _files(folder: Path) -> dict:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 def test_deterministic_per_seed(tmp_path):

@@ -16,8 +16,17 @@ from mirage_trl.errors import MirageError
 
 PROMPT = "Look: <image> and answer."
 VALID_KEYS = {
-    "messages", "images", "helper_images", "prompt_text", "completion_text", "benchmark",
-    "answer", "map_desc", "map_id", "level", "source",
+    "messages",
+    "images",
+    "helper_images",
+    "prompt_text",
+    "completion_text",
+    "benchmark",
+    "answer",
+    "map_desc",
+    "map_id",
+    "level",
+    "source",
 }
 
 
@@ -43,7 +52,10 @@ def test_sample_rows_load(official_data):
         assert row["helper_images"] == [str(official_data.parent / src["image_output"])]
         assert all(Path(p).is_file() for p in row["images"] + row["helper_images"])
         _check_messages(row)
-        assert row["messages"][1] == {"role": "assistant", "content": [{"type": "text", "text": src["text_output"]}]}
+        assert row["messages"][1] == {
+            "role": "assistant",
+            "content": [{"type": "text", "text": src["text_output"]}],
+        }
         assert row["completion_text"].count("<output_image>") == len(row["helper_images"]) == 1
         assert row["answer"] in ("A", "B", "C")
         assert row["level"] == int(src["image_input"].split("level_")[1].split("/")[0])
@@ -81,7 +93,12 @@ def _write(tmp_path, rows, name="d.jsonl", images=("a.png", "b.png", "h.png")):
     return path
 
 
-GOOD = {"text_input": PROMPT, "image_input": "a.png", "text_output": "x <output_image> \\boxed{B}", "image_output": "h.png"}
+GOOD = {
+    "text_input": PROMPT,
+    "image_input": "a.png",
+    "text_output": "x <output_image> \\boxed{B}",
+    "image_output": "h.png",
+}
 
 
 def _error(path, **kw) -> str:
@@ -91,13 +108,18 @@ def _error(path, **kw) -> str:
 
 
 def test_own_folder_root_schema_and_blank_lines(tmp_path):
-    path = _write(tmp_path, [GOOD, "", {**GOOD, "answer": "(C)", "level": 2, "map_id": 7}], )
+    path = _write(
+        tmp_path,
+        [GOOD, "", {**GOOD, "answer": "(C)", "level": 2, "map_id": 7}],
+    )
     ds = load_reference_jsonl(path, benchmark="jigsaw")
     assert len(ds) == 2
     row = ds[0]
     assert row["images"] == [str(tmp_path / "a.png")] and row["helper_images"] == [str(tmp_path / "h.png")]
     assert row["messages"][0]["content"] == [
-        {"type": "text", "text": "Look: "}, {"type": "image", "text": None}, {"type": "text", "text": " and answer."}
+        {"type": "text", "text": "Look: "},
+        {"type": "image", "text": None},
+        {"type": "text", "text": " and answer."},
     ]
     assert (row["answer"], row["level"], row["map_id"], row["source"]) == ("B", 0, "", f"{path}:1")
     assert (ds[1]["answer"], ds[1]["level"], ds[1]["map_id"], ds[1]["source"]) == ("(C)", 2, "7", f"{path}:3")
@@ -105,7 +127,10 @@ def test_own_folder_root_schema_and_blank_lines(tmp_path):
 
 def test_errors_name_file_line_field(tmp_path):
     p = _write(tmp_path, [GOOD, '{"text_input": "a", '])
-    assert _error(p, benchmark="sat") == f"{p}:2: malformed JSON (Expecting property name enclosed in double quotes at column 21)"
+    assert (
+        _error(p, benchmark="sat")
+        == f"{p}:2: malformed JSON (Expecting property name enclosed in double quotes at column 21)"
+    )
     p = _write(tmp_path, [GOOD, "[1, 2]"])
     assert _error(p, benchmark="sat") == f"{p}:2: expected a JSON object, got list"
     p = _write(tmp_path, [{"image_input": "a.png"}])
@@ -115,11 +140,16 @@ def test_errors_name_file_line_field(tmp_path):
     p = _write(tmp_path, [{**GOOD, "text_input": 3}])
     assert _error(p, benchmark="sat") == f"{p}:1:text_input: expected a string, got int"
     p = _write(tmp_path, [{**GOOD, "image_input": {"x": 1}}])
-    assert _error(p, benchmark="sat") == f'{p}:1:image_input: expected a path or a list of paths, got {{"x": 1}}'
+    assert (
+        _error(p, benchmark="sat") == f'{p}:1:image_input: expected a path or a list of paths, got {{"x": 1}}'
+    )
     p = _write(tmp_path, [{**GOOD, "level": "3"}])
     assert _error(p, benchmark="sat") == f'{p}:1:level: expected a non-negative integer, got "3"'
     p = _write(tmp_path, [{**GOOD, "map_desc": [[1, 0], [0, 5]]}])
-    assert _error(p, benchmark="vsp_planning") == f"{p}:1:map_desc: expected a grid of -1/0/1/2 (list of lists), got [[1, 0], [0, 5]]"
+    assert (
+        _error(p, benchmark="vsp_planning")
+        == f"{p}:1:map_desc: expected a grid of -1/0/1/2 (list of lists), got [[1, 0], [0, 5]]"
+    )
 
 
 def test_empty_file_and_missing_file(tmp_path):
@@ -129,26 +159,42 @@ def test_empty_file_and_missing_file(tmp_path):
 
 
 def test_missing_image(tmp_path):
-    p = _write(tmp_path, [GOOD, {**GOOD, "image_input": ["a.png", "gone.png"], "text_input": "<image><image>"}])
+    p = _write(
+        tmp_path, [GOOD, {**GOOD, "image_input": ["a.png", "gone.png"], "text_input": "<image><image>"}]
+    )
     assert _error(p, benchmark="sat") == f"{p}:2:image_input[1]: image not found: {tmp_path / 'gone.png'}"
     p = _write(tmp_path, [{**GOOD, "image_output": "gone.png"}])
     assert _error(p, benchmark="sat") == f"{p}:1:image_output: image not found: {tmp_path / 'gone.png'}"
     # check_images=False defers the check to whoever decodes the image.
-    assert load_reference_jsonl(p, benchmark="sat", check_images=False)[0]["helper_images"] == [str(tmp_path / "gone.png")]
+    assert load_reference_jsonl(p, benchmark="sat", check_images=False)[0]["helper_images"] == [
+        str(tmp_path / "gone.png")
+    ]
 
 
 def test_marker_count_mismatch(tmp_path):
     p = _write(tmp_path, [{**GOOD, "image_input": ["a.png", "b.png"]}])
-    assert _error(p, benchmark="sat") == f"{p}:1:image_input: 1 <image> marker(s) in text_input but 2 input image(s)"
+    assert (
+        _error(p, benchmark="sat")
+        == f"{p}:1:image_input: 1 <image> marker(s) in text_input but 2 input image(s)"
+    )
     p = _write(tmp_path, [{**GOOD, "text_output": "<output_image> <output_image> \\boxed{A}"}])
-    assert _error(p, benchmark="sat") == f"{p}:1:image_output: 2 <output_image> marker(s) in text_output but 1 helper image(s)"
+    assert (
+        _error(p, benchmark="sat")
+        == f"{p}:1:image_output: 2 <output_image> marker(s) in text_output but 1 helper image(s)"
+    )
     p = _write(tmp_path, [{**GOOD, "text_output": "\\boxed{A}"}])
-    assert _error(p, benchmark="sat") == f"{p}:1:image_output: 0 <output_image> marker(s) in text_output but 1 helper image(s)"
+    assert (
+        _error(p, benchmark="sat")
+        == f"{p}:1:image_output: 0 <output_image> marker(s) in text_output but 1 helper image(s)"
+    )
 
 
 def test_benchmark_errors(tmp_path):
     p = _write(tmp_path, [GOOD])
-    assert _error(p, benchmark="blink") == "unknown benchmark 'blink'; valid: vsp_planning, vsp_reasoning, jigsaw, sat, comt"
+    assert (
+        _error(p, benchmark="blink")
+        == "unknown benchmark 'blink'; valid: vsp_planning, vsp_reasoning, jigsaw, sat, comt"
+    )
     assert _error(p) == (
         f"{p}:1: cannot tell the benchmark of this row; pass benchmark= "
         "(one of vsp_planning, vsp_reasoning, jigsaw, sat, comt)"
@@ -159,11 +205,19 @@ def test_reference_layout_root(tmp_path):
     # A JSONL deep inside <root>/data/... with ./data/ paths resolves against <root>.
     (tmp_path / "data" / "task" / "imgs").mkdir(parents=True)
     Image.new("RGB", (4, 4)).save(tmp_path / "data" / "task" / "imgs" / "m.png")
-    row = {"text_input": "action plan: <image>", "image_input": "./data/task/imgs/m.png", "map_desc": [[1, 2]]}
+    row = {
+        "text_input": "action plan: <image>",
+        "image_input": "./data/task/imgs/m.png",
+        "map_desc": [[1, 2]],
+    }
     path = tmp_path / "data" / "task" / "t.jsonl"
     path.write_text(json.dumps(row) + "\n")
     (r,) = load_rows(path)
-    assert (r["images"], r["benchmark"], r["level"]) == ([str(tmp_path / "data/task/imgs/m.png")], "vsp_planning", 1)
+    assert (r["images"], r["benchmark"], r["level"]) == (
+        [str(tmp_path / "data/task/imgs/m.png")],
+        "vsp_planning",
+        1,
+    )
     # An explicit root wins.
     (r,) = load_rows(path, root=tmp_path / "data" / "task", check_images=False)
     assert r["images"] == [str(tmp_path / "data/task/data/task/imgs/m.png")]

@@ -30,7 +30,9 @@ SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 OFFICIAL = SHARED / "data" / "mirage_official" / "data"
 TEST_JSONL = OFFICIAL / "vsp_spatial_planning" / "test_direct.jsonl"
 SAMPLE_JSONL = OFFICIAL / "examples" / "sample.jsonl"
-needs_official = pytest.mark.skipif(not TEST_JSONL.is_file(), reason=f"official Mirage data not found at {OFFICIAL}")
+needs_official = pytest.mark.skipif(
+    not TEST_JSONL.is_file(), reason=f"official Mirage data not found at {OFFICIAL}"
+)
 
 DELTA = {"L": (0, -1), "R": (0, 1), "U": (-1, 0), "D": (1, 0)}
 WORD = {"LEFT": "L", "RIGHT": "R", "UP": "U", "DOWN": "D"}
@@ -162,7 +164,12 @@ def _read_map(image_path):
     img = pixels(image_path)
     n = img.shape[0] // 64
     return [
-        [min(tiles, key=lambda v: np.abs(tiles[v] - img[r * 64 : r * 64 + 64, c * 64 : c * 64 + 64]).mean()) for c in range(n)]
+        [
+            min(
+                tiles, key=lambda v: np.abs(tiles[v] - img[r * 64 : r * 64 + 64, c * 64 : c * 64 + 64]).mean()
+            )
+            for c in range(n)
+        ]
         for r in range(n)
     ]
 
@@ -235,9 +242,13 @@ def test_reasoning_cot_rows_are_correct_and_balanced(tmp_path):
 
 
 def test_planning_rows_direct_cot_and_test_split(tmp_path):
-    direct = read_jsonl(generate_vsp("planning", [3, 5], 20, "train", "direct", 2, tmp_path / "d", progress=False))
+    direct = read_jsonl(
+        generate_vsp("planning", [3, 5], 20, "train", "direct", 2, tmp_path / "d", progress=False)
+    )
     cot = read_jsonl(generate_vsp("planning", [3, 5], 20, "train", "cot", 2, tmp_path / "c", progress=False))
-    test = read_jsonl(generate_vsp("planning", [3, 5], 20, "test", "direct", 2, tmp_path / "t", progress=False))
+    test = read_jsonl(
+        generate_vsp("planning", [3, 5], 20, "test", "direct", 2, tmp_path / "t", progress=False)
+    )
     assert [r["map_desc"] for r in direct] == [r["map_desc"] for r in cot]  # same seed, same maps
     for d, c in zip(direct, cot):
         assert grade_walk(d["map_desc"], d["text_output"])[0] == "success"
@@ -258,13 +269,21 @@ def test_planning_rows_direct_cot_and_test_split(tmp_path):
 @needs_official
 def test_exclude_keeps_official_test_maps_out(tmp_path, official_rows):
     official = {json.dumps(r["map_desc"]) for r in official_rows}
-    kept = read_jsonl(generate_vsp("planning", [3], 300, "test", "direct", 0, tmp_path / "a", exclude=[TEST_JSONL], progress=False))
-    loose = read_jsonl(generate_vsp("planning", [3], 300, "test", "direct", 0, tmp_path / "b", progress=False))
+    kept = read_jsonl(
+        generate_vsp(
+            "planning", [3], 300, "test", "direct", 0, tmp_path / "a", exclude=[TEST_JSONL], progress=False
+        )
+    )
+    loose = read_jsonl(
+        generate_vsp("planning", [3], 300, "test", "direct", 0, tmp_path / "b", progress=False)
+    )
     assert len(kept) == 300 and not official & {json.dumps(r["map_desc"]) for r in kept}
     assert official & {json.dumps(r["map_desc"]) for r in loose}  # without it, level 3 collides
     # 576 level-3 maps have at most one hole (all solvable); 57 different ones are official test maps.
     with pytest.raises(MirageError, match="--num-samples: 520 level-3 maps asked for, but at most 519"):
-        generate_vsp("planning", [3], 520, "train", "direct", 0, tmp_path / "c", exclude=[TEST_JSONL], progress=False)
+        generate_vsp(
+            "planning", [3], 520, "train", "direct", 0, tmp_path / "c", exclude=[TEST_JSONL], progress=False
+        )
 
 
 def test_same_seed_gives_identical_bytes(tmp_path):
@@ -279,7 +298,9 @@ def test_same_seed_gives_identical_bytes(tmp_path):
 
 
 def test_levels_up_to_8(tmp_path):
-    rows = read_jsonl(generate_vsp("reasoning", [7, 8], 6, "train", "direct", 0, tmp_path / "o", progress=False))
+    rows = read_jsonl(
+        generate_vsp("reasoning", [7, 8], 6, "train", "direct", 0, tmp_path / "o", progress=False)
+    )
     assert sorted(Counter(r["level"] for r in rows).items()) == [(7, 3), (8, 3)]
     for r in rows:
         assert Image.open(tmp_path / "o" / r["image_input"]).size == (64 * r["level"],) * 2
@@ -314,7 +335,10 @@ def test_interrupted_run_leaves_no_output(tmp_path, monkeypatch):
         (["--levels", "3", "3"], "--levels"),
         (["--levels", "2"], "--levels"),  # reasoning: level-2 maps have no holes, so no outcome B
         (["--num-samples", "0"], "--num-samples"),
-        (["--levels", "2", "--num-samples", "13", "--task", "planning"], "--num-samples"),  # 12 level-2 maps exist
+        (
+            ["--levels", "2", "--num-samples", "13", "--task", "planning"],
+            "--num-samples",
+        ),  # 12 level-2 maps exist
         (["--exclude", "missing.jsonl"], "--exclude"),
     ],
 )
@@ -329,7 +353,19 @@ def test_cli_errors_exit_2_with_one_line_and_no_output(tmp_path, capsys, monkeyp
 
 def test_cli_refuses_non_empty_out_and_writes_summary(tmp_path, capsys):
     out = tmp_path / "out"
-    argv = ["data", "vsp", "--task", "reasoning", "--levels", "3", "4", "--num-samples", "9", "--out", str(out)]
+    argv = [
+        "data",
+        "vsp",
+        "--task",
+        "reasoning",
+        "--levels",
+        "3",
+        "4",
+        "--num-samples",
+        "9",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "3 / 3 / 3" in text and "wrote 9 rows" in text
