@@ -222,10 +222,11 @@ class MirageSFTTrainer(SFTTrainer):
                 p.sum() * 0.0 for p in model.parameters() if p.requires_grad
             )  # no update, graph intact
 
-        for name, value in metrics.items():
-            self._metrics[mode][name].append(
-                self.accelerator.gather_for_metrics(value.detach().reshape(1)).mean().item()
-            )
+        # One gather and one host sync for all metrics of the step.
+        values = torch.stack([v.detach().float().reshape(()) for v in metrics.values()])
+        gathered = self.accelerator.gather_for_metrics(values[None]).mean(dim=0).tolist()
+        for name, value in zip(metrics, gathered):
+            self._metrics[mode][name].append(value)
         dropped = getattr(self.data_collator, "num_dropped", 0)
         if dropped:
             self._metrics[mode]["dropped_rows"].append(float(dropped))
