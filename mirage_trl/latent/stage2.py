@@ -133,6 +133,12 @@ class RoundPlan:
         return self.src.shape[0] * sum(self.lengths)
 
 
+# The fixed cost of one round in token positions, for the "auto" schedule (see self_latent_forward).
+DEFAULT_ROUND_OVERHEAD = 1024.0
+# With checkpointing the peak memory is the largest round's activations: smaller (packed) rounds.
+CHECKPOINTED_ROUND_OVERHEAD = 16.0
+
+
 def _aligned_schedule(n_real: list[int], slot_ranks: list[list[int]]) -> list[list[int]]:
     """Chunk r of every sample = its text from its (r-1)-th slot to its r-th slot (MIRAGE.md design)."""
     R = max(len(s) for s in slot_ranks) + 1
@@ -193,7 +199,7 @@ def plan_rounds(
     attention_mask: torch.Tensor,
     slot_mask: torch.Tensor,
     schedule: str = "auto",
-    round_overhead: float = 16.0,
+    round_overhead: float | None = None,
 ) -> RoundPlan:
     """Assign every real token of the batch to a round and a column.
 
@@ -210,6 +216,8 @@ def plan_rounds(
         )
     if bool((slots & ~attn).any()):
         raise MirageError("slot_mask marks padding positions as latent slots")
+    if round_overhead is None:
+        round_overhead = DEFAULT_ROUND_OVERHEAD
     if schedule not in ("auto", "aligned", "packed"):
         raise MirageError(f"unknown round schedule {schedule!r}; choose auto, aligned or packed")
     B, L = attn.shape
@@ -315,11 +323,12 @@ def self_latent_forward(
     `checkpoint`: True/False overrides the model's own checkpointing flag when `method="auto"`.
     `detach_latents=True` cuts the gradient through the latents (for ablations and tests).
     `schedule` / `round_overhead`: how the round methods cut the batch into rounds (see `plan_rounds`);
-    the default overhead of a round is 16 token positions on CPU and 1024 on an accelerator, where a
-    round's kernel launches cost far more than a few padded positions (so "aligned" usually wins).
+    by default "rounds" keeps the aligned schedule unless packing saves far more (a round costs 1024
+    token positions in the estimate): on a 2-core CPU 54 small packed rounds ran slower than 13
+    padded aligned ones (docs/benchmarks.md), and on an accelerator a round's kernel launches cost
+    more still. "rounds_checkpointed" packs (16 positions a round): its peak memory is the largest
+    round's activations, and a user who turned checkpointing on chose memory over time.
     """
-    if round_overhead is None:
-        round_overhead = 16.0 if input_ids.device.type == "cpu" else 1024.0
     resolved = resolve_method(model, method)
     if method == "auto" and checkpoint is not None:
         resolved = "rounds_checkpointed" if checkpoint else "rounds"
@@ -341,6 +350,10 @@ def self_latent_forward(
             vision,
             mm_token_type_ids,
             detach_latents,
+        )
+    if round_overhead is None:
+        round_overhead = (
+            CHECKPOINTED_ROUND_OVERHEAD if resolved == "rounds_checkpointed" else DEFAULT_ROUND_OVERHEAD
         )
     global _warned_forced_rounds
     off = contextlib.nullcontext()
@@ -388,7 +401,7 @@ def _rounds(
     checkpointed: bool,
     detach_latents: bool,
     schedule: str = "auto",
-    round_overhead: float = 16.0,
+    round_overhead: float | None = None,
 ) -> SelfLatentOutput:
     from transformers import DynamicCache
 
