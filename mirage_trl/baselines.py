@@ -65,26 +65,6 @@ def build_sft_dataset(dataset, helper_as_input: bool = False):
     return Dataset.from_list(rows).with_transform(_decode_images)
 
 
-def _language_model_lora(peft_config):
-    if peft_config is None:
-        return None
-    from .trainers.common import LANGUAGE_MODEL_LINEAR
-
-    target = getattr(peft_config, "target_modules", None)
-    if (
-        target is None
-        or target == "all-linear"
-        or (not isinstance(target, str) and set(target) == {"all-linear"})
-    ):
-        peft_config.target_modules = LANGUAGE_MODEL_LINEAR
-    elif not isinstance(target, str):
-        import re
-
-        names = "|".join(re.escape(t) for t in sorted(target))
-        peft_config.target_modules = rf".*language_model.*\.({names})"
-    return peft_config
-
-
 def run_text_sft(script_args, training_args, model_args, benchmark: str | None = None):
     """Text-only SFT baseline (or the helper-as-input upper bound): load, train with TRL's SFTTrainer, save."""
     from pathlib import Path
@@ -95,6 +75,7 @@ def run_text_sft(script_args, training_args, model_args, benchmark: str | None =
     from .latent.model_utils import vision_tower
     from .models.training import load_for_training
     from .scripts import load_train_data
+    from .trainers.common import restrict_to_language_model
 
     helper = bool(getattr(script_args, "helper_as_input", False))
     train, evals = load_train_data(script_args, benchmark)
@@ -109,7 +90,7 @@ def run_text_sft(script_args, training_args, model_args, benchmark: str | None =
         train_dataset=train,
         eval_dataset=evals,
         processing_class=processor,
-        peft_config=_language_model_lora(get_peft_config(model_args)),
+        peft_config=restrict_to_language_model(get_peft_config(model_args)),
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)

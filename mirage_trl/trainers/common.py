@@ -57,6 +57,20 @@ def setup_model(model, processing_class, peft_config, args, stage: int | None = 
 
 def adapt_peft_config(peft_config, tokens: LatentTokens):
     """Mirage defaults for a PEFT config: LoRA on the language model only, new token rows trainable."""
+    peft_config = restrict_to_language_model(peft_config)
+    if peft_config is None:
+        return None
+    ids = [tokens.start_id, tokens.pad_id, tokens.end_id]
+    if hasattr(peft_config, "trainable_token_indices"):
+        indices = dict(peft_config.trainable_token_indices or {})
+        for layer in ("embed_tokens", "lm_head"):
+            indices[layer] = sorted(set(indices.get(layer, [])) | set(ids))
+        peft_config.trainable_token_indices = indices
+    return peft_config
+
+
+def restrict_to_language_model(peft_config):
+    """LoRA targets of the language model only ("all-linear" or plain names would hit the vision tower)."""
     if peft_config is None:
         return None
     target = getattr(peft_config, "target_modules", None)
@@ -70,12 +84,6 @@ def adapt_peft_config(peft_config, tokens: LatentTokens):
         # Plain names like ["q_proj", "v_proj"] would also hit the vision tower's layers: restrict them.
         names = "|".join(re.escape(t) for t in sorted(target))
         peft_config.target_modules = rf".*language_model.*\.({names})"
-    ids = [tokens.start_id, tokens.pad_id, tokens.end_id]
-    if hasattr(peft_config, "trainable_token_indices"):
-        indices = dict(peft_config.trainable_token_indices or {})
-        for layer in ("embed_tokens", "lm_head"):
-            indices[layer] = sorted(set(indices.get(layer, [])) | set(ids))
-        peft_config.trainable_token_indices = indices
     return peft_config
 
 
@@ -113,6 +121,17 @@ def check_distributed_support(accelerator, what: str) -> None:
             f"{what} on several processes needs DeepSpeed: plain DDP would not sync the gradients of the "
             "latent passes; launch with `accelerate launch --config_file zero_configs/zero2.yaml ...`"
         )
+
+
+def latent_norm_ok(step: int, peak, bound: float, skip: bool) -> bool:
+    """True when the largest latent norm is within `bound`; else stop naming the step, or (skip) False."""
+    if bool(peak <= bound):
+        return True
+    msg = f"step {step}: latent norm {float(peak):.3g} exceeds max_latent_norm={bound:g}"
+    if skip:
+        logger.warning("%s; step skipped", msg)
+        return False
+    raise MirageError(msg + " (raise max_latent_norm, or set skip_nonfinite_steps=True)")
 
 
 def load_from_checkpoint(trainer, resume_from_checkpoint, model, fallback) -> None:

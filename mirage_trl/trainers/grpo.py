@@ -50,6 +50,7 @@ from ..rewards import accuracy_reward, get_reward_funcs
 from .common import (
     check_distributed_support,
     check_finite,
+    latent_norm_ok,
     load_from_checkpoint,
     setup_model,
 )
@@ -355,7 +356,12 @@ class MirageGRPOTrainer(GRPOTrainer):
                 self.accelerator.gather(norms.mean().reshape(1)).mean().item()
             )
             if ok and self.args.max_latent_norm is not None:
-                ok = self._latent_norm_ok(norms.max())
+                ok = latent_norm_ok(
+                    self.state.global_step,
+                    norms.max(),
+                    self.args.max_latent_norm,
+                    self.args.skip_nonfinite_steps,
+                )
         if not ok:
             self.num_skipped_steps += 1
             self._metrics[mode]["skipped_steps"].append(float(self.num_skipped_steps))
@@ -363,15 +369,3 @@ class MirageGRPOTrainer(GRPOTrainer):
                 p.sum() * 0.0 for p in model.parameters() if p.requires_grad
             )  # no update, graph intact
         return loss
-
-    def _latent_norm_ok(self, peak) -> bool:
-        if bool(peak <= self.args.max_latent_norm):
-            return True
-        msg = (
-            f"step {self.state.global_step}: latent norm {float(peak):.3g} exceeds max_latent_norm="
-            f"{self.args.max_latent_norm:g}"
-        )
-        if self.args.skip_nonfinite_steps:
-            logger.warning("%s; step skipped", msg)
-            return False
-        raise MirageError(msg + " (raise max_latent_norm, or set skip_nonfinite_steps=True)")

@@ -28,6 +28,7 @@ from ..latent.targets import helper_latent_targets
 from .common import (
     check_distributed_support,
     check_finite,
+    latent_norm_ok,
     load_from_checkpoint,
     setup_model,
 )
@@ -214,7 +215,10 @@ class MirageSFTTrainer(SFTTrainer):
             terms["latents"] = latents
         ok = check_finite(self.state.global_step, self.args.skip_nonfinite_steps, **terms)
         if ok and has_slots and self.args.max_latent_norm is not None:
-            ok = self._check_latent_norm(latents)
+            peak = latents.detach().float().norm(dim=-1).max()
+            ok = latent_norm_ok(
+                self.state.global_step, peak, self.args.max_latent_norm, self.args.skip_nonfinite_steps
+            )
         if not ok:
             self.num_skipped_steps += 1
             self._metrics[mode]["skipped_steps"].append(float(self.num_skipped_steps))
@@ -242,21 +246,6 @@ class MirageSFTTrainer(SFTTrainer):
         if targets is not None and targets.shape == latents.shape:
             out["latent_target_cos"] = _cos(latents.detach(), targets).mean()
         return out
-
-    def _check_latent_norm(self, latents) -> bool:
-        from ..errors import MirageError
-
-        peak = latents.detach().float().norm(dim=-1).max()
-        if bool(peak <= self.args.max_latent_norm):
-            return True
-        msg = (
-            f"step {self.state.global_step}: latent norm {float(peak):.3g} exceeds max_latent_norm="
-            f"{self.args.max_latent_norm:g}"
-        )
-        if self.args.skip_nonfinite_steps:
-            logger.warning("%s; step skipped", msg)
-            return False
-        raise MirageError(msg + " (raise max_latent_norm, or set skip_nonfinite_steps=True)")
 
     def _save_checkpoint(self, model, trial):
         # The Mirage settings travel with every checkpoint, so a checkpoint loads and resumes on its own.
