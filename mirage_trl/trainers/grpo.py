@@ -265,9 +265,13 @@ class MirageGRPOTrainer(GRPOTrainer):
         stats = self.accelerator.gather(
             torch.tensor([spans, text_lengths], dtype=torch.float32, device=device).T
         )
-        self._metrics[mode]["latent/spans_mean"].append(stats[:, 0].mean().item())
-        self._metrics[mode]["latent/with_span_frac"].append((stats[:, 0] > 0).float().mean().item())
-        self._metrics[mode]["completions/mean_text_length"].append(stats[:, 1].mean().item())
+        # One host sync for the three rollout metrics.
+        spans_mean, with_span, text_len = torch.stack(
+            [stats[:, 0].mean(), (stats[:, 0] > 0).float().mean(), stats[:, 1].mean()]
+        ).tolist()
+        self._metrics[mode]["latent/spans_mean"].append(spans_mean)
+        self._metrics[mode]["latent/with_span_frac"].append(with_span)
+        self._metrics[mode]["completions/mean_text_length"].append(text_len)
         return tuple(result)
 
     # ------------------------------------------------------------------ training forward
