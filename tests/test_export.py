@@ -254,6 +254,82 @@ def test_full_model_reexport(trained, merged_export):
     assert json.loads((out / "mirage_config.json").read_text())["stages"] == [1]
 
 
+# ---------------------------------------------------------------------------------------- resized base
+def test_resized_base_adapter_round_trip(tmp_path):
+    """A base without spare rows (the latent tokens resize the vocabulary): the adapter, its export
+    and the merged export reload to the in-memory model, with the adapter on and off.
+
+    The run is fp32 (bf16=False): with bf16 the Trainer leaves accelerate's autocast wrapped around
+    the in-memory model's forward, which a reloaded fp32 model rightly does not reproduce."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForImageTextToText
+
+    from mirage_trl.collator import MirageDataCollator
+    from mirage_trl.configs import MirageSFTConfig
+    from mirage_trl.data.reference import _features
+    from mirage_trl.models.loading import load_processor
+    from mirage_trl.models.tiny import save_tiny_model
+    from mirage_trl.scripts import save_outputs
+    from mirage_trl.trainers.sft import MirageSFTTrainer
+
+    base = save_tiny_model(tmp_path / "base", spare_rows=0)
+    rows = four_rows(make_images(tmp_path / "images"))
+    model = AutoModelForImageTextToText.from_pretrained(str(base))
+    base_rows = model.get_input_embeddings().weight.shape[0]
+    processor = load_processor(str(base))
+    args = MirageSFTConfig(
+        output_dir=str(tmp_path / "run"),
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        save_strategy="no",
+        max_steps=2,
+        gradient_checkpointing=False,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = MirageSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows, features=_features()),
+        processing_class=processor,
+        peft_config=LoraConfig(r=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    trained = trainer.model
+    assert unwrap(trained).get_input_embeddings().weight.shape[0] > base_rows  # resized
+    trainer.train()
+    save_outputs(trainer, str(tmp_path / "run"), stage=1, base_model=str(base))
+
+    batch = MirageDataCollator(processor, trainer.latent_tokens).prompt_batch(rows)
+    kw = {
+        k: batch[k]
+        for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+    }
+    trained.eval()
+    with torch.no_grad():
+        ref = trained(**kw).logits
+        with trained.disable_adapter():
+            ref_off = trained(**kw).logits
+    originals = [layer.trainable_tokens_original["default"] for layer in _token_layers(trained)]
+
+    adapter = export_model(tmp_path / "run", tmp_path / "export-adapter")
+    merged = export_model(tmp_path / "run", tmp_path / "export-merged", merge=True)
+    for folder in (tmp_path / "run", adapter, merged):
+        loaded, _ = load_model(folder)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(**kw).logits, ref, rtol=0, atol=1e-5, msg=str(folder))
+            if folder == merged:
+                continue
+            # The rows the trained ones replaced are the ones training started from (mean init).
+            for layer, want in zip(_token_layers(loaded), originals):
+                torch.testing.assert_close(layer.trainable_tokens_original["default"], want, rtol=0, atol=0)
+            with loaded.disable_adapter():
+                torch.testing.assert_close(loaded(**kw).logits, ref_off, rtol=0, atol=1e-5, msg=str(folder))
+
+
 # ---------------------------------------------------------------------------------------- checkpoints
 def test_checkpoint_loads_and_exports(trained, reference, tmp_path):
     ckpt = trained["run"] / "checkpoint-3"

@@ -288,6 +288,9 @@ def _load_source(src: ModelSource, dtype=None, trust_remote_code: bool = False):
         if want != rows:
             model.resize_token_embeddings(want, mean_resizing=False)
             resized = True
+        from .loading import restore_latent_rows
+
+        restore_latent_rows(model, processor.tokenizer, src.base, trust_remote_code)  # rows as training began
         if src.latent_size is not None:
             set_mirage_config(model, src.latent_size)
         model = PeftModel.from_pretrained(model, str(src.path), is_trainable=False)

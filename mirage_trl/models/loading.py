@@ -60,3 +60,43 @@ def load_processor(name_or_path: str, model_type: str | None = None, trust_remot
         video_processor=None,
         chat_template=tokenizer.chat_template,
     )
+
+
+def _base_vocab(base, trust_remote_code: bool = False) -> dict[str, int] | None:
+    """The base model's own tokenizer vocabulary, from local files only; None when there is none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(
+            str(base), local_files_only=True, trust_remote_code=trust_remote_code
+        ).get_vocab()
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def restore_latent_rows(model, tokenizer, base, trust_remote_code: bool = False) -> list[int]:
+    """Give the latent-token rows of an adapter's base the values training started from.
+
+    Stage 1 (`add_latent_tokens`) sets the embedding and LM-head rows of latent tokens the base
+    tokenizer lacked to the mean of the rows below them, after resizing the vocabulary when the
+    base had no spare rows. PEFT saves only the trained values of those rows (trainable tokens),
+    not the rows they replaced, so a reload would otherwise keep whatever the base has there
+    (a resize's random rows, or the checkpoint's spare rows): the same outputs with the adapter
+    on, others with it off (`disable_adapter`, unmerge) and other `trainable_tokens_original`.
+    Which tokens were new: those missing from the base tokenizer (from `base`'s local files), or,
+    without one, all of them unless the base config already records Mirage settings.
+    Call it before the Mirage settings are copied onto `model.config`. Returns the rows set.
+    """
+    from ..latent.tokens import LATENT_TOKEN_NAMES, _make_room, get_mirage_config
+
+    vocab = tokenizer.get_vocab()
+    if any(t not in vocab for t in LATENT_TOKEN_NAMES):
+        return []
+    base_vocab = _base_vocab(base, trust_remote_code)
+    if base_vocab is None:
+        new_ids = [] if get_mirage_config(model) else [vocab[t] for t in LATENT_TOKEN_NAMES]
+    else:
+        new_ids = [vocab[t] for t in LATENT_TOKEN_NAMES if t not in base_vocab]
+    new_ids = sorted(set(new_ids))
+    _make_room(model, tokenizer, new_ids)  # resizes when needed; mean init of the new rows
+    return new_ids

@@ -61,6 +61,9 @@ def load_for_training(name_or_path: str, args=None, model_args=None):
         model = AutoModelForImageTextToText.from_pretrained(base, trust_remote_code=trust, **kwargs)
         if len(processor.tokenizer) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(processor.tokenizer), mean_resizing=False)
+        from .loading import restore_latent_rows
+
+        restore_latent_rows(model, processor.tokenizer, base, trust)  # the rows stage 1 started from
         _copy_mirage_config(name_or_path, model)
         model = PeftModel.from_pretrained(model, name_or_path, is_trainable=True)
         logger.info("continuing the LoRA adapter of %s over %s", name_or_path, base)
