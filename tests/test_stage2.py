@@ -222,9 +222,9 @@ def test_methods_match_reference(padding, ckpt, finetune):
 
     runs = {
         "rounds": ("rounds", {"schedule": "aligned"}),
-        "rounds_packed": ("rounds", {"schedule": "packed"}),
+        "rounds_split": ("rounds", {"schedule": "split", "max_round_tokens": 7}),
         "rounds_checkpointed": ("rounds_checkpointed", {"schedule": "aligned"}),
-        "rounds_checkpointed_packed": ("rounds_checkpointed", {"schedule": "packed"}),
+        "rounds_checkpointed_split": ("rounds_checkpointed", {"schedule": "split", "max_round_tokens": 7}),
         "recompute": ("recompute", {}),
         "auto": ("auto", {}),
     }
@@ -244,7 +244,8 @@ def test_methods_match_reference(padding, ckpt, finetune):
         assert torch.isfinite(out.hidden_states).all()
     assert results["auto"][2].method == ("rounds_checkpointed" if ckpt else "rounds")
     assert results["rounds"][2].steps == 3 * K + 1
-    assert results["rounds_packed"][2].schedule == "packed"
+    assert results["rounds_split"][2].schedule == "split"
+    assert results["rounds_split"][2].steps > results["rounds"][2].steps
     assert is_checkpointing(model) == ckpt  # the model's own flag is restored
 
 
@@ -287,8 +288,8 @@ def _embed_grads_rounds(model, batch, pad_id, detach):
     finally:
         handle.remove()
     plan = plan_rounds(batch["attention_mask"], batch["slot_mask"])
-    grads = torch.cat([c.grad for c in captured], dim=1)
-    return grads.gather(1, plan.back[..., None].expand(-1, -1, grads.shape[-1]))
+    grads = torch.cat([c.grad[0] for c in captured])  # each round runs packed in one row
+    return grads[plan.back]
 
 
 def test_gradient_flows_through_latents():
@@ -374,7 +375,7 @@ def test_other_qwen_vl_models_rounds_equal_recompute(model_type):
         torch.testing.assert_close(res[method][2].latents, res["recompute"][2].latents, rtol=1e-5, atol=1e-5)
 
 
-def test_packed_schedule_cuts_padding_and_keeps_slots_first():
+def test_round_layouts_pack_real_tokens_and_split_keeps_slots_first():
     g = torch.Generator().manual_seed(0)
     B, L = 6, 200
     attn = torch.zeros(B, L, dtype=torch.bool)
@@ -386,17 +387,40 @@ def test_packed_schedule_cuts_padding_and_keeps_slots_first():
             t = L - n + int((centre + float(torch.rand((), generator=g)) * 0.2 - 0.1) * n)
             slot[b, t + 1 : t + 1 + K] = True
     aligned = plan_rounds(attn, slot, "aligned")
-    packed = plan_rounds(attn, slot, "packed", round_overhead=4)
-    assert len(aligned.lengths) == 3 * K + 1
-    assert packed.computed_tokens < 0.9 * aligned.computed_tokens
-    for plan in (aligned, packed):
-        offsets = torch.tensor([0] + plan.lengths[:-1]).cumsum(0)
-        cols = plan.back[slot]
-        assert torch.isin(cols, offsets).all()  # every slot opens its round's chunk
+    split = plan_rounds(attn, slot, "split", max_round_tokens=60)
+    assert len(aligned.rounds) == 3 * K + 1
+    assert max(aligned.tokens) > 60 and max(split.tokens) <= 60 and len(split.rounds) > len(aligned.rounds)
+    assert plan_rounds(attn, slot, max_round_tokens=60).schedule == "split"  # auto splits only when needed
+    assert plan_rounds(attn, slot, max_round_tokens=10**6).schedule == "aligned"
+    # image tokens all run in the first round, even when it has to exceed the cap for them
+    images = torch.zeros_like(attn)
+    first = attn.int().argmax(1)
+    for b in range(B):
+        images[b, first[b] + 1 : first[b] + 30] = True
+    with_images = plan_rounds(attn, slot, "split", max_round_tokens=60, keep_together=images)
+    assert with_images.back[images].max() < with_images.tokens[0]
+    late = images.clone()
+    late[1, -1] = True
+    with pytest.raises(MirageError, match="sample 1: an image comes after its first latent slot"):
+        plan_rounds(attn, slot, keep_together=late)
+    for plan in (aligned, split):
+        assert plan.computed_tokens == int(attn.sum())  # rounds run packed: no padding in the linear layers
+        offsets = torch.tensor([0] + plan.tokens[:-1]).cumsum(0)
+        src = torch.cat([layout.src for layout in plan.rounds])
+        assert (src[plan.back[attn]] == attn.nonzero() @ torch.tensor([L, 1])).all()  # back inverts src
         sb, st = slot.nonzero(as_tuple=True)
-        assert (plan.back[sb, st - 1] < offsets[torch.searchsorted(offsets, cols, right=True) - 1]).all()
-        assert int(plan.valid.sum()) == int(attn.sum())
-        assert (torch.gather(plan.src, 1, plan.back)[attn] == attn.nonzero()[:, 1]).all()
+        rnd = torch.searchsorted(offsets, plan.back[sb, st], right=True) - 1
+        assert (plan.back[sb, st - 1] < offsets[rnd]).all()  # a slot's predecessor ran in an earlier round
+        for r, layout in enumerate(plan.rounds):
+            b_of = torch.div(layout.src, L, rounding_mode="floor")
+            first = torch.ones_like(b_of, dtype=torch.bool)
+            first[1:] = b_of[1:] != b_of[:-1]
+            in_round = (rnd == r).nonzero().flatten()
+            assert first[layout.slot_local].all()  # every slot opens its sample's chunk
+            assert (b_of[layout.slot_local] == sb[in_round]).all()
+            # the padded attention layout holds exactly the round's tokens, each sample in its own row
+            assert (layout.out_index // plan.lengths[r] == b_of).all()
+            assert (layout.q_index[layout.out_index] == torch.arange(len(layout.src))).all()
 
 
 def test_batch_without_slots_is_one_plain_forward():

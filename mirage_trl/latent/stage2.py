@@ -10,21 +10,18 @@ Methods (all exact; they differ in cost and in how they live with gradient check
 - ``"rounds"``: the batch runs in R = (most slots in a sample) + 1 rounds over one grad-carrying
   `DynamicCache`. Round 0 holds each sample's tokens before its first slot; round r holds its
   r-th slot (fed with its own last hidden state of round r-1) and the text up to its next slot.
-  Segments of one round are right-padded to the round's longest; the padded keys are masked
-  for ever after by a key-validity mask that grows with the cache. Each round gets an explicit
-  additive 4-D mask (causal inside the round, full over valid past keys) and explicit 3-D rope
-  positions gathered from the full-sequence positions. About one forward of compute.
-  That "aligned" schedule pads each round to the longest segment, which costs 1.3x or more
-  when spans sit at ragged positions; the "packed" schedule (`plan_rounds`) lets a text chunk
-  end anywhere (rounds are causal, only a slot must open its chunk) and picks round lengths
-  that cut the padded work, at the price of more rounds. `schedule="auto"` (default) takes the
-  cheaper by an estimate B x sum(round lengths) + `round_overhead` x rounds.
+  A round's tokens run packed in one row, sample after sample, so the linear layers (most of
+  the work) compute exactly the real tokens; only attention regroups them per sample, padded,
+  against each sample's own cached keys (`rounds_attention`, switched on for the rounds only).
+  Rope positions are gathered from the full-sequence positions. About one forward of compute.
 - ``"rounds_checkpointed"``: the same rounds, each wrapped in
   ``torch.utils.checkpoint.checkpoint(use_reentrant=False)`` as a pure function of
   (round inputs, past key/value chunks) -> (hidden states, the round's new keys/values); the
   cache object is built fresh inside, and the model's own gradient checkpointing is switched off
   inside the function (also during the backward replay) because HF checkpointing drops the
-  cache. Memory: per round only its inputs and keys/values are kept.
+  cache. Memory: per round only its inputs and keys/values are kept, plus the activations of
+  the round being replayed; so the rounds are cut to at most (real tokens / layers) tokens each
+  ("split" schedule), which keeps that peak near the per-layer checkpointing of stage 1.
 - ``"recompute"``: m+1 full-sequence passes; pass i fills every slot from pass i-1's hidden
   states (pass 0 with zeros). After pass i the first i slots carry their exact values, so the
   last pass is exact as a function of the weights and so are its gradients. Works with the
@@ -42,6 +39,7 @@ Latents always enter through `slots.latent_inputs` (the one slot-filling mechani
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 from dataclasses import dataclass
 
@@ -113,30 +111,54 @@ def resolve_method(model, method: str) -> str:
 
 
 @dataclass
+class RoundLayout:
+    """Index tensors of one round. Its tokens run packed in one row (sample after sample, no padding)
+    through every linear layer; only attention sees them per sample, padded (`rounds_attention`)."""
+
+    src: torch.Tensor  # (T_r,) flat index b * L + t of each packed token
+    q_index: torch.Tensor  # (B * W_r,) packed index in the round of each padded query (0 for padding)
+    q_rank: torch.Tensor  # (B, W_r) rank of each query among its sample's real tokens (0 for padding)
+    out_index: torch.Tensor  # (T_r,) place of each packed token in the padded (B * W_r) layout
+    k_index: torch.Tensor  # (B * K_r,) packed index in the cache of each padded key (0 for padding)
+    slot_local: torch.Tensor  # (n_r,) packed index in the round of the round's slots, sample order
+    # for each source round r' < r: (positions among the round's slots, packed index in round r')
+    sources: list[tuple[int, torch.Tensor, torch.Tensor]]
+
+    def to(self, device) -> RoundLayout:
+        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return RoundLayout(
+            move(self.src),
+            move(self.q_index),
+            move(self.q_rank),
+            move(self.out_index),
+            move(self.k_index),
+            move(self.slot_local),
+            [(rp, move(w), move(c)) for rp, w, c in self.sources],
+        )
+
+
+@dataclass
 class RoundPlan:
     """Where each real token of the batch goes in the rounds (built once per batch on CPU)."""
 
-    lengths: list[int]  # round lengths L_r (padded to the round's longest chunk)
-    src: torch.Tensor  # (B, sum L_r) position in the padded sequence of each round column (0 for padding)
-    valid: torch.Tensor  # (B, sum L_r) bool, real token
-    back: torch.Tensor  # (B, L) column (in the concatenated rounds) of each sequence position (0 for padding)
-    # per round: the samples with a slot at column 0 (sorted), and for each source round r' < r the
-    # (positions in that sorted list, rows, columns in round r') of the slots' predecessors
-    slot_rows: list[torch.Tensor]
-    sources: list[list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]]
+    lengths: list[int]  # W_r: the longest chunk of round r (attention pads each sample's chunk to it)
+    tokens: list[int]  # T_r: real tokens of round r (what the linear layers compute)
+    rounds: list[RoundLayout]
+    back: torch.Tensor  # (B, L) packed index (all rounds concatenated) of each position (0 for padding)
     latent_order: torch.Tensor  # (n,) gather index: round-order latents -> row-major latents
     n_slots: int
     schedule: str
+    batch_size: int
 
     @property
     def computed_tokens(self) -> int:
-        return self.src.shape[0] * sum(self.lengths)
+        """Token positions the linear layers run: the real tokens, whatever the schedule."""
+        return sum(self.tokens)
 
-
-# The fixed cost of one round in token positions, for the "auto" schedule (see self_latent_forward).
-DEFAULT_ROUND_OVERHEAD = 1024.0
-# With checkpointing the peak memory is the largest round's activations: smaller (packed) rounds.
-CHECKPOINTED_ROUND_OVERHEAD = 16.0
+    @property
+    def padded_tokens(self) -> int:
+        """B x sum(W_r): what a padded (one row per sample) round layout would compute."""
+        return self.batch_size * sum(self.lengths)
 
 
 def _aligned_schedule(n_real: list[int], slot_ranks: list[list[int]]) -> list[list[int]]:
@@ -150,63 +172,47 @@ def _aligned_schedule(n_real: list[int], slot_ranks: list[list[int]]) -> list[li
     return out
 
 
-def _packed_schedule(n_real: list[int], slot_ranks: list[list[int]], overhead: float) -> list[list[int]]:
-    """Rounds chosen one at a time to keep the padded work low (slots still start their chunk).
+def _split_schedule(
+    table: list[list[int]], max_tokens: int, first_min: list[int] | None = None
+) -> list[list[int]]:
+    """The aligned rounds, each one over `max_tokens` real tokens cut into that many equal rounds.
 
-    A chunk may end anywhere (the rounds are causal), but a slot can only be the first token of a
-    chunk. Each round picks the length l (among the samples' distances to their next slot) that
-    minimises (overhead + B x growth of the projected makespan) / useful tokens; a sample blocked
-    by a slot before l just falls behind (its projected finish grows by the tokens it could not run).
+    A chunk may end anywhere (the rounds are causal); every sample's chunk is cut into the same
+    number of near-equal pieces, largest first, so a slot stays the first token of its first piece.
+    `first_min[b]`: sample b's first piece of round 0 holds at least that many tokens (its image
+    tokens, which must run in the round that gets the pixel values).
     """
-    import bisect
-
-    B = len(n_real)
-    pos = [0] * B
-    finish = list(n_real)
-    out: list[list[int]] = []
-    while True:
-        avail = {}
-        for b in range(B):
-            if pos[b] < n_real[b]:
-                sl = slot_ranks[b]
-                i = bisect.bisect_right(sl, pos[b])
-                avail[b] = (sl[i] if i < len(sl) else n_real[b]) - pos[b]
-        if not avail:
-            return out
-        M = max(finish)
-        best = None
-        for ell in sorted(set(avail.values())):
-            grow = max([M] + [finish[b] + max(0, ell - a) for b, a in avail.items()]) - M
-            work = sum(min(a, ell) for a in avail.values())
-            score = (overhead + B * grow) / work
-            if best is None or score < best[0]:
-                best = (score, ell)
-        ell = best[1]
-        row = [0] * B
-        for b, a in avail.items():
-            row[b] = min(a, ell)
-            pos[b] += row[b]
-            finish[b] += ell - row[b]
-        out.append(row)
-
-
-def _cost(schedule: list[list[int]], overhead: float) -> float:
-    B = len(schedule[0])
-    return sum(B * max(r) + overhead for r in schedule)
+    out = []
+    for r, row in enumerate(table):
+        parts = max(1, -(-sum(row) // max_tokens))
+        pieces = [[c // parts + (1 if i < c % parts else 0) for i in range(parts)] for c in row]
+        if r == 0 and first_min:
+            for b, c in enumerate(row):
+                head = min(c, max(first_min[b], pieces[b][0]))
+                rest = c - head
+                pieces[b] = [head] + [
+                    rest // (parts - 1) + (1 if i < rest % (parts - 1) else 0) for i in range(parts - 1)
+                ]
+        out.extend([p[i] for p in pieces] for i in range(parts))
+    return out
 
 
 def plan_rounds(
     attention_mask: torch.Tensor,
     slot_mask: torch.Tensor,
     schedule: str = "auto",
-    round_overhead: float | None = None,
+    max_round_tokens: int | None = None,
+    keep_together: torch.Tensor | None = None,
 ) -> RoundPlan:
-    """Assign every real token of the batch to a round and a column.
+    """Assign every real token of the batch to a round, and lay each round out packed.
 
-    schedule "aligned": round r = each sample's r-th slot and its text up to the next slot (rounds =
-    most slots + 1). "packed": rounds of any length chosen to cut padding (more rounds, less padded
-    work). "auto": whichever has the lower cost B x sum(L_r) + round_overhead x rounds, where
-    `round_overhead` is the fixed cost of one round in token positions.
+    "aligned": round r = each sample's r-th slot and its text up to the next slot (rounds = most slots
+    + 1), the fewest dependent rounds. "split": the aligned rounds with any round of more than
+    `max_round_tokens` real tokens cut into equal rounds (more rounds, a smaller largest round: what
+    per-round checkpointing keeps in memory). "auto": "split" when `max_round_tokens` is given and
+    some round exceeds it, else "aligned". Every round runs its real tokens packed in one row, so no
+    schedule computes padding in the linear layers. `keep_together` (B, L) bool marks tokens (the
+    image tokens) that must all run in the first round.
     """
     attn = attention_mask.detach().to("cpu").bool()
     slots = slot_mask.detach().to("cpu").bool()
@@ -216,83 +222,158 @@ def plan_rounds(
         )
     if bool((slots & ~attn).any()):
         raise MirageError("slot_mask marks padding positions as latent slots")
-    if round_overhead is None:
-        round_overhead = DEFAULT_ROUND_OVERHEAD
-    if schedule not in ("auto", "aligned", "packed"):
-        raise MirageError(f"unknown round schedule {schedule!r}; choose auto, aligned or packed")
+    if schedule not in ("auto", "aligned", "split"):
+        raise MirageError(f"unknown round schedule {schedule!r}; choose auto, aligned or split")
+    if max_round_tokens is not None and max_round_tokens < 1:
+        raise MirageError(f"max_round_tokens must be at least 1, got {max_round_tokens}")
     B, L = attn.shape
     rank = attn.long().cumsum(1) - 1  # rank of each real token among its sample's real tokens
     n_real = attn.sum(1).tolist()
     slot_ranks = [rank[b][slots[b]].tolist() for b in range(B)]
     if any(sl and sl[0] == 0 for sl in slot_ranks):
         raise MirageError("a latent slot is the first token of its sequence: it has no previous hidden state")
+    first_min = None
+    if keep_together is not None:
+        kt = keep_together.detach().to("cpu").bool() & attn
+        first_min = torch.where(kt, rank + 1, 0).max(1).values.tolist()  # rank of the last one + 1
+        for b, (m, sl) in enumerate(zip(first_min, slot_ranks)):
+            if sl and m > sl[0]:
+                raise MirageError(
+                    f"sample {b}: an image comes after its first latent slot (token {sl[0]}); "
+                    "images must come before the first <|latent_start|> span"
+                )
     chosen = "aligned"
     table = _aligned_schedule(n_real, slot_ranks)
-    if schedule != "aligned" and int(slots.sum()):
-        best = None
-        for factor in (0.25, 0.5, 1.0, 2.0, 4.0):
-            cand = _packed_schedule(n_real, slot_ranks, round_overhead * factor)
-            c = _cost(cand, round_overhead)
-            if best is None or c < best[0]:
-                best = (c, cand)
-        if schedule == "packed" or best[0] < _cost(table, round_overhead):
-            table, chosen = best[1], "packed"
+    if schedule == "split" and max_round_tokens is None:
+        raise MirageError('schedule "split" needs max_round_tokens')
+    if schedule != "aligned" and max_round_tokens is not None:
+        if schedule == "split" or max(sum(row) for row in table) > max_round_tokens:
+            first_min = None
+            if keep_together is not None:
+                kt = keep_together.detach().to("cpu").bool() & attn
+                last = torch.where(kt, rank + 1, 0).max(1).values  # rank of the last such token + 1
+                first_min = last.tolist()
+                if any(m > (sl[0] if sl else n) for m, sl, n in zip(first_min, slot_ranks, n_real)):
+                    raise MirageError(
+                        "an image lies after a latent slot: images must come before the first span"
+                    )
+            table, chosen = _split_schedule(table, max_round_tokens, first_min), "split"
     chunk = torch.tensor(table, dtype=torch.long).T  # (B, R) chunk lengths
     R = chunk.shape[1]
-    lengths = chunk.max(0).values.tolist()
-    offsets = torch.tensor([0] + lengths[:-1], dtype=torch.long).cumsum(0)
-    chunk_start = chunk.cumsum(1) - chunk  # rank of each chunk's first token
-    src = torch.zeros(B, sum(lengths), dtype=torch.long)
-    valid = torch.zeros(B, sum(lengths), dtype=torch.bool)
+    tokens = chunk.sum(0)  # T_r
+    g_off = tokens.cumsum(0) - tokens  # packed offset of each round
+    in_round = chunk.cumsum(0) - chunk  # (B, R) offset of sample b's chunk inside round r
+    chunk_start = chunk.cumsum(1) - chunk  # (B, R) rank of each chunk's first token
     back = torch.zeros(B, L, dtype=torch.long)
+    n_max = max(n_real) if B else 0
+    rank_to_packed = torch.zeros(B, max(n_max, 1), dtype=torch.long)
+    src = torch.zeros(int(tokens.sum()), dtype=torch.long)
     for b in range(B):  # vector ops per sample, no loop over tokens
         n = n_real[b]
         r_of = torch.repeat_interleave(torch.arange(R), chunk[b])  # round of each real token, by rank
-        col = torch.arange(n) - chunk_start[b][r_of]
-        flat = offsets[r_of] + col
+        packed = g_off[r_of] + in_round[b][r_of] + torch.arange(n) - chunk_start[b][r_of]
         pos = attn[b].nonzero().flatten()
-        src[b, flat] = pos
-        valid[b, flat] = True
-        back[b, pos] = flat
-    # Slots: round and predecessor column, row-major order.
+        back[b, pos] = packed
+        rank_to_packed[b, :n] = packed
+        src[packed] = b * L + pos
+    # Slots: round, packed index in the round, and predecessor (round, packed index), row-major order.
     sb, st = slots.nonzero(as_tuple=True)
-    col_of_slot = back[sb, st]
-    round_of_slot = torch.searchsorted(offsets, col_of_slot, right=True) - 1
+    g = back[sb, st]
+    round_of_slot = torch.searchsorted(g_off, g, right=True) - 1
     pred = back[sb, st - 1]
-    pred_round = torch.searchsorted(offsets, pred, right=True) - 1
-    pred_col = pred - offsets[pred_round]
-    slot_rows, sources, order = [], [], []
+    pred_round = torch.searchsorted(g_off, pred, right=True) - 1
+    pred_local = pred - g_off[pred_round]
+    seen = chunk.cumsum(1)  # (B, R) tokens of each sample through round r (its keys)
+    ranks_k = torch.arange(max(n_max, 1))
+    rounds, order = [], []
     for r in range(R):
-        sel = (round_of_slot == r).nonzero().flatten()  # already sorted by sample (row-major)
-        slot_rows.append(sb[sel])
-        groups = []
+        T, W, K = int(tokens[r]), int(chunk[:, r].max()), int(seen[:, r].max())
+        b_of = torch.repeat_interleave(torch.arange(B), chunk[:, r])
+        j = torch.arange(T) - in_round[b_of, r]
+        out_index = b_of * W + j
+        q_index = torch.zeros(B * W, dtype=torch.long)
+        q_index[out_index] = torch.arange(T)
+        q_rank = torch.zeros(B * W, dtype=torch.long)
+        q_rank[out_index] = chunk_start[b_of, r] + j
+        sel = (round_of_slot == r).nonzero().flatten()  # sample order = packed order (one slot a sample)
+        sources = []
         for rp in pred_round[sel].unique().tolist():
             where_ = (pred_round[sel] == rp).nonzero().flatten()
-            groups.append((rp, where_, sb[sel][where_], pred_col[sel][where_]))
-        sources.append(groups)
+            sources.append((rp, where_, pred_local[sel][where_]))
+        rounds.append(
+            RoundLayout(
+                src=src[int(g_off[r]) : int(g_off[r]) + T],
+                q_index=q_index,
+                q_rank=q_rank.view(B, W),
+                out_index=out_index,
+                k_index=torch.where(ranks_k[:K] < seen[:, r : r + 1], rank_to_packed[:, :K], 0).reshape(-1),
+                slot_local=g[sel] - g_off[r],
+                sources=sources,
+            )
+        )
         order.append(sel)
     round_major = torch.cat(order) if order else torch.zeros(0, dtype=torch.long)
     latent_order = torch.argsort(round_major)
-    return RoundPlan(lengths, src, valid, back, slot_rows, sources, latent_order, int(slots.sum()), chosen)
+    return RoundPlan(
+        chunk.max(0).values.tolist(), tokens.tolist(), rounds, back, latent_order, int(slots.sum()), chosen, B
+    )
 
 
-def _round_mask(past_valid: torch.Tensor | None, valid_r: torch.Tensor, dtype) -> torch.Tensor:
-    """Additive (B, 1, Lr, P + Lr) mask: valid past keys, causal valid keys of the round.
+# --------------------------------------------------------------------------- packed-round attention
 
-    A padded query also sees itself, so no row is fully masked (its output is never used).
+ROUNDS_ATTENTION = "mirage_rounds"
+_ACTIVE_ROUND: contextvars.ContextVar = contextvars.ContextVar("mirage_active_round")
+
+
+def rounds_attention(module, query, key, value, attention_mask, **kwargs):
+    """Attention of one packed round: each sample's queries against its own keys only.
+
+    query (1, H, T_r, d) holds the round's tokens sample after sample; key/value (1, H_kv, P, d) the
+    whole cache (every round so far, packed the same way). They are gathered into a padded
+    (B, H, W_r, d) / (B, H_kv, K_r, d) layout, run through SDPA with a causal-by-rank mask, and
+    scattered back, so the linear layers never compute padding. Registered as an attention
+    implementation and switched on only inside the rounds.
     """
-    B, Lr = valid_r.shape
-    dev = valid_r.device
-    causal = torch.ones(Lr, Lr, dtype=torch.bool, device=dev).tril()
-    inner = causal[None] & valid_r[:, None, :]
-    inner = inner | (torch.eye(Lr, dtype=torch.bool, device=dev)[None] & ~valid_r[:, :, None])
-    if past_valid is not None and past_valid.shape[1]:
-        allowed = torch.cat([past_valid[:, None, :].expand(B, Lr, -1), inner], dim=2)
-    else:
-        allowed = inner
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=dev)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[:, None]
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    layout, mask = _ACTIVE_ROUND.get()
+    B, W = layout.q_rank.shape
+    H, d = query.shape[1], query.shape[3]
+    Hk, K = key.shape[1], layout.k_index.numel() // B
+    q = query[0].index_select(1, layout.q_index).view(H, B, W, d).transpose(0, 1)
+    k = key[0].index_select(1, layout.k_index).view(Hk, B, K, d).transpose(0, 1)
+    v = value[0].index_select(1, layout.k_index).view(Hk, B, K, value.shape[3]).transpose(0, 1)
+    out, _ = sdpa_attention_forward(module, q, k, v, mask, **kwargs)  # (B, W, H, d)
+    return out.reshape(B * W, *out.shape[2:]).index_select(0, layout.out_index)[None], None
+
+
+def _register_rounds_attention():
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ROUNDS_ATTENTION, rounds_attention)
+
+
+def _round_mask(layout: RoundLayout) -> torch.Tensor:
+    """(B, 1, W_r, K_r) bool: a query sees its sample's keys of rank <= its own (padding sees key 0)."""
+    B = layout.q_rank.shape[0]
+    K = layout.k_index.numel() // B
+    ranks = torch.arange(K, device=layout.q_rank.device)
+    return (ranks[None, None, :] <= layout.q_rank[:, :, None])[:, None]
+
+
+@contextlib.contextmanager
+def packed_round(inner, layout: RoundLayout, mask: torch.Tensor):
+    """Run the language model with `rounds_attention` for one round, then restore its implementation."""
+    _register_rounds_attention()
+    config = inner.language_model.config
+    before = config._attn_implementation_internal
+    config._attn_implementation_internal = ROUNDS_ATTENTION
+    token = _ACTIVE_ROUND.set((layout, mask))
+    try:
+        yield
+    finally:
+        _ACTIVE_ROUND.reset(token)
+        config._attn_implementation_internal = before
 
 
 # --------------------------------------------------------------------------- public entry point
@@ -312,7 +393,7 @@ def self_latent_forward(
     checkpoint: bool | None = None,
     detach_latents: bool = False,
     schedule: str = "auto",
-    round_overhead: float | None = None,
+    max_round_tokens: int | None = None,
 ) -> SelfLatentOutput:
     """Final-norm hidden states of a batch whose latent slots carry self-generated latents.
 
@@ -322,12 +403,10 @@ def self_latent_forward(
     `position_ids` (3, B, L) default to the model's rope positions of the full sequences.
     `checkpoint`: True/False overrides the model's own checkpointing flag when `method="auto"`.
     `detach_latents=True` cuts the gradient through the latents (for ablations and tests).
-    `schedule` / `round_overhead`: how the round methods cut the batch into rounds (see `plan_rounds`);
-    by default "rounds" keeps the aligned schedule unless packing saves far more (a round costs 1024
-    token positions in the estimate): on a 2-core CPU 54 small packed rounds ran slower than 13
-    padded aligned ones (docs/benchmarks.md), and on an accelerator a round's kernel launches cost
-    more still. "rounds_checkpointed" packs (16 positions a round): its peak memory is the largest
-    round's activations, and a user who turned checkpointing on chose memory over time.
+    `schedule` / `max_round_tokens`: how the round methods cut the batch into rounds (see
+    `plan_rounds`). "rounds" takes the aligned schedule (fewest rounds). "rounds_checkpointed"
+    keeps each round to `max_round_tokens` real tokens, by default the batch's real tokens / the
+    number of layers: its peak memory is the replayed round's activations over every layer.
     """
     resolved = resolve_method(model, method)
     if method == "auto" and checkpoint is not None:
@@ -351,10 +430,10 @@ def self_latent_forward(
             mm_token_type_ids,
             detach_latents,
         )
-    if round_overhead is None:
-        round_overhead = (
-            CHECKPOINTED_ROUND_OVERHEAD if resolved == "rounds_checkpointed" else DEFAULT_ROUND_OVERHEAD
-        )
+    if max_round_tokens is None and resolved == "rounds_checkpointed":
+        config = unwrap(model).config
+        layers = getattr(getattr(config, "text_config", config), "num_hidden_layers", 1)
+        max_round_tokens = max(1, -(-int(attention_mask.sum()) // layers))
     global _warned_forced_rounds
     off = contextlib.nullcontext()
     if resolved == "rounds" and is_checkpointing(model):
@@ -378,7 +457,7 @@ def self_latent_forward(
             checkpointed=resolved == "rounds_checkpointed",
             detach_latents=detach_latents,
             schedule=schedule,
-            round_overhead=round_overhead,
+            max_round_tokens=max_round_tokens,
         )
 
 
@@ -401,64 +480,59 @@ def _rounds(
     checkpointed: bool,
     detach_latents: bool,
     schedule: str = "auto",
-    round_overhead: float | None = None,
+    max_round_tokens: int | None = None,
 ) -> SelfLatentOutput:
     from transformers import DynamicCache
 
-    plan = plan_rounds(attention_mask, slot_mask, schedule, round_overhead)
+    images = None
+    if vision.get("pixel_values") is not None:
+        if mm_token_type_ids is not None:
+            images = mm_token_type_ids != 0
+        else:
+            cfg = unwrap(model).config
+            ids = [getattr(cfg, k, None) for k in ("image_token_id", "video_token_id")]
+            images = torch.isin(
+                input_ids, torch.tensor([i for i in ids if i is not None], device=input_ids.device)
+            )
+    plan = plan_rounds(attention_mask, slot_mask, schedule, max_round_tokens, keep_together=images)
     inner = multimodal_model(model)
     config = unwrap(model).config
     dev = input_ids.device
-    dtype = model.get_input_embeddings().weight.dtype
-    B = input_ids.shape[0]
-    src = plan.src.to(dev)
-    valid = plan.valid.to(dev)
-    n_layers = None
+    flat_ids = input_ids.reshape(-1)
+    flat_pos = position_ids.reshape(position_ids.shape[0], -1)
+    flat_mm = mm_token_type_ids.reshape(-1) if mm_token_type_ids is not None else None
 
     cache = None if checkpointed else DynamicCache(config=config)
     past_k: list[list[torch.Tensor]] = []  # per layer: chunks, one per round (checkpointed path)
     past_v: list[list[torch.Tensor]] = []
-    past_valid = None
-    hiddens: list[torch.Tensor] = []
+    hiddens: list[torch.Tensor] = []  # per round: (T_r, D) packed
     latents_round_order: list[torch.Tensor] = []
-    off = 0
-    for r, Lr in enumerate(plan.lengths):
-        src_r = src[:, off : off + Lr]
-        valid_r = valid[:, off : off + Lr]
-        off += Lr
-        ids_r = input_ids.gather(1, src_r)
-        pos_r = position_ids.gather(2, src_r[None].expand(position_ids.shape[0], -1, -1))
-        mask_r = _round_mask(past_valid, valid_r, dtype)
-        slot_r = torch.zeros(B, Lr, dtype=torch.bool, device=dev)
+    for r, layout in enumerate(plan.rounds):
+        layout = layout.to(dev)
+        ids_r = flat_ids[layout.src][None]
+        pos_r = flat_pos[:, layout.src][:, None]
+        mask_r = _round_mask(layout)
+        slot_r = None
         values = None
-        rows = plan.slot_rows[r]
-        if len(rows):
-            slot_r[rows.to(dev), 0] = True
-            parts, where_ = [], []
-            for rp, idx, prow, pcol in plan.sources[r]:
-                parts.append(hiddens[rp][prow.to(dev), pcol.to(dev)])
-                where_.append(idx)
+        if len(layout.slot_local):
+            slot_r = torch.zeros_like(ids_r, dtype=torch.bool)
+            slot_r[0, layout.slot_local] = True
+            parts = [hiddens[rp][col] for rp, _, col in layout.sources]
             values = torch.cat(parts) if len(parts) > 1 else parts[0]
             if len(parts) > 1:  # back to sample order
-                values = values[torch.argsort(torch.cat(where_)).to(dev)]
+                values = values[torch.argsort(torch.cat([w for _, w, _ in layout.sources]))]
             if detach_latents:
                 values = values.detach()
             latents_round_order.append(values)
         extra = {}
         if r == 0:
             extra = {k: v for k, v in vision.items() if v is not None}
-            if mm_token_type_ids is not None and extra:
-                extra["mm_token_type_ids"] = mm_token_type_ids.gather(1, src_r)
+            if flat_mm is not None and extra:
+                extra["mm_token_type_ids"] = flat_mm[layout.src][None]
         if not checkpointed:
-            with latent_inputs(model, slot_r, values):
+            with latent_inputs(model, slot_r, values), packed_round(inner, layout, mask_r):
                 h = _inner_forward(
-                    inner,
-                    input_ids=ids_r,
-                    attention_mask=mask_r,
-                    position_ids=pos_r,
-                    cache=cache,
-                    use_cache=True,
-                    **extra,
+                    inner, input_ids=ids_r, position_ids=pos_r, cache=cache, use_cache=True, **extra
                 )
         else:
             n_past = sum(c.shape[2] for c in past_k[0]) if past_k else 0
@@ -469,9 +543,10 @@ def _rounds(
                 model,
                 inner,
                 config,
+                layout,
+                mask_r,
                 ids_r,
                 pos_r,
-                mask_r,
                 slot_r,
                 values,
                 extra,
@@ -489,30 +564,27 @@ def _rounds(
             for i in range(n_layers):
                 past_k[i].append(new_k[i])
                 past_v[i].append(new_v[i])
-        hiddens.append(h)
-        past_valid = valid_r if past_valid is None else torch.cat([past_valid, valid_r], dim=1)
+        hiddens.append(h[0])
 
-    all_h = torch.cat(hiddens, dim=1) if len(hiddens) > 1 else hiddens[0]
-    D = all_h.shape[-1]
-    back = plan.back.to(dev)
-    hidden = all_h.gather(1, back[..., None].expand(-1, -1, D))
+    all_h = torch.cat(hiddens) if len(hiddens) > 1 else hiddens[0]
+    hidden = all_h[plan.back.to(dev)]
     hidden = hidden * attention_mask.to(hidden.dtype)[..., None]
     if latents_round_order:
         latents = torch.cat(latents_round_order)[plan.latent_order.to(dev)]
     else:
-        latents = all_h.new_zeros(0, D)
+        latents = all_h.new_zeros(0, all_h.shape[-1])
     return SelfLatentOutput(
         hidden,
         latents,
         "rounds_checkpointed" if checkpointed else "rounds",
-        len(plan.lengths),
+        len(plan.rounds),
         plan.computed_tokens,
         plan.schedule,
     )
 
 
 def _checkpointed_round(
-    model, inner, config, ids_r, pos_r, mask_r, slot_r, values, extra, n_past, n_chunks, *flat_past
+    model, inner, config, layout, mask_r, ids_r, pos_r, slot_r, values, extra, n_past, n_chunks, *flat_past
 ):
     """One round as a pure function: past key/value chunks in, (hidden, new keys..., new values...) out."""
     from transformers import DynamicCache
@@ -528,17 +600,14 @@ def _checkpointed_round(
         cache = DynamicCache(ddp_cache_data=list(zip(ks, vs)), config=config)
     else:
         cache = DynamicCache(config=config)
-    # The model's own checkpointing would drop the cache; it is off here, also in the backward replay.
-    with model_checkpointing_off(model), latent_inputs(model, slot_r, values):
-        h = _inner_forward(
-            inner,
-            input_ids=ids_r,
-            attention_mask=mask_r,
-            position_ids=pos_r,
-            cache=cache,
-            use_cache=True,
-            **extra,
-        )
+    # The model's own checkpointing would drop the cache; it is off here, also in the backward replay
+    # (which also needs the packed-round attention switched on again).
+    with (
+        model_checkpointing_off(model),
+        latent_inputs(model, slot_r, values),
+        packed_round(inner, layout, mask_r),
+    ):
+        h = _inner_forward(inner, input_ids=ids_r, position_ids=pos_r, cache=cache, use_cache=True, **extra)
     layers = cache.layers
     if n_past:
         new_k = [layer.keys[:, :, n_past:].clone() for layer in layers]
