@@ -544,3 +544,28 @@ def test_gradient_accumulation_matches_one_batch(tmp_path, rows):
     assert not torch.allclose(
         accum[q], full[q], rtol=1e-3, atol=0
     )  # the documented convention, not a global mean
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_mixed_precision_reaches_the_stage2_rounds_and_the_logits(tmp_path, rows, stage):
+    """accelerate autocasts only the top-level forward; stage 2 calls the inner model per round and the
+    logits are computed in compute_loss, so both must still run under the configured bf16 autocast."""
+    from mirage_trl.latent.model_utils import text_model
+
+    seen = {}
+    for bf16 in (False, True):
+        trainer = make_trainer(tmp_path / str(bf16), stage=stage, bf16=bf16)
+        model = trainer.model
+        dtypes = []
+        layer = text_model(model).layers[0].mlp.down_proj
+        head = model.get_output_embeddings()
+        hooks = [m.register_forward_hook(lambda m, a, out: dtypes.append(out.dtype)) for m in (layer, head)]
+        try:
+            loss = trainer.compute_loss(model, trainer.data_collator(rows))
+        finally:
+            for h in hooks:
+                h.remove()
+        assert torch.isfinite(loss)
+        seen[bf16] = set(dtypes)
+    assert seen[False] == {torch.float32}
+    assert seen[True] == {torch.bfloat16}

@@ -179,14 +179,16 @@ class MirageSFTTrainer(SFTTrainer):
         mode = "train" if self.model.training else "eval"
         slot_mask = inputs["latent_mask"]
         targets = self._helper_targets(model, inputs)
-        if self.args.stage == 1:
-            hidden = self.stage1_forward(model, inputs, targets)
-            latents = targets
-        else:
-            out = self.stage2_forward(model, inputs)
-            hidden, latents = out.hidden_states, out.latents
-
-        ce_sum, n_tokens = text_cross_entropy(model, hidden, inputs["labels"])
+        # Mixed precision: accelerate autocasts only the top-level forward; stage 2 runs the inner
+        # model round by round and the logits are computed here, so both go under the same autocast.
+        with self.accelerator.autocast():
+            if self.args.stage == 1:
+                hidden = self.stage1_forward(model, inputs, targets)
+                latents = targets
+            else:
+                out = self.stage2_forward(model, inputs)
+                hidden, latents = out.hidden_states, out.latents
+            ce_sum, n_tokens = text_cross_entropy(model, hidden, inputs["labels"])
         # As TRL: normalise by the tokens of the whole accumulated batch when the Trainer gives that count.
         ce = ce_sum / (n_tokens.clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
