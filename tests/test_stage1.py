@@ -559,7 +559,10 @@ def test_mixed_precision_reaches_the_stage2_rounds_and_the_logits(tmp_path, rows
         dtypes = []
         layer = text_model(model).layers[0].mlp.down_proj
         head = model.get_output_embeddings()
-        hooks = [m.register_forward_hook(lambda m, a, out: dtypes.append(out.dtype)) for m in (layer, head)]
+        hooks = [
+            m.register_forward_hook(lambda m, a, out, seen_=dtypes: seen_.append(out.dtype))
+            for m in (layer, head)
+        ]
         try:
             loss = trainer.compute_loss(model, trainer.data_collator(rows))
         finally:
