@@ -437,3 +437,9 @@ def test_benchmark_without_grader(rows, tmp_path):
         processing_class=processor,
     )
     assert tr.reward_weights.tolist() == pytest.approx([0.1])
+
+
+def test_generation_batch_mixing_rows_with_and_without_images(trainer, rows):
+    mixed = [rows[0], {**rows[1], "images": [], "source": "train.jsonl:7"}, rows[2], rows[3]]
+    with pytest.raises(MirageError, match=r"mixes rows with and without images \(without: train.jsonl:7\)"):
+        trainer._generate_and_score_completions(mixed)

@@ -188,6 +188,16 @@ class MirageGRPOTrainer(GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         mode = "train" if self.model.training else "eval"
+        with_images = [bool(x.get("images")) for x in inputs]
+        if any(with_images) and not all(with_images):
+            # TRL 1.16 processes a generation batch's prompts in one call that fails deep inside the
+            # processor when only some rows carry images; say which rows, before any work is done.
+            bare = [str(x.get("source", f"row {i}")) for i, x in enumerate(inputs) if not x.get("images")]
+            raise MirageError(
+                f"GRPO generation batch mixes rows with and without images (without: {', '.join(bare[:5])}"
+                f"{' ...' if len(bare) > 5 else ''}); give every row an image or train the "
+                "text-only rows in a separate run"
+            )
         output = super()._generate_and_score_completions([self._rollout_row(x) for x in inputs])
         accuracy = self._metrics[mode].get("rewards/accuracy_reward/mean")
         if self._grades_accuracy and accuracy:
