@@ -50,7 +50,7 @@ class MirageDataCollator:
         max_length: longest sequence kept; a cut through the prompt or a latent span is an error
             (`truncation="error"`) or drops the row (`truncation="drop"`, counted in `num_dropped`).
         padding_side: "right" (training default) or "left".
-        with_helpers: process helper images (stage 1 targets; stage 2 drift metrics).
+        with_helpers: process helper images (stage 1 targets; the optional stage-2 drift metric).
         require_helpers: every latent span needs its helper image (stage 1): a row without is an error.
     """
 

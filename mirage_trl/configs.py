@@ -75,6 +75,13 @@ class MirageSFTConfig(_MirageLatentArgs, SFTConfig):
             "help": f"stage-2 forward: {', '.join(STAGE2_METHODS)} ('auto' picks the exact one for the checkpointing setting)"
         },
     )
+    stage2_target_metric: bool = field(
+        default=False,
+        metadata={
+            "help": "stage 2: also encode the helper images every step to log latent_target_cos (cosine of "
+            "the self-generated latents to the stage-1 targets); costs one vision-tower pass per step"
+        },
+    )
     cache_latent_targets: bool = field(
         default=False,
         metadata={"help": "compute stage-1 targets once up front and cache them with the dataset"},

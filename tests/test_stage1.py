@@ -572,3 +572,19 @@ def test_mixed_precision_reaches_the_stage2_rounds_and_the_logits(tmp_path, rows
         seen[bf16] = set(dtypes)
     assert seen[False] == {torch.float32}
     assert seen[True] == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("metric", [False, True])
+def test_stage2_encodes_helper_images_only_for_the_drift_metric(tmp_path, rows, metric):
+    trainer = make_trainer(tmp_path, stage=2, stage2_target_metric=metric)
+    batch = trainer.data_collator(rows)
+    assert ("helper_pixel_values" in batch) == metric
+    trainer.model.train()
+    trainer._metrics["train"].clear()
+    with torch.no_grad():
+        trainer.compute_loss(trainer.model, batch)
+    logged = trainer._metrics["train"]
+    assert ("latent_target_cos" in logged) == metric
+    assert "latent_norm" in logged and "ce" in logged
+    if metric:
+        assert -1.0 <= logged["latent_target_cos"][-1] <= 1.0

@@ -98,7 +98,8 @@ class MirageSFTTrainer(SFTTrainer):
                 max_length=args.max_length,
                 padding_side=args.padding_side,
                 truncation=args.latent_truncation,
-                with_helpers=True,
+                # stage 2 needs helper images only for the optional drift metric: skip decoding them otherwise
+                with_helpers=args.stage == 1 or args.stage2_target_metric,
                 require_helpers=args.stage == 1,
             )
         self.num_skipped_steps = 0
