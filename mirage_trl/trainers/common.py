@@ -87,22 +87,36 @@ def restrict_to_language_model(peft_config):
     return peft_config
 
 
-def check_finite(step: int, skip: bool, **terms: torch.Tensor) -> bool:
-    """True when every term is finite. Otherwise stop with the step and term named, or (skip) return False.
+def check_step(
+    step: int, skip: bool, terms: dict, latents: torch.Tensor | None = None, bound: float | None = None
+) -> bool:
+    """True when every term is finite and no latent's norm exceeds `bound` (None: no bound).
 
-    One host sync per step for all terms together.
+    Otherwise stop naming the step and the term (or the norm), or with `skip` return False so the
+    caller skips the step. All checks of a step share one host sync.
     """
-    flags = torch.stack([torch.isfinite(t.detach()).all() for t in terms.values()])
-    if bool(flags.all()):
-        return True
-    bad = [name for name, ok in zip(terms, flags.tolist()) if not ok]
-    if skip:
-        logger.warning("step %d: non-finite %s; step skipped", step, ", ".join(bad))
-        return False
-    raise MirageError(
-        f"step {step}: non-finite {', '.join(bad)} (NaN or inf); lower the learning rate, check the data, "
-        "or set skip_nonfinite_steps=True to skip such steps"
-    )
+    checks = [torch.isfinite(t.detach()).all() for t in terms.values()]
+    peak = None
+    if latents is not None and latents.shape[0] and bound is not None:
+        peak = latents.detach().float().norm(dim=-1).max()
+        checks.append(peak <= bound)  # a NaN peak fails here too, but is reported as non-finite first
+    flags = torch.stack(checks).tolist()
+    bad = [name for name, ok in zip(terms, flags) if not ok]
+    if bad:
+        if skip:
+            logger.warning("step %d: non-finite %s; step skipped", step, ", ".join(bad))
+            return False
+        raise MirageError(
+            f"step {step}: non-finite {', '.join(bad)} (NaN or inf); lower the learning rate, check the data, "
+            "or set skip_nonfinite_steps=True to skip such steps"
+        )
+    if peak is not None and not flags[-1]:
+        msg = f"step {step}: latent norm {float(peak):.3g} exceeds max_latent_norm={bound:g}"
+        if skip:
+            logger.warning("%s; step skipped", msg)
+            return False
+        raise MirageError(msg + " (raise max_latent_norm, or set skip_nonfinite_steps=True)")
+    return True
 
 
 def check_distributed_support(accelerator, what: str) -> None:
@@ -121,17 +135,6 @@ def check_distributed_support(accelerator, what: str) -> None:
             f"{what} on several processes needs DeepSpeed: plain DDP would not sync the gradients of the "
             "latent passes; launch with `accelerate launch --config_file zero_configs/zero2.yaml ...`"
         )
-
-
-def latent_norm_ok(step: int, peak, bound: float, skip: bool) -> bool:
-    """True when the largest latent norm is within `bound`; else stop naming the step, or (skip) False."""
-    if bool(peak <= bound):
-        return True
-    msg = f"step {step}: latent norm {float(peak):.3g} exceeds max_latent_norm={bound:g}"
-    if skip:
-        logger.warning("%s; step skipped", msg)
-        return False
-    raise MirageError(msg + " (raise max_latent_norm, or set skip_nonfinite_steps=True)")
 
 
 def load_from_checkpoint(trainer, resume_from_checkpoint, model, fallback) -> None:

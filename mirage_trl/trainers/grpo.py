@@ -49,8 +49,7 @@ from ..latent.tokens import LatentTokens
 from ..rewards import accuracy_reward, get_reward_funcs
 from .common import (
     check_distributed_support,
-    check_finite,
-    latent_norm_ok,
+    check_step,
     load_from_checkpoint,
     setup_model,
 )
@@ -363,19 +362,14 @@ class MirageGRPOTrainer(GRPOTrainer):
         terms = {"loss": loss}
         if latents is not None:
             terms["latents"] = latents
-        ok = check_finite(self.state.global_step, self.args.skip_nonfinite_steps, **terms)
+        ok = check_step(
+            self.state.global_step, self.args.skip_nonfinite_steps, terms, latents, self.args.max_latent_norm
+        )
         if latents is not None:
             norms = latents.detach().float().norm(dim=-1)
             self._metrics[mode]["latent/norm"].append(
                 self.accelerator.gather(norms.mean().reshape(1)).mean().item()
             )
-            if ok and self.args.max_latent_norm is not None:
-                ok = latent_norm_ok(
-                    self.state.global_step,
-                    norms.max(),
-                    self.args.max_latent_norm,
-                    self.args.skip_nonfinite_steps,
-                )
         if not ok:
             self.num_skipped_steps += 1
             self._metrics[mode]["skipped_steps"].append(float(self.num_skipped_steps))

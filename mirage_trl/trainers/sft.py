@@ -27,8 +27,7 @@ from ..latent.slots import latent_inputs
 from ..latent.targets import helper_latent_targets
 from .common import (
     check_distributed_support,
-    check_finite,
-    latent_norm_ok,
+    check_step,
     load_from_checkpoint,
     setup_model,
 )
@@ -216,12 +215,13 @@ class MirageSFTTrainer(SFTTrainer):
         terms = {"loss": loss}
         if has_slots:
             terms["latents"] = latents
-        ok = check_finite(self.state.global_step, self.args.skip_nonfinite_steps, **terms)
-        if ok and has_slots and self.args.max_latent_norm is not None:
-            peak = latents.detach().float().norm(dim=-1).max()
-            ok = latent_norm_ok(
-                self.state.global_step, peak, self.args.max_latent_norm, self.args.skip_nonfinite_steps
-            )
+        ok = check_step(
+            self.state.global_step,
+            self.args.skip_nonfinite_steps,
+            terms,
+            latents if has_slots else None,
+            self.args.max_latent_norm,
+        )
         if not ok:
             self.num_skipped_steps += 1
             self._metrics[mode]["skipped_steps"].append(float(self.num_skipped_steps))
