@@ -67,10 +67,16 @@ def build(quick: bool, start_bias: float):
     plain_bias[sorted(i for i in eos | vision if i is not None)] = -30.0
     latent_bias = plain_bias.clone()
     latent_bias[tokens.start_id] = start_bias
-    plain, mirage = copy.deepcopy(model), copy.deepcopy(model)
-    plain.lm_head.register_forward_hook(lambda m, a, out: out + plain_bias.to(out.dtype))
-    mirage.lm_head.register_forward_hook(lambda m, a, out: out + latent_bias.to(out.dtype))
-    return plain, mirage, processor, tokens
+    return copy.deepcopy(model), copy.deepcopy(model), processor, tokens, plain_bias, latent_bias
+
+
+def bias_logits(trainer, bias) -> None:
+    """Add `bias` to the LM head's output of the trainer's model (after PEFT wrapped it: a head with
+    trainable latent rows computes its own output, so the hook goes on the outermost head)."""
+    from mirage_trl.latent.model_utils import unwrap
+
+    head = unwrap(trainer.model).get_output_embeddings()
+    head.register_forward_hook(lambda m, a, out: out + bias.to(out.dtype))
 
 
 def rows(folder: Path, n: int):
@@ -139,6 +145,12 @@ def main(argv=None) -> int:
         "--start-bias", type=float, default=4.0, help="logit bias of <|latent_start|> (Mirage model)"
     )
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument(
+        "--lora",
+        type=int,
+        default=0,
+        help="LoRA rank on every linear layer of the language model (0: full fine-tuning)",
+    )
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     prompts = args.prompts or (2 if args.quick else 4)
@@ -157,7 +169,7 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    plain_model, mirage_model, processor, tokens = build(args.quick, args.start_bias)
+    plain_model, mirage_model, processor, tokens, plain_bias, latent_bias = build(args.quick, args.start_bias)
     tmp = Path(tempfile.mkdtemp(prefix="bench_grpo_"))
     data = rows(tmp, prompts)
     plain_data = [{"prompt": r["messages"], "images": [load_image(p) for p in r["images"]]} for r in data]
@@ -176,8 +188,18 @@ def main(argv=None) -> int:
         disable_tqdm=True,
         gradient_checkpointing=args.gradient_checkpointing,
     )
+    peft = None
+    if args.lora:
+        from peft import LoraConfig
+
+        peft = dict(
+            r=args.lora,
+            lora_alpha=2 * args.lora,
+            target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+        )
     plain = GRPOTrainer(
         plain_model,
+        peft_config=LoraConfig(**peft) if peft else None,
         reward_funcs=[format_reward],
         args=GRPOConfig(output_dir=str(tmp / "p"), **common),
         train_dataset=Dataset.from_list(plain_data),
@@ -188,7 +210,10 @@ def main(argv=None) -> int:
         args=MirageGRPOConfig(output_dir=str(tmp / "m"), reward_names=["format"], latent_size=4, **common),
         train_dataset=Dataset.from_list(data),
         processing_class=processor,
+        peft_config=LoraConfig(**peft) if peft else None,
     )
+    bias_logits(plain, plain_bias)
+    bias_logits(mirage, latent_bias)
     timings = {"plain": instrument(plain), "mirage": instrument(mirage)}
     plain._start_id = mirage._start_id = tokens.start_id
     for _ in range(rounds):
@@ -218,6 +243,7 @@ def main(argv=None) -> int:
         start_bias=args.start_bias,
         threads=torch.get_num_threads(),
         gradient_checkpointing=args.gradient_checkpointing,
+        lora_rank=args.lora,
     )
     result["goal"] = GOAL
     result["meets_goal"] = result["ratio"]["step"] <= GOAL
