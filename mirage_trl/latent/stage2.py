@@ -63,8 +63,8 @@ class SelfLatentOutput:
     latents: (n_slots, D) the vectors fed at the slots, row-major (sample by sample, in order).
     method: the method that ran (``"auto"`` resolved).
     steps: rounds (round methods) or full passes (recompute).
-    computed_tokens: B x (sum of round lengths) for the round methods, B x L x passes for
-        recompute: the token positions the model actually ran (padding included).
+    computed_tokens: token positions the linear layers ran: the real tokens for the round methods
+        (rounds run packed), B x L x passes for recompute (padding included).
     """
 
     hidden_states: torch.Tensor
