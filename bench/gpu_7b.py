@@ -1,5 +1,6 @@
 """7B-shaped throughput on one GPU: stage 1 and stage 2 with LoRA (r 64 on every linear layer of the
-language model), bf16, SDPA, with and without gradient checkpointing; latent decoding vs `generate`.
+language model), bf16, SDPA, with and without gradient checkpointing; latent decoding vs `generate` at
+batch 1, 16 and 64 (`--decode-batches`).
 
     python bench/gpu_7b.py --json gpu.json                 # on a GPU (about 20 GB for weights + LoRA)
     python bench/gpu_7b.py --load-in-4bit --json q.json    # QLoRA: 4-bit base (bitsandbytes)
@@ -173,6 +174,73 @@ def step_fns(model, batch, n_img, k_hidden):
     return stage1, stage2
 
 
+def decoding(model, config, batch: int, prompt_len: int, new_tokens: int, repeats: int, sync, device) -> dict:
+    """Greedy tokens/s of `generate_with_latents` (model mode) vs `model.generate`, same ragged left-padded
+    text prompts, `new_tokens` for every sample. The latent start token is masked out in both (random
+    weights would open spans at random), so both do the same work; the tokens are checked equal."""
+    import torch
+
+    from mirage_trl.generation import generate_with_latents
+    from mirage_trl.latent.tokens import LatentTokens
+
+    vocab = config.text_config.vocab_size
+    lt = LatentTokens(start_id=vocab - 3, pad_id=vocab - 2, end_id=vocab - 1, latent_size=K)
+    pad = 0
+    g = torch.Generator().manual_seed(1)
+    ids = torch.full((batch, prompt_len), pad, dtype=torch.long)
+    mask = torch.zeros(batch, prompt_len, dtype=torch.long)
+    for b in range(batch):
+        n = prompt_len - (b % 4) * (prompt_len // 8)
+        ids[b, prompt_len - n :] = torch.randint(1, min(vocab - 8, 150000), (n,), generator=g)
+        mask[b, prompt_len - n :] = 1
+    inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+    inputs["mm_token_type_ids"] = torch.zeros_like(inputs["input_ids"])
+    head = model.get_output_embeddings()
+    block = torch.zeros(head.weight.shape[0], device=device)
+    block[lt.start_id] = -1e4
+    hook = head.register_forward_hook(lambda m, a, out: out + block.to(out.dtype))
+
+    def run_generate():
+        with torch.no_grad():
+            out = model.generate(
+                **inputs,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+            )
+        return out[:, prompt_len:]
+
+    def run_ours():
+        out = generate_with_latents(
+            model,
+            None,
+            inputs,
+            latent_tokens=lt,
+            max_new_tokens=new_tokens,
+            eos_token_ids=[],
+            pad_token_id=pad,
+        )
+        return out.sequences
+
+    try:
+        same = run_generate().tolist() == run_ours().tolist()
+        t_gen = timed(run_generate, repeats, sync)
+        t_ours = timed(run_ours, repeats, sync)
+    finally:
+        hook.remove()
+    tokens = batch * new_tokens
+    return {
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "generate_tokens_per_s": tokens / t_gen,
+        "latent_tokens_per_s": tokens / t_ours,
+        "ratio": t_gen / t_ours,
+        "same_tokens": same,
+    }
+
+
 def timed(fn, repeats: int, sync) -> float:
     fn()
     sync()
@@ -194,13 +262,18 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--json", type=Path)
+    ap.add_argument(
+        "--decode-batches", type=int, nargs="*", default=[1, 16, 64], help="decoding batch sizes ([] to skip)"
+    )
+    ap.add_argument("--new-tokens", type=int, default=128, help="decoding: new tokens per sample")
     args = ap.parse_args(argv)
 
     import torch
 
     device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
     if args.tiny:
-        args.batch, args.text_len, args.repeats = 2, 48, 1
+        args.batch, args.text_len, args.repeats, args.new_tokens = 2, 48, 1, 4
+        args.decode_batches = [b for b in args.decode_batches if b <= 2] or [1]
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     model, config = build(args.tiny, args.load_in_4bit, device)
     n_params = sum(p.numel() for n, p in model.named_parameters() if "visual" not in n)
@@ -235,6 +308,12 @@ def main(argv=None) -> int:
             if device == "cuda":
                 run["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             results["runs"][f"{name}{'_ckpt' if ckpt else ''}"] = run
+    model.gradient_checkpointing_disable()
+    model.eval()
+    results["decoding"] = [
+        decoding(model, config, b, 128 if not args.tiny else 16, args.new_tokens, args.repeats, sync, device)
+        for b in args.decode_batches
+    ]
     r = results["runs"]
     results["stage2_over_stage1"] = r["stage2"]["seconds"] / r["stage1"]["seconds"]
     results["stage2_over_stage1_ckpt"] = r["stage2_ckpt"]["seconds"] / r["stage1_ckpt"]["seconds"]

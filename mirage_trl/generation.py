@@ -187,7 +187,8 @@ def generate_with_latents(
     image_grid_thw, mm_token_type_ids. `latent_tokens=None` looks the tokens up in the
     tokenizer with the latent size of `get_mirage_config(model)`; a tokenizer without them
     decodes as a plain model (with a warning). `eos_token_ids=None` means the tokenizer's EOS,
-    `<|im_end|>` and the generation config's EOS ids; `[]` never stops early.
+    `<|im_end|>` and the generation config's EOS ids; `[]` never stops early. `processor=None`
+    decodes ids only (texts are empty), given latent_tokens, eos_token_ids and pad_token_id.
     """
     if latent_mode not in LATENT_MODES:
         raise MirageError(f"unknown latent mode {latent_mode!r}; valid modes: {', '.join(LATENT_MODES)}")
@@ -202,6 +203,10 @@ def generate_with_latents(
 
     net = unwrap(model)
     tok = _tokenizer(processor)
+    if tok is None and (latent_tokens is None or eos_token_ids is None or pad_token_id is None):
+        raise MirageError(
+            "generate_with_latents without a processor needs latent_tokens, eos_token_ids and pad_token_id"
+        )
     lt = latent_tokens if latent_tokens is not None else _resolve_latent_tokens(net, processor)
     eos = _default_eos(net, tok) if eos_token_ids is None else [int(i) for i in eos_token_ids]
     pad_id = _pad_id(net, tok, eos) if pad_token_id is None else int(pad_token_id)
@@ -353,8 +358,11 @@ def generate_with_latents(
 
     seq_list = sequences.tolist()
     lengths = n_gen.tolist()
-    raw_texts = [tok.decode(s[:n], skip_special_tokens=False) for s, n in zip(seq_list, lengths)]
-    texts = [_decode(tok, s[:n], lt) for s, n in zip(seq_list, lengths)]
+    if tok is None:  # ids only (benchmarks on models without a matching tokenizer)
+        raw_texts = texts = [""] * batch
+    else:
+        raw_texts = [tok.decode(s[:n], skip_special_tokens=False) for s, n in zip(seq_list, lengths)]
+        texts = [_decode(tok, s[:n], lt) for s, n in zip(seq_list, lengths)]
     return LatentGenerationOutput(
         sequences=sequences,
         latent_mask=latent_mask,

@@ -47,3 +47,5 @@ def test_gpu_benchmark_code_path_runs_on_cpu(tmp_path):
     assert set(result["runs"]) == {"stage1", "stage2", "stage1_ckpt", "stage2_ckpt"}
     assert all(r["samples_per_s"] > 0 and r["mfu"] > 0 for r in result["runs"].values())
     assert result["stage2_over_stage1"] > 0
+    (dec,) = result["decoding"]
+    assert dec["batch"] == 1 and dec["same_tokens"] and dec["ratio"] > 0

@@ -232,6 +232,21 @@ def test_texts_show_latent_spans_as_output_image(setup):
         assert out.raw_texts[i] == tok.decode(out.sequences[i].tolist(), skip_special_tokens=False)
 
 
+def test_without_processor_decodes_the_same_ids(setup):
+    model, processor, lt, batch = setup
+    pad = processor.tokenizer.pad_token_id
+    out = generate_with_latents(model, processor, batch, max_new_tokens=STEPS, eos_token_ids=[])
+    bare = generate_with_latents(
+        model, None, batch, latent_tokens=lt, max_new_tokens=STEPS, eos_token_ids=[], pad_token_id=pad
+    )
+    assert torch.equal(bare.sequences, out.sequences) and torch.equal(bare.latent_mask, out.latent_mask)
+    assert bare.texts == [""] * len(PROMPTS)
+    with pytest.raises(
+        MirageError, match="without a processor needs latent_tokens, eos_token_ids and pad_token_id"
+    ):
+        generate_with_latents(model, None, batch, latent_tokens=lt, max_new_tokens=STEPS)
+
+
 def test_no_latent_tokens_decodes_like_model_generate():
     model, processor = build_tiny_model(seed=1)
     batch = make_batch(processor, PROMPTS)
