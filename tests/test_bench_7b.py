@@ -49,3 +49,40 @@ def test_gpu_benchmark_code_path_runs_on_cpu(tmp_path):
     assert result["stage2_over_stage1"] > 0
     (dec,) = result["decoding"]
     assert dec["batch"] == 1 and dec["same_tokens"] and dec["ratio"] > 0
+
+
+def test_config_file_model_takes_the_local_tokenizer_ids(tmp_path):
+    """`mirage-trl tiny-model --config`: the real architecture with random weights, driven by the local
+    tokenizer (its special-token ids replace the checkpoint's)."""
+    from mirage_trl.cli import main as cli
+    from mirage_trl.errors import MirageError
+    from mirage_trl.models.load import load_model
+    from mirage_trl.models.tiny import build_tiny_tokenizer, config_from_file
+
+    tok = build_tiny_tokenizer()
+    config = config_from_file(ROOT / "bench/configs/qwen2_5_vl_7b_instruct.json", tok)
+    assert config.text_config.hidden_size == 3584 and config.text_config.vocab_size == 152064
+    assert config.image_token_id == tok.convert_tokens_to_ids("<|image_pad|>") != 151655
+    assert config.text_config.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
+
+    # the same path end to end on a shrunken copy of the file
+    d = json.loads((ROOT / "bench/configs/qwen2_5_vl_7b_instruct.json").read_text())
+    d["text_config"].update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    d["text_config"].update(num_key_value_heads=2, vocab_size=1000)
+    d["text_config"]["rope_parameters"]["mrope_section"] = [4, 2, 2]
+    d["vision_config"].update(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
+    d["vision_config"]["fullatt_block_indexes"] = [0]
+    small = tmp_path / "small.json"
+    small.write_text(json.dumps(d))
+    assert cli(["tiny-model", "--config", str(small), "--out", str(tmp_path / "m")]) == 0
+    model, processor = load_model(tmp_path / "m", require_mirage=False)
+    assert model.config.text_config.hidden_size == 64
+    ids = processor.tokenizer("hello world", return_tensors="pt")["input_ids"]
+    assert model(input_ids=ids).logits.shape == (1, ids.shape[1], 1000)
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**d, "model_type": "llama"}))
+    import pytest
+
+    with pytest.raises(MirageError, match="model_type 'llama' is not one of"):
+        config_from_file(bad, tok)

@@ -177,18 +177,71 @@ def tiny_config(model_type: str = "qwen2_5_vl", tokenizer=None, spare_rows: int 
     )
 
 
-def build_tiny_model(model_type: str = "qwen2_5_vl", seed: int = 0, dtype=None, **text_overrides):
-    """Return (model, processor): a random tiny Qwen-VL and a matching processor."""
+def config_from_file(path: str | os.PathLike, tokenizer):
+    """A Qwen-VL config read from a config.json (e.g. bench/configs/qwen2_5_vl_7b_instruct.json) with its
+    special-token ids moved to `tokenizer`'s: a real architecture with random weights that the
+    local tokenizer can drive (throughput runs where no hub is reachable)."""
+    import json
+
+    from transformers import AutoConfig
+
+    from ..errors import MirageError
+
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise MirageError(f"{path}: cannot read a model config: {err}") from None
+    d.pop("_comment", None)
+    if d.get("model_type") not in MODEL_TYPES:
+        raise MirageError(
+            f"{path}: model_type {d.get('model_type')!r} is not one of {', '.join(MODEL_TYPES)}"
+        )
+    config = AutoConfig.for_model(**d)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    text = config.text_config
+    if text.vocab_size < len(tokenizer):
+        raise MirageError(
+            f"{path}: vocab_size {text.vocab_size} is smaller than the tokenizer ({len(tokenizer)})"
+        )
+    config.image_token_id, config.video_token_id = ids["<|image_pad|>"], ids["<|video_pad|>"]
+    config.vision_start_token_id, config.vision_end_token_id = ids["<|vision_start|>"], ids["<|vision_end|>"]
+    text.bos_token_id = text.pad_token_id = ids["<|endoftext|>"]
+    text.eos_token_id = ids["<|im_end|>"]
+    return config
+
+
+def build_tiny_model(
+    model_type: str = "qwen2_5_vl", seed: int = 0, dtype=None, config_file=None, **text_overrides
+):
+    """Return (model, processor): a random tiny Qwen-VL and a matching processor.
+
+    `config_file`: random weights with that config's architecture instead (see `config_from_file`).
+    """
     import torch
     from transformers import AutoModelForImageTextToText
 
-    processor = build_tiny_processor(model_type)
-    config = tiny_config(model_type, processor.tokenizer, **text_overrides)
+    if config_file is not None:
+        processor = build_tiny_processor(_model_type_of(config_file))
+        config = config_from_file(config_file, processor.tokenizer)
+    else:
+        processor = build_tiny_processor(model_type)
+        config = tiny_config(model_type, processor.tokenizer, **text_overrides)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=dtype or torch.float32)
     model.generation_config.eos_token_id = config.text_config.eos_token_id
     model.generation_config.pad_token_id = config.text_config.pad_token_id
     return model.eval(), processor
+
+
+def _model_type_of(config_file) -> str:
+    import json
+
+    from ..errors import MirageError
+
+    try:
+        return json.loads(Path(config_file).read_text()).get("model_type", "")
+    except (OSError, ValueError) as err:
+        raise MirageError(f"{config_file}: cannot read a model config: {err}") from None
 
 
 def save_tiny_model(
