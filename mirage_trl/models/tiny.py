@@ -196,18 +196,22 @@ def config_from_file(path: str | os.PathLike, tokenizer):
         raise MirageError(
             f"{path}: model_type {d.get('model_type')!r} is not one of {', '.join(MODEL_TYPES)}"
         )
-    config = AutoConfig.for_model(**d)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
-    text = config.text_config
-    if text.vocab_size < len(tokenizer):
-        raise MirageError(
-            f"{path}: vocab_size {text.vocab_size} is smaller than the tokenizer ({len(tokenizer)})"
-        )
-    config.image_token_id, config.video_token_id = ids["<|image_pad|>"], ids["<|video_pad|>"]
-    config.vision_start_token_id, config.vision_end_token_id = ids["<|vision_start|>"], ids["<|vision_end|>"]
-    text.bos_token_id = text.pad_token_id = ids["<|endoftext|>"]
-    text.eos_token_id = ids["<|im_end|>"]
-    return config
+    text = d.setdefault("text_config", {})
+    vocab = text.get("vocab_size", d.get("vocab_size", 0))
+    if vocab < len(tokenizer):
+        raise MirageError(f"{path}: vocab_size {vocab} is smaller than the tokenizer ({len(tokenizer)})")
+    # the ids move before the config is built (it checks them against the vocabulary)
+    d.update(
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    text.update(
+        bos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"]
+    )
+    return AutoConfig.for_model(**d)
 
 
 def build_tiny_model(
