@@ -507,8 +507,10 @@ def _rounds(
     past_v: list[list[torch.Tensor]] = []
     hiddens: list[torch.Tensor] = []  # per round: (T_r, D) packed
     latents_round_order: list[torch.Tensor] = []
-    for r, layout in enumerate(plan.rounds):
-        layout = layout.to(dev)
+    # Every round's index tensors go to the device before any round runs: a copy from pageable host
+    # memory waits for the stream, so copying per round would stall the GPU queue between rounds.
+    layouts = [layout.to(dev) for layout in plan.rounds]
+    for r, layout in enumerate(layouts):
         ids_r = flat_ids[layout.src][None]
         pos_r = flat_pos[:, layout.src][:, None]
         mask_r = _round_mask(layout)
