@@ -399,6 +399,12 @@ def test_round_layouts_pack_real_tokens_and_split_keeps_slots_first():
         images[b, first[b] + 1 : first[b] + 30] = True
     with_images = plan_rounds(attn, slot, "split", max_round_tokens=60, keep_together=images)
     assert with_images.back[images].max() < with_images.tokens[0]
+    # images filling the whole first round: no empty round is left behind
+    big = torch.zeros_like(attn)
+    for b in range(B):
+        big[b, first[b] + 1 : int(slot[b].int().argmax())] = True  # every token up to the first slot
+    tight = plan_rounds(attn, slot, "split", max_round_tokens=20, keep_together=big)
+    assert min(tight.tokens) > 0
     late = images.clone()
     late[1, -1] = True
     with pytest.raises(MirageError, match="sample 1: an image comes after its first latent slot"):

@@ -194,7 +194,7 @@ def _split_schedule(
                     rest // (parts - 1) + (1 if i < rest % (parts - 1) else 0) for i in range(parts - 1)
                 ]
         out.extend([p[i] for p in pieces] for i in range(parts))
-    return out
+    return [row for row in out if any(row)]  # images held in the first piece can leave a piece empty
 
 
 def plan_rounds(
