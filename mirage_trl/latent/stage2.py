@@ -146,7 +146,6 @@ class RoundPlan:
     rounds: list[RoundLayout]
     back: torch.Tensor  # (B, L) packed index (all rounds concatenated) of each position (0 for padding)
     latent_order: torch.Tensor  # (n,) gather index: round-order latents -> row-major latents
-    n_slots: int
     schedule: str
     batch_size: int
 
@@ -314,9 +313,7 @@ def plan_rounds(
         order.append(sel)
     round_major = torch.cat(order) if order else torch.zeros(0, dtype=torch.long)
     latent_order = torch.argsort(round_major)
-    return RoundPlan(
-        chunk.max(0).values.tolist(), tokens.tolist(), rounds, back, latent_order, int(slots.sum()), chosen, B
-    )
+    return RoundPlan(chunk.max(0).values.tolist(), tokens.tolist(), rounds, back, latent_order, chosen, B)
 
 
 # --------------------------------------------------------------------------- packed-round attention
