@@ -329,7 +329,8 @@ def rounds_attention(module, query, key, value, attention_mask, **kwargs):
     whole cache (every round so far, packed the same way). They are gathered into a padded
     (B, H, W_r, d) / (B, H_kv, K_r, d) layout, run through SDPA with a causal-by-rank mask, and
     scattered back, so the linear layers never compute padding. Registered as an attention
-    implementation and switched on only inside the rounds.
+    implementation and switched on only inside the rounds; it runs SDPA whatever the model's own
+    implementation (eager, sdpa or flash-attention compute the same attention).
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
