@@ -454,3 +454,35 @@ def test_unknown_method_and_bad_masks():
     bad[1, -1] = True  # a padding position
     with pytest.raises(MirageError, match="padding"):
         self_latent_forward(model, batch["input_ids"], batch["attention_mask"], bad)
+
+
+def test_rounds_attention_is_switched_on_only_inside_the_rounds():
+    model, processor, tokens = fresh()
+    batch, _ = make_batch(processor, tokens, "right", images=False)
+    config = multimodal_model(model).language_model.config
+    assert config._attn_implementation == "sdpa"
+    plain = functools.partial(
+        multimodal_model(model), input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    )
+    with torch.no_grad():
+        before = plain().last_hidden_state
+    seen = []
+    layer = multimodal_model(model).language_model.layers[0]
+    handle = layer.register_forward_hook(lambda m, a, out: seen.append(config._attn_implementation))
+    try:
+        self_latent_forward(model, batch["input_ids"], batch["attention_mask"], batch["slot_mask"])
+        assert seen and set(seen) == {"mirage_rounds"}
+        assert config._attn_implementation == "sdpa"
+
+        def boom(m, a, out):
+            raise RuntimeError("boom")
+
+        failing = layer.register_forward_hook(boom)
+        with pytest.raises(RuntimeError, match="boom"):
+            self_latent_forward(model, batch["input_ids"], batch["attention_mask"], batch["slot_mask"])
+        failing.remove()
+        assert config._attn_implementation == "sdpa"  # restored after a failure inside a round
+    finally:
+        handle.remove()
+    with torch.no_grad():  # a plain forward of the same model is untouched by the rounds
+        torch.testing.assert_close(plain().last_hidden_state, before, rtol=0, atol=0)
