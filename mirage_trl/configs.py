@@ -50,6 +50,13 @@ class _MirageLatentArgs:
     max_latent_norm: float | None = field(
         default=1e4, metadata={"help": "stop when a latent's norm exceeds this (None: no bound)"}
     )
+    stage2_method: str = field(
+        default="auto",
+        metadata={
+            "help": f"forward with self-generated latents (stage 2, GRPO training): {', '.join(STAGE2_METHODS)} "
+            "('auto' picks the exact one for the checkpointing setting)"
+        },
+    )
     skip_nonfinite_steps: bool = field(
         default=False,
         metadata={
@@ -68,12 +75,6 @@ class MirageSFTConfig(_MirageLatentArgs, SFTConfig):
     )
     text_loss_weight: float = field(
         default=0.1, metadata={"help": "gamma: weight of the text CE in stage 1 (paper 0.1)"}
-    )
-    stage2_method: str = field(
-        default="auto",
-        metadata={
-            "help": f"stage-2 forward: {', '.join(STAGE2_METHODS)} ('auto' picks the exact one for the checkpointing setting)"
-        },
     )
     stage2_target_metric: bool = field(
         default=False,
@@ -96,10 +97,6 @@ class MirageSFTConfig(_MirageLatentArgs, SFTConfig):
         validate_latent_args(self)
         if self.stage not in STAGES:
             raise MirageError(f"--stage {self.stage}: must be 1 or 2")
-        if self.stage2_method not in STAGE2_METHODS:
-            raise MirageError(
-                f"--stage2_method {self.stage2_method!r}: choose one of {', '.join(STAGE2_METHODS)}"
-            )
 
 
 @dataclass
@@ -166,3 +163,5 @@ def validate_latent_args(args) -> None:
         raise MirageError(f"--latent_pooling {args.latent_pooling!r}: choose one of {', '.join(POOLINGS)}")
     if args.latent_truncation not in ("error", "drop"):
         raise MirageError(f"--latent_truncation {args.latent_truncation!r}: choose 'error' or 'drop'")
+    if args.stage2_method not in STAGE2_METHODS:
+        raise MirageError(f"--stage2_method {args.stage2_method!r}: choose one of {', '.join(STAGE2_METHODS)}")

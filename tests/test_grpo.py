@@ -443,3 +443,86 @@ def test_generation_batch_mixing_rows_with_and_without_images(trainer, rows):
     mixed = [rows[0], {**rows[1], "images": [], "source": "train.jsonl:7"}, rows[2], rows[3]]
     with pytest.raises(MirageError, match=r"mixes rows with and without images \(without: train.jsonl:7\)"):
         trainer._generate_and_score_completions(mixed)
+
+
+# --------------------------------------------------------------------------- TRL's own rollout path
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_trl_rollout_and_scoring_match_reference_whatever_the_padding_side(
+    trainer, rows, tmp_path, monkeypatch, padding_side
+):
+    """Prompts of different lengths and image sizes in one generation batch, through TRL's own
+    `_generate_and_score_completions` and `_compute_loss`: TRL builds `mm_token_type_ids` with the
+    tokenizer's padding side while the prompt ids are left-padded; the log-probs must not care."""
+    tokens, tok = trainer.latent_tokens, trainer.processing_class.tokenizer
+    long_row = _row(9, rows[1]["images"])
+    long_row["messages"][0]["content"][0]["text"] = "Is this much longer plan number nine safe? " * 3
+    batch = [rows[0], long_row, rows[2], rows[3]]  # 56x56 and 84x56 images, prompts of three lengths
+    comps = completions(tokens, tok)
+    monkeypatch.setattr(trainer, "_generate_single_turn", lambda *a, **k: (comps, None))
+    monkeypatch.setattr(tok, "padding_side", padding_side)
+    out = trainer._generate_and_score_completions(batch)
+    assert len(set(out["prompt_mask"].sum(1).tolist())) == 3  # three prompt lengths (text and image tokens)
+
+    seen = {}
+    real = trainer._get_per_token_logps_and_entropies
+
+    def spy(*a, **kw):
+        result = real(*a, **kw)
+        seen["logps"] = result[0].detach()
+        return result
+
+    monkeypatch.setattr(trainer, "_get_per_token_logps_and_entropies", spy)
+    monkeypatch.setattr(trainer, "current_gradient_accumulation_steps", 1, raising=False)
+    with torch.no_grad():
+        trainer._compute_loss(trainer.model, out)
+    collator = MirageDataCollator(trainer.processing_class, tokens)
+    with torch.no_grad():
+        for i, (row, c) in enumerate(zip(batch, comps)):
+            ref = reference_logps(trainer.model, collator, row, c, tokens)
+            slots, forced = _expected_masks(c, tokens)
+            text = [j for j in range(len(c)) if j not in slots and j not in forced]
+            torch.testing.assert_close(seen["logps"][i, text], ref[text], rtol=0, atol=1e-5)
+    trainer._train_latents = []
+
+
+def test_grpo_honours_stage2_method(trainer, rows, monkeypatch):
+    """`stage2_method` reaches the GRPO training forward as it reaches SFT's."""
+    from mirage_trl.latent import stage2
+
+    methods = []
+    real = stage2.self_latent_forward
+    monkeypatch.setattr(
+        stage2, "self_latent_forward", lambda *a, **kw: methods.append(kw.get("method")) or real(*a, **kw)
+    )
+    monkeypatch.setattr(trainer.args, "stage2_method", "recompute")
+    comps = completions(trainer.latent_tokens, trainer.processing_class.tokenizer)
+    ids, attn, C, kw, _ = _batch(trainer.processing_class, trainer.latent_tokens, rows, comps)
+    with torch.no_grad():
+        trainer._get_per_token_logps_and_entropies(trainer.model, ids, attn, C, batch_size=4, **kw)
+    assert methods == ["recompute"]
+    with pytest.raises(MirageError, match="--stage2_method 'fast'"):
+        _config("unused", stage2_method="fast")
+
+
+def test_rollout_inputs_have_types_aligned_with_left_padded_ids(trainer, rows, monkeypatch):
+    """With a right-padding tokenizer TRL hands over types padded on the right; the rollout derives them."""
+    from mirage_trl import generation
+
+    tok = trainer.processing_class.tokenizer
+    monkeypatch.setattr(tok, "padding_side", "right")
+    long_row = _row(9, rows[1]["images"])
+    long_row["messages"][0]["content"][0]["text"] = "A much longer prompt than the others. " * 3
+    seen = {}
+    real = generation.generate_with_latents
+
+    def spy(model, processor, inputs, **kw):
+        seen.update(inputs)
+        return real(model, processor, inputs, **kw)
+
+    monkeypatch.setattr(generation, "generate_with_latents", spy)
+    trainer._generate_and_score_completions([rows[0], long_row, rows[2], rows[3]])
+    image_id = unwrap(trainer.model).config.image_token_id
+    assert (seen["input_ids"][:, 0] == tok.pad_token_id).any()  # left-padded ids of different lengths
+    assert torch.equal(seen["mm_token_type_ids"].bool(), seen["input_ids"] == image_id)

@@ -68,6 +68,22 @@ def capture_final_hidden(model):
         handle.remove()
 
 
+def mm_token_types(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """`mm_token_type_ids` (1 at image placeholders, 2 at video ones) derived from the ids themselves.
+
+    Types built by a processor follow the tokenizer's padding side; ids padded elsewhere (TRL's
+    GRPO left-pads prompts whatever the tokenizer does) would be misaligned with them, and the 3-D
+    rope positions computed from them would be shifted. The ids are the one source of truth.
+    """
+    config = unwrap(model).config
+    types = torch.zeros_like(input_ids, dtype=torch.int32)
+    for value, name in ((1, "image_token_id"), (2, "video_token_id")):
+        token = getattr(config, name, None)
+        if token is not None:
+            types[input_ids == token] = value
+    return types
+
+
 def rope_positions(
     model, input_ids, attention_mask, mm_token_type_ids=None, image_grid_thw=None
 ) -> torch.Tensor:

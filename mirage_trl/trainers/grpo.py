@@ -44,7 +44,7 @@ from ..configs import MirageGRPOConfig
 from ..data.images import load_image
 from ..errors import MirageError
 from ..grading import BENCHMARKS
-from ..latent.model_utils import rope_positions, unwrap
+from ..latent.model_utils import mm_token_types, rope_positions, unwrap
 from ..latent.tokens import LatentTokens
 from ..rewards import accuracy_reward, get_reward_funcs
 from .common import (
@@ -222,12 +222,15 @@ class MirageGRPOTrainer(GRPOTrainer):
             ),
         }
         for key, value in multimodal_fields.items():
+            if key == "mm_token_type_ids":
+                continue  # on the tokenizer's padding side, not the left padding above: derived from the ids below
             if isinstance(value, torch.Tensor):
                 inputs[key] = value
             elif isinstance(value, list) and value and isinstance(value[0], list):  # per-token field
                 inputs[key] = pad([torch.tensor(x) for x in value], padding_value=0, padding_side="left")
             else:
                 inputs[key] = torch.tensor(np.array(value))
+        inputs["mm_token_type_ids"] = mm_token_types(self.model, inputs["input_ids"])
         inputs = super(GRPOTrainer, self)._prepare_inputs(inputs)  # Trainer's: to device
         with (
             _trl_grpo.profiling_context(self, "mirage.generate_with_latents"),
@@ -324,7 +327,9 @@ class MirageGRPOTrainer(GRPOTrainer):
                 vision["image_grid_thw"] = image_grid_thw[img[start] : img[end]]
                 if vision["image_grid_thw"].shape[0] == 0:
                     vision = {}
-            mm = mm_token_type_ids[start:end] if mm_token_type_ids is not None else None
+            # TRL builds mm_token_type_ids on the tokenizer's padding side while it left-pads the prompt
+            # ids: with right padding they are misaligned, so they are derived from the ids instead.
+            mm = mm_token_types(model, ids)
             completion = ids[:, -C:]
             slots_c, forced_c = latent_layout(completion, self.latent_tokens)
             real_c = attn[:, -C:].bool()
@@ -334,7 +339,14 @@ class MirageGRPOTrainer(GRPOTrainer):
             positions = rope_positions(model, ids, attn, mm, vision.get("image_grid_thw"))
             with self.accelerator.autocast():
                 out = self_latent_forward(
-                    model, ids, attn, slot_mask, position_ids=positions, mm_token_type_ids=mm, **vision
+                    model,
+                    ids,
+                    attn,
+                    slot_mask,
+                    position_ids=positions,
+                    mm_token_type_ids=mm,
+                    method=self.args.stage2_method,
+                    **vision,
                 )
                 hidden = out.hidden_states[:, -C - 1 : -1]  # position t-1 predicts completion token t
                 if self.args.cast_lm_head_to_fp32:
