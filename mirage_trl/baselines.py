@@ -65,11 +65,29 @@ def build_sft_dataset(dataset, helper_as_input: bool = False):
     return Dataset.from_list(rows).with_transform(_decode_images)
 
 
+def text_sft_trainer_class():
+    """TRL's `SFTTrainer` with what every mirage-trl trainer adds around the loop (see `MirageTrainerMixin`):
+    no credential in saved files, whole-or-absent checkpoints, no step on a non-finite gradient."""
+    from trl import SFTTrainer
+
+    from .trainers.common import MirageTrainerMixin
+
+    class TextSFTTrainer(MirageTrainerMixin, SFTTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._init_mirage_trainer()
+
+        def mirage_checkpoint_settings(self):
+            return None  # not a Mirage model
+
+    return TextSFTTrainer
+
+
 def run_text_sft(script_args, training_args, model_args, benchmark: str | None = None):
     """Text-only SFT baseline (or the helper-as-input upper bound): load, train with TRL's SFTTrainer, save."""
     from pathlib import Path
 
-    from trl import SFTTrainer, get_peft_config
+    from trl import get_peft_config
 
     from .io import write_json
     from .latent.model_utils import vision_tower
@@ -84,7 +102,7 @@ def run_text_sft(script_args, training_args, model_args, benchmark: str | None =
         evals = build_sft_dataset(evals, helper)
     model, processor = load_for_training(model_args.model_name_or_path, training_args, model_args)
     vision_tower(model).requires_grad_(False)
-    trainer = SFTTrainer(
+    trainer = text_sft_trainer_class()(
         model=model,
         args=training_args,
         train_dataset=train,

@@ -5,6 +5,7 @@ Defaults here are library defaults; the recipe YAMLs carry the paper's settings 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig, ScriptArguments, SFTConfig
@@ -13,6 +14,9 @@ from .errors import MirageError
 from .latent.targets import POOLINGS
 
 STAGES = (1, 2)
+# Bounds checked at start: far past what any run needs, short of what would exhaust memory or time first.
+MAX_LATENT_SIZE = 64  # the paper's best k is 4-6; k = 8 already hurts
+MAX_SEQUENCE_LENGTH = 1 << 20
 STAGE2_METHODS = ("auto", "rounds", "rounds_checkpointed", "recompute")
 
 
@@ -95,6 +99,8 @@ class MirageSFTConfig(_MirageLatentArgs, SFTConfig):
     def __post_init__(self):
         super().__post_init__()
         validate_latent_args(self)
+        if not (math.isfinite(self.text_loss_weight) and self.text_loss_weight >= 0):
+            raise MirageError(f"--text_loss_weight {self.text_loss_weight}: must be a finite number >= 0")
         if self.stage not in STAGES:
             raise MirageError(f"--stage {self.stage}: must be 1 or 2")
 
@@ -156,12 +162,34 @@ class MirageGRPOConfig(_MirageLatentArgs, GRPOConfig):
             )
 
 
+def _check_int(args, name: str, low: int, high: int, optional: bool = False) -> None:
+    value = getattr(args, name, None)
+    if value is None and optional:
+        return
+    if type(value) is not int or not low <= value <= high:
+        raise MirageError(f"--{name} {value!r}: must be an integer from {low} to {high}")
+
+
 def validate_latent_args(args) -> None:
-    if args.latent_size < 1:
-        raise MirageError(f"--latent_size {args.latent_size}: must be >= 1")
+    """Checks both configs share, at start (before any model loads), each naming its flag."""
+    lr = args.learning_rate
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise MirageError(f"--learning_rate {lr}: must be a finite number > 0")
+    _check_int(args, "latent_size", 1, MAX_LATENT_SIZE)
+    _check_int(args, "per_device_train_batch_size", 1, 1 << 16)
+    _check_int(args, "gradient_accumulation_steps", 1, 1 << 16)
+    _check_int(args, "max_length", 1, MAX_SEQUENCE_LENGTH, optional=True)
+    for name in ("max_completion_length", "max_prompt_length"):
+        if hasattr(args, name):
+            _check_int(args, name, 1, MAX_SEQUENCE_LENGTH, optional=True)
+    bound = args.max_latent_norm
+    if bound is not None and not (math.isfinite(bound) and bound > 0):
+        raise MirageError(f"--max_latent_norm {bound}: must be a finite number > 0 (or None: no bound)")
     if args.latent_pooling not in POOLINGS:
         raise MirageError(f"--latent_pooling {args.latent_pooling!r}: choose one of {', '.join(POOLINGS)}")
     if args.latent_truncation not in ("error", "drop"):
         raise MirageError(f"--latent_truncation {args.latent_truncation!r}: choose 'error' or 'drop'")
     if args.stage2_method not in STAGE2_METHODS:
-        raise MirageError(f"--stage2_method {args.stage2_method!r}: choose one of {', '.join(STAGE2_METHODS)}")
+        raise MirageError(
+            f"--stage2_method {args.stage2_method!r}: choose one of {', '.join(STAGE2_METHODS)}"
+        )

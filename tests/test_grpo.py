@@ -506,9 +506,16 @@ def test_grpo_honours_stage2_method(trainer, rows, monkeypatch):
         _config("unused", stage2_method="fast")
 
 
-def test_rollout_inputs_have_types_aligned_with_left_padded_ids(trainer, rows, monkeypatch):
+def test_rollout_inputs_have_types_aligned_with_left_padded_ids(rows, tmp_path, monkeypatch):
     """With a right-padding tokenizer TRL hands over types padded on the right; the rollout derives them."""
+    from datasets import Dataset
+
     from mirage_trl import generation
+
+    model, processor, _ = fresh()
+    trainer = MirageGRPOTrainer(
+        model, args=_config(tmp_path), train_dataset=Dataset.from_list(rows), processing_class=processor
+    )
 
     tok = trainer.processing_class.tokenizer
     monkeypatch.setattr(tok, "padding_side", "right")

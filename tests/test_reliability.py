@@ -504,7 +504,7 @@ def test_unknown_benchmark(env, tmp_path, capsys):
         ("--latent_pooling", "mean", r"--latent_pooling 'mean': choose one of drop_remainder, even"),
         ("--latent_truncation", "cut", r"--latent_truncation 'cut': choose 'error' or 'drop'"),
         ("--stage2_method", "fast", r"--stage2_method 'fast': choose one of auto, rounds"),
-        ("--latent_size", "0", r"--latent_size 0: must be >= 1"),
+        ("--latent_size", "0", r"--latent_size 0: must be an integer from 1 to 64"),
     ],
 )
 def test_unknown_training_setting_names_the_flag(env, tmp_path, flag, value, pattern):

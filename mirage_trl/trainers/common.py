@@ -1,12 +1,19 @@
 """Pieces both Mirage trainers share: model preparation (latent tokens, frozen vision tower, PEFT
-settings) and the numerical guard."""
+settings), the numerical guard, and `MirageTrainerMixin` (what both do around TRL's loop: a step
+that is skipped really changes nothing, checkpoints appear whole or not at all, no credential is
+saved, divergence is warned)."""
 
 from __future__ import annotations
 
+import glob
 import logging
+import math
+import os
 import re
+import shutil
 
 import torch
+from transformers import TrainerCallback
 
 from ..errors import MirageError
 from ..latent.model_utils import unwrap, vision_tower
@@ -148,6 +155,243 @@ def load_from_checkpoint(trainer, resume_from_checkpoint, model, fallback) -> No
     from ..latent.tokens import check_checkpoint_latent_size
     from ..models.load import load_checkpoint_weights
 
+    check_resume_checkpoint(resume_from_checkpoint)
     check_checkpoint_latent_size(resume_from_checkpoint, trainer.args.latent_size)
     if not load_checkpoint_weights(model if model is not None else trainer.model, resume_from_checkpoint):
         fallback(resume_from_checkpoint, model)
+
+
+# ---------------------------------------------------------------------------------------- trainer mixin
+CHECKPOINT_STAGING = ".{name}.tmp"
+# Files whose presence makes a `checkpoint-N` folder complete: the Trainer writes its state last.
+CHECKPOINT_STATE = "trainer_state.json"
+# A logged loss this many times its first value is reported as divergence.
+DIVERGENCE_FACTOR = 10.0
+
+
+class DivergenceCallback(TrainerCallback):
+    """Warn, naming the step, when a run diverges with finite numbers: the loss climbs far above its first
+    logged value, or the gradient norm vanishes to zero (nothing trains). Each warning is given once."""
+
+    def __init__(self):
+        self.first_loss = None
+        self.warned: set[str] = set()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        loss, grad_norm = logs.get("loss"), logs.get("grad_norm")
+        if isinstance(loss, (int, float)) and math.isfinite(loss):
+            if self.first_loss is None:
+                self.first_loss = loss
+            elif (
+                self.first_loss > 0
+                and loss > DIVERGENCE_FACTOR * self.first_loss
+                and "loss" not in self.warned
+            ):
+                self.warned.add("loss")
+                logger.warning(
+                    "step %d: loss %.4g is over %gx its first logged value %.4g: the run is diverging "
+                    "(lower the learning rate)",
+                    state.global_step,
+                    loss,
+                    DIVERGENCE_FACTOR,
+                    self.first_loss,
+                )
+        if isinstance(grad_norm, (int, float)) and grad_norm == 0.0 and "grad" not in self.warned:
+            self.warned.add("grad")
+            logger.warning(
+                "step %d: the gradient norm is 0: no parameter receives a gradient (vanished, or everything frozen)",
+                state.global_step,
+            )
+
+
+def checkpoint_is_complete(folder) -> bool:
+    return os.path.isdir(folder) and os.path.isfile(os.path.join(folder, CHECKPOINT_STATE))
+
+
+def newest_complete_checkpoint(run_dir) -> str | None:
+    found = []
+    for path in glob.glob(os.path.join(str(run_dir), "checkpoint-*")):
+        m = re.fullmatch(r"checkpoint-(\d+)", os.path.basename(path))
+        if m and checkpoint_is_complete(path):
+            found.append((int(m.group(1)), path))
+    return max(found)[1] if found else None
+
+
+def check_resume_checkpoint(path, flag: str = "--resume_from_checkpoint") -> None:
+    """A checkpoint to resume from exists, is a folder and is complete; otherwise one line naming the newest
+    complete one beside it."""
+    if path is None or isinstance(path, bool):
+        return
+    path = str(path)
+    if not os.path.exists(path):
+        raise MirageError(f"{flag} {path}: no such checkpoint folder")
+    if not os.path.isdir(path):
+        raise MirageError(f"{flag} {path}: is a file, expected a checkpoint-N folder")
+    if not checkpoint_is_complete(path):
+        newest = newest_complete_checkpoint(os.path.dirname(os.path.abspath(path)))
+        hint = f"; the newest complete one is {newest}" if newest else ""
+        raise MirageError(
+            f"{flag} {path}: not a complete checkpoint (no {CHECKPOINT_STATE}: an interrupted save or not a "
+            f"checkpoint){hint}"
+        )
+
+
+class MirageTrainerMixin:
+    """What both Mirage trainers add around TRL's training loop (put it first in the bases).
+
+    * Skipped steps: `guard_step` runs the numerical guard on a micro-batch; in skip mode a bad
+      micro-batch (or a non-finite gradient norm, checked once per optimizer step) makes the
+      optimizer step a no-op: no weight and no optimizer state changes (AdamW would otherwise still
+      apply momentum and weight decay). The skipped micro-batch's loss is logged as NaN, which the
+      Trainer's `logging_nan_inf_filter` (on by default) leaves out of the logged mean, and
+      `skipped_steps` counts them. In stop mode a non-finite gradient norm stops before the step,
+      so the last checkpoint holds the last good weights. Under DeepSpeed the engine steps inside
+      `backward`; a skipped micro-batch then contributes zero gradients.
+    * Checkpoints are written under a hidden `.checkpoint-N.tmp` folder and renamed when complete
+      (settings included); older ones are rotated only after that, and a leftover staging folder
+      of a killed run is removed at the next save.
+    * `training_args.bin` is saved without credentials (`hub_token`, ...): see `mirage_trl.redact`.
+    """
+
+    _skip_update = False
+    _checkpoint_staging: str | None = None
+    num_skipped_steps = 0
+
+    def _init_mirage_trainer(self):
+        self.add_callback(DivergenceCallback())
+
+    # ------------------------------------------------------------------ the step guard
+    def guard_step(self, mode: str, terms: dict, latents, model):
+        """The numerical guard for one micro-batch: the loss to backpropagate (a zero with the graph intact
+        when the step is skipped)."""
+        ok = check_step(
+            self.state.global_step, self.args.skip_nonfinite_steps, terms, latents, self.args.max_latent_norm
+        )
+        if ok:
+            return terms["loss"]
+        self._skip_update = True
+        self.num_skipped_steps += 1
+        self._metrics[mode]["skipped_steps"].append(float(self.num_skipped_steps))
+        # Zero gradients, graph intact (every rank still runs its backward); the optimizer step is skipped.
+        return sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        before = self.num_skipped_steps
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._window = getattr(self, "_window", [0, 0])
+        self._window[0] += 1
+        if self.num_skipped_steps != before:
+            self._window[1] += 1
+            return torch.full_like(loss, float("nan"))  # a skipped micro-batch has no loss to log
+        return loss
+
+    def log(self, logs, *args, **kwargs):
+        window = getattr(self, "_window", None)
+        if "loss" in logs and window:
+            if window[1] and window[1] == window[0]:
+                logs["loss"] = float("nan")  # every step since the last log was skipped: there is no loss
+            self._window = [0, 0]
+        return super().log(logs, *args, **kwargs)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        norm = torch.as_tensor(grad_norm, dtype=torch.float32, device=self.accelerator.device).reshape(())
+        flags = torch.stack(
+            [~torch.isfinite(norm), torch.tensor(self._skip_update, device=norm.device)]
+        ).float()
+        if self.accelerator.num_processes > 1:  # every rank skips or none does
+            flags = self.accelerator.reduce(flags, reduction="sum")
+        nonfinite, skip = (
+            bool(v) for v in flags.tolist()
+        )  # the one host sync of the guard per optimizer step
+        if nonfinite:
+            if not getattr(self.args, "skip_nonfinite_steps", False):
+                raise MirageError(
+                    f"step {self.state.global_step}: non-finite gradient norm (NaN or inf) before the optimizer "
+                    "step; no weight was changed. Lower the learning rate, check the data, or set "
+                    "skip_nonfinite_steps=True to skip such steps"
+                )
+            logger.warning("step %d: non-finite gradient norm; step skipped", self.state.global_step)
+            if not skip:
+                self.num_skipped_steps += 1
+                self._metrics["train"]["skipped_steps"].append(float(self.num_skipped_steps))
+        self._skip_update = nonfinite or skip
+        return grad_norm
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
+        if getattr(optimizer, "_mirage_guarded", False):
+            return optimizer
+        step = optimizer.step
+
+        def guarded_step(*args, **kwargs):
+            if self._skip_update:
+                self._skip_update = False
+                optimizer.zero_grad(set_to_none=True)
+                return None  # weights and optimizer state (moments, step counts) untouched
+            return step(*args, **kwargs)
+
+        optimizer.step = guarded_step
+        optimizer._mirage_guarded = True
+        return optimizer
+
+    # ------------------------------------------------------------------ saving
+    def save_model(self, output_dir=None, _internal_call=False):
+        from ..redact import redacted_args
+
+        with redacted_args(self.args):
+            super().save_model(output_dir, _internal_call=True)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _get_output_dir(self, trial):
+        return self._checkpoint_staging or super()._get_output_dir(trial)
+
+    def mirage_checkpoint_settings(self) -> dict | None:
+        """What `mirage_config.json` of each checkpoint holds (None: no such file, e.g. text-only baselines)."""
+        from ..latent.tokens import get_mirage_config
+
+        return get_mirage_config(unwrap(self.model)) or {}
+
+    def _save_checkpoint(self, model, trial):
+        from transformers.trainer_utils import rotate_checkpoints
+
+        from ..io import write_json
+
+        run_dir = super()._get_output_dir(trial)
+        name = f"checkpoint-{self.state.global_step}"
+        final = os.path.join(run_dir, name)
+        staging = os.path.join(run_dir, CHECKPOINT_STAGING.format(name=name))
+        if self.args.should_save:
+            for leftover in glob.glob(os.path.join(run_dir, CHECKPOINT_STAGING.format(name="checkpoint-*"))):
+                shutil.rmtree(leftover, ignore_errors=True)  # of a killed run
+        limit = self.args.save_total_limit
+        self._checkpoint_staging = staging
+        self.args.save_total_limit = None  # rotate only once the new checkpoint is complete
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._checkpoint_staging = None
+            self.args.save_total_limit = limit
+        staged = os.path.join(staging, name)
+        settings = self.mirage_checkpoint_settings()
+        if self.args.should_save and settings is not None:
+            # The Mirage settings travel with every checkpoint, so a checkpoint loads and resumes on its own.
+            write_json(os.path.join(staged, "mirage_config.json"), settings)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            if os.path.isdir(final):
+                shutil.rmtree(final)
+            os.replace(staged, final)
+            shutil.rmtree(staging, ignore_errors=True)
+            best = self.state.best_model_checkpoint
+            if best and best.startswith(staging):
+                self.state.best_model_checkpoint = final + best[len(staged) :]
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=False,
+            )
+        self.accelerator.wait_for_everyone()

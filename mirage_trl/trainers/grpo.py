@@ -48,8 +48,8 @@ from ..latent.model_utils import mm_token_types, rope_positions, unwrap
 from ..latent.tokens import LatentTokens
 from ..rewards import accuracy_reward, get_reward_funcs
 from .common import (
+    MirageTrainerMixin,
     check_distributed_support,
-    check_step,
     load_from_checkpoint,
     setup_model,
 )
@@ -117,7 +117,7 @@ def check_accuracy_benchmarks(benchmarks, where: str = "train_dataset") -> None:
         )
 
 
-class MirageGRPOTrainer(GRPOTrainer):
+class MirageGRPOTrainer(MirageTrainerMixin, GRPOTrainer):
     """GRPO with latent rollouts and a text-only loss whose gradient flows through recomputed latents."""
 
     _tag_names = ["trl", "grpo", "mirage"]
@@ -153,7 +153,6 @@ class MirageGRPOTrainer(GRPOTrainer):
                         set(dataset["benchmark"]) if "benchmark" in column else [None], name
                     )
         self._train_latents: list[torch.Tensor] = []
-        self.num_skipped_steps = 0
         super().__init__(
             model=model,
             reward_funcs=reward_funcs,
@@ -164,7 +163,13 @@ class MirageGRPOTrainer(GRPOTrainer):
             peft_config=peft_config,
             **kwargs,
         )
+        self._init_mirage_trainer()
         check_distributed_support(self.accelerator, "GRPO with latent rollouts")
+
+    def mirage_checkpoint_settings(self) -> dict:
+        from ..grpo_script import GRPO_STAGE
+
+        return {**super().mirage_checkpoint_settings(), "stage": GRPO_STAGE}
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         load_from_checkpoint(self, resume_from_checkpoint, model, super()._load_from_checkpoint)
@@ -374,18 +379,8 @@ class MirageGRPOTrainer(GRPOTrainer):
         terms = {"loss": loss}
         if latents is not None:
             terms["latents"] = latents
-        ok = check_step(
-            self.state.global_step, self.args.skip_nonfinite_steps, terms, latents, self.args.max_latent_norm
-        )
-        if latents is not None:
             norms = latents.detach().float().norm(dim=-1)
             self._metrics[mode]["latent/norm"].append(
                 self.accelerator.gather(norms.mean().reshape(1)).mean().item()
             )
-        if not ok:
-            self.num_skipped_steps += 1
-            self._metrics[mode]["skipped_steps"].append(float(self.num_skipped_steps))
-            loss = sum(
-                p.sum() * 0.0 for p in model.parameters() if p.requires_grad
-            )  # no update, graph intact
-        return loss
+        return self.guard_step(mode, terms, latents, model)

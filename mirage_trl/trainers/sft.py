@@ -26,8 +26,8 @@ from ..latent.model_utils import capture_final_hidden, rope_positions, unwrap
 from ..latent.slots import latent_inputs
 from ..latent.targets import helper_latent_targets
 from .common import (
+    MirageTrainerMixin,
     check_distributed_support,
-    check_step,
     load_from_checkpoint,
     setup_model,
 )
@@ -59,7 +59,7 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(a.float(), b.float(), dim=-1)
 
 
-class MirageSFTTrainer(SFTTrainer):
+class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
     """Stage 1 / stage 2 Mirage training on top of `trl.SFTTrainer` (any batch size, LoRA, DeepSpeed)."""
 
     _tag_names = ["trl", "sft", "mirage"]
@@ -101,7 +101,6 @@ class MirageSFTTrainer(SFTTrainer):
                 with_helpers=args.stage == 1 or args.stage2_target_metric,
                 require_helpers=args.stage == 1,
             )
-        self.num_skipped_steps = 0
         super().__init__(
             model=model,
             args=args,
@@ -115,6 +114,7 @@ class MirageSFTTrainer(SFTTrainer):
         # compute_loss normalises CE by `num_items_in_batch` itself. Qwen-VL classes declare
         # accepts_loss_kwargs=False, which would make Trainer skip that count (per-micro-batch means, then / GA).
         self.model_accepts_loss_kwargs = True
+        self._init_mirage_trainer()
         if args.stage == 2:
             check_distributed_support(self.accelerator, "stage 2")
 
@@ -215,19 +215,7 @@ class MirageSFTTrainer(SFTTrainer):
         terms = {"loss": loss}
         if has_slots:
             terms["latents"] = latents
-        ok = check_step(
-            self.state.global_step,
-            self.args.skip_nonfinite_steps,
-            terms,
-            latents if has_slots else None,
-            self.args.max_latent_norm,
-        )
-        if not ok:
-            self.num_skipped_steps += 1
-            self._metrics[mode]["skipped_steps"].append(float(self.num_skipped_steps))
-            loss = sum(
-                p.sum() * 0.0 for p in model.parameters() if p.requires_grad
-            )  # no update, graph intact
+        loss = self.guard_step(mode, terms, latents if has_slots else None, model)
 
         # One gather and one host sync for all metrics of the step.
         values = torch.stack([v.detach().float().reshape(()) for v in metrics.values()])
@@ -250,20 +238,8 @@ class MirageSFTTrainer(SFTTrainer):
             out["latent_target_cos"] = _cos(latents.detach(), targets).mean()
         return out
 
-    def _save_checkpoint(self, model, trial):
-        # The Mirage settings travel with every checkpoint, so a checkpoint loads and resumes on its own.
-        super()._save_checkpoint(model, trial)
-        if self.args.should_save:
-            import os
-
-            from ..io import write_json
-            from ..latent.tokens import get_mirage_config
-
-            folder = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
-            mirage = get_mirage_config(unwrap(self.model)) or {}
-            mirage.update(stage=self.args.stage)
-            if os.path.isdir(folder):
-                write_json(os.path.join(folder, "mirage_config.json"), mirage)
+    def mirage_checkpoint_settings(self) -> dict:
+        return {**super().mirage_checkpoint_settings(), "stage": self.args.stage}
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         load_from_checkpoint(self, resume_from_checkpoint, model, super()._load_from_checkpoint)
