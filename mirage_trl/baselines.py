@@ -91,8 +91,9 @@ def run_text_sft(script_args, training_args, model_args, benchmark: str | None =
 
     from .io import write_json
     from .latent.model_utils import vision_tower
+    from .models.load import portable_model_ref
     from .models.training import load_for_training
-    from .scripts import load_train_data
+    from .scripts import load_train_data, make_adapter_portable
     from .trainers.common import restrict_to_language_model
 
     helper = bool(getattr(script_args, "helper_as_input", False))
@@ -119,9 +120,10 @@ def run_text_sft(script_args, training_args, model_args, benchmark: str | None =
             {
                 "baseline": "helper_as_input" if helper else "text_only_sft",
                 "data": script_args.dataset_name,
-                "base_model": model_args.model_name_or_path,
+                "base_model": portable_model_ref(model_args.model_name_or_path),
             },
         )
+        make_adapter_portable(training_args.output_dir)
     if training_args.push_to_hub:
         from .scripts import push_outputs
 

@@ -29,6 +29,7 @@ from .models.load import (
     _load_source,
     _looks_like_hub_name,
     _read_json,
+    portable_model_ref,
     resolve_model_dir,
 )
 
@@ -162,7 +163,9 @@ def build_model_card(
 
 # ---------------------------------------------------------------------------------------- export
 def _write_card(folder: Path, text: str) -> None:
-    (folder / "README.md").write_text(text, encoding="utf-8")
+    from .redact import scrub
+
+    (folder / "README.md").write_text(scrub(text), encoding="utf-8")
 
 
 def _check_safetensors_only(folder: Path) -> None:
@@ -208,7 +211,7 @@ def export_model(
         mirage = dict(src.mirage)
         if kind == "adapter":
             config = model.peft_config[model.active_adapter]
-            config.base_model_name_or_path = str(src.base)
+            config.base_model_name_or_path = portable_model_ref(src.base)
             config.inference_mode = True
             if dtype is not None:
                 model.to(_dtype(dtype))
@@ -223,10 +226,10 @@ def export_model(
             model.config._name_or_path = str(out)
             model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
-        mirage.update(format=kind, exported_from=str(src.path))
-        mirage.setdefault("base_model", str(src.base) if src.is_adapter else None)
+        mirage.update(format=kind, exported_from=portable_model_ref(src.path))
+        mirage.setdefault("base_model", None)
         if src.is_adapter:
-            mirage["base_model"] = str(src.base)  # the model the adapter loads over
+            mirage["base_model"] = portable_model_ref(src.base)  # the model the adapter loads over
         write_json(tmp / MIRAGE_FILE, mirage)
         _check_safetensors_only(tmp)
         card = build_model_card(
@@ -290,7 +293,9 @@ def push_folder(
 
 
 def launch_line(argv: list[str] | None = None) -> str:
-    """The command line that ran this export, for the model card."""
+    """The command line that ran this process, for the settings file and the model card, credentials redacted."""
+    from .redact import redact_argv
+
     argv = list(sys.argv if argv is None else argv)
     argv[0] = Path(argv[0]).name
-    return shlex.join(argv)
+    return shlex.join(redact_argv(argv))

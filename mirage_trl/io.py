@@ -16,6 +16,29 @@ from pathlib import Path
 from .errors import MirageError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str | os.PathLike, folder: bool = False) -> None:
+    """`mkstemp` / `mkdtemp` create 0600 / 0700 whatever the umask; give the file what `open` would (0644 /
+    0755 under umask 022), as `save_pretrained` files have."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
+def honour_umask_tree(folder: str | os.PathLike) -> None:
+    """`honour_umask` for a folder we wrote and everything in it (safetensors writes its files 0600)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    honour_umask(folder, folder=True)
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            honour_umask(path, folder=path.is_dir())
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8"):
     """Open a temporary file beside `path`; on success it replaces `path`, on error it is removed."""
@@ -23,6 +46,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", encoding: str | None =
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    honour_umask(tmp)
     try:
         with open(tmp, mode, encoding=None if "b" in mode else encoding) as f:
             yield f
@@ -65,8 +89,10 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False, flag: str = "--
     check_output_dir(path, overwrite, flag)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    honour_umask(tmp, folder=True)
     try:
         yield tmp
+        honour_umask_tree(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)

@@ -77,6 +77,7 @@ def save_outputs(
     from .io import write_json
     from .latent.model_utils import unwrap
     from .latent.tokens import get_mirage_config
+    from .models.load import portable_model_ref
 
     trainer.save_model(output_dir)
     if trainer.accelerator.is_main_process:
@@ -85,11 +86,26 @@ def save_outputs(
         history = _stages_run(base_model) + [stage]
         from .export import launch_line
 
-        mirage.update(stages=history, base_model=base_model, launch=launch_line())
+        mirage.update(stages=history, base_model=portable_model_ref(base_model), launch=launch_line())
         if datasets:
             mirage["datasets"] = list(datasets)
         # Adapters do not save the base config: the settings travel in their own file as well.
         write_json(Path(output_dir) / "mirage_config.json", mirage)
+        make_adapter_portable(output_dir)
+
+
+def make_adapter_portable(folder) -> None:
+    """PEFT records the base as it was given (often a path relative to where training ran): make it absolute."""
+    from .io import write_json
+    from .models.load import _read_json, portable_model_ref
+
+    path = Path(folder) / "adapter_config.json"
+    if path.is_file():
+        config = _read_json(path)
+        base = config.get("base_model_name_or_path")
+        if base and portable_model_ref(base) != base:
+            config["base_model_name_or_path"] = portable_model_ref(base)
+            write_json(path, config)
 
 
 def _stages_run(base_model: str) -> list[int]:

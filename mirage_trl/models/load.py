@@ -217,6 +217,12 @@ def resolve_model_dir(path, latent_size: int | None = None, require_mirage: bool
     return ModelSource(p, kind, base, k, mirage, checkpoint, tokenizer_dir)
 
 
+def portable_model_ref(name) -> str:
+    """How a saved file names another model: an absolute path for a local folder (valid from any working
+    directory), a Hub id as it is."""
+    return str(Path(name).resolve()) if Path(str(name)).exists() else str(name)
+
+
 def _looks_like_hub_name(name: str) -> bool:
     return (
         not os.path.isabs(name)

@@ -340,8 +340,12 @@ class MirageTrainerMixin:
     def save_model(self, output_dir=None, _internal_call=False):
         from ..redact import redacted_args
 
+        from ..io import honour_umask_tree
+
         with redacted_args(self.args):
             super().save_model(output_dir, _internal_call=True)
+        if self.args.should_save:
+            honour_umask_tree(output_dir or self.args.output_dir)
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
