@@ -207,11 +207,13 @@ def evaluate(
     latent_modes: Sequence[str] = ("model",),
     progress: bool = True,
     generate_fn: Callable | None = None,
+    on_decoded: Callable[[list[dict]], None] | None = None,
 ) -> EvalResult:
     """Decode, grade and summarise `dataset` (rows of `load_reference_jsonl`) once per latent mode.
 
     `num_samples`: the first N rows. `generate_fn`: defaults to `generation.generate_with_latents`
-    (tests inject a fake with the same signature and output fields).
+    (tests inject a fake with the same signature and output fields). `on_decoded`: called after every
+    batch with its decoded rows (mode, index, source, completion), so a caller can keep them as they come.
     """
     import torch
 
@@ -288,6 +290,18 @@ def evaluate(
                 texts[i] = out.texts[j]
                 spans[i] = int(out.num_latent_spans[j])
                 ntok[i] = int(out.num_generated_tokens[j])
+            if on_decoded is not None:
+                on_decoded(
+                    [
+                        {
+                            "mode": mode,
+                            "index": i,
+                            "source": rows[i].get("source", ""),
+                            "completion": texts[i],
+                        }
+                        for i in idx
+                    ]
+                )
             if want_latents and out.latents is not None:
                 collected.extend(x.detach().float().cpu() for x in out.latents if x.shape[0])
         grades = [grade(benchmark, texts[i], rows[i]) for i in range(len(rows))]

@@ -162,6 +162,16 @@ def build_model_card(
 
 
 # ---------------------------------------------------------------------------------------- export
+def check_out_apart(out: Path, source: Path, what: str) -> None:
+    """An export replaces `--out` whole: it must not be, contain or lie inside a folder it reads."""
+    o, m = out.resolve(), source.resolve()
+    if o == m or m in o.parents or o in m.parents:
+        relation = "is" if o == m else ("is inside" if m in o.parents else "contains")
+        raise MirageError(
+            f"--out {out}: {relation} {what} {source}; an export never writes where it reads (choose another --out)"
+        )
+
+
 def _write_card(folder: Path, text: str) -> None:
     from .redact import scrub
 
@@ -195,13 +205,14 @@ def export_model(
     Full input: re-saved. Then, with `push_to_hub`, the folder is uploaded; a failed upload raises
     `MirageError` after the local export is complete.
     """
-    from .io import atomic_dir, write_json
+    from .io import atomic_dir, check_output_dir, write_json
     from .latent.tokens import set_mirage_config
 
+    out = check_output_dir(out, overwrite, "--out")  # before any work
     src = resolve_model_dir(model_path, latent_size=latent_size)
-    out = Path(out)
-    if out.resolve() == src.path.resolve() or src.path.resolve() in out.resolve().parents:
-        raise MirageError(f"--out {out}: must not be the model folder {src.path} or inside it")
+    check_out_apart(out, src.path, "--model")
+    if src.is_adapter and Path(str(src.base)).exists():
+        check_out_apart(out, Path(str(src.base)), "the base model its adapter names")
     eval_results = _load_eval(eval_json) if eval_json else None
     kind = "merged" if (src.is_adapter and merge) else ("adapter" if src.is_adapter else "full")
 

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
 from .errors import MirageError
+
+logger = logging.getLogger(__name__)
 
 
 def _umask() -> int:
@@ -71,24 +75,88 @@ def write_jsonl(path: str | os.PathLike, rows) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def check_output_dir(path: str | os.PathLike, overwrite: bool = False, flag: str = "--out") -> Path:
-    """Refuse an existing non-empty output folder unless `overwrite` (named after `flag`)."""
+def check_writable_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Refuse, before any work, an output folder that could not be created or written: one that is a file,
+    lies under a file, sits in a folder we may not write, or has a name too long for the file system."""
     path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+    for part in path.parts:
+        if len(os.fsencode(part)) > 255:  # NAME_MAX of every common file system; stat() itself fails past it
+            raise MirageError(
+                f"{flag}: the name {part[:40]}... is longer than the file system allows (255 bytes)"
+            )
+    if len(os.fsencode(str(path.absolute()))) >= 4096:
+        raise MirageError(f"{flag}: {str(path)[:60]}... is longer than the file system allows (4096 bytes)")
+    if path.exists() and not path.is_dir():
+        raise MirageError(f"{flag}: {path} is a file, expected a folder")
+    ancestor = path.absolute()
+    while not ancestor.exists() and ancestor.parent != ancestor:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise MirageError(f"{flag}: {path} lies under {ancestor}, which is a file")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise MirageError(f"{flag}: cannot write in {ancestor} (permission denied)")
+    return path
+
+
+def check_output_dir(path: str | os.PathLike, overwrite: bool = False, flag: str = "--out") -> Path:
+    """Refuse an output folder that cannot be written (`check_writable_dir`), or an existing non-empty one
+    unless `overwrite` (named after `flag`)."""
+    path = check_writable_dir(path, flag)
+    if path.exists() and any(path.iterdir()) and not overwrite:
         raise MirageError(f"{flag}: {path} already exists and is not empty (pass --overwrite to replace it)")
     return path
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_output_dir(path: str | os.PathLike) -> list[str]:
+    """Clean up after writers of `path` that were killed; returns what was done, one phrase each.
+
+    `atomic_dir` writes `.name.tmp-<pid>-*` and, when replacing, moves the old folder to
+    `.name.old-<pid>` for the moment between two renames. A leftover of a process that is gone is
+    removed; an old folder whose replacement never arrived is moved back to `path`.
+    """
+    path = Path(path)
+    done = []
+    if not path.parent.is_dir():
+        return done
+    for leftover in sorted(path.parent.glob(f".{path.name}.old-*")) + sorted(
+        path.parent.glob(f".{path.name}.tmp-*")
+    ):
+        m = re.match(rf"\.{re.escape(path.name)}\.(old|tmp)-(\d+)", leftover.name)
+        if not m or _pid_alive(int(m.group(2))):
+            continue
+        if m.group(1) == "old" and not path.exists():
+            os.replace(leftover, path)
+            done.append(f"restored {path} from {leftover.name}, left by an interrupted --overwrite")
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+            done.append(f"removed {leftover.name}, left by an interrupted run")
+    return done
 
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False, flag: str = "--out"):
     """Yield a temporary folder beside `path`; on success it takes `path`'s place, on error it is removed.
 
-    An interrupted writer leaves only a hidden `.name.tmp-*` folder, never a `path` that looks complete.
+    An interrupted writer leaves only hidden `.name.tmp-<pid>-*` / `.name.old-<pid>` folders, never a
+    `path` that looks complete; the next writer of `path` recovers them (`recover_output_dir`): with
+    `--overwrite` interrupted between its two renames, `path` is the old folder again.
     """
     path = Path(path)
+    for line in recover_output_dir(path):
+        logger.warning("%s: %s", flag, line)
     check_output_dir(path, overwrite, flag)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     honour_umask(tmp, folder=True)
     try:
         yield tmp

@@ -863,7 +863,8 @@ def test_interrupted_eval_leaves_no_results(env, tmp_path, capsys, monkeypatch):
         capsys,
     )
     assert rc == 130 and "interrupted" in err
-    assert list(tmp_path.iterdir()) == []  # neither `eval` nor its temporary folder
+    # Neither `eval` nor its temporary folder; the decoded rows are kept beside it.
+    assert [p.name for p in tmp_path.iterdir()] == ["eval.partial.jsonl"]
 
 
 # ---------------------------------------------------------------------------------------------- security defaults

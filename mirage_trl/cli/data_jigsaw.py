@@ -31,6 +31,9 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from ..data.jigsaw import generate_jigsaw
+    from ..io import check_output_dir
+
+    check_output_dir(args.out, args.overwrite)  # before any work
 
     path = generate_jigsaw(
         args.images,

@@ -56,7 +56,8 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    import datetime
+    import json
+    import sys
     import warnings
     from pathlib import Path
 
@@ -85,8 +86,7 @@ def run(args) -> int:
     import torch
 
     from ..data.reference import load_reference_jsonl
-    from ..evaluation import check_rows, evaluate, print_tables
-    from ..io import atomic_dir, write_json, write_jsonl
+    from ..evaluation import check_rows, evaluate
     from ..models.load import load_model
 
     dataset = load_reference_jsonl(args.data, root=args.root, benchmark=args.benchmark)
@@ -107,7 +107,43 @@ def run(args) -> int:
         warnings.simplefilter("default")
         model, processor = load_model(args.model, dtype=args.dtype, device=device, require_mirage=False)
 
-    result = evaluate(
+    # Decoded rows are kept as they come (a long run that fails keeps them); removed once the results are written.
+    partial = Path(f"{args.out}.partial.jsonl") if args.out is not None else None
+    if partial is not None:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+    keeper = open(partial, "w", encoding="utf-8") if partial is not None else None
+
+    kept = [0]
+
+    def keep(decoded):
+        for row in decoded:
+            keeper.write(json.dumps(row, ensure_ascii=False) + "\n")
+        keeper.flush()
+        kept[0] += len(decoded)
+
+    try:
+        result = _evaluate(args, model, processor, rows, modes, evaluate, keep if keeper else None)
+        _write_results(args, result, model, device)
+    except BaseException as exc:
+        if keeper is None:
+            raise
+        keeper.close()
+        if not kept[0]:
+            partial.unlink()
+            raise
+        note = f"the {kept[0]} rows decoded so far are kept in {partial}"
+        if isinstance(exc, MirageError):
+            raise MirageError(f"{exc}; {note}") from None
+        print(f"mirage-trl eval: {note}", file=sys.stderr)
+        raise
+    if keeper is not None:
+        keeper.close()
+        partial.unlink()
+    return 0
+
+
+def _evaluate(args, model, processor, rows, modes, evaluate, on_decoded):
+    return evaluate(
         model,
         processor,
         rows,
@@ -121,9 +157,18 @@ def run(args) -> int:
         seed=args.seed,
         latent_modes=modes,
         progress=not args.no_progress,
+        on_decoded=on_decoded,
     )
-    print_tables(result)
 
+
+def _write_results(args, result, model, device) -> None:
+    import datetime
+    from pathlib import Path
+
+    from ..evaluation import print_tables
+    from ..io import atomic_dir, write_json, write_jsonl
+
+    print_tables(result)
     if args.out is not None:
         payload = {
             "model": str(Path(args.model).resolve()) if Path(args.model).exists() else args.model,
@@ -140,7 +185,6 @@ def run(args) -> int:
             write_json(Path(tmp) / "results.json", payload)
             write_jsonl(Path(tmp) / "completions.jsonl", result.completion_rows())
         print(f"results in {args.out}/results.json, completions in {args.out}/completions.jsonl")
-    return 0
 
 
 def _version() -> str:

@@ -19,6 +19,9 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from ..io import check_output_dir
+
+    check_output_dir(args.out, args.overwrite)  # before torch loads
     import torch
 
     from ..models.tiny import save_tiny_model

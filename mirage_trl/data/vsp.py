@@ -17,6 +17,7 @@ off the grid is ignored; entering a hole ends the walk at once (section 1.3's gr
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import math
@@ -419,7 +420,16 @@ def _check_request(task, levels, num_samples, split, style, max_hole_frac) -> li
             )
     if num_samples < 1:
         raise MirageError(f"--num-samples: must be at least 1 (got {num_samples})")
+    if num_samples > MAX_GENERATED_ROWS:
+        raise MirageError(
+            f"--num-samples: {num_samples} rows would take hours to render; ask for at most {MAX_GENERATED_ROWS} "
+            "per run (several runs with other seeds and --exclude give more)"
+        )
     return levels
+
+
+# One run renders a few hundred maps a second on one core: past this a request would not finish soon.
+MAX_GENERATED_ROWS = 1_000_000
 
 
 def _sample_level(task, level, count, first_index, rng, excluded, max_hole_frac) -> list[tuple]:
@@ -492,18 +502,13 @@ def generate_vsp(
     per_level = [num_samples // len(levels) + (i < num_samples % len(levels)) for i in range(len(levels))]
 
     plan_rows = []  # (level, map_id, desc, plan, shown)
-    index = 0
-    for level, count in zip(levels, per_level):
-        rng = random.Random(f"mirage-vsp:{task}:{split}:{seed}:{level}")  # train and test differ
-        for i, (desc, plan) in enumerate(
-            _sample_level(task, level, count, index, rng, excluded, max_hole_frac)
-        ):
-            shown = 0
-            if plan is not None:
-                made = len(walk(desc, plan)) - 1
-                shown = made if style == "direct" else rng.randint(1, made)
-            plan_rows.append((level, str(i), desc, plan, shown))
-        index += count
+    status = contextlib.nullcontext()
+    if progress:
+        from rich.console import Console
+
+        status = Console(stderr=True).status(f"sampling {num_samples} unique {task} maps ...")
+    with status:
+        _sample_all(task, split, seed, style, levels, per_level, excluded, max_hole_frac, plan_rows)
 
     with atomic_dir(out_dir, overwrite) as tmp:
         rows = []
@@ -530,6 +535,21 @@ def generate_vsp(
             rows.append(row | {"level": level})
         write_jsonl(tmp / output_name(task, split, style), rows)
     return out_dir / output_name(task, split, style)
+
+
+def _sample_all(task, split, seed, style, levels, per_level, excluded, max_hole_frac, plan_rows) -> None:
+    index = 0
+    for level, count in zip(levels, per_level):
+        rng = random.Random(f"mirage-vsp:{task}:{split}:{seed}:{level}")  # train and test differ
+        for i, (desc, plan) in enumerate(
+            _sample_level(task, level, count, index, rng, excluded, max_hole_frac)
+        ):
+            shown = 0
+            if plan is not None:
+                made = len(walk(desc, plan)) - 1
+                shown = made if style == "direct" else rng.randint(1, made)
+            plan_rows.append((level, str(i), desc, plan, shown))
+        index += count
 
 
 def _track(items, enabled: bool, description: str):

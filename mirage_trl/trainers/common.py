@@ -338,9 +338,8 @@ class MirageTrainerMixin:
 
     # ------------------------------------------------------------------ saving
     def save_model(self, output_dir=None, _internal_call=False):
-        from ..redact import redacted_args
-
         from ..io import honour_umask_tree
+        from ..redact import redacted_args
 
         with redacted_args(self.args):
             super().save_model(output_dir, _internal_call=True)
