@@ -28,6 +28,18 @@ IGNORE_INDEX = -100
 TRUNCATION_POLICIES = ("error", "drop")
 
 
+def check_row_text(row, source: str) -> None:
+    """Rows built by hand (not by the loader) get the loader's text checks: no reserved token written
+    literally, no invalid Unicode."""
+    from .data.reference import check_text
+
+    for m in row["messages"]:
+        content = m["content"]
+        parts = [content] if isinstance(content, str) else [c.get("text") or "" for c in content]
+        for text in parts:
+            check_text(text, f"{source}:messages[{m['role']}]")
+
+
 def _user_messages(row) -> list[dict]:
     return [m for m in row["messages"] if m["role"] != "assistant"]
 
@@ -47,8 +59,9 @@ class MirageDataCollator:
     Args:
         processor: the VL processor (with the latent tokens added).
         latent_tokens: ids and latent size k.
-        max_length: longest sequence kept; a cut through the prompt or a latent span is an error
-            (`truncation="error"`) or drops the row (`truncation="drop"`, counted in `num_dropped`).
+        max_length: longest sequence kept; a longer row (any cut loses trained text: a span, or the
+            answer after it) is an error (`truncation="error"`) or is dropped (`truncation="drop"`,
+            counted in `num_dropped`).
         padding_side: "right" (training default) or "left".
         with_helpers: process helper images (stage 1 targets; the optional stage-2 drift metric).
         require_helpers: every latent span needs its helper image (stage 1): a row without is an error.
@@ -161,6 +174,7 @@ class MirageDataCollator:
 
     def _encode_row(self, row) -> dict | None:
         source = row.get("source", "<row>")
+        check_row_text(row, source)
         prompt = self.encode_prompt(row, add_generation_prompt=True)
         completion, num_spans = self.completion_ids(row)
         helper_paths = list(row.get("helper_images") or [])
@@ -174,26 +188,24 @@ class MirageDataCollator:
         latent_mask = ids == self.latent_tokens.pad_id
         labels[latent_mask] = IGNORE_INDEX
         if self.max_length is not None and ids.shape[0] > self.max_length:
+            # Any cut loses trained text (a span, or the answer, boxed answer and end-of-turn after the last
+            # span): the same policy for every cut, never a silent truncation.
             last_span_end = (
                 int((ids == self.latent_tokens.end_id).nonzero().max()) + 1 if num_spans else n_prompt
             )
-            if self.max_length < max(n_prompt + 1, last_span_end):
-                what = (
-                    "the prompt (with its image tokens)" if self.max_length <= n_prompt else "a latent span"
-                )
-                if self.truncation == "drop":
-                    self.num_dropped += 1
-                    logger.warning("dropped %s: max_length=%d cuts through %s", source, self.max_length, what)
-                    return None
-                raise MirageError(
-                    f"{source}: max_length={self.max_length} would cut through {what} (sequence has {ids.shape[0]} "
-                    f"tokens, needs at least {max(n_prompt + 1, last_span_end)}); raise max_length or set "
-                    "truncation='drop' to skip such rows"
-                )
-            ids, labels, latent_mask = (
-                ids[: self.max_length],
-                labels[: self.max_length],
-                latent_mask[: self.max_length],
+            if self.max_length <= n_prompt:
+                what = "the prompt (with its image tokens)"
+            elif self.max_length < last_span_end:
+                what = "a latent span"
+            else:
+                what = "the answer after its last latent span" if num_spans else "the answer"
+            if self.truncation == "drop":
+                self.num_dropped += 1
+                logger.warning("dropped %s: max_length=%d cuts through %s", source, self.max_length, what)
+                return None
+            raise MirageError(
+                f"{source}: max_length={self.max_length} would cut through {what} (sequence has {ids.shape[0]} "
+                "tokens); raise max_length or set truncation='drop' (latent_truncation) to skip such rows"
             )
         mm = torch.cat(
             [
@@ -205,7 +217,7 @@ class MirageDataCollator:
             "input_ids": ids,
             "labels": labels,
             "latent_mask": latent_mask,
-            "mm_token_type_ids": mm[: ids.shape[0]],
+            "mm_token_type_ids": mm,
             "helper_paths": [(p, f"{source}:helper_images") for p in helper_paths]
             if self.with_helpers
             else [],

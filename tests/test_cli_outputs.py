@@ -128,8 +128,8 @@ def test_export_never_writes_where_it_reads(env, tmp_path, relation):
 
 def test_export_refuses_out_that_holds_the_adapters_base(env, tmp_path):
     """An adapter export with --out a parent of the base model it names."""
-    from mirage_trl.export import check_out_apart
     from mirage_trl.errors import MirageError
+    from mirage_trl.export import check_out_apart
 
     with pytest.raises(MirageError, match=r"^--out \S+: contains the base model its adapter names \S+"):
         check_out_apart(tmp_path, tmp_path / "base", "the base model its adapter names")

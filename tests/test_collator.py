@@ -189,23 +189,25 @@ def test_max_length_through_a_latent_span(setup):
         collator([rows[2]])
 
 
-def test_cut_after_the_last_span_truncates_text_only(setup):
+def test_cut_after_the_last_span_follows_the_truncation_policy(setup):
+    """A cut after the last span loses the answer (boxed answer, end of turn): error or drop, never silent."""
     processor, tokens, images = setup
-    row = four_rows(images)[2]
+    rows = four_rows(images)
+    row = rows[2]
     ids, labels, slots = _full(MirageDataCollator(processor, tokens), row)
     last_end = int((ids == tokens.end_id).nonzero().max())
-    for cut in (
-        last_end + 1,
-        last_end + 4,
-    ):  # exactly after the span's end token, and a few text tokens later
-        assert cut < ids.shape[0]
-        batch = MirageDataCollator(processor, tokens, max_length=cut)([row])
-        assert batch["input_ids"].shape == (1, cut)
-        assert torch.equal(batch["input_ids"][0], ids[:cut])
-        assert torch.equal(batch["labels"][0], labels[:cut])
-        assert torch.equal(batch["latent_mask"][0], slots[:cut])
-        assert int(batch["latent_mask"].sum()) == 3 * K
-        assert batch["helper_image_grid_thw"].shape[0] == 3
+    for cut in (last_end + 1, ids.shape[0] - 1):  # right after the span's end token; only end-of-turn lost
+        with pytest.raises(
+            MirageError,
+            match=rf"test:3: max_length={cut} would cut through the answer after its last latent span",
+        ):
+            MirageDataCollator(processor, tokens, max_length=cut)([row])
+        collator = MirageDataCollator(processor, tokens, max_length=cut, truncation="drop")
+        batch = collator([row, rows[0]])
+        assert collator.num_dropped == 1 and batch["input_ids"].shape[0] == 1
+    # exactly long enough: kept whole
+    batch = MirageDataCollator(processor, tokens, max_length=ids.shape[0])([row])
+    assert torch.equal(batch["input_ids"][0], ids) and torch.equal(batch["labels"][0], labels)
 
 
 def test_prompt_batch_is_left_padded_prompts(setup):

@@ -23,11 +23,31 @@ from pathlib import Path
 
 from ..errors import MirageError, where
 from ..grading import BENCHMARKS, check_benchmark, extract_boxed
+from .images import check_image_header
 
 IMAGE_MARKER = "<image>"
 OUTPUT_IMAGE_MARKER = "<output_image>"
 
 _LEVEL_IN_PATH = re.compile(r"level_?(\d+)")
+# Special tokens written literally in a row's text (the latent tokens, vision/image placeholders, chat-template
+# markers such as <|im_start|>) would become real special tokens: an orphan latent slot, an image placeholder
+# without an image, or a turn boundary inside the text.
+RESERVED_TOKEN = re.compile(r"<\|[A-Za-z0-9_]+\|>")
+
+
+def check_text(value: str, loc: str) -> None:
+    """One line naming `loc` for text that cannot be trained on as it is: a reserved token written
+    literally, or a lone surrogate (invalid Unicode that no tokenizer or file writer can take)."""
+    m = RESERVED_TOKEN.search(value)
+    if m:
+        raise MirageError(
+            f"{loc}: contains the reserved token {m.group(0)!r} literally (column {m.start() + 1}); special "
+            "tokens are added by mirage-trl and the chat template, never written in the data"
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise MirageError(f"{loc}: invalid Unicode (a lone surrogate at column {e.start + 1})") from None
 
 
 def _features():
@@ -149,6 +169,9 @@ def parse_row(
     text_output = obj.get("text_output")
     if text_output is not None and not isinstance(text_output, str):
         raise MirageError(f"{loc('text_output')}: expected a string, got {type(text_output).__name__}")
+    check_text(text_input, loc("text_input"))
+    if text_output is not None:
+        check_text(text_output, loc("text_output"))
     inputs = _paths(obj, "image_input", loc)
     helpers = _paths(obj, "image_output", loc)
 
@@ -169,9 +192,19 @@ def parse_row(
             base = Path(root) if root is not None else _default_root(Path(path), p)
             full = Path(p) if os.path.isabs(p) else (base / p)
             full = Path(os.path.normpath(full.absolute()))
-            if check_images and not full.is_file():
-                name = field if isinstance(obj[field], str) else f"{field}[{i}]"
-                raise MirageError(f"{loc(name)}: image not found: {full}")
+            name = field if isinstance(obj[field], str) else f"{field}[{i}]"
+            if any(len(os.fsencode(part)) > 255 for part in full.parts):
+                raise MirageError(
+                    f"{loc(name)}: a name in the image path is longer than the file system allows"
+                )
+            try:
+                check_text(p, loc(name))
+            except MirageError:
+                raise MirageError(f"{loc(name)}: invalid Unicode in the image path") from None
+            if check_images:
+                if not full.is_file():
+                    raise MirageError(f"{loc(name)}: image not found: {full}")
+                check_image_header(full, loc(name))
             out.append(str(full))
         return out
 
@@ -232,14 +265,17 @@ def load_rows(
     if root is not None and not Path(root).is_dir():
         raise MirageError(f"root: folder not found: {root}")
     try:
-        f = open(path, encoding="utf-8")
+        f = open(path, "rb")
     except FileNotFoundError:
         raise MirageError(f"{path}: file not found") from None
     except IsADirectoryError:
         raise MirageError(f"{path}: is a folder, expected a JSONL file") from None
+    except OSError as e:  # e.g. a name longer than the file system allows
+        raise MirageError(f"{str(path)[:80]}: cannot open it ({e.strerror})") from None
     rows = []
     with f:
-        for line_no, line in enumerate(f, start=1):
+        for line_no, raw in enumerate(f, start=1):
+            line = _decode_line(raw, path, line_no)
             if not line.strip():
                 continue
             try:
@@ -252,6 +288,21 @@ def load_rows(
     if not rows:
         raise MirageError(f"{path}: no rows (the file is empty)")
     return rows
+
+
+def _decode_line(raw: bytes, path, line_no: int) -> str:
+    """One line of a JSONL file as text: UTF-8 (a BOM on the first line is fine), or one line naming the problem."""
+    if line_no == 1 and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise MirageError(f"{where(path, 1)}: the file is UTF-16 text; save it as UTF-8")
+    if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MirageError(
+            f"{where(path, line_no)}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+            "save the file as UTF-8"
+        ) from None
 
 
 def load_reference_jsonl(
