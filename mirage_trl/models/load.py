@@ -127,6 +127,10 @@ def resolve_model_dir(path, latent_size: int | None = None, require_mirage: bool
             f"{p} is neither a model folder (no config.json) nor a PEFT adapter folder (no adapter_config.json)"
         )
     checkpoint = _is_checkpoint(p)
+    if checkpoint and not (p / "trainer_state.json").is_file():
+        from ..trainers.common import check_resume_checkpoint
+
+        check_resume_checkpoint(str(p), flag="--model")  # a partial checkpoint: names the newest complete one
 
     # Every place that may state the latent size, with a name for the error messages.
     sources: list[tuple[str, dict]] = []
