@@ -93,9 +93,11 @@ def run_text_sft(script_args, training_args, model_args, benchmark: str | None =
     from .latent.model_utils import vision_tower
     from .models.load import portable_model_ref
     from .models.training import load_for_training
+    from .preflight import preflight
     from .scripts import load_train_data, make_adapter_portable
     from .trainers.common import restrict_to_language_model
 
+    preflight(script_args, training_args, model_args)
     helper = bool(getattr(script_args, "helper_as_input", False))
     train, evals = load_train_data(script_args, benchmark)
     train = build_sft_dataset(train, helper)

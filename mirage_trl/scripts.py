@@ -44,7 +44,9 @@ def train_and_save(
     from trl import get_peft_config
 
     from .models.training import load_for_training
+    from .preflight import preflight
 
+    preflight(script_args, training_args, model_args)  # before the data and the model load
     train, evals = load_train_data(script_args, benchmark)
     model, processor = load_for_training(model_args.model_name_or_path, training_args, model_args)
     # A LoRA output of the previous stage is continued as the same adapter, so no new PEFT config then.

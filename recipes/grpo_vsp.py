@@ -9,16 +9,19 @@ Usage:
 Any YAML key can be overridden on the command line, e.g. `--num_generations 8`.
 """
 
-from trl import ModelConfig, TrlParser
+from trl import ModelConfig
 
 from mirage_trl.cli import run_recipe
 from mirage_trl.configs import MirageGRPOConfig, MirageScriptArguments
 from mirage_trl.grpo_script import run_grpo
+from mirage_trl.preflight import parse_recipe_args
 
 
 def main():
-    parser = TrlParser((MirageScriptArguments, MirageGRPOConfig, ModelConfig))
-    script_args, training_args, model_args = parser.parse_args_and_config()
+    # Parse the YAML and the flags; every bad setting is one line, found before any model loads.
+    script_args, training_args, model_args = parse_recipe_args(
+        (MirageScriptArguments, MirageGRPOConfig, ModelConfig)
+    )
     run_grpo(script_args, training_args, model_args, benchmark=None)
 
 

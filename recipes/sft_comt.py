@@ -13,15 +13,18 @@ Usage:
 Any YAML key can be overridden on the command line, e.g. `--per_device_train_batch_size 4`.
 """
 
-from trl import ModelConfig, SFTConfig, TrlParser
+from trl import ModelConfig, SFTConfig
 
 from mirage_trl.baselines import BaselineScriptArguments, run_text_sft
 from mirage_trl.cli import run_recipe
+from mirage_trl.preflight import parse_recipe_args
 
 
 def main():
-    parser = TrlParser((BaselineScriptArguments, SFTConfig, ModelConfig))
-    script_args, training_args, model_args = parser.parse_args_and_config()
+    # Parse the YAML and the flags; every bad setting is one line, found before any model loads.
+    script_args, training_args, model_args = parse_recipe_args(
+        (BaselineScriptArguments, SFTConfig, ModelConfig)
+    )
     run_text_sft(script_args, training_args, model_args, benchmark="comt")
 
 

@@ -9,16 +9,19 @@ Usage:
 Any YAML key can be overridden on the command line, e.g. `--per_device_train_batch_size 4`.
 """
 
-from trl import ModelConfig, TrlParser
+from trl import ModelConfig
 
 from mirage_trl.cli import run_recipe
 from mirage_trl.configs import MirageScriptArguments, MirageSFTConfig
+from mirage_trl.preflight import parse_recipe_args
 from mirage_trl.scripts import run_sft
 
 
 def main():
-    parser = TrlParser((MirageScriptArguments, MirageSFTConfig, ModelConfig))
-    script_args, training_args, model_args = parser.parse_args_and_config()
+    # Parse the YAML and the flags; every bad setting is one line, found before any model loads.
+    script_args, training_args, model_args = parse_recipe_args(
+        (MirageScriptArguments, MirageSFTConfig, ModelConfig)
+    )
     run_sft(script_args, training_args, model_args, stage=1, benchmark=None)
 
 

@@ -16,7 +16,7 @@ import sys
 from ..errors import MirageError
 
 # Subcommand modules, in the order `--help` lists them.
-SUBCOMMANDS = ["data", "tiny_model", "eval", "analyze_latents", "export"]
+SUBCOMMANDS = ["data", "tiny_model", "train", "eval", "analyze_latents", "export"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "pass_through", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

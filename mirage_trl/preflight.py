@@ -1,0 +1,186 @@
+"""Checks a recipe runs before any model loads, each a one-line `MirageError` naming the file, the key, the
+flag or the path: the YAML (syntax, shape, unknown keys, value types), argparse's own errors, the output
+folder, the checkpoint to resume from and the model folder (config, weights, adapter and its base,
+Mirage settings). `run_recipe` turns them into `<recipe>: error: ...` and exit 2."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import typing
+from pathlib import Path
+
+from .errors import MirageError
+
+# Vision-language model types Mirage trains (the rest of the library finds the vision tower, 3-D positions, ...).
+SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
+def _fields(types) -> dict[str, dataclasses.Field]:
+    return {f.name: f for t in types for f in dataclasses.fields(t)}
+
+
+def _plain_type(tp):
+    """int / float / bool / str for a field annotated with one of them (optionally `| None`), else None."""
+    if isinstance(tp, str):
+        tp = {"int": int, "float": float, "bool": bool, "str": str}.get(tp.replace(" | None", "").strip())
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if args and len(args) == 1:
+        tp = args[0]
+    return tp if tp in (int, float, bool, str) else None
+
+
+def check_recipe_yaml(path, types) -> dict:
+    """The `--config` YAML: a mapping whose keys are fields of `types` and whose values fit their types."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise MirageError(
+            f"--config {path}: no such file" if not path.exists() else f"--config {path}: not a file"
+        )
+    try:
+        value = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise MirageError(f"{path}: not UTF-8 text") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise MirageError(f"{path}{line}: YAML syntax error ({getattr(e, 'problem', None) or e})") from None
+    if value is None:
+        raise MirageError(f"{path}: the file is empty; expected a mapping of settings (key: value)")
+    if not isinstance(value, dict):
+        raise MirageError(
+            f"{path}: expected a mapping of settings (key: value), got a {type(value).__name__}"
+        )
+    fields = _fields(types)
+    hints = {}
+    for t in types:
+        try:
+            hints.update(typing.get_type_hints(t))
+        except Exception:  # unresolvable annotations: fall back to the raw ones
+            hints.update({f.name: f.type for f in dataclasses.fields(t)})
+    for key, v in value.items():
+        if key not in fields:
+            owners = ", ".join(t.__name__ for t in types)
+            raise MirageError(f"{path}: unknown key {key!r} (not a field of {owners})")
+        expected = _plain_type(hints.get(key, fields[key].type))
+        if expected is None or v is None or isinstance(v, str):
+            continue  # strings are converted by the parser, which names the flag when it cannot
+        ok = isinstance(v, expected) and not (expected is not bool and isinstance(v, bool))
+        if expected is float and isinstance(v, int) and not isinstance(v, bool):
+            ok = True
+        if not ok:
+            raise MirageError(f"{path}:{key}: expected {expected.__name__}, got {type(v).__name__} {v!r}")
+    return value
+
+
+def parse_recipe_args(types, argv: list[str] | None = None):
+    """`TrlParser(types).parse_args_and_config()`, with every error one line (see the module doc)."""
+    from trl import TrlParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config = None
+    for i, arg in enumerate(argv):
+        if arg == "--config":
+            if i + 1 >= len(argv):
+                raise MirageError("--config: give the recipe's YAML file")
+            config = argv[i + 1]
+        elif arg.startswith("--config="):
+            config = arg.split("=", 1)[1]
+    if config is not None:
+        check_recipe_yaml(config, types)
+    parser = TrlParser(types)
+
+    def error(message):
+        raise MirageError(message)
+
+    parser.error = error  # argparse would print its usage and exit; one line instead
+    try:
+        return parser.parse_args_and_config(args=argv)
+    except MirageError:
+        raise
+    except (ValueError, TypeError) as e:  # a TrainingArguments / TRL config check
+        where = config or "arguments"
+        raise MirageError(f"{where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def check_model_source(name, flag: str = "--model_name_or_path") -> None:
+    """A local model folder: a readable config.json of a supported vision-language model with well-typed Mirage
+    settings and readable safetensors, or a PEFT adapter whose files are readable and whose base exists."""
+    path = Path(str(name))
+    if not path.exists():
+        from .models.load import _looks_like_hub_name
+
+        if _looks_like_hub_name(str(name)):
+            return  # loaded from the Hub by name
+        raise MirageError(f"{flag} {name}: no such model folder")
+    if not path.is_dir():
+        raise MirageError(f"{flag} {name}: is a file, expected a model folder")
+    if (path / "adapter_config.json").is_file():
+        adapter = _json(path / "adapter_config.json")
+        base = adapter.get("base_model_name_or_path")
+        if not base:
+            raise MirageError(
+                f"{path / 'adapter_config.json'}: names no base model (base_model_name_or_path)"
+            )
+        check_model_source(base, flag=f"{path / 'adapter_config.json'}: base model")
+        _check_safetensors(path, flag)
+        return
+    if not (path / "config.json").is_file():
+        raise MirageError(f"{flag} {path}: no config.json (not a model folder, nor an adapter)")
+    config = _json(path / "config.json")
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise MirageError(
+            f"{path / 'config.json'}: model type {model_type!r} is not a supported vision-language model; "
+            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    mirage = config.get("mirage")
+    if mirage is not None:
+        size = mirage.get("latent_size") if isinstance(mirage, dict) else None
+        if not isinstance(mirage, dict) or type(size) is not int or size < 1:
+            raise MirageError(
+                f"{path / 'config.json'}:mirage: expected {{'latent_size': <int >= 1>, ...}}, got {json.dumps(mirage)[:60]}"
+            )
+    _check_safetensors(path, flag)
+
+
+def _json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MirageError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise MirageError(f"{path}: expected a JSON object")
+    return value
+
+
+def _check_safetensors(folder: Path, flag: str) -> None:
+    """Every safetensors file's header parses and its data is as long as the header says (a truncated copy fails)."""
+    import struct
+
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with open(f, "rb") as fh:
+                raw = fh.read(8)
+                n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else None
+                header = json.loads(fh.read(n)) if n is not None and n < (100 << 20) else None
+        except (OSError, ValueError, struct.error):
+            header = None
+        if not isinstance(header, dict):
+            raise MirageError(f"{f}: not a readable safetensors file (corrupt or truncated)")
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if f.stat().st_size < 8 + n + end:
+            raise MirageError(f"{f}: truncated ({f.stat().st_size} bytes, the header needs {8 + n + end})")
+
+
+def preflight(script_args, training_args, model_args) -> None:
+    """What a recipe checks after parsing and before loading anything heavy."""
+    from .io import check_writable_dir
+    from .trainers.common import check_resume_checkpoint
+
+    check_writable_dir(training_args.output_dir, "--output_dir")
+    check_resume_checkpoint(getattr(training_args, "resume_from_checkpoint", None))
+    check_model_source(model_args.model_name_or_path)

@@ -1,0 +1,156 @@
+"""Every recipe error path is one line and exit 2, found before the model loads (issue: security and data
+safety), through `python recipes/stage1_vsp.py` subprocesses, and once through `mirage-trl train` over
+`accelerate launch`, where that line is the last one on screen."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "recipes" / "stage1_vsp.py"
+TINY_YAML = REPO / "recipes" / "vsp" / "stage1_tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    from mirage_trl.data.vsp import generate_vsp
+    from mirage_trl.models.tiny import save_tiny_model
+
+    root = tmp_path_factory.mktemp("recipe_errors")
+    save_tiny_model(root / "tiny")
+    data = generate_vsp(
+        "planning", [3], 2, split="train", style="cot", seed=0, out_dir=root / "d", progress=False
+    )
+    return root, data
+
+
+def _yaml(tmp, text):
+    path = tmp / "x.yaml"
+    path.write_text(text)
+    return ["--config", path]
+
+
+def _model(tmp, env, edit):
+    folder = tmp / "model"
+    shutil.copytree(env[0] / "tiny", folder)
+    edit(folder)
+    return ["--model_name_or_path", folder]
+
+
+def _config_edit(**kw):
+    def edit(folder):
+        config = json.loads((folder / "config.json").read_text())
+        config.update(kw)
+        (folder / "config.json").write_text(json.dumps(config))
+
+    return edit
+
+
+def _truncate(folder):
+    f = folder / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _adapter(base):
+    def make(tmp, env):
+        folder = tmp / "adapter"
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text(
+            json.dumps({"base_model_name_or_path": base, "peft_type": "LORA"})
+        )
+        (folder / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+        return ["--model_name_or_path", folder]
+
+    return make
+
+
+def _file(tmp):
+    path = tmp / "blocker"
+    path.write_text("keep")
+    return path
+
+
+CASES = {
+    "yaml_empty": (lambda t, e: _yaml(t, ""), r"x\.yaml: the file is empty"),
+    "yaml_list": (lambda t, e: _yaml(t, "- a\n- b\n"), r"x\.yaml: expected a mapping .*got a list"),
+    "yaml_scalar": (lambda t, e: _yaml(t, "42\n"), r"x\.yaml: expected a mapping .*got a int"),
+    "yaml_syntax": (lambda t, e: _yaml(t, "max_steps: [1, 2\n"), r"x\.yaml:\d+: YAML syntax error"),
+    "yaml_unknown_key": (lambda t, e: _yaml(t, "lerning_rate: 0.1\n"), r"x\.yaml: unknown key 'lerning_rate'"),
+    "yaml_wrong_type": (lambda t, e: _yaml(t, "max_steps: [1]\n"), r"x\.yaml:max_steps: expected int, got list"),
+    "missing_config": (lambda t, e: ["--config", t / "nowhere.yaml"], r"--config \S+nowhere\.yaml: no such file"),
+    "flag_wrong_type": (lambda t, e: ["--max_steps", "many"], r"argument --max_steps(/--max-steps)?: invalid int value: 'many'"),
+    "flag_unknown": (lambda t, e: ["--lerning_rate", "1"], r"lerning_rate"),
+    "batch_size_zero": (lambda t, e: ["--per_device_train_batch_size", "0"], r"--per_device_train_batch_size 0: must be"),
+    "nan_learning_rate": (lambda t, e: ["--learning_rate", "nan"], r"--learning_rate nan: must be a finite number > 0"),
+    "output_is_file": (lambda t, e: ["--output_dir", _file(t)], r"--output_dir: \S+blocker is a file"),
+    "output_under_file": (lambda t, e: ["--output_dir", _file(t) / "o"], r"--output_dir: \S+ lies under \S+blocker, which is a file"),
+    "output_name_too_long": (lambda t, e: ["--output_dir", t / ("n" * 300)], r"--output_dir: the name n+\.\.\. is longer"),
+    "resume_missing": (lambda t, e: ["--resume_from_checkpoint", t / "ckpt"], r"--resume_from_checkpoint \S+ckpt: no such checkpoint folder"),
+    "resume_is_file": (lambda t, e: ["--resume_from_checkpoint", _file(t)], r"--resume_from_checkpoint \S+blocker: is a file"),
+    "resume_not_checkpoint": (lambda t, e: (t / "c").mkdir() or ["--resume_from_checkpoint", t / "c"], r"--resume_from_checkpoint \S+: not a complete checkpoint"),
+    "model_without_config": (lambda t, e: (t / "m").mkdir() or ["--model_name_or_path", t / "m"], r"--model_name_or_path \S+: no config\.json"),
+    "text_only_model": (lambda t, e: _model(t, e, _config_edit(model_type="qwen2")), r"config\.json: model type 'qwen2' is not a supported vision-language model; supported: qwen2_vl"),
+    "truncated_safetensors": (lambda t, e: _model(t, e, _truncate), r"model\.safetensors: (truncated|not a readable safetensors)"),
+    "adapter_base_missing": (_adapter("/nowhere/base-model"), r"adapter_config\.json: base model /nowhere/base-model: no such model folder"),
+    "corrupt_adapter": (lambda t, e: _adapter(str(e[0] / "tiny"))(t, e), r"adapter_model\.safetensors: (truncated|not a readable safetensors)"),
+    "mirage_settings_wrong_type": (lambda t, e: _model(t, e, _config_edit(mirage={"latent_size": "four"})), r"config\.json:mirage: expected \{'latent_size': <int >= 1>"),
+}  # fmt: skip
+
+
+def _base_argv(env, tmp):
+    root, data = env
+    return [
+        "--config", TINY_YAML, "--model_name_or_path", root / "tiny", "--dataset_name", data,
+        "--output_dir", tmp / "out", "--max_steps", "1",
+    ]  # fmt: skip
+
+
+def _merge(base, extra):
+    """Later flags win, as on a command line; a case's own --config replaces the tiny YAML."""
+    out = list(base)
+    if "--config" in extra:
+        i = out.index("--config")
+        del out[i : i + 2]
+    return out + extra
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_recipe_error_is_one_line_before_the_model_loads(env, tmp_path, case):
+    make, pattern = CASES[case]
+    argv = _merge(_base_argv(env, tmp_path), make(tmp_path, env))
+    p = subprocess.run(
+        [sys.executable, str(RECIPE), *map(str, argv)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
+    errors = [line for line in p.stderr.splitlines() if line.startswith("stage1_vsp.py: error:")]
+    assert p.returncode == 2 and "Traceback" not in p.stderr and len(errors) == 1, p.stderr[-2000:]
+    assert re.search(pattern, errors[0]), errors[0]
+    assert p.stderr.strip().splitlines()[-1] == errors[0]
+    assert "Loading weights" not in p.stderr  # found before the model loads
+    assert not (tmp_path / "out").exists()
+
+
+def test_accelerate_launch_through_mirage_trl_train_ends_with_the_message(env, tmp_path):
+    argv = _base_argv(env, tmp_path) + ["--learning_rate", "inf"]
+    p = subprocess.run(
+        [sys.executable, "-m", "mirage_trl", "train", str(RECIPE), "--cpu", *map(str, argv)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert last == "mirage-trl train: error: --learning_rate inf: must be a finite number > 0", last
+    assert not (tmp_path / "out").exists()
