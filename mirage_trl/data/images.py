@@ -55,20 +55,14 @@ def load_image(path: str | os.PathLike, source: str | None = None):
     which row asked for the image. `.load()` runs here so a truncated file fails now, not in a
     collator worker halfway through training.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     prefix = f"{source}: " if source else ""
-    check_image_header(path, source)
+    check_image_header(path, source)  # missing, unreadable, too large: named before decoding
     try:
         with Image.open(path) as im:
             im.load()
             return im.convert("RGB")
-    except FileNotFoundError:
-        raise MirageError(f"{prefix}image not found: {path}") from None
-    except IsADirectoryError:
-        raise MirageError(f"{prefix}image path is a folder, not a file: {path}") from None
-    except UnidentifiedImageError:
-        raise MirageError(f"{prefix}not a readable image: {path}") from None
     except (OSError, SyntaxError, ValueError) as e:
         # PIL reports truncation and corrupt chunks as OSError/SyntaxError with a message of its own.
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
