@@ -1,4 +1,4 @@
-"""Baselines beside every Mirage number (MIRAGE.md section 5), trained with plain TRL `SFTTrainer`.
+"""Baselines beside every Mirage number (docs/method.md section 5), trained with plain TRL `SFTTrainer`.
 
 * text-only SFT: the same rows with the `<output_image>` markers and helper images removed
   (`strip_latent_markers`); direct or CoT follows the data file (`planning_train_direct.jsonl` vs

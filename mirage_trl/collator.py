@@ -1,7 +1,7 @@
 """Collator: reference-format rows -> a padded batch with latent spans laid out per sample.
 
 Each `<output_image>` in the assistant text becomes `<|latent_start|>` + k x `<|latent_pad|>` +
-`<|latent_end|>`. Labels follow MIRAGE.md: the prompt (through the assistant header), padding and
+`<|latent_end|>`. Labels follow docs/method.md section 2: the prompt (through the assistant header), padding and
 latent pads are -100; start/end tokens and the answer text are trained. Every sample has its own
 number and positions of spans, recorded in `latent_mask` (True at the pad slots). Helper images
 are processed once per step into `helper_pixel_values` / `helper_image_grid_thw`, one image per

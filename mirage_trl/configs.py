@@ -1,6 +1,6 @@
 """Configs: TRL's `SFTConfig` / `GRPOConfig` extended with Mirage's knobs, and the recipes' script arguments.
 
-Defaults here are library defaults; the recipe YAMLs carry the paper's settings (MIRAGE.md section 3).
+Defaults here are library defaults; the recipe YAMLs carry the paper's settings (docs/method.md section 3).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
 * encodes every prompt once (chat template + generation prompt + input images), sorts the rows by
   prompt length so batches carry little padding, decodes each batch with `generate_with_latents`
   and puts the completions back in the rows' order;
-* grades every completion with `grading.grade` (MIRAGE.md section 1.3);
+* grades every completion with `grading.grade` (docs/method.md section 1.3);
 * groups rows by level for VSP, by the row's `task` field (else the benchmark) for the others;
 * runs once per latent mode (`latent_modes`, the ablation table): the same rows, batches and seed
   for every mode. "mean" feeds the mean latent of the eval set, taken from the "model" run's

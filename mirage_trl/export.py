@@ -226,7 +226,7 @@ def export_model(
             config.inference_mode = True
             if dtype is not None:
                 model.to(_dtype(dtype))
-            # "auto" misses a resized embedding on composite VL configs (STACK_NOTES): decide here.
+            # "auto" misses a resized embedding on composite VL configs (PEFT 0.21): decide here.
             model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=bool(resized))
         else:
             if kind == "merged":

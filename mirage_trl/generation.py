@@ -1,4 +1,4 @@
-"""Batched latent decoding (MIRAGE.md section 4) with per-sample latent mode and a KV cache.
+"""Batched latent decoding (docs/method.md section 4) with per-sample latent mode and a KV cache.
 
 `generate_with_latents` runs one prefill over a left-padded processor batch, then one cached
 forward per step for the whole batch. Every sample has its own mode:

@@ -12,9 +12,7 @@ import typing
 from pathlib import Path
 
 from .errors import MirageError
-
-# Vision-language model types Mirage trains (the rest of the library finds the vision tower, 3-D positions, ...).
-SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+from .models.loading import SUPPORTED_MODEL_TYPES
 
 
 def _fields(types) -> dict[str, dataclasses.Field]:
@@ -109,28 +107,28 @@ def parse_recipe_args(types, argv: list[str] | None = None):
 def check_model_source(name, flag: str = "--model_name_or_path") -> None:
     """A local model folder: a readable config.json of a supported vision-language model with well-typed Mirage
     settings and readable safetensors, or a PEFT adapter whose files are readable and whose base exists."""
+    from .models.load import _looks_like_hub_name, _read_json
+
     path = Path(str(name))
     if not path.exists():
-        from .models.load import _looks_like_hub_name
-
         if _looks_like_hub_name(str(name)):
             return  # loaded from the Hub by name
         raise MirageError(f"{flag} {name}: no such model folder")
     if not path.is_dir():
         raise MirageError(f"{flag} {name}: is a file, expected a model folder")
     if (path / "adapter_config.json").is_file():
-        adapter = _json(path / "adapter_config.json")
+        adapter = _read_json(path / "adapter_config.json")
         base = adapter.get("base_model_name_or_path")
         if not base:
             raise MirageError(
                 f"{path / 'adapter_config.json'}: names no base model (base_model_name_or_path)"
             )
         check_model_source(base, flag=f"{path / 'adapter_config.json'}: base model")
-        _check_safetensors(path, flag)
+        _check_safetensors(path)
         return
     if not (path / "config.json").is_file():
         raise MirageError(f"{flag} {path}: no config.json (not a model folder, nor an adapter)")
-    config = _json(path / "config.json")
+    config = _read_json(path / "config.json")
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise MirageError(
@@ -144,42 +142,28 @@ def check_model_source(name, flag: str = "--model_name_or_path") -> None:
             raise MirageError(
                 f"{path / 'config.json'}:mirage: expected {{'latent_size': <int >= 1>, ...}}, got {json.dumps(mirage)[:60]}"
             )
-    _check_safetensors(path, flag)
+    _check_safetensors(path)
 
 
-def _json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MirageError(f"{path}: not readable JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise MirageError(f"{path}: expected a JSON object")
-    return value
-
-
-def _check_safetensors(folder: Path, flag: str) -> None:
-    """Every safetensors file's header parses and its data is as long as the header says (a truncated copy fails)."""
-    import struct
+def _check_safetensors(folder: Path) -> None:
+    """Every safetensors file's header parses and covers the file (a truncated copy fails here, not mid-load)."""
+    from safetensors import SafetensorError, safe_open
 
     for f in sorted(folder.glob("*.safetensors")):
         try:
-            with open(f, "rb") as fh:
-                raw = fh.read(8)
-                n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else None
-                header = json.loads(fh.read(n)) if n is not None and n < (100 << 20) else None
-        except (OSError, ValueError, struct.error):
-            header = None
-        if not isinstance(header, dict):
-            raise MirageError(f"{f}: not a readable safetensors file (corrupt or truncated)")
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        if f.stat().st_size < 8 + n + end:
-            raise MirageError(f"{f}: truncated ({f.stat().st_size} bytes, the header needs {8 + n + end})")
+            with safe_open(str(f), "pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise MirageError(
+                f"{f}: not a readable safetensors file, corrupt or truncated ({reason})"
+            ) from None
 
 
 def preflight(script_args, training_args, model_args) -> None:
     """What a recipe checks after parsing and before loading anything heavy."""
+    from .checkpoints import check_resume_checkpoint
     from .io import check_writable_dir
-    from .trainers.common import check_resume_checkpoint
 
     check_writable_dir(training_args.output_dir, "--output_dir")
     check_resume_checkpoint(getattr(training_args, "resume_from_checkpoint", None))

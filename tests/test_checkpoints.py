@@ -19,19 +19,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    from mirage_trl.data.vsp import generate_vsp
-    from mirage_trl.models.tiny import save_tiny_model
-
-    root = tmp_path_factory.mktemp("ckpt")
-    save_tiny_model(root / "tiny")
-    data = generate_vsp(
-        "planning", [3], 2, split="train", style="cot", seed=0, out_dir=root / "d", progress=False
-    )
-    return root, data
+def setup(tiny_run_inputs):
+    return tiny_run_inputs
 
 
-def _train_code(root, data, out, kill_at_step=None):
+def _train_code(model, data, out, kill_at_step=None):
     kill = ""
     if kill_at_step is not None:
         # SIGKILL inside the Trainer's save, after the weights of checkpoint-N are written, before its state.
@@ -51,26 +43,26 @@ def _train_code(root, data, out, kill_at_step=None):
         f"args = MirageSFTConfig(output_dir={str(out)!r}, use_cpu=True, report_to=[], save_strategy='steps', "
         "save_steps=1, max_steps=3, per_device_train_batch_size=2, activation_checkpointing=False, "
         "disable_tqdm=True, latent_size=2, learning_rate=1e-3)\n"
-        f"MirageSFTTrainer(model={str(root / 'tiny')!r}, args=args, "
+        f"MirageSFTTrainer(model={str(model)!r}, args=args, "
         f"train_dataset=load_reference_jsonl({str(data)!r})).train()\n"
     )
 
 
 def test_killed_save_leaves_no_partial_checkpoint_and_the_next_save_cleans_up(setup, tmp_path):
-    root, data = setup
+    model, data = setup
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(REPO))
     p = subprocess.run(
-        [sys.executable, "-c", _train_code(root, data, out, kill_at_step=2)], env=env, timeout=300
+        [sys.executable, "-c", _train_code(model, data, out, kill_at_step=2)], env=env, timeout=300
     )
     assert p.returncode == -signal.SIGKILL
     names = sorted(x.name for x in out.iterdir())
     assert "checkpoint-1" in names and "checkpoint-2" not in names, names
     assert ".checkpoint-2.tmp" in names  # the staging folder of the killed save
-    from mirage_trl.trainers.common import checkpoint_is_complete
+    from mirage_trl.checkpoints import checkpoint_is_complete
 
     assert checkpoint_is_complete(out / "checkpoint-1")
-    p = subprocess.run([sys.executable, "-c", _train_code(root, data, out)], env=env, timeout=300)
+    p = subprocess.run([sys.executable, "-c", _train_code(model, data, out)], env=env, timeout=300)
     assert p.returncode == 0
     names = sorted(x.name for x in out.iterdir() if x.name.startswith((".", "checkpoint")))
     assert names == ["checkpoint-1", "checkpoint-2", "checkpoint-3"], names
@@ -78,10 +70,10 @@ def test_killed_save_leaves_no_partial_checkpoint_and_the_next_save_cleans_up(se
 
 
 def test_partial_checkpoint_is_refused_naming_the_newest_complete_one(setup, tmp_path, capsys):
-    root, data = setup
+    model, data = setup
     out = tmp_path / "run"
     p = subprocess.run(
-        [sys.executable, "-c", _train_code(root, data, out)],
+        [sys.executable, "-c", _train_code(model, data, out)],
         env=dict(os.environ, PYTHONPATH=str(REPO)),
         timeout=300,
     )
@@ -91,7 +83,7 @@ def test_partial_checkpoint_is_refused_naming_the_newest_complete_one(setup, tmp
     (partial / "trainer_state.json").unlink()  # what a save interrupted by another writer would leave
     pattern = rf"{partial}: not a complete checkpoint \(no trainer_state.json.*the newest complete one is \S+checkpoint-3"
 
-    from mirage_trl.trainers.common import check_resume_checkpoint
+    from mirage_trl.checkpoints import check_resume_checkpoint
 
     with pytest.raises(MirageError, match=rf"^--resume_from_checkpoint {pattern}"):
         check_resume_checkpoint(partial)

@@ -126,13 +126,27 @@ def test_export_never_writes_where_it_reads(env, tmp_path, relation):
     assert sorted(p.name for p in model.iterdir()) == before
 
 
-def test_export_refuses_out_that_holds_the_adapters_base(env, tmp_path):
-    """An adapter export with --out a parent of the base model it names."""
-    from mirage_trl.errors import MirageError
-    from mirage_trl.export import check_out_apart
+def test_export_refuses_out_that_holds_the_adapters_base(tmp_path):
+    """An adapter export whose --out (with --overwrite) is a parent of the base model the adapter names."""
+    from peft import LoraConfig, get_peft_model
 
-    with pytest.raises(MirageError, match=r"^--out \S+: contains the base model its adapter names \S+"):
-        check_out_apart(tmp_path, tmp_path / "base", "the base model its adapter names")
+    from mirage_trl.latent.tokens import add_latent_tokens
+    from mirage_trl.models.tiny import build_tiny_model
+
+    holder, adapter = tmp_path / "holder", tmp_path / "adapter"
+    model, processor = build_tiny_model(seed=0)
+    add_latent_tokens(processor, model, latent_size=2)
+    model.save_pretrained(holder / "base")
+    processor.save_pretrained(holder / "base")
+    peft = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    peft.peft_config["default"].base_model_name_or_path = str(holder / "base")
+    peft.save_pretrained(adapter)
+    processor.save_pretrained(adapter)
+    before = sorted(p.name for p in (holder / "base").iterdir())
+    rc, _, err = cli("export", "--model", adapter, "--out", holder, "--overwrite")
+    assert rc == 2 and "Traceback" not in err, err
+    assert f"--out {holder}: contains the base model its adapter names {holder / 'base'}" in err, err
+    assert sorted(p.name for p in (holder / "base").iterdir()) == before
 
 
 def test_overwrite_killed_between_renames_leaves_the_old_export(env, tmp_path):

@@ -1,6 +1,6 @@
 """Stage 1 under DeepSpeed ZeRO-2 with two real CPU processes (torchrun + gloo) equals one process.
 
-`accelerate launch --cpu --num_processes 2` silently runs a single process (STACK_NOTES), so the
+`accelerate launch --cpu --num_processes 2` silently runs a single process, so the
 worker is started with `torchrun`, and the test checks that two processes really ran. Both runs see
 the same global batch of 4 rows (4 x 1 process, 2 x 2 processes) for two steps; the logged losses of
 step 1 (forward + CE normalised by the tokens of all ranks) and step 2 (after the ZeRO-2 update) and

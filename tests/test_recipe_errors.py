@@ -20,16 +20,8 @@ TINY_YAML = REPO / "recipes" / "vsp" / "stage1_tiny.yaml"
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    from mirage_trl.data.vsp import generate_vsp
-    from mirage_trl.models.tiny import save_tiny_model
-
-    root = tmp_path_factory.mktemp("recipe_errors")
-    save_tiny_model(root / "tiny")
-    data = generate_vsp(
-        "planning", [3], 2, split="train", style="cot", seed=0, out_dir=root / "d", progress=False
-    )
-    return root, data
+def env(tiny_run_inputs):
+    return tiny_run_inputs  # (model folder, data JSONL)
 
 
 def _yaml(tmp, text):
@@ -40,7 +32,7 @@ def _yaml(tmp, text):
 
 def _model(tmp, env, edit):
     folder = tmp / "model"
-    shutil.copytree(env[0] / "tiny", folder)
+    shutil.copytree(env[0], folder)
     edit(folder)
     return ["--model_name_or_path", folder]
 
@@ -98,17 +90,17 @@ CASES = {
     "resume_not_checkpoint": (lambda t, e: (t / "c").mkdir() or ["--resume_from_checkpoint", t / "c"], r"--resume_from_checkpoint \S+: not a complete checkpoint"),
     "model_without_config": (lambda t, e: (t / "m").mkdir() or ["--model_name_or_path", t / "m"], r"--model_name_or_path \S+: no config\.json"),
     "text_only_model": (lambda t, e: _model(t, e, _config_edit(model_type="qwen2")), r"config\.json: model type 'qwen2' is not a supported vision-language model; supported: qwen2_vl"),
-    "truncated_safetensors": (lambda t, e: _model(t, e, _truncate), r"model\.safetensors: (truncated|not a readable safetensors)"),
+    "truncated_safetensors": (lambda t, e: _model(t, e, _truncate), r"model\.safetensors: not a readable safetensors file, corrupt or truncated"),
     "adapter_base_missing": (_adapter("/nowhere/base-model"), r"adapter_config\.json: base model /nowhere/base-model: no such model folder"),
-    "corrupt_adapter": (lambda t, e: _adapter(str(e[0] / "tiny"))(t, e), r"adapter_model\.safetensors: (truncated|not a readable safetensors)"),
+    "corrupt_adapter": (lambda t, e: _adapter(str(e[0]))(t, e), r"adapter_model\.safetensors: not a readable safetensors file, corrupt or truncated"),
     "mirage_settings_wrong_type": (lambda t, e: _model(t, e, _config_edit(mirage={"latent_size": "four"})), r"config\.json:mirage: expected \{'latent_size': <int >= 1>"),
 }  # fmt: skip
 
 
 def _base_argv(env, tmp):
-    root, data = env
+    model, data = env
     return [
-        "--config", TINY_YAML, "--model_name_or_path", root / "tiny", "--dataset_name", data,
+        "--config", TINY_YAML, "--model_name_or_path", model, "--dataset_name", data,
         "--output_dir", tmp / "out", "--max_steps", "1",
     ]  # fmt: skip
 

@@ -8,6 +8,8 @@ atomically; an existing non-empty `OUT` is refused without `--overwrite`.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 MODES_HELP = "model zero noise mean shuffle remove"
 
 
@@ -56,10 +58,8 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    import json
     import sys
     import warnings
-    from pathlib import Path
 
     from ..errors import MirageError
     from ..evaluation import check_latent_modes
@@ -107,63 +107,65 @@ def run(args) -> int:
         warnings.simplefilter("default")
         model, processor = load_model(args.model, dtype=args.dtype, device=device, require_mirage=False)
 
-    # Decoded rows are kept as they come (a long run that fails keeps them); removed once the results are written.
-    partial = Path(f"{args.out}.partial.jsonl") if args.out is not None else None
-    if partial is not None:
-        partial.parent.mkdir(parents=True, exist_ok=True)
-    keeper = open(partial, "w", encoding="utf-8") if partial is not None else None
-
-    kept = [0]
-
-    def keep(decoded):
-        for row in decoded:
-            keeper.write(json.dumps(row, ensure_ascii=False) + "\n")
-        keeper.flush()
-        kept[0] += len(decoded)
-
+    # Decoded rows are kept as they come, so a long run that fails keeps them; removed once the results are written.
+    keeper = DecodedRows(Path(f"{args.out}.partial.jsonl")) if args.out is not None else None
     try:
-        result = _evaluate(args, model, processor, rows, modes, evaluate, keep if keeper else None)
+        result = evaluate(
+            model,
+            processor,
+            rows,
+            args.benchmark,
+            batch_size=args.batch_size,
+            num_samples=args.num_samples,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=not args.greedy,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            latent_modes=modes,
+            progress=not args.no_progress,
+            on_decoded=keeper.write if keeper else None,
+        )
         _write_results(args, result, model, device)
-    except BaseException as exc:
-        if keeper is None:
-            raise
-        keeper.close()
-        if not kept[0]:
-            partial.unlink()
-            raise
-        note = f"the {kept[0]} rows decoded so far are kept in {partial}"
-        if isinstance(exc, MirageError):
-            raise MirageError(f"{exc}; {note}") from None
-        print(f"mirage-trl eval: {note}", file=sys.stderr)
+    except MirageError as exc:
+        note = keeper.close(failed=True) if keeper else None
+        raise MirageError(f"{exc}; {note}" if note else str(exc)) from None
+    except BaseException:
+        note = keeper.close(failed=True) if keeper else None
+        if note:
+            print(f"mirage-trl eval: {note}", file=sys.stderr)
         raise
-    if keeper is not None:
-        keeper.close()
-        partial.unlink()
+    if keeper:
+        keeper.close(failed=False)
     return 0
 
 
-def _evaluate(args, model, processor, rows, modes, evaluate, on_decoded):
-    return evaluate(
-        model,
-        processor,
-        rows,
-        args.benchmark,
-        batch_size=args.batch_size,
-        num_samples=args.num_samples,
-        max_new_tokens=args.max_new_tokens,
-        do_sample=not args.greedy,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        latent_modes=modes,
-        progress=not args.no_progress,
-        on_decoded=on_decoded,
-    )
+class DecodedRows:
+    """`<out>.partial.jsonl`: every decoded row, flushed batch by batch; kept only when the run fails."""
+
+    def __init__(self, path: Path):
+        self.path, self.count = path, 0
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "w", encoding="utf-8")
+
+    def write(self, rows: list[dict]) -> None:
+        import json
+
+        self.file.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        self.file.flush()
+        self.count += len(rows)
+
+    def close(self, failed: bool) -> str | None:
+        """Close; on failure with rows decoded, the sentence that says where they are (else the file goes)."""
+        self.file.close()
+        if failed and self.count:
+            return f"the {self.count} rows decoded so far are kept in {self.path}"
+        self.path.unlink()
+        return None
 
 
 def _write_results(args, result, model, device) -> None:
     import datetime
-    from pathlib import Path
 
     from ..evaluation import print_tables
     from ..io import atomic_dir, write_json, write_jsonl

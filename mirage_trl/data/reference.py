@@ -35,19 +35,24 @@ _LEVEL_IN_PATH = re.compile(r"level_?(\d+)")
 RESERVED_TOKEN = re.compile(r"<\|[A-Za-z0-9_]+\|>")
 
 
+def check_unicode(value: str, loc: str) -> None:
+    """A lone surrogate (JSON allows `\\ud800`) is invalid Unicode that no tokenizer or file writer can take."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise MirageError(f"{loc}: invalid Unicode (a lone surrogate at column {e.start + 1})") from None
+
+
 def check_text(value: str, loc: str) -> None:
     """One line naming `loc` for text that cannot be trained on as it is: a reserved token written
-    literally, or a lone surrogate (invalid Unicode that no tokenizer or file writer can take)."""
+    literally, or invalid Unicode."""
     m = RESERVED_TOKEN.search(value)
     if m:
         raise MirageError(
             f"{loc}: contains the reserved token {m.group(0)!r} literally (column {m.start() + 1}); special "
             "tokens are added by mirage-trl and the chat template, never written in the data"
         )
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise MirageError(f"{loc}: invalid Unicode (a lone surrogate at column {e.start + 1})") from None
+    check_unicode(value, loc)
 
 
 def _features():
@@ -197,10 +202,7 @@ def parse_row(
                 raise MirageError(
                     f"{loc(name)}: a name in the image path is longer than the file system allows"
                 )
-            try:
-                check_text(p, loc(name))
-            except MirageError:
-                raise MirageError(f"{loc(name)}: invalid Unicode in the image path") from None
+            check_unicode(p, loc(name))
             if check_images:
                 if not full.is_file():
                     raise MirageError(f"{loc(name)}: image not found: {full}")

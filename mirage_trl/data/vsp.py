@@ -1,6 +1,6 @@
 """VSP (visual spatial planning on FrozenLake): map logic, row builders and the data generator.
 
-Two tasks, as in the Mirage paper (MIRAGE.md section 1.2):
+Two tasks, as in the Mirage paper (docs/method.md section 1.2):
 - planning: give the shortest safe move plan (letters L/R/U/D, boxed); the helper image is the
   start map with the solution drawn as red arrows;
 - reasoning: is a given plan a success (A), a fall into a hole (B) or safe but short of the
@@ -501,14 +501,13 @@ def generate_vsp(
     excluded = load_map_descs(exclude)
     per_level = [num_samples // len(levels) + (i < num_samples % len(levels)) for i in range(len(levels))]
 
-    plan_rows = []  # (level, map_id, desc, plan, shown)
     status = contextlib.nullcontext()
     if progress:
         from rich.console import Console
 
         status = Console(stderr=True).status(f"sampling {num_samples} unique {task} maps ...")
     with status:
-        _sample_all(task, split, seed, style, levels, per_level, excluded, max_hole_frac, plan_rows)
+        plan_rows = _sample_all(task, split, seed, style, levels, per_level, excluded, max_hole_frac)
 
     with atomic_dir(out_dir, overwrite) as tmp:
         rows = []
@@ -537,8 +536,9 @@ def generate_vsp(
     return out_dir / output_name(task, split, style)
 
 
-def _sample_all(task, split, seed, style, levels, per_level, excluded, max_hole_frac, plan_rows) -> None:
-    index = 0
+def _sample_all(task, split, seed, style, levels, per_level, excluded, max_hole_frac) -> list[tuple]:
+    """(level, map_id, desc, plan, shown) for every row, level after level."""
+    plan_rows, index = [], 0
     for level, count in zip(levels, per_level):
         rng = random.Random(f"mirage-vsp:{task}:{split}:{seed}:{level}")  # train and test differ
         for i, (desc, plan) in enumerate(
@@ -550,6 +550,7 @@ def _sample_all(task, split, seed, style, levels, per_level, excluded, max_hole_
                 shown = made if style == "direct" else rng.randint(1, made)
             plan_rows.append((level, str(i), desc, plan, shown))
         index += count
+    return plan_rows
 
 
 def _track(items, enabled: bool, description: str):

@@ -161,7 +161,7 @@ class RoundPlan:
 
 
 def _aligned_schedule(n_real: list[int], slot_ranks: list[list[int]]) -> list[list[int]]:
-    """Chunk r of every sample = its text from its (r-1)-th slot to its r-th slot (MIRAGE.md design)."""
+    """Chunk r of every sample = its text from its (r-1)-th slot to its r-th slot (docs/method.md section 3)."""
     R = max(len(s) for s in slot_ranks) + 1
     out = [[0] * len(n_real) for _ in range(R)]
     for b, (n, sl) in enumerate(zip(n_real, slot_ranks)):

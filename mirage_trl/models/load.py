@@ -53,7 +53,7 @@ class ModelSource:
 def _read_json(path: Path) -> dict:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MirageError(f"{path}: cannot read it as JSON ({exc})") from None
     if not isinstance(value, dict):
         raise MirageError(f"{path}: expected a JSON object")
@@ -128,7 +128,7 @@ def resolve_model_dir(path, latent_size: int | None = None, require_mirage: bool
         )
     checkpoint = _is_checkpoint(p)
     if checkpoint and not (p / "trainer_state.json").is_file():
-        from ..trainers.common import check_resume_checkpoint
+        from ..checkpoints import check_resume_checkpoint
 
         check_resume_checkpoint(str(p), flag="--model")  # a partial checkpoint: names the newest complete one
 

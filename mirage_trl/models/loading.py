@@ -12,6 +12,8 @@ _PROCESSORS = {
     "qwen3_vl": ("transformers.models.qwen3_vl.processing_qwen3_vl", "Qwen3VLProcessor"),
 }
 
+# The vision-language model types Mirage trains.
+SUPPORTED_MODEL_TYPES = tuple(_PROCESSORS)
 
 _IMAGE_ONLY: dict[str, type] = {}
 

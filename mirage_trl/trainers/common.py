@@ -152,6 +152,7 @@ def load_from_checkpoint(trainer, resume_from_checkpoint, model, fallback) -> No
     initialised. Full-model checkpoints are read the way `from_pretrained` reads them; adapters go
     through the Trainer's own loader (`fallback`).
     """
+    from ..checkpoints import check_resume_checkpoint
     from ..latent.tokens import check_checkpoint_latent_size
     from ..models.load import load_checkpoint_weights
 
@@ -163,8 +164,6 @@ def load_from_checkpoint(trainer, resume_from_checkpoint, model, fallback) -> No
 
 # ---------------------------------------------------------------------------------------- trainer mixin
 CHECKPOINT_STAGING = ".{name}.tmp"
-# Files whose presence makes a `checkpoint-N` folder complete: the Trainer writes its state last.
-CHECKPOINT_STATE = "trainer_state.json"
 # A logged loss this many times its first value is reported as divergence.
 DIVERGENCE_FACTOR = 10.0
 
@@ -205,38 +204,6 @@ class DivergenceCallback(TrainerCallback):
             )
 
 
-def checkpoint_is_complete(folder) -> bool:
-    return os.path.isdir(folder) and os.path.isfile(os.path.join(folder, CHECKPOINT_STATE))
-
-
-def newest_complete_checkpoint(run_dir) -> str | None:
-    found = []
-    for path in glob.glob(os.path.join(str(run_dir), "checkpoint-*")):
-        m = re.fullmatch(r"checkpoint-(\d+)", os.path.basename(path))
-        if m and checkpoint_is_complete(path):
-            found.append((int(m.group(1)), path))
-    return max(found)[1] if found else None
-
-
-def check_resume_checkpoint(path, flag: str = "--resume_from_checkpoint") -> None:
-    """A checkpoint to resume from exists, is a folder and is complete; otherwise one line naming the newest
-    complete one beside it."""
-    if path is None or isinstance(path, bool):
-        return
-    path = str(path)
-    if not os.path.exists(path):
-        raise MirageError(f"{flag} {path}: no such checkpoint folder")
-    if not os.path.isdir(path):
-        raise MirageError(f"{flag} {path}: is a file, expected a checkpoint-N folder")
-    if not checkpoint_is_complete(path):
-        newest = newest_complete_checkpoint(os.path.dirname(os.path.abspath(path)))
-        hint = f"; the newest complete one is {newest}" if newest else ""
-        raise MirageError(
-            f"{flag} {path}: not a complete checkpoint (no {CHECKPOINT_STATE}: an interrupted save or not a "
-            f"checkpoint){hint}"
-        )
-
-
 class MirageTrainerMixin:
     """What both Mirage trainers add around TRL's training loop (put it first in the bases).
 
@@ -260,6 +227,7 @@ class MirageTrainerMixin:
 
     def _init_mirage_trainer(self):
         self.add_callback(DivergenceCallback())
+        self._window = [0, 0]  # micro-batches since the last log, and how many of them were skipped
 
     # ------------------------------------------------------------------ the step guard
     def guard_step(self, mode: str, terms: dict, latents, model):
@@ -279,7 +247,6 @@ class MirageTrainerMixin:
     def training_step(self, model, inputs, num_items_in_batch=None):
         before = self.num_skipped_steps
         loss = super().training_step(model, inputs, num_items_in_batch)
-        self._window = getattr(self, "_window", [0, 0])
         self._window[0] += 1
         if self.num_skipped_steps != before:
             self._window[1] += 1
@@ -287,8 +254,8 @@ class MirageTrainerMixin:
         return loss
 
     def log(self, logs, *args, **kwargs):
-        window = getattr(self, "_window", None)
-        if "loss" in logs and window:
+        window = self._window
+        if "loss" in logs:
             if window[1] and window[1] == window[0]:
                 logs["loss"] = float("nan")  # every step since the last log was skipped: there is no loss
             self._window = [0, 0]
@@ -320,7 +287,7 @@ class MirageTrainerMixin:
         return grad_norm
 
     def create_optimizer(self, model=None):
-        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
+        optimizer = super().create_optimizer(model)
         if getattr(optimizer, "_mirage_guarded", False):
             return optimizer
         step = optimizer.step

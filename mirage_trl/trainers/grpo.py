@@ -1,4 +1,4 @@
-"""`MirageGRPOTrainer`: TRL's `GRPOTrainer` whose rollouts imagine (stage 3, MIRAGE.md sections 3-4).
+"""`MirageGRPOTrainer`: TRL's `GRPOTrainer` whose rollouts imagine (stage 3, docs/method.md sections 3-4).
 
 What latents change, and therefore what is overridden (everything else is TRL's: prompt
 templating and image processing, generation batching, rewards and their weights, advantages,

@@ -7,7 +7,7 @@ position (`latent.stage2.self_latent_forward`, exact with or without gradient ch
 loss = CE(text), with gradients through every self-generated latent.
 
 Both terms come from one graph built here: TRL's own `compute_loss` runs a fused LM head and
-its returned outputs come from a separate no-grad forward (STACK_NOTES). Logits are computed
+its returned outputs come from a separate no-grad forward (TRL 1.16). Logits are computed
 only at trained positions, so the (B, L, V) logits tensor is never built.
 """
 

@@ -38,7 +38,7 @@ DELTA = {"L": (0, -1), "R": (0, 1), "U": (-1, 0), "D": (1, 0)}
 WORD = {"LEFT": "L", "RIGHT": "R", "UP": "U", "DOWN": "D"}
 
 
-# Independent re-implementations (MIRAGE.md 1.3), written without mirage_trl's code.
+# Independent re-implementations (docs/method.md section 1.3), written without mirage_trl's code.
 def grade_walk(map_desc, answer: str):
     """Walk the answer (the last boxed one if any): upper-case, keep U/D/L/R, off-grid ignored,
     a hole fails at once. Returns (outcome, cells)."""
