@@ -336,6 +336,7 @@ class MirageTrainerMixin:
         if self.args.should_save:
             for leftover in glob.glob(os.path.join(run_dir, CHECKPOINT_STAGING.format(name="checkpoint-*"))):
                 shutil.rmtree(leftover, ignore_errors=True)  # of a killed run
+        self.accelerator.wait_for_everyone()  # no rank writes into the staging folder before it is clean
         limit = self.args.save_total_limit
         self._checkpoint_staging = staging
         self.args.save_total_limit = None  # rotate only once the new checkpoint is complete
