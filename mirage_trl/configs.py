@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig, ScriptArguments, SFTConfig
 
 from .errors import MirageError
+from .latent.feedback import FEEDBACK_NORM_CHOICES
 from .latent.targets import POOLINGS
 
 STAGES = (1, 2)
@@ -59,6 +60,21 @@ class _MirageLatentArgs:
         metadata={
             "help": f"forward with self-generated latents (stage 2, GRPO training): {', '.join(STAGE2_METHODS)} "
             "('auto' picks the exact one for the checkpointing setting)"
+        },
+    )
+    latent_feedback_norm: str | None = field(
+        default=None,
+        metadata={
+            "help": "rescale the hidden state fed back at a slot (stage 2, decoding, GRPO): 'target' to the mean "
+            "norm of the stage-1 targets (measured in stage 1, saved with the model), 'none' off; default: as "
+            "the model was trained"
+        },
+    )
+    markers_only: bool = field(
+        default=False,
+        metadata={
+            "help": "control arm: keep spans, markers and slots but feed zeros at the slots in every stage and "
+            "at decoding (no latent loss in stage 1); saved with the model"
         },
     )
     skip_nonfinite_steps: bool = field(
@@ -189,6 +205,10 @@ def validate_latent_args(args) -> None:
         raise MirageError(f"--latent_pooling {args.latent_pooling!r}: choose one of {', '.join(POOLINGS)}")
     if args.latent_truncation not in ("error", "drop"):
         raise MirageError(f"--latent_truncation {args.latent_truncation!r}: choose 'error' or 'drop'")
+    if args.latent_feedback_norm not in (None, *FEEDBACK_NORM_CHOICES):
+        raise MirageError(
+            f"--latent_feedback_norm {args.latent_feedback_norm!r}: choose one of {', '.join(FEEDBACK_NORM_CHOICES)}"
+        )
     if args.stage2_method not in STAGE2_METHODS:
         raise MirageError(
             f"--stage2_method {args.stage2_method!r}: choose one of {', '.join(STAGE2_METHODS)}"

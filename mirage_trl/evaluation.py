@@ -42,6 +42,9 @@ class ModeResult:
     completions: list[dict]  # one per row, in the dataset's order
     seconds: float  # decoding + grading wall time
     num_generated_tokens: int  # latent steps included
+    latent_health: dict = field(
+        default_factory=dict
+    )  # "model" mode: latent.health statistics of the fed latents
 
     @property
     def tokens_per_s(self) -> float:
@@ -62,6 +65,7 @@ class ModeResult:
             "num_generated_tokens": self.num_generated_tokens,
             "tokens_per_s": self.tokens_per_s,
             "rows_per_s": self.rows_per_s,
+            "latent_health": dict(self.latent_health),
         }
 
 
@@ -261,7 +265,7 @@ def evaluate(
 
     latent_mean = None
     for mode in modes:
-        want_latents = mode == "model" and "mean" in modes
+        want_latents = mode == "model"  # for the health statistics, and for "mean"
         generator = torch.Generator(device=device).manual_seed(seed)
         texts: list[str | None] = [None] * len(rows)
         spans = [0] * len(rows)
@@ -307,8 +311,12 @@ def evaluate(
         grades = [grade(benchmark, texts[i], rows[i]) for i in range(len(rows))]
         seconds = time.perf_counter() - start
 
+        health = {}
         if want_latents:
-            latent_mean = _mean_latent(collected, model, result)
+            if "mean" in modes:
+                latent_mean = _mean_latent(collected, model, result)
+            health = decoding_health(collected, model, spans)
+            _warn_collapse(health, result)
         table = summarize(grades, groups)
         _add_spans(table, groups, spans)
         completions = [
@@ -329,7 +337,7 @@ def evaluate(
             }
             for i in range(len(rows))
         ]
-        result.modes[mode] = ModeResult(mode, table, completions, seconds, sum(ntok))
+        result.modes[mode] = ModeResult(mode, table, completions, seconds, sum(ntok), health)
     return result
 
 
@@ -348,11 +356,46 @@ def _mean_latent(collected, model, result: EvalResult):
     return torch.zeros(int(size or 1))
 
 
+def decoding_health(collected, model, spans: list[int]) -> dict:
+    """`latent.health` statistics of the latents fed while decoding (one list entry per answer with
+    spans), with the trigger rate (share of answers that open a span) and spans per answer."""
+    import torch
+
+    from .latent.feedback import TARGET_NORM_KEY
+    from .latent.health import latent_health
+    from .latent.model_utils import unwrap
+    from .latent.tokens import get_mirage_config
+
+    settings = get_mirage_config(unwrap(model)) or {}
+    out = {
+        "trigger_rate": sum(s > 0 for s in spans) / len(spans) if spans else 0.0,
+        "spans_per_answer": sum(spans) / len(spans) if spans else 0.0,
+    }
+    k = int(settings.get("latent_size") or 0)
+    # only whole spans (a span cut by max_new_tokens would shift every later span's positions)
+    whole = [x[: (x.shape[0] // k) * k] for x in collected if k and x.shape[0] >= k]
+    if whole:
+        stats = latent_health(torch.cat(whole), k, settings.get(TARGET_NORM_KEY))
+        out.update({name: float(v) for name, v in stats.items()})
+    return out
+
+
+def _warn_collapse(health: dict, result: EvalResult) -> None:
+    from .latent.health import collapse_reason
+
+    reason = collapse_reason(health)
+    if reason:
+        msg = f"eval: {reason}"
+        warnings.warn(msg, stacklevel=3)
+        result.notes.append(msg)
+
+
 def _add_spans(table: dict, groups: list, spans: list[int]) -> None:
     for key, bucket in table.items():
-        total = sum(s for g, s in zip(groups, spans) if key == GROUP_ALL or g == key)
-        bucket["latent_spans"] = total
-        bucket["mean_latent_spans"] = total / bucket["n"] if bucket["n"] else 0.0
+        mine = [s for g, s in zip(groups, spans) if key == GROUP_ALL or g == key]
+        bucket["latent_spans"] = sum(mine)
+        bucket["mean_latent_spans"] = sum(mine) / bucket["n"] if bucket["n"] else 0.0
+        bucket["trigger_rate"] = sum(s > 0 for s in mine) / bucket["n"] if bucket["n"] else 0.0
 
 
 def _progress(items, enabled: bool, label: str):
@@ -391,6 +434,7 @@ def print_tables(result: EvalResult, console=None) -> None:
         table.add_column("accuracy %", justify="right")
         table.add_column("invalid %", justify="right")
         table.add_column("spans/answer", justify="right")
+        table.add_column("trigger %", justify="right")
         for key, b in res.groups.items():
             style = "bold" if key == GROUP_ALL else None
             table.add_row(
@@ -399,9 +443,12 @@ def print_tables(result: EvalResult, console=None) -> None:
                 _pct(b["accuracy"]),
                 _pct(b["invalid_rate"]),
                 f"{b['mean_latent_spans']:.2f}",
+                _pct(b.get("trigger_rate", float("nan"))),
                 style=style,
             )
         console.print(table)
+        if res.latent_health:
+            console.print(health_line(res.latent_health))
     if len(result.modes) > 1:
         base = result.modes.get("model")
         keys = list(next(iter(result.modes.values())).groups)
@@ -422,3 +469,18 @@ def print_tables(result: EvalResult, console=None) -> None:
                 f"{res.groups[GROUP_ALL]['mean_latent_spans']:.2f}",
             )
         console.print(table)
+
+
+def health_line(health: dict) -> str:
+    """One line: trigger rate, spans per answer and the latents' health (see `latent.health`)."""
+    parts = [f"trigger rate {100 * health.get('trigger_rate', 0.0):.1f} %"]
+    parts.append(f"spans/answer {health.get('spans_per_answer', 0.0):.2f}")
+    names = {
+        "cross_sample_cos": "cross-sample cos",
+        "consecutive_cos": "consecutive cos",
+        "norm": "norm",
+        "norm_ratio": "norm / stage-1 target",
+        "effective_rank": "effective rank",
+    }
+    parts += [f"{label} {health[key]:.3f}" for key, label in names.items() if key in health]
+    return "latent health: " + ", ".join(parts)

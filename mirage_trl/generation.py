@@ -33,10 +33,13 @@ Latent ablations (`latent_mode`, the issue's `--latents`) replace what is fed at
   first's). When only one sample is in latent mode, it gets the current last hidden state of the
   next sample in the batch (cyclically), whatever that sample's mode; in a batch of one there is
   no other sample and its own latent is fed (a warning says so);
-* ``remove``  no latent span at all: `<|latent_start|>` is followed at once by a forced
-  `<|latent_end|>`, with no latent steps.
+* ``remove``  no latent span at all: `<|latent_start|>` cannot be picked (its logit is -inf), so
+  the model writes its answer without a span (no span, no latent step, no marker in the text).
 
-The returned `latents` are the vectors actually fed (after the ablation).
+Before any ablation, the model's hidden state passes through its slot settings
+(`latent.feedback.LatentFeedback`: feedback-norm matching, markers-only zeros), exactly as in
+stage 2; the ablations then replace that vector. The returned `latents` are the vectors actually
+fed (after the ablation).
 
 Texts: `raw_texts` decode everything up to and including the stop token, special tokens kept.
 `texts` skip special tokens, except that every span opened by `<|latent_start|>` (with its
@@ -180,6 +183,7 @@ def generate_with_latents(
     return_latents: bool = False,
     eos_token_ids: list[int] | None = None,
     pad_token_id: int | None = None,
+    feedback=None,
 ) -> LatentGenerationOutput:
     """Decode a left-padded processor batch with per-sample latent mode (see the module doc).
 
@@ -189,6 +193,7 @@ def generate_with_latents(
     decodes as a plain model (with a warning). `eos_token_ids=None` means the tokenizer's EOS,
     `<|im_end|>` and the generation config's EOS ids; `[]` never stops early. `processor=None`
     decodes ids only (texts are empty), given latent_tokens, eos_token_ids and pad_token_id.
+    `feedback`: a `LatentFeedback` (default: the model's saved slot settings).
     """
     if latent_mode not in LATENT_MODES:
         raise MirageError(f"unknown latent mode {latent_mode!r}; valid modes: {', '.join(LATENT_MODES)}")
@@ -208,6 +213,10 @@ def generate_with_latents(
             "generate_with_latents without a processor needs latent_tokens, eos_token_ids and pad_token_id"
         )
     lt = latent_tokens if latent_tokens is not None else _resolve_latent_tokens(net, processor)
+    if feedback is None:
+        from .latent.feedback import LatentFeedback
+
+        feedback = LatentFeedback.from_model(net)
     eos = _default_eos(net, tok) if eos_token_ids is None else [int(i) for i in eos_token_ids]
     pad_id = _pad_id(net, tok, eos) if pad_token_id is None else int(pad_token_id)
 
@@ -287,6 +296,9 @@ def generate_with_latents(
         for t in range(max_new_tokens):
             in_latent = remaining > 0
             text_step = ~(in_latent | force_end | done)
+            if latent_mode == "remove" and lt is not None:
+                logits = logits.clone()
+                logits[:, start_id] = float("-inf")  # the span cannot open: the answer goes without it
             picked = _pick(logits, do_sample, temperature, top_p, generator)
             token = torch.where(text_step, picked, pad_id)
             token = torch.where(force_end, end_id, token)
@@ -298,11 +310,8 @@ def generate_with_latents(
             # State for the next step.
             started = text_step & (token == start_id)
             spans += started.long()
-            if latent_mode == "remove":
-                force_end = started
-            else:
-                force_end = in_latent & (remaining == 1)
-                remaining = torch.where(started, k, remaining - in_latent.long())
+            force_end = in_latent & (remaining == 1)
+            remaining = torch.where(started, k, remaining - in_latent.long())
             done = done | (text_step & torch.isin(token, eos_t))
 
             all_done, any_latent = torch.stack(
@@ -311,7 +320,8 @@ def generate_with_latents(
             values = None
             if any_latent:
                 # What the latent slots get at this step (ablations replace the model's own hidden state).
-                values = _latent_values(latent_mode, hidden, in_latent, arange_b, generator, mean_vec)
+                fed_back = hidden if feedback.is_identity else feedback(hidden)
+                values = _latent_values(latent_mode, fed_back, in_latent, arange_b, generator, mean_vec)
                 if return_latents:
                     stored.append((t, values))
             if t == max_new_tokens - 1:

@@ -107,7 +107,11 @@ def test_known_completions_give_expected_table(processor, vsp_rows):
         "invalid_rate": pytest.approx(1 / 3),
         "latent_spans": 6,
         "mean_latent_spans": pytest.approx(1.0),
+        "trigger_rate": pytest.approx(3 / 6),  # spans 1, 0, 2 / 0, 3, 0: three answers open one
     }
+    assert g[3]["trigger_rate"] == pytest.approx(2 / 3) and g[4]["trigger_rate"] == pytest.approx(1 / 3)
+    health = res.modes["model"].latent_health
+    assert health["trigger_rate"] == pytest.approx(0.5) and health["spans_per_answer"] == pytest.approx(1.0)
     # Completions come back in the rows' order, whatever the batching order was.
     comp = res.modes["model"].completions
     assert [c["completion"] for c in comp] == [ROWS[i][1] for i in range(6)]

@@ -294,7 +294,10 @@ def _ablation(setup, mode, **kw):
         **kw,
     )
     for i in range(len(PROMPTS)):  # nothing changes before the first latent span
-        assert _prefix_until_first_start(out, i, lt) == _prefix_until_first_start(base, i, lt)
+        before = _prefix_until_first_start(base, i, lt)
+        if mode == "remove":  # the same text up to where the span would have opened
+            before = before[:-1] if lt.start_id in before else before
+        assert _prefix_until_first_start(out, i, lt)[: len(before)] == before
     return base, out
 
 
@@ -364,18 +367,27 @@ def test_ablation_shuffle_feeds_another_samples_latent(setup):
     assert seen_roll and seen_single
 
 
-def test_ablation_remove_has_no_latent_steps(setup):
+def test_ablation_remove_writes_no_span_and_equals_generate_without_the_start_token(setup):
+    """`remove`: no span, no latent step, no marker, no span counted; the answer is what plain greedy
+    decoding writes when `<|latent_start|>` may not be picked (transformers' `bad_words_ids`)."""
     model, processor, lt, batch = setup
     base, out = _ablation(setup, "remove")
+    assert base.num_latent_spans.sum() > 0  # the model does open spans in "model" mode
     assert not out.latent_mask.any()
     assert all(len(x) == 0 for x in out.latents)
-    assert out.num_latent_spans.sum() > 0
-    for seq in out.sequences.tolist():
-        for s, tok in enumerate(seq[:-1]):
-            if tok == lt.start_id:
-                assert seq[s + 1] == lt.end_id
-    assert lt.pad_id not in out.sequences.tolist()
-    assert out.texts[0].count("<output_image>") == out.num_latent_spans[0].item()
+    assert out.num_latent_spans.tolist() == [0] * len(PROMPTS)
+    flat = out.sequences.flatten().tolist()
+    assert lt.start_id not in flat and lt.pad_id not in flat and lt.end_id not in flat
+    assert not any("<output_image>" in t for t in out.texts)
+    reference = model.generate(
+        **batch,
+        max_new_tokens=STEPS,
+        do_sample=False,
+        bad_words_ids=[[lt.start_id]],
+        eos_token_id=None,
+        min_new_tokens=STEPS,
+    )[:, batch["input_ids"].shape[1] :]
+    assert out.sequences.tolist() == reference.tolist()
 
 
 def test_unknown_mode(setup):
@@ -501,3 +513,30 @@ def test_load_model_errors_and_plain_model_warning(tmp_path):
         warnings.simplefilter("ignore")
         out = generate_with_latents(model, processor, make_batch(processor, PROMPTS[:2]), max_new_tokens=4)
     assert out.sequences.shape == (2, 4) and out.num_latent_spans.sum() == 0
+
+
+@pytest.mark.parametrize("slots", ["feedback_norm", "markers_only"])
+def test_slot_settings_apply_at_decoding(setup, slots):
+    """The model's saved slot settings reach decoding: each fed latent is the hidden state before its
+    slot rescaled to the saved norm (feedback-norm matching), or zeros (markers-only control)."""
+    from mirage_trl.latent.tokens import get_mirage_config, set_mirage_config
+
+    model, processor, lt, batch = setup
+    saved = get_mirage_config(model)
+    try:
+        if slots == "feedback_norm":
+            set_mirage_config(model, lt.latent_size, latent_feedback_norm=2.5)
+        else:
+            set_mirage_config(model, lt.latent_size, latent_slot_input="zeros")
+        out = generate_with_latents(
+            model, processor, batch, max_new_tokens=STEPS, eos_token_ids=[], return_latents=True
+        )
+    finally:
+        model.config.mirage = saved
+    assert sum(len(x) for x in out.latents) > 0
+    for i, prompt in enumerate(PROMPTS):
+        hidden, plen = full_forward_hidden(model, processor, lt, prompt, out.sequences[i], out.latents[i])
+        for j, s in enumerate(out.latent_mask[i].nonzero()[:, 0].tolist()):
+            h = hidden[plen + s - 1]
+            want = h / h.norm() * 2.5 if slots == "feedback_norm" else torch.zeros_like(h)
+            torch.testing.assert_close(out.latents[i][j], want, atol=1e-5, rtol=0)

@@ -108,8 +108,10 @@ def image_features_one_by_one(model, pixel_values, grid_thw) -> list[torch.Tenso
     return out
 
 
-def manual_stage1(model, batch, k, gamma, pooling="drop_remainder"):
-    """(loss, ce_mean, ce_sum, n_tokens, per-slot 1-cos, targets) by hand, with autograd."""
+def manual_stage1(model, batch, k, gamma, pooling="drop_remainder", zeros_at_slots=False):
+    """(loss, ce_mean, ce_sum, n_tokens, per-slot 1-cos, targets, predictions h[t-1]) by hand, with autograd.
+
+    `zeros_at_slots`: the markers-only control (zeros at the slots, the targets still computed)."""
     mm = model.model
     mask = batch["latent_mask"]
     embeds = model.get_input_embeddings()(batch["input_ids"])
@@ -124,7 +126,7 @@ def manual_stage1(model, batch, k, gamma, pooling="drop_remainder"):
         assert len(slots) == targets.shape[0]
         embeds = embeds.clone()
         for (b, t), e in zip(slots, targets):
-            embeds[b, t] = e
+            embeds[b, t] = e * 0.0 if zeros_at_slots else e
     position_ids, _ = mm.get_rope_index(
         batch["input_ids"],
         mm_token_type_ids=batch["mm_token_type_ids"],
@@ -149,14 +151,24 @@ def manual_stage1(model, batch, k, gamma, pooling="drop_remainder"):
     ce = ce_sum / n_tokens
     one_minus_cos = (
         torch.stack(
-            [1 - F.cosine_similarity(h[b, t - 1], embeds[b, t], dim=0) for b, t in mask.nonzero().tolist()]
+            [
+                1 - F.cosine_similarity(h[b, t - 1], e, dim=0)
+                for (b, t), e in zip(mask.nonzero().tolist(), targets)
+            ]
         )
         if mask.any()
         else torch.zeros(0)
     )
     loss = gamma * ce + (one_minus_cos.mean() if mask.any() else 0.0)
+    predictions = torch.stack([h[b, t - 1] for b, t in mask.nonzero().tolist()]) if mask.any() else None
     return dict(
-        loss=loss, ce=ce, ce_sum=ce_sum, n_tokens=n_tokens, one_minus_cos=one_minus_cos, targets=targets
+        loss=loss,
+        ce=ce,
+        ce_sum=ce_sum,
+        n_tokens=n_tokens,
+        one_minus_cos=one_minus_cos,
+        targets=targets,
+        predictions=predictions,
     )
 
 
@@ -584,7 +596,73 @@ def test_stage2_encodes_helper_images_only_for_the_drift_metric(tmp_path, rows, 
     with torch.no_grad():
         trainer.compute_loss(trainer.model, batch)
     logged = trainer._metrics["train"]
-    assert ("latent_target_cos" in logged) == metric
-    assert "latent_norm" in logged and "ce" in logged
+    assert ("latent/target_cos" in logged) == metric
+    assert "latent/norm" in logged and "ce" in logged
     if metric:
-        assert -1.0 <= logged["latent_target_cos"][-1] <= 1.0
+        assert -1.0 <= logged["latent/target_cos"][-1] <= 1.0
+
+
+# ---------------------------------------------------------------------- latent health, markers-only
+def _pairwise_cross_cos(latents, k):
+    """Mean cosine over pairs of different spans at the same span position, by a plain double loop."""
+    spans = latents.reshape(-1, k, latents.shape[-1])
+    values = [
+        F.cosine_similarity(spans[a, j], spans[b, j], dim=0)
+        for j in range(k)
+        for a in range(len(spans))
+        for b in range(len(spans))
+        if a != b
+    ]
+    return float(torch.stack(values).mean())
+
+
+def test_stage1_health_describes_the_predictions_and_records_the_target_norm(tmp_path, rows):
+    trainer = make_trainer(tmp_path)
+    batch = trainer.data_collator(rows)
+    trainer.model.train()
+    trainer._metrics["train"].clear()
+    with torch.no_grad():
+        trainer.compute_loss(trainer.model, batch)
+        ref = manual_stage1(trainer.model, batch, k=4, gamma=0.1)
+    logged = {name: values[-1] for name, values in trainer._metrics["train"].items()}
+    pred, targets = ref["predictions"], ref["targets"]
+    assert logged["latent/norm"] == pytest.approx(float(pred.norm(dim=-1).mean()), rel=1e-5)
+    assert logged["latent/cross_sample_cos"] == pytest.approx(_pairwise_cross_cos(pred, 4), abs=1e-5)
+    assert logged["latent/target_norm"] == pytest.approx(float(targets.norm(dim=-1).mean()), rel=1e-5)
+    assert logged["latent/target_cross_sample_cos"] == pytest.approx(
+        _pairwise_cross_cos(targets, 4), abs=1e-5
+    )
+    assert logged["latent/norm_ratio"] == pytest.approx(
+        float(pred.norm(dim=-1).mean() / targets.norm(dim=-1).mean()), rel=1e-5
+    )
+    # the running mean of the target norm is in the Mirage settings (and so in every checkpoint)
+    saved = trainer.model.config.mirage
+    assert saved["latent_target_norm"] == pytest.approx(logged["latent/target_norm"], rel=1e-6)
+    assert saved.get("latent_feedback_norm") is None
+
+
+def test_feedback_norm_target_in_stage1_saves_the_measured_norm(tmp_path, rows):
+    trainer = make_trainer(tmp_path, latent_feedback_norm="target")
+    batch = trainer.data_collator(rows)
+    trainer.model.train()
+    with torch.no_grad():
+        trainer.compute_loss(trainer.model, batch)
+    saved = trainer.model.config.mirage
+    assert saved["latent_feedback_norm"] == saved["latent_target_norm"] > 0
+
+
+def test_markers_only_stage1_feeds_zeros_and_learns_text_only(tmp_path, rows):
+    trainer = make_trainer(tmp_path, markers_only=True)
+    assert trainer.model.config.mirage["latent_slot_input"] == "zeros"
+    batch = trainer.data_collator(rows)
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch)
+        ref = manual_stage1(trainer.model, batch, k=4, gamma=1.0, zeros_at_slots=True)
+        informed = manual_stage1(trainer.model, batch, k=4, gamma=1.0)
+    torch.testing.assert_close(loss, ref["ce"], **TOL)  # CE alone, with zeros at the slots
+    assert not torch.allclose(ref["ce"], informed["ce"])  # the slot content did matter
+
+
+def test_stage2_feedback_norm_target_needs_a_measured_norm(tmp_path):
+    with pytest.raises(MirageError, match="no measured stage-1 target norm"):
+        make_trainer(tmp_path, stage=2, latent_feedback_norm="target")

@@ -128,8 +128,10 @@ def _grads(model):
 # --------------------------------------------------------------------------- the reference
 
 
-def reference_sample(model, single, pad_id, embed_grad=False):
-    """One sample alone: prefix passes fill the slots one by one, then one full pass. Returns (hidden, embeds)."""
+def reference_sample(model, single, pad_id, embed_grad=False, feed=None):
+    """One sample alone: prefix passes fill the slots one by one, then one full pass. Returns (hidden, embeds).
+
+    `feed`: what a slot receives given the hidden state before it (default: the hidden state itself)."""
     inner = multimodal_model(model)
     ids = single["input_ids"]
     vision = {k: single[k] for k in ("pixel_values", "image_grid_thw") if k in single}
@@ -144,18 +146,19 @@ def reference_sample(model, single, pad_id, embed_grad=False):
             mm_token_type_ids=single["mm_token_type_ids"][:, :t],
             **vision,
         ).last_hidden_state
-        x = torch.cat([x[:, :t], prefix[:, t - 1 : t], x[:, t + 1 :]], dim=1)
+        fed = prefix[:, t - 1 : t] if feed is None else feed(prefix[:, t - 1 : t])
+        x = torch.cat([x[:, :t], fed, x[:, t + 1 :]], dim=1)
     hidden = inner(
         input_ids=ids, inputs_embeds=x, mm_token_type_ids=single["mm_token_type_ids"], **vision
     ).last_hidden_state
     return hidden, embeds
 
 
-def reference_loss_and_grads(model, singles, pad_id, n_targets):
+def reference_loss_and_grads(model, singles, pad_id, n_targets, feed=None):
     model.zero_grad(set_to_none=True)
     total = 0.0
     for single in singles:
-        hidden, _ = reference_sample(model, single, pad_id)
+        hidden, _ = reference_sample(model, single, pad_id, feed=feed)
         loss = (
             _ce_sum(model, hidden, _labels(single["input_ids"], single["attention_mask"], pad_id)) / n_targets
         )
@@ -486,3 +489,35 @@ def test_rounds_attention_is_switched_on_only_inside_the_rounds():
         handle.remove()
     with torch.no_grad():  # a plain forward of the same model is untouched by the rounds
         torch.testing.assert_close(plain().last_hidden_state, before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("slots", ["feedback_norm", "markers_only"])
+@pytest.mark.parametrize("method", BATCHED)
+def test_slot_settings_match_reference(method, slots):
+    """Feedback-norm matching (every fed hidden state rescaled to norm 3) and the markers-only control
+    (zeros at every slot), set in the model's Mirage settings as a trained model carries them: loss,
+    gradients and fed latents equal the per-sample reference with the same rule written out here."""
+    from mirage_trl.latent.tokens import set_mirage_config
+
+    model, processor, tokens = fresh()
+    if slots == "feedback_norm":
+        set_mirage_config(model, K, latent_feedback_norm=3.0, latent_target_norm=3.0)
+
+        def feed(h):
+            return h / h.norm(dim=-1, keepdim=True) * 3.0
+    else:
+        set_mirage_config(model, K, latent_slot_input="zeros")
+
+        def feed(h):
+            return h * 0.0
+
+    batch, singles = make_batch(processor, tokens, "right")
+    loss, grads, out, n_targets = batched_loss_and_grads(model, batch, tokens.pad_id, method)
+    ref_loss, ref_grads = reference_loss_and_grads(model, singles, tokens.pad_id, n_targets, feed=feed)
+    assert loss == pytest.approx(ref_loss, rel=REL)
+    assert_close_grads(grads, ref_grads)
+    norms = out.latents.norm(dim=-1)
+    if slots == "feedback_norm":
+        torch.testing.assert_close(norms, torch.full_like(norms, 3.0), rtol=1e-5, atol=1e-5)
+    else:
+        assert (out.latents == 0).all()

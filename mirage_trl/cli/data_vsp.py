@@ -41,6 +41,11 @@ def register(subparsers) -> None:
         help="JSONL files whose maps must not be generated",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument(
+        "--tile-px",
+        type=int,
+        help="pixels per tile (default: the official 64); 28 = one vision token per tile on Qwen-VL",
+    )
     parser.set_defaults(func=run)
 
 
@@ -72,6 +77,7 @@ def run(args) -> int:
         out_dir=args.out,
         exclude=args.exclude,
         overwrite=args.overwrite,
+        tile_px=args.tile_px,
     )
     with open(path, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]

@@ -15,7 +15,42 @@ def register(subparsers) -> None:
         "bench/configs/qwen2_5_vl_7b_instruct.json for 7B-shaped runs",
     )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--tokenizer-corpus",
+        default="demo",
+        choices=["demo", "benchmarks"],
+        help="'benchmarks': BPE learnt on real VSP prompts and answers (a planning prompt is a few tokens)",
+    )
+    p.add_argument("--vocab-size", type=int, default=600, help="size of the trained BPE vocabulary")
+    p.add_argument(
+        "--image-pixels",
+        default="demo",
+        choices=["demo", "tiles"],
+        help="'tiles': keep maps drawn with --tile-px 28 as drawn (one vision token per tile)",
+    )
+    p.add_argument("--hidden-size", type=int, help="text hidden size (default 64)")
+    p.add_argument("--layers", type=int, help="text decoder layers (default 2)")
     p.set_defaults(func=run)
+
+
+def tiny_model_kwargs(args) -> dict:
+    from ..errors import MirageError
+
+    kw = dict(
+        tokenizer_corpus=args.tokenizer_corpus, vocab_size=args.vocab_size, image_pixels=args.image_pixels
+    )
+    if not 300 <= args.vocab_size <= 65536:
+        raise MirageError(f"--vocab-size {args.vocab_size}: must be from 300 to 65536")
+    if args.hidden_size is not None:
+        if args.hidden_size < 16 or args.hidden_size % 16:
+            raise MirageError(f"--hidden-size {args.hidden_size}: must be a multiple of 16, at least 16")
+        kw["hidden_size"] = args.hidden_size
+        kw["intermediate_size"] = 2 * args.hidden_size
+    if args.layers is not None:
+        if not 1 <= args.layers <= 64:
+            raise MirageError(f"--layers {args.layers}: must be from 1 to 64")
+        kw["num_hidden_layers"] = args.layers
+    return kw
 
 
 def run(args) -> int:
@@ -33,6 +68,7 @@ def run(args) -> int:
         overwrite=args.overwrite,
         config_file=args.config,
         dtype=getattr(torch, args.dtype),
+        **tiny_model_kwargs(args),
     )
     what = f"{args.model_type}" if args.config is None else f"model with the architecture of {args.config}"
     print(f"random {what} written to {out}")

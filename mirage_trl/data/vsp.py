@@ -487,6 +487,7 @@ def generate_vsp(
     overwrite: bool = False,
     max_hole_frac: float = 0.2,
     progress: bool = True,
+    tile_px: int | None = None,
 ) -> Path:
     """Write `out_dir/<task>_<split>_<style>.jsonl` and its PNGs under `out_dir/images/`; return the JSONL path.
 
@@ -494,8 +495,11 @@ def generate_vsp(
     the `exclude` JSONL files are never generated. Reasoning outcomes A/B/C take turns, so they are
     balanced across the file. Same arguments, same seed: byte-identical output. The folder appears
     only once complete (written beside it, then renamed). Image paths are `./images/...`, relative
-    to `out_dir`, which is the dataset root.
+    to `out_dir`, which is the dataset root. `tile_px`: pixels per tile (default: the official 64 up to
+    side 8); 28 gives one vision token per tile on Qwen-VL processors that keep the size.
     """
+    if tile_px is not None and not 8 <= tile_px <= 256:
+        raise MirageError(f"--tile-px {tile_px}: must be from 8 to 256")
     levels = _check_request(task, levels, num_samples, split, style, max_hole_frac)
     out_dir = check_output_dir(out_dir, overwrite)
     excluded = load_map_descs(exclude)
@@ -515,16 +519,18 @@ def generate_vsp(
             folder = f"images/level{level}"
             (tmp / folder).mkdir(parents=True, exist_ok=True)
             image = f"{folder}/{map_id}.png"
-            render_map(desc).save(tmp / image)
+            render_map(desc, tile_px=tile_px).save(tmp / image)
             helper = None
             if split == "train":
                 if task == "planning":
                     helper = f"{folder}/{map_id}_path.png"
-                    render_map(desc, path=shortest_path(desc)).save(tmp / helper)
+                    render_map(desc, path=shortest_path(desc), tile_px=tile_px).save(tmp / helper)
                 else:
                     helper = f"{folder}/{map_id}_step{shown}.png"
                     cells = walk(desc, plan)
-                    render_map(desc, agent=cells[shown], facing=plan[shown - 1]).save(tmp / helper)
+                    render_map(desc, agent=cells[shown], facing=plan[shown - 1], tile_px=tile_px).save(
+                        tmp / helper
+                    )
             row_style = style if split == "train" else None
             helper_path = f"./{helper}" if helper else None
             if task == "planning":

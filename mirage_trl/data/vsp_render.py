@@ -83,9 +83,14 @@ def _draw_path(image, map_desc, start, path: str, size: int) -> None:
 
 
 def render_map(
-    map_desc, agent=None, path: str | None = None, show_start: bool | None = None, facing: str = "D"
+    map_desc,
+    agent=None,
+    path: str | None = None,
+    show_start: bool | None = None,
+    facing: str = "D",
+    tile_px: int | None = None,
 ):
-    """Render a map as an RGB `PIL.Image.Image` (64 px tiles up to side 8).
+    """Render a map as an RGB `PIL.Image.Image` (64 px tiles up to side 8, or `tile_px` px tiles).
 
     agent=None: the elf on the start, no stool (the official input images).
     agent=(row, col): the elf there facing `facing` (the last move, L/R/U/D) and a stool on the
@@ -101,7 +106,7 @@ def render_map(
         raise MirageError("map_desc: need a square grid with exactly one start cell (1)")
     if facing not in ELF_SPRITE:
         raise MirageError(f"facing: {facing!r} is not a move (use L, R, U, D)")
-    size = tile_size(side)
+    size = tile_px or tile_size(side)
     start = starts[0]
     if agent is not None:
         agent = tuple(agent)

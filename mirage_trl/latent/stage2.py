@@ -392,6 +392,7 @@ def self_latent_forward(
     detach_latents: bool = False,
     schedule: str = "auto",
     max_round_tokens: int | None = None,
+    feedback=None,
 ) -> SelfLatentOutput:
     """Final-norm hidden states of a batch whose latent slots carry self-generated latents.
 
@@ -405,7 +406,13 @@ def self_latent_forward(
     `plan_rounds`). "rounds" takes the aligned schedule (fewest rounds). "rounds_checkpointed"
     keeps each round to `max_round_tokens` real tokens, by default the batch's real tokens / the
     number of layers: its peak memory is the replayed round's activations over every layer.
+    `feedback`: a `latent.feedback.LatentFeedback` applied to each hidden state before it is fed
+    (default: the model's saved slot settings); `latents` are the vectors actually fed.
     """
+    if feedback is None:
+        from .feedback import LatentFeedback
+
+        feedback = LatentFeedback.from_model(model)
     resolved = resolve_method(model, method)
     if method == "auto" and checkpoint is not None:
         resolved = "rounds_checkpointed" if checkpoint else "rounds"
@@ -427,6 +434,7 @@ def self_latent_forward(
             vision,
             mm_token_type_ids,
             detach_latents,
+            feedback,
         )
     if max_round_tokens is None and resolved == "rounds_checkpointed":
         config = unwrap(model).config
@@ -456,6 +464,7 @@ def self_latent_forward(
             detach_latents=detach_latents,
             schedule=schedule,
             max_round_tokens=max_round_tokens,
+            feedback=feedback,
         )
 
 
@@ -479,6 +488,7 @@ def _rounds(
     detach_latents: bool,
     schedule: str = "auto",
     max_round_tokens: int | None = None,
+    feedback=None,
 ) -> SelfLatentOutput:
     from transformers import DynamicCache
 
@@ -521,6 +531,8 @@ def _rounds(
             values = torch.cat(parts) if len(parts) > 1 else parts[0]
             if len(parts) > 1:  # back to sample order
                 values = values[torch.argsort(torch.cat([w for _, w, _ in layout.sources]))]
+            if not feedback.is_identity:
+                values = feedback(values)
             if detach_latents:
                 values = values.detach()
             latents_round_order.append(values)
@@ -622,7 +634,15 @@ def _checkpointed_round(
 
 
 def _recompute(
-    model, input_ids, attention_mask, slot_mask, position_ids, vision, mm_token_type_ids, detach_latents
+    model,
+    input_ids,
+    attention_mask,
+    slot_mask,
+    position_ids,
+    vision,
+    mm_token_type_ids,
+    detach_latents,
+    feedback,
 ) -> SelfLatentOutput:
     inner = multimodal_model(model)
     B, L = input_ids.shape
@@ -643,7 +663,7 @@ def _recompute(
                 inner, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **extra
             )
         if i < passes - 1:
-            values = hidden[prev]
+            values = feedback(hidden[prev])
             if detach_latents:
                 values = values.detach()
     hidden = hidden * attention_mask.to(hidden.dtype)[..., None]

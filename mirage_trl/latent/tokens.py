@@ -94,9 +94,13 @@ def get_mirage_config(model) -> dict | None:
     return dict(value) if isinstance(value, dict) else None
 
 
-def set_mirage_config(model, latent_size: int) -> None:
+def set_mirage_config(model, latent_size: int, **settings) -> None:
+    """Write the Mirage settings into the model config, keeping the other keys it already has
+    (the slot settings of `latent.feedback` travel with the model through every stage)."""
     config = getattr(model, "config", model)
-    setattr(config, CONFIG_KEY, {"latent_size": int(latent_size), "latent_tokens": list(LATENT_TOKEN_NAMES)})
+    merged = get_mirage_config(model) or {}
+    merged.update(settings, latent_size=int(latent_size), latent_tokens=list(LATENT_TOKEN_NAMES))
+    setattr(config, CONFIG_KEY, merged)
 
 
 def check_latent_size(model, latent_size: int) -> None:

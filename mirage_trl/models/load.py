@@ -268,6 +268,7 @@ def _load_source(src: ModelSource, dtype=None, trust_remote_code: bool = False):
     """(model, processor, resized): a full model, or an adapter (PeftModel) over its base; eval mode."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
+    from ..latent.feedback import slot_settings
     from ..latent.tokens import set_mirage_config
     from .loading import load_processor
 
@@ -302,7 +303,7 @@ def _load_source(src: ModelSource, dtype=None, trust_remote_code: bool = False):
 
         restore_latent_rows(model, processor.tokenizer, src.base, trust_remote_code)  # rows as training began
         if src.latent_size is not None:
-            set_mirage_config(model, src.latent_size)
+            set_mirage_config(model, src.latent_size, **slot_settings(src.mirage))
         model = PeftModel.from_pretrained(model, str(src.path), is_trainable=False)
         resized = resized or _adapter_embedding_rows(src.path) is not None
     elif src.latent_size is not None:
@@ -310,7 +311,7 @@ def _load_source(src: ModelSource, dtype=None, trust_remote_code: bool = False):
             raise MirageError(
                 f"{src.path}: the tokenizer has more tokens than the model's embedding has rows"
             )
-        set_mirage_config(model, src.latent_size)
+        set_mirage_config(model, src.latent_size, **slot_settings(src.mirage))
     return model.eval(), processor, resized
 
 

@@ -75,16 +75,71 @@ TINY_TEXT = dict(
 TINY_VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2)
 TINY_MIN_PIXELS = 56 * 56
 TINY_MAX_PIXELS = 112 * 112
+# One merged vision token covers patch_size x merge_size = 28 px: maps drawn with 28 px tiles
+# (`mirage-trl data vsp --tile-px 28`) give exactly one token per tile when the processor keeps
+# their size, which these bounds do up to 8 x 8 maps (`image_pixels="tiles"`).
+VISION_TOKEN_PX = 28
+TILE_MIN_PIXELS = VISION_TOKEN_PX * VISION_TOKEN_PX
+TILE_MAX_PIXELS = (8 * VISION_TOKEN_PX) ** 2
 MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl")
 
 
-def build_tiny_tokenizer(vocab_size: int = 600):
-    """A byte-level BPE `Qwen2Tokenizer` with Qwen's special tokens and VL chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import Qwen2TokenizerFast
+# What a benchmark tokenizer keeps apart (everything else may merge into long pieces): digits, the
+# move letters of a plan, the words that name moves, cells and choices, and the span and think markers.
+# A model then reads a constant instruction as a few tokens and still spells out every answer.
+BENCHMARK_SPLIT = (
+    r"<output_image>|</?think>|\d|[LRUD](?=[LRUD}])|(?<=[{LRUD])[LRUD]"
+    r"|\b(?:LEFT|RIGHT|UP|DOWN|Ice|Hole|Target|Start|A|B|C)\b"
+)
+TOKENIZER_CORPORA = ("demo", "benchmarks")
 
+
+def benchmark_corpus(num_maps: int = 300, seed: int = 0) -> list[str]:
+    """Prompts and answers (direct and CoT) of VSP planning and reasoning rows on random maps of sides 3-6."""
+    import random
+
+    from ..data import vsp
+
+    rng = random.Random(f"mirage-tokenizer:{seed}")
+    texts = []
+    for _ in range(num_maps):
+        desc = vsp.random_map(rng.choice([3, 4, 5, 6]), rng)
+        if vsp.shortest_path(desc) is None:
+            continue
+        for style in ("direct", "cot"):
+            row = vsp.planning_row(desc, "0", "map.png", style, "path.png")
+            texts += [row["text_input"], row["text_output"]]
+            plan = vsp.random_plan(desc, rng.choice(["success", "hole", "short"]), rng)
+            if plan:
+                row = vsp.reasoning_row(desc, "0", plan, "map.png", style, "step.png", 1)
+                texts += [row["text_input"], row["text_output"]]
+    return texts
+
+
+def build_tiny_tokenizer(vocab_size: int = 600, corpus: str = "demo"):
+    """A byte-level BPE `Qwen2Tokenizer` with Qwen's special tokens and VL chat template.
+
+    corpus="demo": word-level pieces learnt from a few lines (what the tests use); "benchmarks": learnt
+    from real VSP prompts and answers with `BENCHMARK_SPLIT`, so a planning prompt is a few tokens and a
+    CoT answer about sixty (small models train ten times faster on such rows).
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2TokenizerFast
+
+    if corpus not in TOKENIZER_CORPORA:
+        raise ValueError(f"unknown tokenizer corpus {corpus!r}; choose one of {TOKENIZER_CORPORA}")
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if corpus == "benchmarks":
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(BENCHMARK_SPLIT), "isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+        texts = benchmark_corpus()
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        texts = _CORPUS * 4
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -92,8 +147,11 @@ def build_tiny_tokenizer(vocab_size: int = 600):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    tokenizer = Qwen2TokenizerFast(
+    tok.train_from_iterator(texts, trainer=trainer)
+    # Qwen2Tokenizer rebuilds its own word-level pre-tokenizer when loaded; the generic fast tokenizer
+    # keeps tokenizer.json as trained, so a saved benchmark tokenizer loads exactly as built.
+    cls = Qwen2TokenizerFast if corpus == "demo" else PreTrainedTokenizerFast
+    tokenizer = cls(
         tokenizer_object=tok,
         bos_token=None,
         eos_token="<|im_end|>",
@@ -106,20 +164,28 @@ def build_tiny_tokenizer(vocab_size: int = 600):
     return tokenizer
 
 
-def build_tiny_image_processor():
+IMAGE_PIXELS = ("demo", "tiles")
+
+
+def build_tiny_image_processor(image_pixels: str = "demo"):
+    """image_pixels="demo": small bounds (few tokens per image); "tiles": keep 28 px-tile maps as drawn."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+    if image_pixels not in IMAGE_PIXELS:
+        raise ValueError(f"unknown image_pixels {image_pixels!r}; choose one of {IMAGE_PIXELS}")
+    if image_pixels == "tiles":
+        return Qwen2VLImageProcessorPil(min_pixels=TILE_MIN_PIXELS, max_pixels=TILE_MAX_PIXELS)
     return Qwen2VLImageProcessorPil(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
 
 
-def build_tiny_processor(model_type: str = "qwen2_5_vl", tokenizer=None):
+def build_tiny_processor(model_type: str = "qwen2_5_vl", tokenizer=None, image_pixels: str = "demo"):
     """A processor without a video processor (torchvision is not installed here)."""
     from .loading import processor_class
 
     tokenizer = tokenizer or build_tiny_tokenizer()
     cls = processor_class(model_type)
     return cls(
-        image_processor=build_tiny_image_processor(),
+        image_processor=build_tiny_image_processor(image_pixels),
         tokenizer=tokenizer,
         video_processor=None,
         chat_template=QWEN_VL_CHAT_TEMPLATE,
@@ -215,11 +281,20 @@ def config_from_file(path: str | os.PathLike, tokenizer):
 
 
 def build_tiny_model(
-    model_type: str = "qwen2_5_vl", seed: int = 0, dtype=None, config_file=None, **text_overrides
+    model_type: str = "qwen2_5_vl",
+    seed: int = 0,
+    dtype=None,
+    config_file=None,
+    tokenizer_corpus: str = "demo",
+    vocab_size: int = 600,
+    image_pixels: str = "demo",
+    **text_overrides,
 ):
     """Return (model, processor): a random tiny Qwen-VL and a matching processor.
 
     `config_file`: random weights with that config's architecture instead (see `config_from_file`).
+    `tokenizer_corpus`, `vocab_size`: see `build_tiny_tokenizer`; `image_pixels`: see
+    `build_tiny_image_processor`; `text_overrides`: text-config fields (hidden_size, num_hidden_layers, ...).
     """
     import torch
     from transformers import AutoModelForImageTextToText
@@ -228,7 +303,8 @@ def build_tiny_model(
         processor = build_tiny_processor(_model_type_of(config_file))
         config = config_from_file(config_file, processor.tokenizer)
     else:
-        processor = build_tiny_processor(model_type)
+        tokenizer = build_tiny_tokenizer(vocab_size, corpus=tokenizer_corpus)
+        processor = build_tiny_processor(model_type, tokenizer, image_pixels)
         config = tiny_config(model_type, processor.tokenizer, **text_overrides)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=dtype or torch.float32)

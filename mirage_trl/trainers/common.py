@@ -59,7 +59,22 @@ def setup_model(model, processing_class, peft_config, args, stage: int | None = 
 
         processing_class = load_processor(unwrap(model).config._name_or_path)
     tokens = prepare_model(model, processing_class, args.latent_size, stage=stage)
+    apply_slot_settings(model, args, stage)
     return model, processing_class, adapt_peft_config(peft_config, tokens), tokens
+
+
+def apply_slot_settings(model, args, stage: int | None) -> None:
+    """The run's markers-only / feedback-norm flags, merged with what the model was trained with,
+    written into its Mirage settings (so checkpoints, outputs and exports carry them)."""
+    from ..latent.feedback import resolve_slot_settings
+    from ..latent.tokens import get_mirage_config, set_mirage_config
+
+    settings, error = resolve_slot_settings(
+        get_mirage_config(unwrap(model)), args.markers_only, args.latent_feedback_norm, stage
+    )
+    if error:
+        raise MirageError(error)
+    set_mirage_config(unwrap(model), args.latent_size, **settings)
 
 
 def adapt_peft_config(peft_config, tokens: LatentTokens):
@@ -259,7 +274,31 @@ class MirageTrainerMixin:
             if window[1] and window[1] == window[0]:
                 logs["loss"] = float("nan")  # every step since the last log was skipped: there is no loss
             self._window = [0, 0]
-        return super().log(logs, *args, **kwargs)
+        result = super().log(logs, *args, **kwargs)
+        self._check_latent_health(logs)
+        return result
+
+    _collapsed = False
+
+    def _check_latent_health(self, logs) -> None:
+        """Warn (naming the step) when the logged latents collapse, and again when they recover."""
+        from ..latent.health import collapse_reason
+
+        stats = {k[len("latent/") :]: v for k, v in logs.items() if k.startswith("latent/")}
+        if "cross_sample_cos" not in stats:
+            return
+        reason = collapse_reason(stats)
+        if reason and not self._collapsed:
+            target = stats.get("target_cross_sample_cos")
+            also = (
+                f" (the stage-1 targets themselves: cross-sample cosine {target:.3f})"
+                if target is not None
+                else ""
+            )
+            logger.warning("step %d: %s%s", self.state.global_step, reason, also)
+        elif self._collapsed and not reason:
+            logger.warning("step %d: the latents differ across inputs again", self.state.global_step)
+        self._collapsed = bool(reason)
 
     def _get_grad_norm(self, model, grad_norm=None):
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)

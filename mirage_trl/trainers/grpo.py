@@ -370,6 +370,21 @@ class MirageGRPOTrainer(MirageTrainerMixin, GRPOTrainer):
         return torch.cat(all_logps), entropies, None
 
     # ------------------------------------------------------------------ loss + guard
+    def _log_latent_health(self, mode: str, latents: torch.Tensor) -> None:
+        """`latent/...` health of the recomputed latents (the SFT trainer's names); one gather, one sync."""
+        from ..latent.feedback import TARGET_NORM_KEY
+        from ..latent.health import HEALTH_KEYS, latent_health
+        from ..latent.tokens import get_mirage_config
+
+        reference = (get_mirage_config(unwrap(self.model)) or {}).get(TARGET_NORM_KEY)
+        stats = latent_health(latents, self.latent_tokens.latent_size, reference)
+        nan = latents.new_tensor(float("nan"), dtype=torch.float32)
+        values = torch.stack([stats.get(k, nan).float().reshape(()) for k in HEALTH_KEYS])
+        gathered = self.accelerator.gather(values[None]).nanmean(dim=0).tolist()
+        for name, value in zip(HEALTH_KEYS, gathered):
+            if value == value:  # not NaN
+                self._metrics[mode][f"latent/{name}"].append(value)
+
     def _compute_loss(self, model, inputs):
         self._train_latents = []
         loss = super()._compute_loss(model, inputs)
@@ -379,8 +394,5 @@ class MirageGRPOTrainer(MirageTrainerMixin, GRPOTrainer):
         terms = {"loss": loss}
         if latents is not None:
             terms["latents"] = latents
-            norms = latents.detach().float().norm(dim=-1)
-            self._metrics[mode]["latent/norm"].append(
-                self.accelerator.gather(norms.mean().reshape(1)).mean().item()
-            )
+            self._log_latent_health(mode, latents)
         return self.guard_step(mode, terms, latents, model)

@@ -14,6 +14,7 @@ only at trained positions, so the (B, L, V) logits tensor is never built.
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 import torch.nn.functional as F
@@ -115,6 +116,7 @@ class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
         # accepts_loss_kwargs=False, which would make Trainer skip that count (per-micro-batch means, then / GA).
         self.model_accepts_loss_kwargs = True
         self._init_mirage_trainer()
+        self._target_norm_sum = (0.0, 0)
         if args.stage == 2:
             check_distributed_support(self.accelerator, "stage 2")
 
@@ -144,8 +146,11 @@ class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
     def stage1_forward(self, model, inputs, targets):
         """One forward with the targets at the slots; returns final-norm hidden states (B, L, D)."""
         # unwrap: a DDP wrapper has no get_input_embeddings (DeepSpeed's engine forwards it)
+        values = targets
+        if targets is not None and self.latent_feedback.slot_input == "zeros":
+            values = torch.zeros_like(targets)  # markers-only control: no content at the slots
         with (
-            latent_inputs(unwrap(model), inputs["latent_mask"], targets),
+            latent_inputs(unwrap(model), inputs["latent_mask"], values),
             capture_final_hidden(model) as captured,
         ):
             model(
@@ -172,7 +177,14 @@ class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
             image_grid_thw=inputs.get("image_grid_thw"),
             mm_token_type_ids=inputs.get("mm_token_type_ids"),
             method=self.args.stage2_method,
+            feedback=self.latent_feedback,
         )
+
+    @property
+    def latent_feedback(self):
+        from ..latent.feedback import LatentFeedback
+
+        return LatentFeedback.from_model(self.model)
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -196,8 +208,10 @@ class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
         metrics = {"ce": ce_sum.detach() / n_tokens.clamp(min=1)}
         loss = ce
         has_slots = latents is not None and latents.shape[0] > 0
+        markers_only = self.latent_feedback.slot_input == "zeros"
         if self.args.stage == 1:
-            loss = self.args.text_loss_weight * ce
+            # markers-only: the slots carry nothing, so there is nothing for h[t-1] to predict: CE alone
+            loss = ce if markers_only else self.args.text_loss_weight * ce
             if has_slots:
                 predicted = hidden[:, :-1][slot_mask[:, 1:]]  # h[t-1] for every slot t
                 cos = _cos(predicted, targets)
@@ -206,37 +220,70 @@ class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
                 metrics["latent_loss"] = latent_loss.detach()
                 # A per-micro-batch mean: average it over the accumulation steps when CE already is.
                 steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
-                loss = loss + latent_loss / steps
+                if not markers_only:
+                    loss = loss + latent_loss / steps
+                # Health of what stage 2 will feed (the predictions), beside the targets they learn.
+                latents = predicted
         if has_slots:
-            metrics.update(
-                self._latent_metrics(latents, targets if self.args.stage == 2 else None, slot_mask)
-            )
+            metrics.update(self._latent_metrics(latents, targets))
 
         terms = {"loss": loss}
         if has_slots:
             terms["latents"] = latents
         loss = self.guard_step(mode, terms, latents if has_slots else None, model)
 
-        # One gather and one host sync for all metrics of the step.
+        # One gather and one host sync for all metrics of the step (NaN: not measurable on that rank).
         values = torch.stack([v.detach().float().reshape(()) for v in metrics.values()])
-        gathered = self.accelerator.gather_for_metrics(values[None]).mean(dim=0).tolist()
+        gathered = self.accelerator.gather_for_metrics(values[None]).nanmean(dim=0).tolist()
         for name, value in zip(metrics, gathered):
-            self._metrics[mode][name].append(value)
+            if not math.isnan(value):
+                self._metrics[mode][name].append(value)
+        if mode == "train" and self.args.stage == 1 and "latent/target_norm" in metrics:
+            self._record_target_norm(model, gathered[list(metrics).index("latent/target_norm")])
         dropped = getattr(self.data_collator, "num_dropped", 0)
         if dropped:
             self._metrics[mode]["dropped_rows"].append(float(dropped))
         return (loss, {"hidden_states": hidden}) if return_outputs else loss
 
-    def _latent_metrics(self, latents, targets, slot_mask) -> dict:
-        out = {"latent_norm": latents.detach().float().norm(dim=-1).mean()}
+    def _latent_metrics(self, latents, targets) -> dict:
+        """`latent/...` health of the latents (stage 1: the predictions h[t-1]; stage 2: the fed vectors)
+        and of the stage-1 targets; every key present on every rank (NaN where not measurable)."""
+        from ..latent.feedback import TARGET_NORM_KEY
+        from ..latent.health import HEALTH_KEYS, latent_health
+        from ..latent.tokens import get_mirage_config
+
         k = self.args.latent_size
-        if latents.shape[0] >= 2 and latents.shape[0] % k == 0:
-            spans = latents.detach().reshape(-1, k, latents.shape[-1])
-            if k > 1:
-                out["latent_consecutive_cos"] = _cos(spans[:, 1:], spans[:, :-1]).mean()
+        reference = None
+        if targets is not None:
+            reference = targets.detach().float().norm(dim=-1).mean()
+        else:
+            reference = (get_mirage_config(unwrap(self.model)) or {}).get(TARGET_NORM_KEY)
+        stats = latent_health(latents, k, reference)
+        out = {f"latent/{name}": stats.get(name, latents.new_tensor(float("nan"))) for name in HEALTH_KEYS}
+        if reference is None:
+            del out["latent/norm_ratio"]
         if targets is not None and targets.shape == latents.shape:
-            out["latent_target_cos"] = _cos(latents.detach(), targets).mean()
+            target_stats = latent_health(targets, k)
+            out["latent/target_norm"] = target_stats["norm"]
+            out["latent/target_cross_sample_cos"] = target_stats.get(
+                "cross_sample_cos", latents.new_tensor(float("nan"))
+            )
+            out["latent/target_cos"] = _cos(latents.detach(), targets).mean()
         return out
+
+    def _record_target_norm(self, model, value: float) -> None:
+        """Running mean of the stage-1 target norm, kept in the Mirage settings (and so in every checkpoint
+        and output): what `--latent_feedback_norm target` rescales to in later stages."""
+        from ..latent.feedback import FEEDBACK_NORM_KEY, TARGET_NORM_KEY
+        from ..latent.tokens import set_mirage_config
+
+        total, count = self._target_norm_sum
+        self._target_norm_sum = (total + value, count + 1)
+        mean = (total + value) / (count + 1)
+        settings = {TARGET_NORM_KEY: mean}
+        if self.args.latent_feedback_norm == "target":
+            settings[FEEDBACK_NORM_KEY] = mean
+        set_mirage_config(unwrap(model), self.args.latent_size, **settings)
 
     def mirage_checkpoint_settings(self) -> dict:
         return {**super().mirage_checkpoint_settings(), "stage": self.args.stage}
