@@ -371,6 +371,8 @@ def decoding_health(collected, model, spans: list[int]) -> dict:
         "trigger_rate": sum(s > 0 for s in spans) / len(spans) if spans else 0.0,
         "spans_per_answer": sum(spans) / len(spans) if spans else 0.0,
     }
+    if settings.get("latent_slot_input") == "zeros":  # markers-only: zeros by design, nothing to describe
+        return out
     k = int(settings.get("latent_size") or 0)
     # only whole spans (a span cut by max_new_tokens would shift every later span's positions)
     whole = [x[: (x.shape[0] // k) * k] for x in collected if k and x.shape[0] >= k]

@@ -16,7 +16,7 @@ import sys
 from ..errors import MirageError
 
 # Subcommand modules, in the order `--help` lists them.
-SUBCOMMANDS = ["data", "tiny_model", "train", "eval", "analyze_latents", "export"]
+SUBCOMMANDS = ["data", "tiny_model", "train", "eval", "experiment", "analyze_latents", "export"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -224,7 +224,8 @@ class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
                     loss = loss + latent_loss / steps
                 # Health of what stage 2 will feed (the predictions), beside the targets they learn.
                 latents = predicted
-        if has_slots:
+        # markers-only stage 2 feeds zeros: there is no latent content to describe
+        if has_slots and not (markers_only and self.args.stage == 2):
             metrics.update(self._latent_metrics(latents, targets))
 
         terms = {"loss": loss}

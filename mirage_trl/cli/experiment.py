@@ -1,0 +1,52 @@
+"""`mirage-trl experiment`: the learning experiment (every arm, ablations, statistics, report, plots)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "experiment",
+        help="train every arm (text-only, Mirage, markers-only, upper bound) offline and report what they learned",
+    )
+    p.add_argument(
+        "--config", help="experiment YAML (default: the shipped mirage_trl/experiments/vsp_planning.yaml)"
+    )
+    p.add_argument(
+        "--out", default="outputs/experiment", help="output folder (report.md, results.json, plots)"
+    )
+    p.add_argument("--quick", action="store_true", help="the same pipeline at toy size (about 3 minutes)")
+    p.add_argument("--seeds", type=int, nargs="+", help="override the config's seeds")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..experiment import load_config
+    from ..io import check_output_dir
+
+    cfg = load_config(args.config, quick=args.quick)  # a bad config: one line, before anything runs
+    if args.seeds:
+        cfg.seeds = list(args.seeds)
+    check_output_dir(args.out, args.overwrite)
+    import shutil
+    from pathlib import Path
+
+    from ..experiment import run_experiment
+
+    if args.overwrite and Path(args.out).is_dir():
+        shutil.rmtree(args.out)
+    command = (
+        "mirage-trl " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        if sys.argv[1:]
+        else "mirage-trl experiment"
+    )
+    results = run_experiment(cfg, args.out, progress=not args.no_progress, command=command)
+    best = results["summary"]["best_arm_level3"]
+    print(f"wrote {args.out}/report.md, results.json and plots ({results['wall_seconds'] / 60:.1f} min)")
+    if "accuracy" in best:
+        print(f"best arm on level-3 test maps: {best['arm']} {100 * best['accuracy']:.1f} %")
+    return 0

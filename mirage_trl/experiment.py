@@ -1,0 +1,524 @@
+"""`mirage-trl experiment`: does training teach the model, and does it think with its latents?
+
+One command, offline, on a CPU: generate VSP planning data (the test maps excluded from training,
+a validation slice held out from the training maps for the curves), build a small model from the
+configuration, train every arm in this one harness with the same rows and seeds, evaluate all of
+them greedily per level, and write `results.json`, `report.md` and plots. Arms:
+
+* ``text_direct`` / ``text_cot``: text-only SFT (TRL's `SFTTrainer`, markers and helper images
+  removed) on direct answers / chains of thought;
+* ``mirage_direct`` / ``mirage_cot``: stage 1 then stage 2 (`MirageSFTTrainer`);
+* ``markers_cot``: the markers-only control, stage 1 then stage 2 with zeros at every slot
+  (`markers_only`), so its gain over text-only is the span format's, not the latents';
+* ``helper_input``: the upper bound, text SFT with the helper image given as an input image
+  (at test time too).
+
+Mirage arms are also decoded with each latent ablation (zero, noise, mean, shuffle, remove); every
+difference is tested on the paired rows (`mirage_trl.stats`). Nothing is tuned on the test rows:
+the configuration is fixed before the run and the validation slice is what the curves show.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import MirageError
+
+logger = logging.getLogger(__name__)
+
+ARMS = ("text_direct", "text_cot", "mirage_direct", "mirage_cot", "markers_cot", "helper_input")
+MIRAGE_ARMS = ("mirage_direct", "mirage_cot", "markers_cot")
+ABLATIONS = ("zero", "noise", "mean", "shuffle", "remove")
+BENCHMARK = "vsp_planning"
+DEFAULT_CONFIG = Path(__file__).parent / "experiments" / "vsp_planning.yaml"
+
+
+@dataclass
+class ModelSpec:
+    hidden_size: int = 128
+    layers: int = 4
+    vocab_size: int = 1000
+
+
+@dataclass
+class DataSpec:
+    levels: list[int] = field(default_factory=lambda: [3, 4, 5])
+    train_rows: int = 1200  # spread evenly over the levels
+    val_rows: int = 60  # held out from the training maps: the curves' slice
+    test_rows: int = 300  # spread evenly over the levels; never trained on, never tuned on
+    tile_px: int = 28  # one vision token per tile
+    data_seed: int = 0
+
+
+@dataclass
+class TrainSpec:
+    learning_rate: float = 1e-3
+    batch_size: int = 16
+    text_steps: int = 600
+    stage1_steps: int = 400
+    stage2_steps: int = 200
+    latent_size: int = 4
+    text_loss_weight: float = 1.0
+    latent_feedback_norm: str | None = None
+    warmup_steps: int = 20
+    eval_every: int = 100
+    max_new_tokens: int = 128
+
+
+@dataclass
+class ExperimentConfig:
+    """What `mirage-trl experiment --config FILE` reads (a YAML with these sections); `quick` overrides."""
+
+    name: str = "vsp_planning"
+    seeds: list[int] = field(default_factory=lambda: [0])
+    arms: list[str] = field(default_factory=lambda: list(ARMS))
+    ablations: list[str] = field(default_factory=lambda: list(ABLATIONS))
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    quick: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out.pop("quick")
+        return out
+
+
+_SECTIONS = {"model": ModelSpec, "data": DataSpec, "train": TrainSpec}
+
+
+def _merge(cfg: ExperimentConfig, values: dict, where: str) -> ExperimentConfig:
+    import dataclasses
+
+    cfg = copy.deepcopy(cfg)
+    for key, value in values.items():
+        if key in _SECTIONS:
+            if not isinstance(value, dict):
+                raise MirageError(f"{where}: {key} must be a mapping of settings")
+            section = getattr(cfg, key)
+            names = {f.name for f in dataclasses.fields(section)}
+            for sub, v in value.items():
+                if sub not in names:
+                    raise MirageError(
+                        f"{where}: {key}.{sub} is not a setting (known: {', '.join(sorted(names))})"
+                    )
+                setattr(section, sub, v)
+        elif key in {f.name for f in dataclasses.fields(cfg)}:
+            setattr(cfg, key, value)
+        else:
+            raise MirageError(f"{where}: {key} is not a setting of an experiment")
+    return cfg
+
+
+def load_config(path: str | Path | None = None, quick: bool = False) -> ExperimentConfig:
+    """Read an experiment YAML (default: the shipped one) and check it; `quick` applies its `quick` section."""
+    import yaml
+
+    path = Path(path) if path else DEFAULT_CONFIG
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as e:
+        raise MirageError(f"{path}: cannot read the experiment config ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        raise MirageError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise MirageError(f"{path}: an experiment config is a mapping of settings")
+    cfg = _merge(ExperimentConfig(), values, str(path))
+    if quick:
+        cfg = _merge(cfg, cfg.quick, f"{path}: quick")
+    check_config(cfg, str(path))
+    return cfg
+
+
+def check_config(cfg: ExperimentConfig, where: str) -> None:
+    bad = [a for a in cfg.arms if a not in ARMS]
+    if bad or not cfg.arms:
+        raise MirageError(f"{where}: arms {bad or '[]'}: choose from {', '.join(ARMS)}")
+    bad = [a for a in cfg.ablations if a not in ABLATIONS]
+    if bad:
+        raise MirageError(f"{where}: ablations {bad}: choose from {', '.join(ABLATIONS)}")
+    if not cfg.seeds or any(type(s) is not int for s in cfg.seeds):
+        raise MirageError(f"{where}: seeds must be a list of integers")
+    d, t = cfg.data, cfg.train
+    for name, value in (
+        ("data.train_rows", d.train_rows),
+        ("data.test_rows", d.test_rows),
+        ("data.val_rows", d.val_rows),
+        ("train.batch_size", t.batch_size),
+        ("train.text_steps", t.text_steps),
+        ("train.stage1_steps", t.stage1_steps),
+        ("train.stage2_steps", t.stage2_steps),
+        ("train.eval_every", t.eval_every),
+        ("train.max_new_tokens", t.max_new_tokens),
+    ):
+        if type(value) is not int or value < 1:
+            raise MirageError(f"{where}: {name} {value!r}: must be an integer >= 1")
+    if d.train_rows <= d.val_rows:
+        raise MirageError(
+            f"{where}: data.train_rows ({d.train_rows}) must exceed data.val_rows ({d.val_rows})"
+        )
+    if not d.levels or any(type(v) is not int or not 3 <= v <= 8 for v in d.levels):
+        raise MirageError(f"{where}: data.levels must be grid sides from 3 to 8")
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def prepare_data(cfg: ExperimentConfig, out: Path, progress: bool = False) -> dict:
+    """Test maps first, then training maps that exclude them; the last val_rows training maps are held out."""
+    from .data.reference import load_reference_jsonl
+    from .data.vsp import generate_vsp
+
+    d = cfg.data
+    paths = {}
+    # The test split is drawn like a training split (with helper images, needed by the upper bound's
+    # inputs) but from its own seed; its maps are excluded from every training file.
+    paths["test"] = generate_vsp(
+        "planning",
+        d.levels,
+        d.test_rows,
+        "train",
+        "cot",
+        seed=10_000 + d.data_seed,
+        out_dir=out / "test",
+        overwrite=True,
+        progress=progress,
+        tile_px=d.tile_px,
+    )
+    for style in ("direct", "cot"):
+        paths[style] = generate_vsp(
+            "planning",
+            d.levels,
+            d.train_rows,
+            "train",
+            style,
+            seed=d.data_seed,
+            out_dir=out / f"train_{style}",
+            exclude=[paths["test"]],
+            overwrite=True,
+            progress=progress,
+            tile_px=d.tile_px,
+        )
+    data = {name: load_reference_jsonl(p, benchmark=BENCHMARK) for name, p in paths.items()}
+    n_train = d.train_rows - d.val_rows
+    # the same maps in both styles (the generator draws maps before styles), so one split serves both
+    val_index = list(range(n_train, d.train_rows))
+    return {
+        "direct": data["direct"].select(range(n_train)),
+        "cot": data["cot"].select(range(n_train)),
+        "val": data["cot"].select(val_index),
+        "test": data["test"],
+        "paths": {k: str(v) for k, v in paths.items()},
+    }
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+class _Progress:
+    """One rich bar over every optimizer step of the run: arm, stage, elapsed and time left."""
+
+    def __init__(self, total_steps: int, enabled: bool):
+        self.enabled = enabled
+        self.total = total_steps
+        self.bar = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            from rich.progress import TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("left"),
+                TimeRemainingColumn(),
+            )
+            self.bar.start()
+            self.task = self.bar.add_task("experiment", total=total_steps)
+
+    def describe(self, text: str) -> None:
+        if self.bar:
+            self.bar.update(self.task, description=text)
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        progress = self
+
+        class _Step(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if progress.bar:
+                    progress.bar.advance(progress.task)
+
+        return _Step()
+
+    def stop(self) -> None:
+        if self.bar:
+            self.bar.stop()
+
+
+def _common_args(cfg: ExperimentConfig, out: Path, seed: int, steps: int) -> dict:
+    t = cfg.train
+    return dict(
+        output_dir=str(out),
+        max_steps=steps,
+        learning_rate=t.learning_rate,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=1,
+        lr_scheduler_type="cosine",
+        warmup_steps=min(t.warmup_steps, max(0, steps // 5)),
+        weight_decay=0.0,
+        logging_steps=max(1, min(25, steps // 10)),
+        save_strategy="no",
+        report_to="none",
+        seed=seed,
+        data_seed=seed,
+        use_cpu=True,
+        # TRL's defaults are bf16 and activation checkpointing on: on a CPU without bf16 units they make a
+        # small model's step 6x slower
+        bf16=False,
+        gradient_checkpointing=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        max_length=None,
+    )
+
+
+def _val_callback(cfg, rows, prepare_row=None):
+    from .trainers.callbacks import GenerationEvalCallback
+
+    return GenerationEvalCallback(
+        rows,
+        BENCHMARK,
+        cfg.train.eval_every,
+        cfg.train.max_new_tokens,
+        batch_size=64,
+        prepare_row=prepare_row,
+    )
+
+
+def _curve(trainer, callback, stage: str) -> dict:
+    losses = [
+        {"step": h["step"], "loss": h["loss"]}
+        for h in trainer.state.log_history
+        if "loss" in h and "step" in h
+    ]
+    health = [
+        {"step": h["step"], **{k: v for k, v in h.items() if k.startswith("latent/")}}
+        for h in trainer.state.log_history
+        if any(k.startswith("latent/") for k in h)
+    ]
+    return {"stage": stage, "loss": losses, "val": list(callback.history), "latent": health}
+
+
+def train_text_arm(cfg, data, arm: str, model_dir: Path, out: Path, seed: int, progress: _Progress):
+    from trl import SFTConfig
+
+    from .baselines import build_sft_dataset, text_sft_trainer_class
+    from .data.reference import helper_as_input
+    from .models.training import load_for_training
+
+    helper = arm == "helper_input"
+    rows = data["direct" if arm == "text_direct" else "cot"]
+    model, processor = load_for_training(str(model_dir))
+    callback = _val_callback(cfg, data["val"], helper_as_input if helper else None)
+    trainer = text_sft_trainer_class()(
+        model=model,
+        args=SFTConfig(**_common_args(cfg, out, seed, cfg.train.text_steps)),
+        train_dataset=build_sft_dataset(rows, helper),
+        processing_class=processor,
+        callbacks=[callback, progress.callback()],
+    )
+    callback.bind(_without_printer(trainer))
+    progress.describe(f"seed {seed} | {arm} | text SFT")
+    trainer.train()
+    return trainer.model.eval(), processor, [_curve(trainer, callback, "sft")]
+
+
+def train_mirage_arm(cfg, data, arm: str, model_dir: Path, out: Path, seed: int, progress: _Progress):
+    from .configs import MirageSFTConfig
+    from .models.training import load_for_training
+    from .scripts import save_outputs
+    from .trainers.sft import MirageSFTTrainer
+
+    rows = data["direct" if arm == "mirage_direct" else "cot"]
+    t = cfg.train
+    markers = arm == "markers_cot"
+    curves = []
+    source = str(model_dir)
+    for stage, steps in ((1, t.stage1_steps), (2, t.stage2_steps)):
+        model, processor = load_for_training(source)
+        callback = _val_callback(cfg, data["val"])
+        args = MirageSFTConfig(
+            **_common_args(cfg, out / f"stage{stage}", seed, steps),
+            stage=stage,
+            latent_size=t.latent_size,
+            text_loss_weight=t.text_loss_weight,
+            markers_only=markers,
+            latent_feedback_norm=t.latent_feedback_norm,
+        )
+        trainer = MirageSFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=rows,
+            processing_class=processor,
+            callbacks=[callback, progress.callback()],
+        )
+        callback.bind(_without_printer(trainer))
+        progress.describe(f"seed {seed} | {arm} | stage {stage}")
+        trainer.train()
+        curves.append(_curve(trainer, callback, f"stage{stage}"))
+        save_outputs(trainer, str(out / f"stage{stage}"), stage=stage, base_model=source)
+        source = str(out / f"stage{stage}")
+    return trainer.model.eval(), trainer.processing_class, curves
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+
+def evaluate_arm(cfg, model, processor, data, arm: str) -> dict:
+    """Greedy decoding of the test rows; Mirage arms once per latent mode (the model's own latents first)."""
+    from .data.reference import helper_as_input
+    from .evaluation import evaluate
+
+    rows = [data["test"][i] for i in range(len(data["test"]))]
+    if arm == "helper_input":
+        rows = [helper_as_input(r) for r in rows]
+    modes = ["model"]
+    if arm in MIRAGE_ARMS:
+        # markers-only feeds zeros whatever the mode: only removing the span changes what it decodes
+        modes += [m for m in cfg.ablations if arm != "markers_cot" or m == "remove"]
+    result = evaluate(
+        model,
+        processor,
+        rows,
+        BENCHMARK,
+        batch_size=64,
+        max_new_tokens=cfg.train.max_new_tokens,
+        do_sample=False,
+        latent_modes=modes,
+        progress=False,
+    )
+    out = {}
+    for mode, res in result.modes.items():
+        out[mode] = {
+            "groups": {str(k): v for k, v in res.groups.items()},
+            "correct": [bool(c["correct"]) for c in res.completions],
+            "latent_health": res.latent_health,
+            "examples": [c["completion"] for c in res.completions[:3]],
+        }
+    out["notes"] = result.notes
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+def _quiet() -> None:
+    """The run's own progress bar and report replace the per-trainer log lines and load/save bars."""
+    import warnings
+
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _without_printer(trainer):
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def total_steps(cfg: ExperimentConfig) -> int:
+    t = cfg.train
+    per_seed = sum(
+        t.stage1_steps + t.stage2_steps if arm in MIRAGE_ARMS else t.text_steps for arm in cfg.arms
+    )
+    return per_seed * len(cfg.seeds)
+
+
+def run_experiment(cfg: ExperimentConfig, out: str | Path, progress: bool = True, command: str = "") -> dict:
+    """Run every arm for every seed; write results.json, report.md and the plots under `out`."""
+    import platform
+
+    import torch
+
+    from .io import write_json
+    from .models.tiny import save_tiny_model
+    from .report import summarize_results, write_plots, write_report
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _quiet()
+    start = time.perf_counter()
+    data = prepare_data(cfg, out / "data", progress=False)
+    bar = _Progress(total_steps(cfg), progress)
+    runs = []
+    try:
+        for seed in cfg.seeds:
+            model_dir = save_tiny_model(
+                out / f"seed{seed}" / "model",
+                seed=seed,
+                tokenizer_corpus="benchmarks",
+                vocab_size=cfg.model.vocab_size,
+                image_pixels="tiles",
+                hidden_size=cfg.model.hidden_size,
+                intermediate_size=2 * cfg.model.hidden_size,
+                num_hidden_layers=cfg.model.layers,
+            )
+            for arm in cfg.arms:
+                arm_start = time.perf_counter()
+                train = train_mirage_arm if arm in MIRAGE_ARMS else train_text_arm
+                model, processor, curves = train(
+                    cfg, data, arm, model_dir, out / f"seed{seed}" / arm, seed, bar
+                )
+                bar.describe(f"seed {seed} | {arm} | evaluating")
+                evaluation = evaluate_arm(cfg, model, processor, data, arm)
+                runs.append(
+                    {
+                        "seed": seed,
+                        "arm": arm,
+                        "curves": curves,
+                        "eval": evaluation,
+                        "seconds": time.perf_counter() - arm_start,
+                    }
+                )
+    finally:
+        bar.stop()
+    results = {
+        "config": cfg.to_dict(),
+        "command": command,
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "data": {
+            "train_rows": len(data["cot"]),
+            "val_rows": len(data["val"]),
+            "test_rows": len(data["test"]),
+            "levels": cfg.data.levels,
+            "test_maps_excluded_from_training": True,
+        },
+        "runs": runs,
+    }
+    results["summary"] = summarize_results(results)
+    results["wall_seconds"] = time.perf_counter() - start
+    write_json(out / "results.json", results)
+    results["plots"] = write_plots(results, out)
+    write_report(results, out / "report.md")
+    return results

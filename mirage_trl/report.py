@@ -1,0 +1,283 @@
+"""The experiment's report: statistics over the runs, `report.md`, and matplotlib plots.
+
+`summarize_results` pools each arm's test rows over seeds (Wilson 95 % intervals per level), tests
+each latent ablation against the model's own latents and each planned arm comparison on the
+paired rows (McNemar exact, paired bootstrap interval of the difference), and collects latent
+health per arm. `write_report` and `write_plots` only present what the summary holds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .stats import compare, wilson_interval
+
+# (b, a): "b against a" comparisons the report always makes when both arms ran
+COMPARISONS = (
+    ("mirage_cot", "text_cot"),
+    ("mirage_direct", "text_direct"),
+    ("mirage_cot", "markers_cot"),
+    ("markers_cot", "text_cot"),
+    ("helper_input", "mirage_cot"),
+)
+LABELS = {
+    "text_direct": "text-only SFT, direct",
+    "text_cot": "text-only SFT, CoT",
+    "mirage_direct": "Mirage, direct",
+    "mirage_cot": "Mirage, CoT",
+    "markers_cot": "markers only, CoT",
+    "helper_input": "helper image as input (upper bound)",
+}
+
+
+def _pooled(runs, arm: str, mode: str = "model") -> list[bool]:
+    return [c for r in runs if r["arm"] == arm for c in r["eval"][mode]["correct"]]
+
+
+def _groups(runs, arm: str, mode: str = "model") -> dict:
+    """Per level (and 'all'): correct and n summed over seeds, accuracy and its Wilson interval."""
+    out: dict = {}
+    for r in runs:
+        if r["arm"] != arm:
+            continue
+        for key, g in r["eval"][mode]["groups"].items():
+            bucket = out.setdefault(key, {"correct": 0, "n": 0, "invalid": 0, "per_seed": []})
+            bucket["correct"] += g["correct"]
+            bucket["n"] += g["n"]
+            bucket["invalid"] += g["invalid"]
+            bucket["per_seed"].append(g["accuracy"])
+    for bucket in out.values():
+        bucket["accuracy"] = bucket["correct"] / bucket["n"] if bucket["n"] else 0.0
+        bucket["ci95"] = list(wilson_interval(bucket["correct"], bucket["n"]))
+        bucket["invalid_rate"] = bucket["invalid"] / bucket["n"] if bucket["n"] else 0.0
+    return out
+
+
+def _health(runs, arm: str) -> dict:
+    """Eval latent health of the model's own latents (mean over seeds) and the last logged training values."""
+    evals = [r["eval"]["model"]["latent_health"] for r in runs if r["arm"] == arm]
+    keys = sorted({k for h in evals for k in h})
+    out = {"eval": {k: sum(h[k] for h in evals if k in h) / sum(1 for h in evals if k in h) for k in keys}}
+    last = {}
+    for r in runs:
+        if r["arm"] == arm and r["curves"] and r["curves"][-1]["latent"]:
+            last = r["curves"][-1]["latent"][-1]
+    out["train_last"] = {k: v for k, v in last.items() if k != "step"}
+    return out
+
+
+def summarize_results(results: dict) -> dict:
+    runs = results["runs"]
+    arms = list(dict.fromkeys(r["arm"] for r in runs))
+    summary: dict = {"arms": {}, "ablations": {}, "comparisons": [], "chance": {}}
+    for arm in arms:
+        summary["arms"][arm] = {"label": LABELS.get(arm, arm), "groups": _groups(runs, arm)}
+        if arm in ("mirage_direct", "mirage_cot", "markers_cot"):
+            summary["arms"][arm]["latent_health"] = _health(runs, arm)
+        modes = [m for m in next(r for r in runs if r["arm"] == arm)["eval"] if m not in ("model", "notes")]
+        if modes:
+            base = _pooled(runs, arm)
+            summary["ablations"][arm] = {
+                mode: {"groups": _groups(runs, arm, mode), **compare(base, _pooled(runs, arm, mode))}
+                for mode in modes
+            }
+    for b, a in COMPARISONS:
+        if b in arms and a in arms:
+            summary["comparisons"].append({"b": b, "a": a, **compare(_pooled(runs, a), _pooled(runs, b))})
+    best = max(arms, key=lambda arm: summary["arms"][arm]["groups"].get("3", {}).get("accuracy", -1.0))
+    summary["best_arm_level3"] = {"arm": best, **summary["arms"][best]["groups"].get("3", {})}
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------ text
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _ci(ci) -> str:
+    return f"[{_pct(ci[0])}, {_pct(ci[1])}]"
+
+
+def _p(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def write_report(results: dict, path: Path) -> None:
+    s = results["summary"]
+    cfg = results["config"]
+    levels = [str(v) for v in results["data"]["levels"]]
+    lines = [
+        f"# Experiment: {cfg['name']}",
+        "",
+        f"- date: {results['date']}; wall time {results['wall_seconds'] / 60:.1f} min",
+        f"- machine: {results['machine']['processor']}, {results['machine']['torch_threads']} torch threads, "
+        f"torch {results['machine']['torch']}, {results['machine']['platform']}",
+        f"- command: `{results['command']}`",
+        f"- seeds: {cfg['seeds']}; data: {results['data']['train_rows']} training rows, "
+        f"{results['data']['val_rows']} validation rows (curves), {results['data']['test_rows']} test rows per seed, "
+        f"levels {', '.join(levels)}; test maps excluded from training",
+        f"- model: hidden {cfg['model']['hidden_size']}, {cfg['model']['layers']} layers, vocabulary "
+        f"{cfg['model']['vocab_size']}; training: lr {cfg['train']['learning_rate']}, batch "
+        f"{cfg['train']['batch_size']}, text SFT {cfg['train']['text_steps']} steps, Mirage stage 1 "
+        f"{cfg['train']['stage1_steps']} + stage 2 {cfg['train']['stage2_steps']} steps",
+        "- decoding: greedy; accuracy = the plan reaches the goal without a hole (docs/method.md, grading)",
+        "- statistics: Wilson 95 % intervals (rows pooled over seeds); paired differences on the same rows with a "
+        "paired bootstrap 95 % interval (2000 resamples) and McNemar's exact test",
+        "",
+        "## Accuracy per arm and level (%, 95 % interval)",
+        "",
+        "| arm | " + " | ".join(f"level {v}" for v in levels) + " | all | invalid % |",
+        "|---|" + "---|" * (len(levels) + 2),
+    ]
+    for arm, a in s["arms"].items():
+        g = a["groups"]
+        cells = [f"{_pct(g[v]['accuracy'])} {_ci(g[v]['ci95'])}" if v in g else "-" for v in levels]
+        lines.append(
+            f"| {a['label']} | "
+            + " | ".join(cells)
+            + f" | {_pct(g['all']['accuracy'])} {_ci(g['all']['ci95'])} "
+            f"| {_pct(g['all']['invalid_rate'])} |"
+        )
+    best = s["best_arm_level3"]
+    if "accuracy" in best:
+        lines += [
+            "",
+            f"Best arm on held-out level-3 maps: **{LABELS.get(best['arm'], best['arm'])}**, "
+            f"{_pct(best['accuracy'])} % {_ci(best['ci95'])}.",
+        ]
+    if s["comparisons"]:
+        lines += [
+            "",
+            "## Arm against arm (same test rows)",
+            "",
+            "| b against a | accuracy b - a (points) | 95 % interval | b right only | a right only | McNemar p |",
+            "|---|---|---|---|---|---|",
+        ]
+        for c in s["comparisons"]:
+            lines.append(
+                f"| {LABELS[c['b']]} vs {LABELS[c['a']]} | {100 * c['delta']:+.1f} | "
+                f"[{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}] | {c['b_only']} | {c['a_only']} | "
+                f"{_p(c['p_value'])} |"
+            )
+    if s["ablations"]:
+        lines += [
+            "",
+            "## Latent ablations (decoding the same model; change against its own latents)",
+            "",
+            "| arm | ablation | accuracy % | change (points) | 95 % interval | McNemar p |",
+            "|---|---|---|---|---|---|",
+        ]
+        for arm, modes in s["ablations"].items():
+            for mode, m in modes.items():
+                lines.append(
+                    f"| {LABELS[arm]} | {mode} | {_pct(m['groups']['all']['accuracy'])} | {100 * m['delta']:+.1f} | "
+                    f"[{100 * m['ci95'][0]:+.1f}, {100 * m['ci95'][1]:+.1f}] | {_p(m['p_value'])} |"
+                )
+    health = {arm: a["latent_health"] for arm, a in s["arms"].items() if "latent_health" in a}
+    if health:
+        lines += [
+            "",
+            "## Latent health (test decoding, model's own latents; mean over seeds)",
+            "",
+            "| arm | trigger % | spans/answer | cross-sample cos | consecutive cos | norm | norm / target | "
+            "effective rank |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for arm, h in health.items():
+            e = h["eval"]
+
+            def f(key, e=e):
+                return f"{e[key]:.3f}" if key in e else "-"
+
+            lines.append(
+                f"| {LABELS[arm]} | {_pct(e.get('trigger_rate', 0.0))} | {e.get('spans_per_answer', 0.0):.2f} | "
+                f"{f('cross_sample_cos')} | {f('consecutive_cos')} | {f('norm')} | {f('norm_ratio')} | "
+                f"{f('effective_rank')} |"
+            )
+    if results.get("plots"):
+        lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in results["plots"]]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------------ plots
+
+
+def write_plots(results: dict, out: Path) -> list[str]:
+    """training_curves.png, accuracy.png, ablations.png (matplotlib, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = results["summary"]
+    runs = results["runs"]
+    paths = []
+
+    # training curves: loss (left) and validation accuracy (right), stages laid end to end
+    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for arm in s["arms"]:
+        for r in (r for r in runs if r["arm"] == arm):
+            offset, xs, ys, vx, vy = 0, [], [], [], []
+            for curve in r["curves"]:
+                xs += [offset + p["step"] for p in curve["loss"]]
+                ys += [p["loss"] for p in curve["loss"]]
+                vx += [offset + p["step"] for p in curve["val"]]
+                vy += [100 * p["eval_gen/accuracy"] for p in curve["val"]]
+                offset = xs[-1] if xs else offset
+            label = f"{LABELS[arm]} (seed {r['seed']})"
+            ax_loss.plot(xs, ys, label=label)
+            ax_val.plot(vx, vy, marker="o", label=label)
+    ax_loss.set(xlabel="optimizer step (stage 2 follows stage 1)", ylabel="training loss", yscale="log")
+    ax_val.set(xlabel="optimizer step", ylabel="validation accuracy % (greedy)", ylim=(0, 100))
+    ax_val.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(str(out / "training_curves.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    # accuracy per arm and level with Wilson intervals
+    levels = [str(v) for v in results["data"]["levels"]] + ["all"]
+    arms = list(s["arms"])
+    fig, ax = plt.subplots(figsize=(12, 4.5))
+    width = 0.8 / max(1, len(arms))
+    for i, arm in enumerate(arms):
+        g = s["arms"][arm]["groups"]
+        acc = [100 * g[v]["accuracy"] if v in g else 0 for v in levels]
+        err = [
+            [100 * (g[v]["accuracy"] - g[v]["ci95"][0]) if v in g else 0 for v in levels],
+            [100 * (g[v]["ci95"][1] - g[v]["accuracy"]) if v in g else 0 for v in levels],
+        ]
+        ax.bar(
+            [j + i * width for j in range(len(levels))], acc, width, yerr=err, capsize=2, label=LABELS[arm]
+        )
+    ax.set_xticks([j + width * (len(arms) - 1) / 2 for j in range(len(levels))])
+    ax.set_xticklabels([f"level {v}" if v != "all" else "all" for v in levels])
+    ax.set(ylabel="test accuracy % (95 % Wilson interval)", ylim=(0, 100))
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(str(out / "accuracy.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    # ablation deltas with paired bootstrap intervals
+    if s["ablations"]:
+        fig, ax = plt.subplots(figsize=(10, 4.5))
+        names, deltas, lo, hi = [], [], [], []
+        for arm, modes in s["ablations"].items():
+            for mode, m in modes.items():
+                names.append(f"{LABELS[arm]}\n{mode}")
+                deltas.append(100 * m["delta"])
+                lo.append(100 * (m["delta"] - m["ci95"][0]))
+                hi.append(100 * (m["ci95"][1] - m["delta"]))
+        ax.bar(range(len(names)), deltas, yerr=[lo, hi], capsize=3, color="tab:red")
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, fontsize=6, rotation=60, ha="right")
+        ax.set(ylabel="accuracy change vs own latents (points, 95 % CI)")
+        fig.tight_layout()
+        paths.append(str(out / "ablations.png"))
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
