@@ -131,7 +131,7 @@ def write_report(results: dict, path: Path) -> None:
         "| arm | " + " | ".join(f"level {v}" for v in levels) + " | all | invalid % |",
         "|---|" + "---|" * (len(levels) + 2),
     ]
-    for arm, a in s["arms"].items():
+    for a in s["arms"].values():
         g = a["groups"]
         cells = [f"{_pct(g[v]['accuracy'])} {_ci(g[v]['ci95'])}" if v in g else "-" for v in levels]
         lines.append(
