@@ -8,7 +8,7 @@ DEMO ?= outputs/demo
 SHARED_TEST ?= ../shared/data/mirage_official/data/vsp_spatial_planning/test_direct.jsonl
 LAUNCH := $(BIN)/accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
 
-.PHONY: install demo test quality style bench clean
+.PHONY: install demo experiment test quality style bench clean
 
 install: $(VENV)/.installed
 
@@ -22,24 +22,26 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(BIN)/mirage-trl tiny-model --out $(DEMO)/tiny-model --overwrite
-	$(BIN)/mirage-trl data vsp --task planning --split train --style cot --levels 3 4 --num-samples 64 --seed 0 \
-		--out $(DEMO)/data --overwrite $(if $(wildcard $(SHARED_TEST)),--exclude $(SHARED_TEST))
-	$(BIN)/mirage-trl data vsp --task planning --split test --style cot --levels 3 4 --num-samples 16 --seed 1 \
-		--out $(DEMO)/test-data --overwrite
-	$(LAUNCH) recipes/stage1_vsp.py --config recipes/vsp/stage1_tiny.yaml
-	$(LAUNCH) recipes/stage2_vsp.py --config recipes/vsp/stage2_tiny.yaml
+	$(BIN)/mirage-trl tiny-model --out $(DEMO)/tiny-model --overwrite --tokenizer-corpus benchmarks \
+		--image-pixels tiles --hidden-size 128 --layers 4 --vocab-size 1000
+	$(BIN)/mirage-trl data vsp --task planning --split test --style direct --levels 3 4 --num-samples 100 --seed 1 \
+		--tile-px 28 --out $(DEMO)/test-data --overwrite
+	$(BIN)/mirage-trl data vsp --task planning --split train --style direct --levels 3 4 --num-samples 600 --seed 0 \
+		--tile-px 28 --out $(DEMO)/data --overwrite --exclude $(DEMO)/test-data/planning_test_direct.jsonl \
+		$(if $(wildcard $(SHARED_TEST)),$(SHARED_TEST))
+	rm -rf $(DEMO)/stage1 $(DEMO)/stage2  # a previous run's files must not mix with this one's
+	$(LAUNCH) recipes/stage1_vsp.py --config recipes/vsp/stage1_demo.yaml
+	$(LAUNCH) recipes/stage2_vsp.py --config recipes/vsp/stage2_demo.yaml
 	@if [ -n "$(GRPO)" ]; then $(LAUNCH) recipes/grpo_vsp.py --config recipes/vsp/grpo_tiny.yaml; fi
-	$(BIN)/mirage-trl export --model $(DEMO)/stage2 --out $(DEMO)/export-adapter --overwrite
-	$(BIN)/mirage-trl export --model $(DEMO)/stage2 --merge --out $(DEMO)/export-merged --overwrite
-	$(BIN)/mirage-trl eval --model $(DEMO)/export-merged --benchmark vsp_planning \
-		--data $(DEMO)/test-data/planning_test_cot.jsonl --max-new-tokens 64 --batch-size 16 \
-		--latents model zero remove --out $(DEMO)/eval-generated --overwrite --no-progress
-	@if [ -f $(SHARED_TEST) ]; then $(BIN)/mirage-trl eval --model $(DEMO)/export-adapter --benchmark vsp_planning \
-		--data $(SHARED_TEST) --num-samples 64 --max-new-tokens 64 --batch-size 32 \
-		--out $(DEMO)/eval-reference --overwrite --no-progress; fi
-	@echo "demo done: models, exports and eval results under $(DEMO) (numbers from a tiny random model are low;"
-	@echo "the pipeline is what the demo shows). Optional: make demo GRPO=1 adds a short GRPO step."
+	$(BIN)/mirage-trl export --model $(DEMO)/stage2 --out $(DEMO)/export --overwrite
+	$(BIN)/mirage-trl eval --model $(DEMO)/export --benchmark vsp_planning \
+		--data $(DEMO)/test-data/planning_test_direct.jsonl --max-new-tokens 24 --batch-size 50 --greedy \
+		--latents model zero shuffle remove --out $(DEMO)/eval --overwrite --no-progress
+	@echo "demo done: model, export and eval results under $(DEMO). The learning experiment (every arm, seeds,"
+	@echo "statistics, plots) is make experiment; make demo GRPO=1 adds a short GRPO step."
+
+experiment: install
+	$(BIN)/mirage-trl experiment --out outputs/experiment --overwrite
 
 # The tests also cover DeepSpeed ZeRO-2 (2 processes on CPU): the `deepspeed` extra, built against the torch above.
 $(VENV)/.installed-test: $(VENV)/.installed

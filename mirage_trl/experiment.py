@@ -58,9 +58,9 @@ class DataSpec:
 class TrainSpec:
     learning_rate: float = 1e-3
     batch_size: int = 16
-    text_steps: int = 600
-    stage1_steps: int = 400
-    stage2_steps: int = 200
+    text_steps: int = 500
+    stage1_steps: int = 350
+    stage2_steps: int = 150
     latent_size: int = 4
     text_loss_weight: float = 1.0
     latent_feedback_norm: str | None = None
