@@ -11,7 +11,9 @@ them greedily per level, and write `results.json`, `report.md` and plots. Arms:
 * ``markers_cot``: the markers-only control, stage 1 then stage 2 with zeros at every slot
   (`markers_only`), so its gain over text-only is the span format's, not the latents';
 * ``helper_input``: the upper bound, text SFT with the helper image given as an input image
-  (at test time too).
+  (at test time too);
+* ``mirage_cot_fnorm`` (not in the default list): Mirage CoT with feedback-norm matching
+  (`--latent_feedback_norm target`), to measure what rescaling the fed-back latents does.
 
 Mirage arms are also decoded with each latent ablation (zero, noise, mean, shuffle, remove); every
 difference is tested on the paired rows (`mirage_trl.stats`). Nothing is tuned on the test rows:
@@ -30,8 +32,9 @@ from .errors import MirageError
 
 logger = logging.getLogger(__name__)
 
-ARMS = ("text_direct", "text_cot", "mirage_direct", "mirage_cot", "markers_cot", "helper_input")
-MIRAGE_ARMS = ("mirage_direct", "mirage_cot", "markers_cot")
+ARMS = ("text_direct", "text_cot", "mirage_direct", "mirage_cot", "markers_cot", "helper_input", "mirage_cot_fnorm")
+MIRAGE_ARMS = ("mirage_direct", "mirage_cot", "markers_cot", "mirage_cot_fnorm")
+DEFAULT_ARMS = ARMS[:6]
 ABLATIONS = ("zero", "noise", "mean", "shuffle", "remove")
 BENCHMARK = "vsp_planning"
 DEFAULT_CONFIG = Path(__file__).parent / "experiments" / "vsp_planning.yaml"
@@ -75,7 +78,7 @@ class ExperimentConfig:
 
     name: str = "vsp_planning"
     seeds: list[int] = field(default_factory=lambda: [0])
-    arms: list[str] = field(default_factory=lambda: list(ARMS))
+    arms: list[str] = field(default_factory=lambda: list(DEFAULT_ARMS))
     ablations: list[str] = field(default_factory=lambda: list(ABLATIONS))
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataSpec = field(default_factory=DataSpec)
@@ -355,6 +358,7 @@ def train_mirage_arm(cfg, data, arm: str, model_dir: Path, out: Path, seed: int,
     rows = data["direct" if arm == "mirage_direct" else "cot"]
     t = cfg.train
     markers = arm == "markers_cot"
+    feedback_norm = "target" if arm == "mirage_cot_fnorm" else t.latent_feedback_norm
     curves = []
     source = str(model_dir)
     for stage, steps in ((1, t.stage1_steps), (2, t.stage2_steps)):
@@ -366,7 +370,7 @@ def train_mirage_arm(cfg, data, arm: str, model_dir: Path, out: Path, seed: int,
             latent_size=t.latent_size,
             text_loss_weight=t.text_loss_weight,
             markers_only=markers,
-            latent_feedback_norm=t.latent_feedback_norm,
+            latent_feedback_norm=feedback_norm,
         )
         trainer = MirageSFTTrainer(
             model=model,

@@ -19,6 +19,7 @@ COMPARISONS = (
     ("mirage_cot", "markers_cot"),
     ("markers_cot", "text_cot"),
     ("helper_input", "mirage_cot"),
+    ("mirage_cot_fnorm", "mirage_cot"),
 )
 LABELS = {
     "text_direct": "text-only SFT, direct",
@@ -27,6 +28,7 @@ LABELS = {
     "mirage_cot": "Mirage, CoT",
     "markers_cot": "markers only, CoT",
     "helper_input": "helper image as input (upper bound)",
+    "mirage_cot_fnorm": "Mirage, CoT, feedback norm matched",
 }
 
 
@@ -72,7 +74,7 @@ def summarize_results(results: dict) -> dict:
     summary: dict = {"arms": {}, "ablations": {}, "comparisons": [], "chance": {}}
     for arm in arms:
         summary["arms"][arm] = {"label": LABELS.get(arm, arm), "groups": _groups(runs, arm)}
-        if arm in ("mirage_direct", "mirage_cot", "markers_cot"):
+        if arm in ("mirage_direct", "mirage_cot", "markers_cot", "mirage_cot_fnorm"):
             summary["arms"][arm]["latent_health"] = _health(runs, arm)
         modes = [m for m in next(r for r in runs if r["arm"] == arm)["eval"] if m not in ("model", "notes")]
         if modes:

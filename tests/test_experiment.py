@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from mirage_trl.experiment import ABLATIONS, ARMS, MIRAGE_ARMS
+from mirage_trl.experiment import ABLATIONS, DEFAULT_ARMS, MIRAGE_ARMS
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +32,11 @@ def quick_run(tmp_path_factory):
 def test_every_arm_is_trained_graded_and_reported(quick_run):
     out, proc = quick_run
     results = json.loads((out / "results.json").read_text())
-    assert [r["arm"] for r in results["runs"]] == list(ARMS)
+    assert [r["arm"] for r in results["runs"]] == list(DEFAULT_ARMS)
     assert results["data"]["test_maps_excluded_from_training"] is True
     assert {"platform", "processor", "torch_threads", "torch"} <= set(results["machine"])
     summary = results["summary"]
-    assert set(summary["arms"]) == set(ARMS)
+    assert set(summary["arms"]) == set(DEFAULT_ARMS)
     for arm, a in summary["arms"].items():
         assert set(a["groups"]) == {"3", "4", "all"}
         for g in a["groups"].values():
