@@ -32,7 +32,15 @@ from .errors import MirageError
 
 logger = logging.getLogger(__name__)
 
-ARMS = ("text_direct", "text_cot", "mirage_direct", "mirage_cot", "markers_cot", "helper_input", "mirage_cot_fnorm")
+ARMS = (
+    "text_direct",
+    "text_cot",
+    "mirage_direct",
+    "mirage_cot",
+    "markers_cot",
+    "helper_input",
+    "mirage_cot_fnorm",
+)
 MIRAGE_ARMS = ("mirage_direct", "mirage_cot", "markers_cot", "mirage_cot_fnorm")
 DEFAULT_ARMS = ARMS[:6]
 ABLATIONS = ("zero", "noise", "mean", "shuffle", "remove")

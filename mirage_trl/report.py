@@ -248,8 +248,8 @@ def write_plots(results: dict, out: Path) -> list[str]:
         g = s["arms"][arm]["groups"]
         acc = [100 * g[v]["accuracy"] if v in g else 0 for v in levels]
         err = [
-            [100 * (g[v]["accuracy"] - g[v]["ci95"][0]) if v in g else 0 for v in levels],
-            [100 * (g[v]["ci95"][1] - g[v]["accuracy"]) if v in g else 0 for v in levels],
+            [max(0.0, 100 * (g[v]["accuracy"] - g[v]["ci95"][0])) if v in g else 0 for v in levels],
+            [max(0.0, 100 * (g[v]["ci95"][1] - g[v]["accuracy"])) if v in g else 0 for v in levels],
         ]
         ax.bar(
             [j + i * width for j in range(len(levels))], acc, width, yerr=err, capsize=2, label=LABELS[arm]
@@ -271,8 +271,9 @@ def write_plots(results: dict, out: Path) -> list[str]:
             for mode, m in modes.items():
                 names.append(f"{LABELS[arm]}\n{mode}")
                 deltas.append(100 * m["delta"])
-                lo.append(100 * (m["delta"] - m["ci95"][0]))
-                hi.append(100 * (m["ci95"][1] - m["delta"]))
+                # a percentile interval need not contain the observed difference: clamp the bar, keep the table exact
+                lo.append(max(0.0, 100 * (m["delta"] - m["ci95"][0])))
+                hi.append(max(0.0, 100 * (m["ci95"][1] - m["delta"])))
         ax.bar(range(len(names)), deltas, yerr=[lo, hi], capsize=3, color="tab:red")
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set_xticks(range(len(names)))
@@ -283,3 +284,14 @@ def write_plots(results: dict, out: Path) -> list[str]:
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
     return paths
+
+
+def rebuild(out: Path) -> dict:
+    """Report and plots again from `out/results.json` (after editing the presentation, or a failed plot)."""
+    import json
+
+    out = Path(out)
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    results["plots"] = write_plots(results, out)
+    write_report(results, out / "report.md")
+    return results

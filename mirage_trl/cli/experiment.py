@@ -21,10 +21,26 @@ def register(subparsers) -> None:
     p.add_argument("--seeds", type=int, nargs="+", help="override the config's seeds")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write report.md and the plots again from --out/results.json (no training)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    if args.report_only:
+        from pathlib import Path
+
+        from ..errors import MirageError
+        from ..report import rebuild
+
+        if not (Path(args.out) / "results.json").is_file():
+            raise MirageError(f"--report-only: {Path(args.out) / 'results.json'} does not exist")
+        rebuild(Path(args.out))
+        print(f"wrote {args.out}/report.md and the plots from {args.out}/results.json")
+        return 0
     from ..experiment import load_config
     from ..io import check_output_dir
 
