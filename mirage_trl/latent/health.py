@@ -52,8 +52,11 @@ def consecutive_cos(spans: torch.Tensor) -> torch.Tensor:
 
 
 def effective_rank(latents: torch.Tensor) -> torch.Tensor:
-    """exp(entropy of the normalised singular values) of the (n, D) latents."""
-    s = torch.linalg.svdvals(latents.float())
+    """exp(entropy of the normalised singular values) of the (n, D) latents.
+
+    Non-finite entries count as 0 here (the SVD would fail): such a step is stopped or skipped by the
+    numerical guard anyway, and its other statistics are NaN."""
+    s = torch.linalg.svdvals(torch.nan_to_num(latents.float(), nan=0.0, posinf=0.0, neginf=0.0))
     p = s / s.sum().clamp(min=1e-12)
     entropy = -(p * torch.log(p.clamp(min=1e-12))).sum()
     return entropy.exp()

@@ -222,11 +222,11 @@ class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
                 steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
                 if not markers_only:
                     loss = loss + latent_loss / steps
-                # Health of what stage 2 will feed (the predictions), beside the targets they learn.
-                latents = predicted
         # markers-only stage 2 feeds zeros: there is no latent content to describe
         if has_slots and not (markers_only and self.args.stage == 2):
-            metrics.update(self._latent_metrics(latents, targets))
+            # stage 1: the health of what stage 2 will feed (the predictions), beside the targets they learn
+            described = predicted if self.args.stage == 1 else latents
+            metrics.update(self._latent_metrics(described, targets))
 
         terms = {"loss": loss}
         if has_slots:
