@@ -26,8 +26,8 @@ from mirage_trl.cli import main as cli_main
 from mirage_trl.errors import MirageError
 from mirage_trl.export import export_model
 from mirage_trl.generation import generate_with_latents
-from mirage_trl.latent.model_utils import unwrap
 from mirage_trl.latent.feedback import SETTINGS_KEYS as SLOT_KEYS
+from mirage_trl.latent.model_utils import unwrap
 from mirage_trl.latent.tokens import LATENT_START, LATENT_TOKEN_NAMES
 from mirage_trl.models.load import load_model, resolve_model_dir
 
@@ -204,7 +204,9 @@ def test_merged_export_round_trip_and_rows(trained, reference, merged_export):
     assert mirage["latent_size"] == 4 and mirage["latent_tokens"] == list(LATENT_TOKEN_NAMES)
     # the slot settings travel with the export (latent.feedback): plain latents, no rescaling here
     assert set(mirage) <= {"latent_size", "latent_tokens", *SLOT_KEYS}
-    assert mirage.get("latent_slot_input", "latent") == "latent" and mirage.get("latent_feedback_norm") is None
+    assert (
+        mirage.get("latent_slot_input", "latent") == "latent" and mirage.get("latent_feedback_norm") is None
+    )
     card = (merged_export / "README.md").read_text()
     for needle in (
         "2506.17218",
