@@ -441,12 +441,10 @@ def _quiet() -> None:
     """The run's own progress bar and report replace the per-trainer log lines and load/save bars."""
     import warnings
 
-    import transformers
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
 

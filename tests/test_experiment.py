@@ -39,9 +39,9 @@ def test_every_arm_is_trained_graded_and_reported(quick_run):
     assert set(summary["arms"]) == set(DEFAULT_ARMS)
     for arm, a in summary["arms"].items():
         assert set(a["groups"]) == {"3", "4", "all"}
-        for g in a["groups"].values():
+        for key, g in a["groups"].items():
             assert 0.0 <= g["ci95"][0] <= g["accuracy"] <= g["ci95"][1] <= 1.0
-            assert g["n"] == {"3": 4, "4": 4, "all": 8}[next(k for k, v in a["groups"].items() if v is g)]
+            assert g["n"] == {"3": 4, "4": 4, "all": 8}[key]
         assert ("latent_health" in a) == (arm in MIRAGE_ARMS)
     for arm in ("mirage_direct", "mirage_cot"):
         assert list(summary["ablations"][arm]) == list(ABLATIONS)

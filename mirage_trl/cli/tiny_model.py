@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..models.tiny import IMAGE_PIXELS, TOKENIZER_CORPORA  # module top imports nothing heavy
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("tiny-model", help="write a tiny random Qwen-VL for offline tests and the demo")
@@ -18,14 +20,14 @@ def register(subparsers) -> None:
     p.add_argument(
         "--tokenizer-corpus",
         default="demo",
-        choices=["demo", "benchmarks"],
+        choices=TOKENIZER_CORPORA,
         help="'benchmarks': BPE learnt on real VSP prompts and answers (a planning prompt is a few tokens)",
     )
     p.add_argument("--vocab-size", type=int, default=600, help="size of the trained BPE vocabulary")
     p.add_argument(
         "--image-pixels",
         default="demo",
-        choices=["demo", "tiles"],
+        choices=IMAGE_PIXELS,
         help="'tiles': keep maps drawn with --tile-px 28 as drawn (one vision token per tile)",
     )
     p.add_argument("--hidden-size", type=int, help="text hidden size (default 64)")
