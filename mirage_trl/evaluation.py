@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .errors import MirageError
-from .grading import BENCHMARKS, CHOICE_BENCHMARKS, extract_choice, grade, summarize
+from .grading import BENCHMARKS, CHOICE_BENCHMARKS, GRID_BENCHMARKS, extract_choice, grade, summarize
 
 logger = logging.getLogger(__name__)
 
@@ -117,9 +117,9 @@ def check_rows(benchmark: str, rows: Sequence) -> None:
             raise MirageError(
                 f"{where}: no messages (load the data with mirage_trl.data.reference.load_reference_jsonl)"
             )
-        if benchmark == "vsp_planning":
+        if benchmark in GRID_BENCHMARKS:
             if not str(row.get("map_desc") or "").strip():
-                raise MirageError(f"{where}:map_desc: vsp_planning rows need map_desc (the grid) for grading")
+                raise MirageError(f"{where}:map_desc: {benchmark} rows need map_desc (the grid) for grading")
         elif benchmark in CHOICE_BENCHMARKS and extract_choice(str(row.get("answer") or "")) is None:
             raise MirageError(
                 f"{where}:answer: {benchmark} rows need answer (the reference choice letter, or a boxed answer in "

@@ -15,6 +15,11 @@ them greedily per level, and write `results.json`, `report.md` and plots. Arms:
 * ``mirage_cot_fnorm`` (not in the default list): Mirage CoT with feedback-norm matching
   (`--latent_feedback_norm target`), to measure what rescaling the fed-back latents does.
 
+With `train.grounding_steps` > 0 every arm starts from the same *grounded* model: the random model
+first learns to describe maps (the VSP grounding task, on maps of its own drawn without the test
+maps) with text SFT, so that a model trained from scratch can read the images at all; the warm-up's
+accuracy on held-out maps is reported beside the arms.
+
 Mirage arms are also decoded with each latent ablation (zero, noise, mean, shuffle, remove); every
 difference is tested on the paired rows (`mirage_trl.stats`). Nothing is tuned on the test rows:
 the configuration is fixed before the run and the validation slice is what the curves show.
@@ -45,6 +50,7 @@ MIRAGE_ARMS = ("mirage_direct", "mirage_cot", "markers_cot", "mirage_cot_fnorm")
 DEFAULT_ARMS = ARMS[:6]
 ABLATIONS = ("zero", "noise", "mean", "shuffle", "remove")
 BENCHMARK = "vsp_planning"
+GROUNDING = "vsp_grounding"
 DEFAULT_CONFIG = Path(__file__).parent / "experiments" / "vsp_planning.yaml"
 
 
@@ -63,6 +69,8 @@ class DataSpec:
     test_rows: int = 300  # spread evenly over the levels; never trained on, never tuned on
     tile_px: int = 28  # one vision token per tile
     data_seed: int = 0
+    grounding_rows: int = 0  # maps to describe in the warm-up (never a test map); 0 = no warm-up
+    grounding_max_hole_frac: float = 0.4  # more holes than the planning maps, so more different maps exist
 
 
 @dataclass
@@ -70,6 +78,7 @@ class TrainSpec:
     learning_rate: float = 1e-3
     batch_size: int = 16
     text_steps: int = 500
+    grounding_steps: int = 0  # the warm-up's text-SFT steps, shared by every arm of a seed
     stage1_steps: int = 350
     stage2_steps: int = 150
     latent_size: int = 4
@@ -168,6 +177,13 @@ def check_config(cfg: ExperimentConfig, where: str) -> None:
     ):
         if type(value) is not int or value < 1:
             raise MirageError(f"{where}: {name} {value!r}: must be an integer >= 1")
+    if type(t.grounding_steps) is not int or t.grounding_steps < 0 or type(d.grounding_rows) is not int:
+        raise MirageError(f"{where}: train.grounding_steps and data.grounding_rows must be integers >= 0")
+    if (t.grounding_steps > 0) != (d.grounding_rows > d.val_rows):
+        raise MirageError(
+            f"{where}: a grounding warm-up needs both train.grounding_steps and data.grounding_rows "
+            f"(more than data.val_rows = {d.val_rows}); set both, or neither"
+        )
     if d.train_rows <= d.val_rows:
         raise MirageError(
             f"{where}: data.train_rows ({d.train_rows}) must exceed data.val_rows ({d.val_rows})"
@@ -218,12 +234,40 @@ def prepare_data(cfg: ExperimentConfig, out: Path, progress: bool = False) -> di
     n_train = d.train_rows - d.val_rows
     # the same maps in both styles (the generator draws maps before styles), so one split serves both
     val_index = list(range(n_train, d.train_rows))
-    return {
+    out_data = {
         "direct": data["direct"].select(range(n_train)),
         "cot": data["cot"].select(range(n_train)),
         "val": data["cot"].select(val_index),
         "test": data["test"],
-        "paths": {k: str(v) for k, v in paths.items()},
+    }
+    if d.grounding_rows:
+        out_data |= _grounding_data(cfg, out, paths, progress)
+    return out_data | {"paths": {k: str(v) for k, v in paths.items()}}
+
+
+def _grounding_data(cfg: ExperimentConfig, out: Path, paths: dict, progress: bool) -> dict:
+    """Warm-up maps (none of them a test map), a validation slice of them, and held-out maps to report on."""
+    from .data.reference import load_reference_jsonl
+    from .data.vsp import generate_vsp
+
+    d = cfg.data
+    common = dict(levels=d.levels, overwrite=True, progress=progress, tile_px=d.tile_px)
+    common["max_hole_frac"] = d.grounding_max_hole_frac
+    paths["grounding"] = generate_vsp(
+        "grounding", num_samples=d.grounding_rows, split="train", style="direct", seed=20_000 + d.data_seed,
+        out_dir=out / "grounding", exclude=[paths["test"]], **common,
+    )  # fmt: skip
+    # held-out maps for the warm-up's own figure: seen by no stage of any arm
+    paths["grounding_test"] = generate_vsp(
+        "grounding", num_samples=d.test_rows, split="test", style="direct", seed=30_000 + d.data_seed,
+        out_dir=out / "grounding_test", exclude=[paths["test"], paths["grounding"], paths["cot"]], **common,
+    )  # fmt: skip
+    rows = load_reference_jsonl(paths["grounding"], benchmark=GROUNDING)
+    n_train = d.grounding_rows - d.val_rows
+    return {
+        "grounding": rows.select(range(n_train)),
+        "grounding_val": rows.select(range(n_train, d.grounding_rows)),
+        "grounding_test": load_reference_jsonl(paths["grounding_test"], benchmark=GROUNDING),
     }
 
 
@@ -237,6 +281,7 @@ class _Progress:
         self.enabled = enabled
         self.total = total_steps
         self.bar = None
+        self.text = "experiment"
         if enabled:
             from rich.progress import (
                 BarColumn,
@@ -259,8 +304,20 @@ class _Progress:
             self.task = self.bar.add_task("experiment", total=total_steps)
 
     def describe(self, text: str) -> None:
+        self.text = text
         if self.bar:
             self.bar.update(self.task, description=text)
+
+    def note(self, step: int, logs: dict) -> None:
+        """One line per validation decoding, above the bar (or alone in a quiet run's log)."""
+        line = (
+            f"{self.text} | step {step}: validation accuracy {100 * logs['eval_gen/accuracy']:.1f} %, "
+            f"invalid {100 * logs['eval_gen/invalid_rate']:.1f} %"
+        )
+        if self.bar:
+            self.bar.console.print(line)
+        else:
+            print(line, flush=True)
 
     def callback(self):
         from transformers import TrainerCallback
@@ -271,6 +328,10 @@ class _Progress:
             def on_step_end(self, args, state, control, **kwargs):
                 if progress.bar:
                     progress.bar.advance(progress.task)
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs and "eval_gen/accuracy" in logs:
+                    progress.note(state.global_step, logs)
 
         return _Step()
 
@@ -306,12 +367,12 @@ def _common_args(cfg: ExperimentConfig, out: Path, seed: int, steps: int) -> dic
     )
 
 
-def _val_callback(cfg, rows, prepare_row=None):
+def _val_callback(cfg, rows, prepare_row=None, benchmark=BENCHMARK):
     from .trainers.callbacks import GenerationEvalCallback
 
     return GenerationEvalCallback(
         rows,
-        BENCHMARK,
+        benchmark,
         cfg.train.eval_every,
         cfg.train.max_new_tokens,
         batch_size=64,
@@ -331,6 +392,46 @@ def _curve(trainer, callback, stage: str) -> dict:
         if any(k.startswith("latent/") for k in h)
     ]
     return {"stage": stage, "loss": losses, "val": list(callback.history), "latent": health}
+
+
+def train_grounding(cfg, data, model_dir: Path, out: Path, seed: int, progress: _Progress) -> dict:
+    """The warm-up: text SFT on map descriptions; saves the grounded model to `out / "model"`."""
+    from trl import SFTConfig
+
+    from .baselines import build_sft_dataset, text_sft_trainer_class
+    from .evaluation import evaluate
+    from .models.training import load_for_training
+
+    start = time.perf_counter()
+    model, processor = load_for_training(str(model_dir))
+    callback = _val_callback(cfg, data["grounding_val"], benchmark=GROUNDING)
+    trainer = text_sft_trainer_class()(
+        model=model,
+        args=SFTConfig(**_common_args(cfg, out, seed, cfg.train.grounding_steps)),
+        train_dataset=build_sft_dataset(data["grounding"]),
+        processing_class=processor,
+        callbacks=[callback, progress.callback()],
+    )
+    callback.bind(_without_printer(trainer))
+    progress.describe(f"seed {seed} | grounding warm-up")
+    trainer.train()
+    trainer.save_model(str(out / "model"))
+    processor.save_pretrained(str(out / "model"))
+    progress.describe(f"seed {seed} | grounding warm-up | evaluating")
+    rows = [data["grounding_test"][i] for i in range(len(data["grounding_test"]))]
+    result = evaluate(
+        trainer.model.eval(), processor, rows, GROUNDING, batch_size=64,
+        max_new_tokens=cfg.train.max_new_tokens, do_sample=False, progress=False,
+    )  # fmt: skip
+    mode = result.modes["model"]
+    return {
+        "seed": seed,
+        "curves": [_curve(trainer, callback, "grounding")],
+        "groups": {str(k): v for k, v in mode.groups.items()},
+        "correct": [bool(c["correct"]) for c in mode.completions],
+        "examples": [c["completion"] for c in mode.completions[:3]],
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def train_text_arm(cfg, data, arm: str, model_dir: Path, out: Path, seed: int, progress: _Progress):
@@ -458,7 +559,7 @@ def _without_printer(trainer):
 
 def total_steps(cfg: ExperimentConfig) -> int:
     t = cfg.train
-    per_seed = sum(
+    per_seed = t.grounding_steps + sum(
         t.stage1_steps + t.stage2_steps if arm in MIRAGE_ARMS else t.text_steps for arm in cfg.arms
     )
     return per_seed * len(cfg.seeds)
@@ -480,7 +581,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, progress: bool = True
     start = time.perf_counter()
     data = prepare_data(cfg, out / "data", progress=False)
     bar = _Progress(total_steps(cfg), progress)
-    runs = []
+    runs, warmups = [], []
     try:
         for seed in cfg.seeds:
             model_dir = save_tiny_model(
@@ -493,6 +594,11 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, progress: bool = True
                 intermediate_size=2 * cfg.model.hidden_size,
                 num_hidden_layers=cfg.model.layers,
             )
+            if cfg.train.grounding_steps:
+                warmups.append(
+                    train_grounding(cfg, data, model_dir, out / f"seed{seed}" / "grounding", seed, bar)
+                )
+                model_dir = out / f"seed{seed}" / "grounding" / "model"
             for arm in cfg.arms:
                 arm_start = time.perf_counter()
                 train = train_mirage_arm if arm in MIRAGE_ARMS else train_text_arm
@@ -527,8 +633,10 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, progress: bool = True
             "val_rows": len(data["val"]),
             "test_rows": len(data["test"]),
             "levels": cfg.data.levels,
+            "grounding_rows": len(data.get("grounding", ())),
             "test_maps_excluded_from_training": True,
         },
+        "warmups": warmups,
         "runs": runs,
     }
     results["summary"] = summarize_results(results)

@@ -4,6 +4,9 @@
 - VSP planning: upper-case it, keep only U/D/L/R in order, walk from the start cell; off-grid
   moves are ignored, entering a hole fails at once, success iff the walk ends on the goal.
 - Choice benchmarks (VSP reasoning, Jigsaw, SAT, COMT): the boxed choice letter equals the reference.
+- VSP grounding (ours, the warm-up that teaches a small model to read maps): the first description
+  "The player starts at [(r,c),...], the goal is at [(r,c),...] and the holes are at (r,c), ..."
+  (or "... and there are no holes") names exactly the map's start, goal and set of holes.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from dataclasses import dataclass
 
 from .errors import MirageError
 
-BENCHMARKS = ("vsp_planning", "vsp_reasoning", "jigsaw", "sat", "comt")
+BENCHMARKS = ("vsp_planning", "vsp_reasoning", "vsp_grounding", "jigsaw", "sat", "comt")
+GRID_BENCHMARKS = ("vsp_planning", "vsp_grounding")  # graded against the row's map_desc
 CHOICE_BENCHMARKS = ("vsp_reasoning", "jigsaw", "sat", "comt")
 
 _BOXED = re.compile(r"\\boxed\s*\{")
@@ -23,6 +27,11 @@ _MOVES = {"U": (-1, 0), "D": (1, 0), "L": (0, -1), "R": (0, 1)}
 _WRAPPER = re.compile(r"^\\[A-Za-z]+\s*\{(.*)\}$", re.S)  # \text{A}, \mathrm{A}
 _CHOICE = re.compile(r"^\(?([A-Za-z])\)?(?=$|[\s.:,;)])")
 _THINK = re.compile(r"<think>.*?</think>", re.S)
+_CELL = r"\((\d+),\s*(\d+)\)"
+_DESCRIPTION = re.compile(
+    rf"starts at \[?{_CELL}[^\]]*\]?, the goal is at \[?{_CELL}[^\]]*\]? and "
+    rf"(?:there are no holes|the holes are at ((?:{_CELL}(?:,\s*)?)+))"
+)
 
 
 @dataclass(frozen=True)
@@ -77,12 +86,12 @@ def _source(row: Mapping) -> str:
     return f"{row['source']}: " if row.get("source") else ""
 
 
-def _grid(row: Mapping) -> list[list[int]]:
+def _grid(row: Mapping, benchmark: str) -> list[list[int]]:
     grid = row.get("map_desc")
     if isinstance(grid, str):
         grid = json.loads(grid) if grid.strip() else None
     if not grid:
-        raise MirageError(f"{_source(row)}vsp_planning grading needs the row's map_desc (the grid)")
+        raise MirageError(f"{_source(row)}{benchmark} grading needs the row's map_desc (the grid)")
     return grid
 
 
@@ -101,12 +110,30 @@ def walk_plan(grid: list[list[int]], moves: str) -> bool:
     return grid[r][c] == 2
 
 
+def grade_description(grid: list[list[int]], completion: str) -> Grade:
+    """VSP grounding: the completion's first map description names exactly the grid's start, goal and holes."""
+    m = _DESCRIPTION.search(completion or "")
+    if m is None:
+        return Grade(False, True, None)
+    start, goal = (int(m[1]), int(m[2])), (int(m[3]), int(m[4]))
+    holes = {(int(r), int(c)) for r, c in re.findall(_CELL, m[5] or "")}
+    cells = {(i, j): v for i, line in enumerate(grid) for j, v in enumerate(line)}
+    correct = (
+        cells.get(start) == 1
+        and cells.get(goal) == 2
+        and holes == {cell for cell, v in cells.items() if v == -1}
+    )
+    return Grade(correct, False, m[0])
+
+
 def grade(benchmark: str, completion: str, row: Mapping) -> Grade:
-    """Grade one completion against a loaded row (needs `answer`; `map_desc` for vsp_planning)."""
+    """Grade one completion against a loaded row (needs `answer`; `map_desc` for the VSP grid benchmarks)."""
     check_benchmark(benchmark)
+    if benchmark == "vsp_grounding":
+        return grade_description(_grid(row, benchmark), completion)
     boxed = extract_boxed(completion)
     if benchmark == "vsp_planning":
-        grid = _grid(row)
+        grid = _grid(row, benchmark)
         if boxed is None:
             return Grade(False, True, None)
         moves = "".join(ch for ch in boxed.upper() if ch in _MOVES)

@@ -88,6 +88,11 @@ def summarize_results(results: dict) -> dict:
             summary["comparisons"].append({"b": b, "a": a, **compare(_pooled(runs, a), _pooled(runs, b))})
     best = max(arms, key=lambda arm: summary["arms"][arm]["groups"].get("3", {}).get("accuracy", -1.0))
     summary["best_arm_level3"] = {"arm": best, **summary["arms"][best]["groups"].get("3", {})}
+    if results.get("warmups"):
+        # the grounding warm-up's held-out maps: did the shared starting model learn to read them?
+        summary["grounding"] = {
+            "groups": _groups([{"arm": "grounding", "eval": {"model": w}} for w in results["warmups"]], "grounding")
+        }
     return summary
 
 
@@ -123,7 +128,13 @@ def write_report(results: dict, path: Path) -> None:
         f"- model: hidden {cfg['model']['hidden_size']}, {cfg['model']['layers']} layers, vocabulary "
         f"{cfg['model']['vocab_size']}; training: lr {cfg['train']['learning_rate']}, batch "
         f"{cfg['train']['batch_size']}, text SFT {cfg['train']['text_steps']} steps, Mirage stage 1 "
-        f"{cfg['train']['stage1_steps']} + stage 2 {cfg['train']['stage2_steps']} steps",
+        f"{cfg['train']['stage1_steps']} + stage 2 {cfg['train']['stage2_steps']} steps"
+        + (
+            f"; every arm starts from the grounded model ({cfg['train']['grounding_steps']} warm-up steps on "
+            f"{results['data']['grounding_rows']} map descriptions)"
+            if cfg["train"].get("grounding_steps")
+            else ""
+        ),
         "- decoding: greedy; accuracy = the plan reaches the goal without a hole (docs/method.md, grading)",
         "- statistics: Wilson 95 % intervals (rows pooled over seeds); paired differences on the same rows with a "
         "paired bootstrap 95 % interval (2000 resamples) and McNemar's exact test",
@@ -133,21 +144,33 @@ def write_report(results: dict, path: Path) -> None:
         "| arm | " + " | ".join(f"level {v}" for v in levels) + " | all | invalid % |",
         "|---|" + "---|" * (len(levels) + 2),
     ]
-    for a in s["arms"].values():
-        g = a["groups"]
+    def row(label, g):
         cells = [f"{_pct(g[v]['accuracy'])} {_ci(g[v]['ci95'])}" if v in g else "-" for v in levels]
-        lines.append(
-            f"| {a['label']} | "
+        return (
+            f"| {label} | "
             + " | ".join(cells)
-            + f" | {_pct(g['all']['accuracy'])} {_ci(g['all']['ci95'])} "
-            f"| {_pct(g['all']['invalid_rate'])} |"
+            + f" | {_pct(g['all']['accuracy'])} {_ci(g['all']['ci95'])} | {_pct(g['all']['invalid_rate'])} |"
         )
+
+    lines += [row(a["label"], a["groups"]) for a in s["arms"].values()]
     best = s["best_arm_level3"]
     if "accuracy" in best:
         lines += [
             "",
             f"Best arm on held-out level-3 maps: **{LABELS.get(best['arm'], best['arm'])}**, "
             f"{_pct(best['accuracy'])} % {_ci(best['ci95'])}.",
+        ]
+    if "grounding" in s:
+        lines += [
+            "",
+            "## Grounding warm-up: describing held-out maps (%, 95 % interval)",
+            "",
+            "Correct = the first description names exactly the map's start, goal and holes; the maps are new to "
+            "every stage of every arm.",
+            "",
+            "| model | " + " | ".join(f"level {v}" for v in levels) + " | all | invalid % |",
+            "|---|" + "---|" * (len(levels) + 2),
+            row("grounded model (the arms' starting point)", s["grounding"]["groups"]),
         ]
     if s["comparisons"]:
         lines += [
@@ -231,6 +254,12 @@ def write_plots(results: dict, out: Path) -> list[str]:
             label = f"{LABELS[arm]} (seed {r['seed']})"
             ax_loss.plot(xs, ys, label=label)
             ax_val.plot(vx, vy, marker="o", label=label)
+    for w in results.get("warmups", ()):
+        curve = w["curves"][0]
+        label = f"grounding warm-up (seed {w['seed']})"
+        ax_loss.plot([p["step"] for p in curve["loss"]], [p["loss"] for p in curve["loss"]], "k--", label=label)
+        vx = [p["step"] for p in curve["val"]]
+        ax_val.plot(vx, [100 * p["eval_gen/accuracy"] for p in curve["val"]], "k--", marker="s", label=label)
     ax_loss.set(xlabel="optimizer step (stage 2 follows stage 1)", ylabel="training loss", yscale="log")
     ax_val.set(xlabel="optimizer step", ylabel="validation accuracy % (greedy)", ylim=(0, 100))
     ax_val.legend(fontsize=7)
@@ -292,6 +321,7 @@ def rebuild(out: Path) -> dict:
 
     out = Path(out)
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    results["summary"] = summarize_results(results)  # the statistics may have gained a table since
     results["plots"] = write_plots(results, out)
     write_report(results, out / "report.md")
     return results

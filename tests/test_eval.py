@@ -340,7 +340,7 @@ def test_cli_bad_input(tiny_model_dir, reference_rows, tmp_path, capsys):
 
     rc, _, err = run_cli([*common, "--benchmark", "vsp_plan"], capsys)
     assert rc == 2 and len(err.strip().splitlines()) == 1
-    assert "vsp_planning, vsp_reasoning, jigsaw, sat, comt" in err
+    assert "vsp_planning, vsp_reasoning, vsp_grounding, jigsaw, sat, comt" in err
 
     no_map = write_vsp_jsonl(tmp_path / "nomap.jsonl", drop="map_desc")
     rc, _, err = run_cli(

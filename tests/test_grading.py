@@ -99,7 +99,7 @@ def test_choice_benchmarks_and_errors():
     assert grade("comt", "no box", {"answer": "A"}) == Grade(False, True, None)
     with pytest.raises(MirageError) as e:
         grade("blink", "\\boxed{A}", {"answer": "A"})
-    assert str(e.value) == "unknown benchmark 'blink'; valid: vsp_planning, vsp_reasoning, jigsaw, sat, comt"
+    assert str(e.value) == "unknown benchmark 'blink'; valid: vsp_planning, vsp_reasoning, vsp_grounding, jigsaw, sat, comt"
     with pytest.raises(MirageError) as e:
         grade("jigsaw", "\\boxed{A}", {"answer": "", "source": "j.jsonl:3"})
     assert str(e.value) == "j.jsonl:3: jigsaw grading needs the row's reference answer letter, got ''"
@@ -162,3 +162,28 @@ def test_bfs_shortest_paths_grade_correct_on_reference_test_set(official_data):
         (6, 100, 1.0),
         ("all", 400, 1.0),
     ]
+
+
+def test_grounding_description_rules():
+    grid = [[1, 0, -1], [0, -1, 0], [0, 0, 2]]
+    row = {"map_desc": grid}
+
+    def g(text):
+        return grade("vsp_grounding", text, row)
+
+    right = "The player starts at [(0,0),Start], the goal is at [(2,2),Target] and the holes are at (0,2), (1,1)."
+    assert g(right) == Grade(True, False, right[len("The player ") : -1])
+    assert g(right.replace("(0,2), (1,1)", "(1,1), (0,2)")).correct  # a set: order does not matter
+    assert not g(right.replace(", (1,1)", "")).correct  # a hole missing
+    assert not g(right.replace("(1,1)", "(1,1), (2,0)")).correct  # one too many
+    assert not g(right.replace("[(0,0),Start]", "[(0,1),Start]")).correct  # wrong start
+    assert not g(right.replace("[(2,2),Target]", "[(3,3),Target]")).correct  # off the grid
+    assert not g(right.replace("the holes are at (0,2), (1,1)", "there are no holes")).correct
+    assert g("The answer is \\boxed{R}.") == Grade(False, True, None)  # no description at all
+    free = [[1, 0], [0, 2]]
+    text = "The player starts at [(0,0),Start], the goal is at [(1,1),Target] and there are no holes."
+    assert grade("vsp_grounding", text, {"map_desc": free}).correct
+    # only the first description counts
+    assert not grade("vsp_grounding", text.replace("(1,1)", "(1,0)") + " " + text, {"map_desc": free}).correct
+    with pytest.raises(MirageError, match="vsp_grounding grading needs the row's map_desc"):
+        grade("vsp_grounding", text, {"map_desc": ""})

@@ -472,7 +472,7 @@ def test_unknown_benchmark(env, tmp_path, capsys):
     from mirage_trl.data.reference import load_reference_jsonl
     from mirage_trl.grading import grade
 
-    valid = "vsp_planning, vsp_reasoning, jigsaw, sat, comt"
+    valid = "vsp_planning, vsp_reasoning, vsp_grounding, jigsaw, sat, comt"
     with pytest.raises(MirageError, match=f"unknown benchmark 'maze'; valid: {valid}"):
         load_reference_jsonl(env["data"], benchmark="maze")
     with pytest.raises(MirageError, match="unknown benchmark 'maze'"):

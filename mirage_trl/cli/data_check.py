@@ -16,7 +16,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--benchmark",
         default=None,
-        help="vsp_planning, vsp_reasoning, jigsaw, sat or comt (default: infer VSP)",
+        help="vsp_planning, vsp_reasoning, vsp_grounding, jigsaw, sat or comt (default: infer VSP)",
     )
     p.set_defaults(func=run)
 

@@ -1,4 +1,4 @@
-"""`mirage-trl data vsp`: generate VSP (FrozenLake) planning or reasoning data in the reference format.
+"""`mirage-trl data vsp`: generate VSP (FrozenLake) planning, reasoning or grounding data in the reference format.
 
     mirage-trl data vsp --task planning --levels 3 4 5 6 --num-samples 3000 --split train \\
         --style cot --seed 0 --out data/vsp_planning \\
@@ -10,15 +10,23 @@ from __future__ import annotations
 import json
 from collections import Counter, defaultdict
 
+from ..data.vsp import TASKS
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "vsp",
-        help="generate VSP (FrozenLake) spatial planning / reasoning data",
+        help="generate VSP (FrozenLake) spatial planning / reasoning / grounding data",
         description="Generate VSP rows (reference JSONL format) and their images; image paths are "
         "relative to --out, which is the dataset root.",
     )
-    parser.add_argument("--task", required=True, choices=["reasoning", "planning"])
+    parser.add_argument(
+        "--task",
+        required=True,
+        choices=list(TASKS),
+        help="planning / reasoning: the paper's tasks; grounding: describe the map (a warm-up that teaches a "
+        "small model to read maps)",
+    )
     parser.add_argument(
         "--levels", type=int, nargs="+", default=[3, 4, 5, 6], help="grid sides (default: 3 4 5 6)"
     )
@@ -46,18 +54,26 @@ def register(subparsers) -> None:
         type=int,
         help="pixels per tile (default: the official 64); 28 = one vision token per tile on Qwen-VL",
     )
+    parser.add_argument(
+        "--max-hole-frac",
+        type=float,
+        default=0.2,
+        help="at most this share of a map's squares are holes (default: 0.2, the paper's maps); grounding "
+        "warm-ups may use more, so that more different maps exist",
+    )
     parser.set_defaults(func=run)
 
 
 def summarize(rows, task: str) -> dict:
-    """Per level: rows, answer counts (reasoning outcomes or planning plan lengths), mean hole fraction."""
+    """Per level: rows, answer counts (reasoning outcomes, planning plan lengths, grounding holes), hole fraction."""
     per_level = defaultdict(lambda: {"rows": 0, "answers": Counter(), "holes": 0.0})
     for row in rows:
         stats = per_level[row["level"]]
         side = len(row["map_desc"])
         stats["rows"] += 1
-        stats["answers"][row["answer"] if task == "reasoning" else len(row["answer"])] += 1
-        stats["holes"] += sum(v == -1 for r in row["map_desc"] for v in r) / (side * side)
+        holes = sum(v == -1 for r in row["map_desc"] for v in r)
+        stats["answers"][{"reasoning": row["answer"], "planning": len(row["answer"])}.get(task, holes)] += 1
+        stats["holes"] += holes / (side * side)
     return {level: s | {"holes": s["holes"] / s["rows"]} for level, s in sorted(per_level.items())}
 
 
@@ -78,6 +94,7 @@ def run(args) -> int:
         exclude=args.exclude,
         overwrite=args.overwrite,
         tile_px=args.tile_px,
+        max_hole_frac=args.max_hole_frac,
     )
     with open(path, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
@@ -88,7 +105,9 @@ def run(args) -> int:
     table = Table(title=f"VSP {args.task}, {args.split}, {args.style}")
     table.add_column("level", justify="right")
     table.add_column("rows", justify="right")
-    table.add_column("A / B / C" if reasoning else "plan lengths", justify="right")
+    table.add_column(
+        {"reasoning": "A / B / C", "planning": "plan lengths"}.get(args.task, "holes per map"), justify="right"
+    )
     table.add_column("hole fraction", justify="right")
     for level, s in stats.items():
         if reasoning:

@@ -24,7 +24,7 @@ def register(subparsers) -> None:
         "--benchmark",
         required=True,
         metavar="NAME",
-        help="vsp_planning, vsp_reasoning, jigsaw, sat or comt",
+        help="vsp_planning, vsp_reasoning, vsp_grounding, jigsaw, sat or comt",
     )
     p.add_argument("--data", required=True, help="reference-format JSONL of test rows")
     p.add_argument(

@@ -22,8 +22,9 @@ import re
 from pathlib import Path
 
 from ..errors import MirageError, where
-from ..grading import BENCHMARKS, check_benchmark, extract_boxed
+from ..grading import BENCHMARKS, GRID_BENCHMARKS, check_benchmark, extract_boxed
 from .images import check_image_header
+from .vsp import GROUNDING_QUESTION
 
 IMAGE_MARKER = "<image>"
 OUTPUT_IMAGE_MARKER = "<output_image>"
@@ -133,6 +134,8 @@ def _infer_benchmark(text_input: str, has_map: bool, loc) -> str:
     # VSP rows: reasoning prompts quote the plan to judge ("Full Action Plan: ..."); planning asks for one.
     if "Full Action Plan" in text_input:
         return "vsp_reasoning"
+    if GROUNDING_QUESTION in text_input:
+        return "vsp_grounding"
     if has_map or "action plan" in text_input.lower():
         return "vsp_planning"
     raise MirageError(
@@ -216,8 +219,8 @@ def parse_row(
     grid = _parse_map(obj["map_desc"], loc) if obj.get("map_desc") is not None else None
     if benchmark is None:
         benchmark = _infer_benchmark(text_input, grid is not None, loc)
-    if benchmark == "vsp_planning" and grid is None and not text_output:
-        raise MirageError(f"{loc('map_desc')}: vsp_planning test rows need map_desc (the grid) for grading")
+    if benchmark in GRID_BENCHMARKS and grid is None and not text_output:
+        raise MirageError(f"{loc('map_desc')}: {benchmark} test rows need map_desc (the grid) for grading")
 
     answer = obj.get("answer")
     if answer is None:

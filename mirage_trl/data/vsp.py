@@ -7,6 +7,11 @@ Two tasks, as in the Mirage paper (docs/method.md section 1.2):
   goal (C)? The helper image is the map with the agent part-way along the plan, a stool on
   the start.
 
+and one that is not in the paper:
+- grounding: say where the player, the goal and the holes are, in the words a planning chain of
+  thought opens with. A warm-up that teaches a small model trained from scratch to read the maps
+  (docs/experiments.md, "Giving a small model sight"); text only, no helper image.
+
 Maps are `map_desc` grids, row-major: 1 start, 0 ice, -1 hole, 2 goal; U is row - 1. A move
 off the grid is ignored; entering a hole ends the walk at once (section 1.3's grader).
 
@@ -35,6 +40,7 @@ __all__ = [
     "ICE",
     "START",
     "Move",
+    "GROUNDING_PROMPT",
     "PLANNING_PROMPT",
     "REASONING_PROMPT",
     "find_cell",
@@ -44,6 +50,8 @@ __all__ = [
     "shortest_path",
     "random_map",
     "render_map",
+    "describe_map",
+    "grounding_row",
     "planning_row",
     "reasoning_row",
     "random_plan",
@@ -70,7 +78,7 @@ class Move(str, enum.Enum):
 
 
 OUTCOMES = {"success": "A", "hole": "B", "short": "C"}
-TASKS = ("reasoning", "planning")
+TASKS = ("reasoning", "planning", "grounding")
 SPLITS = ("train", "test")
 STYLES = ("direct", "cot")
 _CELL_NAMES = {ICE: "Ice", HOLE: "Hole", START: "Start", GOAL: "Target"}
@@ -108,6 +116,11 @@ REASONING_PROMPT = (
     "an internal monologue and then provide the final answer. The reasoning process MUST BE enclosed within "
     "<think> </think> tags. The final answer MUST BE put in \\boxed{{}}."
 )
+
+
+# Ours (no official counterpart): the grounding warm-up asks only what a planning CoT states first.
+GROUNDING_QUESTION = "Where are the player, the goal and the holes?"  # how a loaded row is recognised
+GROUNDING_PROMPT = f"Here is the map: <image>\n\n{GROUNDING_QUESTION} Give each grid square as (row,column)."
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,6 +324,23 @@ def _boxed(answer: str) -> str:
     return f"The answer is \\boxed{{{answer}}}."
 
 
+def describe_map(map_desc) -> str:
+    """Where the start, the goal and the holes are: a planning CoT's first sentence, a grounding answer."""
+    start, goal = find_cell(map_desc, START), find_cell(map_desc, GOAL)
+    holes = [f"({r},{c})" for r, row_ in enumerate(map_desc) for c, v in enumerate(row_) if v == HOLE]
+    where_holes = f"the holes are at {', '.join(holes)}" if holes else "there are no holes"
+    return f"The player starts at {_cell(map_desc, start)}, the goal is at {_cell(map_desc, goal)} and {where_holes}."
+
+
+def grounding_row(map_desc, map_id: str, image: str, style: str | None) -> dict:
+    """A grounding row (`style` None: test split, no text_output); `answer` is the description."""
+    answer = describe_map(map_desc)
+    row = {"text_input": GROUNDING_PROMPT, "image_input": image}
+    if style is not None:
+        row["text_output"] = answer
+    return row | {"map_desc": map_desc, "map_id": map_id, "answer": answer}
+
+
 def planning_row(map_desc, map_id: str, image: str, style: str | None, helper: str | None) -> dict:
     """A planning row; `style` None (test split) leaves out text_output / image_output."""
     answer = shortest_path(map_desc)
@@ -320,10 +350,7 @@ def planning_row(map_desc, map_id: str, image: str, style: str | None, helper: s
     if style == "direct":
         row |= {"text_output": "<output_image>" + _boxed(answer), "image_output": helper}
     elif style == "cot":
-        start, goal = find_cell(map_desc, START), find_cell(map_desc, GOAL)
-        holes = [f"({r},{c})" for r, row_ in enumerate(map_desc) for c, v in enumerate(row_) if v == HOLE]
-        where_holes = f"the holes are at {', '.join(holes)}" if holes else "there are no holes"
-        intro = f"The player starts at {_cell(map_desc, start)}, the goal is at {_cell(map_desc, goal)} and {where_holes}."
+        intro = describe_map(map_desc)
         check = f"The drawn path takes {len(answer)} moves and never enters a hole, and no shorter safe path exists."
         row |= {
             "text_output": _think(_step_texts(map_desc, answer), before=intro)
@@ -402,6 +429,8 @@ def _check_request(task, levels, num_samples, split, style, max_hole_frac) -> li
         raise MirageError(f"--split: {split!r} is not one of {', '.join(SPLITS)}")
     if style not in STYLES:
         raise MirageError(f"--style: {style!r} is not one of {', '.join(STYLES)}")
+    if not 0.0 <= max_hole_frac < 1.0:
+        raise MirageError(f"--max-hole-frac {max_hole_frac}: must be at least 0 and below 1")
     levels = [int(level) for level in levels]
     if not levels:
         raise MirageError("--levels: give at least one level")
@@ -472,7 +501,8 @@ def _sample_level(task, level, count, first_index, rng, excluded, max_hole_frac)
 
 
 def output_name(task: str, split: str, style: str) -> str:
-    return f"{task}_{split}_{style}.jsonl"
+    # a grounding answer is a description, neither direct nor a chain of thought
+    return f"{task}_{split}.jsonl" if task == "grounding" else f"{task}_{split}_{style}.jsonl"
 
 
 def generate_vsp(
@@ -521,7 +551,7 @@ def generate_vsp(
             image = f"{folder}/{map_id}.png"
             render_map(desc, tile_px=tile_px).save(tmp / image)
             helper = None
-            if split == "train":
+            if split == "train" and task != "grounding":
                 if task == "planning":
                     helper = f"{folder}/{map_id}_path.png"
                     render_map(desc, path=shortest_path(desc), tile_px=tile_px).save(tmp / helper)
@@ -535,6 +565,8 @@ def generate_vsp(
             helper_path = f"./{helper}" if helper else None
             if task == "planning":
                 row = planning_row(desc, map_id, f"./{image}", row_style, helper_path)
+            elif task == "grounding":
+                row = grounding_row(desc, map_id, f"./{image}", row_style)
             else:
                 row = reasoning_row(desc, map_id, plan, f"./{image}", row_style, helper_path, shown)
             rows.append(row | {"level": level})

@@ -95,7 +95,7 @@ TOKENIZER_CORPORA = ("demo", "benchmarks")
 
 
 def benchmark_corpus(num_maps: int = 300, seed: int = 0) -> list[str]:
-    """Prompts and answers (direct and CoT) of VSP planning and reasoning rows on random maps of sides 3-6."""
+    """Prompts and answers of VSP planning (direct, CoT), reasoning and grounding rows on random maps of sides 3-6."""
     import random
 
     from ..data import vsp
@@ -106,6 +106,8 @@ def benchmark_corpus(num_maps: int = 300, seed: int = 0) -> list[str]:
         desc = vsp.random_map(rng.choice([3, 4, 5, 6]), rng)
         if vsp.shortest_path(desc) is None:
             continue
+        row = vsp.grounding_row(desc, "0", "map.png", "direct")
+        texts += [row["text_input"], row["text_output"]]
         for style in ("direct", "cot"):
             row = vsp.planning_row(desc, "0", "map.png", style, "path.png")
             texts += [row["text_input"], row["text_output"]]

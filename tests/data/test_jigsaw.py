@@ -138,5 +138,5 @@ def test_cli_jigsaw_then_check(tmp_path, capsys):
     assert main(["data", "check", "--data", str(out / "jigsaw.jsonl"), "--benchmark", "blink"]) == 2
     assert capsys.readouterr().err == (
         "mirage-trl data: error: --benchmark: unknown benchmark 'blink'; "
-        "valid: vsp_planning, vsp_reasoning, jigsaw, sat, comt\n"
+        "valid: vsp_planning, vsp_reasoning, vsp_grounding, jigsaw, sat, comt\n"
     )

@@ -193,11 +193,11 @@ def test_benchmark_errors(tmp_path):
     p = _write(tmp_path, [GOOD])
     assert (
         _error(p, benchmark="blink")
-        == "unknown benchmark 'blink'; valid: vsp_planning, vsp_reasoning, jigsaw, sat, comt"
+        == "unknown benchmark 'blink'; valid: vsp_planning, vsp_reasoning, vsp_grounding, jigsaw, sat, comt"
     )
     assert _error(p) == (
         f"{p}:1: cannot tell the benchmark of this row; pass benchmark= "
-        "(one of vsp_planning, vsp_reasoning, jigsaw, sat, comt)"
+        "(one of vsp_planning, vsp_reasoning, vsp_grounding, jigsaw, sat, comt)"
     )
 
 

@@ -383,3 +383,46 @@ def test_bad_exclude_row_names_line_and_field(tmp_path):
     with pytest.raises(MirageError, match=r"bad\.jsonl:2:map_desc"):
         generate_vsp("planning", [3], 5, "train", "cot", 0, tmp_path / "out", exclude=[bad], progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_grounding_rows_describe_the_map(tmp_path):
+    train = read_jsonl(
+        generate_vsp(
+            "grounding", [3, 4], 30, "train", "direct", 1, tmp_path / "g", progress=False, max_hole_frac=0.4
+        )
+    )
+    test = read_jsonl(generate_vsp("grounding", [3], 5, "test", "direct", 1, tmp_path / "t", progress=False))
+    for r in train:
+        grid = r["map_desc"]
+        # independent reading of the grid: row-major scan for start (1), goal (2) and holes (-1)
+        cells = {(i, j): v for i, line in enumerate(grid) for j, v in enumerate(line)}
+        (start,) = [c for c, v in cells.items() if v == 1]
+        (goal,) = [c for c, v in cells.items() if v == 2]
+        holes = sorted(c for c, v in cells.items() if v == -1)
+        tail = ", ".join(f"({a},{b})" for a, b in holes)
+        expected = (
+            f"The player starts at [({start[0]},{start[1]}),Start], the goal is at [({goal[0]},{goal[1]}),Target] and "
+            + (f"the holes are at {tail}." if holes else "there are no holes.")
+        )
+        assert r["text_output"] == r["answer"] == expected
+        assert r["text_input"] == vsp.GROUNDING_PROMPT and "image_output" not in r
+        assert len(holes) <= int(0.4 * len(grid) ** 2)
+    assert max(sum(v == -1 for line in r["map_desc"] for v in line) for r in train if r["level"] == 3) >= 2
+    assert sorted(p.name for p in (tmp_path / "g" / "images" / "level3").iterdir())[:2] == ["0.png", "1.png"]
+    assert all("_path" not in p.name for p in (tmp_path / "g" / "images" / "level3").iterdir())
+    assert all("text_output" not in r for r in test)
+    # a planning CoT opens with the same description the warm-up teaches
+    cot = read_jsonl(generate_vsp("planning", [3], 3, "train", "cot", 1, tmp_path / "c", progress=False))
+    assert all(c["text_output"].startswith("<think> " + vsp.describe_map(c["map_desc"])) for c in cot)
+
+
+def test_grounding_cli_and_hole_fraction_errors(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["data", "vsp", "--task", "grounding", "--levels", "3", "--num-samples", "4", "--out", str(out)]
+    assert main(argv + ["--max-hole-frac", "0.4"]) == 0
+    text = capsys.readouterr().out
+    assert "wrote 4 rows" in text and "holes per map" in text
+    assert main(argv + ["--max-hole-frac", "1.5", "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--max-hole-frac 1.5: must be at least 0 and below 1" in err
+    assert (out / "grounding_train.jsonl").is_file()  # the good file is kept
