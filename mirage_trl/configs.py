@@ -33,7 +33,10 @@ class MirageScriptArguments(ScriptArguments):
         metadata={"help": "folder image paths are relative to (default: the JSONL's dataset root)"},
     )
     benchmark: str | None = field(
-        default=None, metadata={"help": "vsp_planning, vsp_reasoning, vsp_grounding, jigsaw, sat or comt (inferred for VSP)"}
+        default=None,
+        metadata={
+            "help": "vsp_planning, vsp_reasoning, vsp_grounding, jigsaw, sat or comt (inferred for VSP)"
+        },
     )
     eval_dataset_name: str | None = field(default=None, metadata={"help": "optional eval JSONL"})
     max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N rows"})

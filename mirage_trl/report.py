@@ -91,7 +91,9 @@ def summarize_results(results: dict) -> dict:
     if results.get("warmups"):
         # the grounding warm-up's held-out maps: did the shared starting model learn to read them?
         summary["grounding"] = {
-            "groups": _groups([{"arm": "grounding", "eval": {"model": w}} for w in results["warmups"]], "grounding")
+            "groups": _groups(
+                [{"arm": "grounding", "eval": {"model": w}} for w in results["warmups"]], "grounding"
+            )
         }
     return summary
 
@@ -144,6 +146,7 @@ def write_report(results: dict, path: Path) -> None:
         "| arm | " + " | ".join(f"level {v}" for v in levels) + " | all | invalid % |",
         "|---|" + "---|" * (len(levels) + 2),
     ]
+
     def row(label, g):
         cells = [f"{_pct(g[v]['accuracy'])} {_ci(g[v]['ci95'])}" if v in g else "-" for v in levels]
         return (
@@ -257,7 +260,9 @@ def write_plots(results: dict, out: Path) -> list[str]:
     for w in results.get("warmups", ()):
         curve = w["curves"][0]
         label = f"grounding warm-up (seed {w['seed']})"
-        ax_loss.plot([p["step"] for p in curve["loss"]], [p["loss"] for p in curve["loss"]], "k--", label=label)
+        ax_loss.plot(
+            [p["step"] for p in curve["loss"]], [p["loss"] for p in curve["loss"]], "k--", label=label
+        )
         vx = [p["step"] for p in curve["val"]]
         ax_val.plot(vx, [100 * p["eval_gen/accuracy"] for p in curve["val"]], "k--", marker="s", label=label)
     ax_loss.set(xlabel="optimizer step (stage 2 follows stage 1)", ylabel="training loss", yscale="log")

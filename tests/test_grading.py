@@ -99,7 +99,10 @@ def test_choice_benchmarks_and_errors():
     assert grade("comt", "no box", {"answer": "A"}) == Grade(False, True, None)
     with pytest.raises(MirageError) as e:
         grade("blink", "\\boxed{A}", {"answer": "A"})
-    assert str(e.value) == "unknown benchmark 'blink'; valid: vsp_planning, vsp_reasoning, vsp_grounding, jigsaw, sat, comt"
+    assert (
+        str(e.value)
+        == "unknown benchmark 'blink'; valid: vsp_planning, vsp_reasoning, vsp_grounding, jigsaw, sat, comt"
+    )
     with pytest.raises(MirageError) as e:
         grade("jigsaw", "\\boxed{A}", {"answer": "", "source": "j.jsonl:3"})
     assert str(e.value) == "j.jsonl:3: jigsaw grading needs the row's reference answer letter, got ''"
@@ -171,7 +174,9 @@ def test_grounding_description_rules():
     def g(text):
         return grade("vsp_grounding", text, row)
 
-    right = "The player starts at [(0,0),Start], the goal is at [(2,2),Target] and the holes are at (0,2), (1,1)."
+    right = (
+        "The player starts at [(0,0),Start], the goal is at [(2,2),Target] and the holes are at (0,2), (1,1)."
+    )
     assert g(right) == Grade(True, False, right[len("The player ") : -1])
     assert g(right.replace("(0,2), (1,1)", "(1,1), (0,2)")).correct  # a set: order does not matter
     assert not g(right.replace(", (1,1)", "")).correct  # a hole missing

@@ -59,4 +59,7 @@ def test_registry_and_errors():
     )
     with pytest.raises(MirageError) as e:
         accuracy_reward(["p"], ["\\boxed{A}"], benchmark=["blink"], answer=["A"])
-    assert str(e.value) == "unknown benchmark 'blink'; valid: vsp_planning, vsp_reasoning, vsp_grounding, jigsaw, sat, comt"
+    assert (
+        str(e.value)
+        == "unknown benchmark 'blink'; valid: vsp_planning, vsp_reasoning, vsp_grounding, jigsaw, sat, comt"
+    )

@@ -106,7 +106,8 @@ def run(args) -> int:
     table.add_column("level", justify="right")
     table.add_column("rows", justify="right")
     table.add_column(
-        {"reasoning": "A / B / C", "planning": "plan lengths"}.get(args.task, "holes per map"), justify="right"
+        {"reasoning": "A / B / C", "planning": "plan lengths"}.get(args.task, "holes per map"),
+        justify="right",
     )
     table.add_column("hole fraction", justify="right")
     for level, s in stats.items():

@@ -39,7 +39,9 @@ def test_tile_processor_gives_one_vision_token_per_tile(bench_tok, side):
     processor = build_tiny_processor(tokenizer=bench_tok, image_pixels="tiles")
     image = vsp.render_map(vsp.random_map(side, random.Random(side)), tile_px=28)
     assert image.size == (28 * side, 28 * side)
-    batch = processor(text=["<|vision_start|><|image_pad|><|vision_end|>"], images=[image], return_tensors="pt")
+    batch = processor(
+        text=["<|vision_start|><|image_pad|><|vision_end|>"], images=[image], return_tensors="pt"
+    )
     pad = bench_tok.convert_tokens_to_ids("<|image_pad|>")
     assert int((batch["input_ids"] == pad).sum()) == side * side
     assert batch["image_grid_thw"].tolist() == [[1, 2 * side, 2 * side]]  # 14 px patches, merged 2 x 2
