@@ -29,6 +29,16 @@ class BaselineScriptArguments(MirageScriptArguments):
         default=False,
         metadata={"help": "upper bound: give the helper images as real input images (markers removed)"},
     )
+    # A pretrained tower already encodes where things are; a randomly initialised one does not (its features
+    # of two tiles of one kind are the same wherever they are), so a small model trained from scratch can
+    # only learn to read a map if the tower learns too: the grounding warm-up's switch.
+    train_vision_tower: bool = field(
+        default=False,
+        metadata={
+            "help": "also train the vision tower (default: frozen, as for Mirage); for a grounding warm-up of a "
+            "model trained from scratch (docs/experiments.md)"
+        },
+    )
 
 
 def to_sft_row(row: dict, helper_as_input: bool = False) -> dict:
@@ -104,7 +114,7 @@ def run_text_sft(script_args, training_args, model_args, benchmark: str | None =
     if evals is not None:
         evals = build_sft_dataset(evals, helper)
     model, processor = load_for_training(model_args.model_name_or_path, training_args, model_args)
-    vision_tower(model).requires_grad_(False)
+    vision_tower(model).requires_grad_(bool(getattr(script_args, "train_vision_tower", False)))
     trainer = text_sft_trainer_class()(
         model=model,
         args=training_args,

@@ -79,6 +79,7 @@ class TrainSpec:
     batch_size: int = 16
     text_steps: int = 500
     grounding_steps: int = 0  # the warm-up's text-SFT steps, shared by every arm of a seed
+    grounding_train_vision_tower: bool = True  # a random tower must learn where tiles are; frozen afterwards
     stage1_steps: int = 350
     stage2_steps: int = 150
     latent_size: int = 4
@@ -400,10 +401,12 @@ def train_grounding(cfg, data, model_dir: Path, out: Path, seed: int, progress: 
 
     from .baselines import build_sft_dataset, text_sft_trainer_class
     from .evaluation import evaluate
+    from .latent.model_utils import vision_tower
     from .models.training import load_for_training
 
     start = time.perf_counter()
     model, processor = load_for_training(str(model_dir))
+    vision_tower(model).requires_grad_(cfg.train.grounding_train_vision_tower)
     callback = _val_callback(cfg, data["grounding_val"], benchmark=GROUNDING)
     trainer = text_sft_trainer_class()(
         model=model,
@@ -439,11 +442,13 @@ def train_text_arm(cfg, data, arm: str, model_dir: Path, out: Path, seed: int, p
 
     from .baselines import build_sft_dataset, text_sft_trainer_class
     from .data.reference import helper_as_input
+    from .latent.model_utils import vision_tower
     from .models.training import load_for_training
 
     helper = arm == "helper_input"
     rows = data["direct" if arm == "text_direct" else "cot"]
     model, processor = load_for_training(str(model_dir))
+    vision_tower(model).requires_grad_(False)  # frozen in every arm, as the Mirage trainers keep it
     callback = _val_callback(cfg, data["val"], helper_as_input if helper else None)
     trainer = text_sft_trainer_class()(
         model=model,

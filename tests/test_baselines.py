@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -77,3 +78,30 @@ def test_one_sft_step_on_tiny_model(train_jsonl, tmp_path):
     saved = json.loads((tmp_path / "out" / "baseline_config.json").read_text())
     assert saved["baseline"] == "helper_as_input"
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("train_tower", [False, True])
+def test_vision_tower_trains_only_when_asked(train_jsonl, tmp_path, train_tower):
+    from safetensors.torch import load_file
+    from trl import ModelConfig, SFTConfig
+
+    from mirage_trl.models.tiny import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    script = BaselineScriptArguments(
+        dataset_name=str(train_jsonl), dataset_root=str(train_jsonl.parent), train_vision_tower=train_tower
+    )
+    args = SFTConfig(
+        output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=2, use_cpu=True,
+        report_to="none", save_strategy="no", learning_rate=1e-2, max_length=None, dataloader_num_workers=0,
+        bf16=False, gradient_checkpointing=False,
+    )  # fmt: skip
+    run_text_sft(script, args, ModelConfig(model_name_or_path=str(model_dir)), benchmark="vsp_planning")
+    before = load_file(model_dir / "model.safetensors")
+    after = load_file(tmp_path / "out" / "model.safetensors")
+    tower = [k for k in before if "visual" in k]
+    changed = [k for k in tower if not torch.equal(before[k], after[k])]
+    assert tower and (changed == tower if train_tower else not changed)  # every tower weight moves, or none
+    assert not torch.equal(
+        before["model.layers.0.mlp.down_proj.weight"], after["model.layers.0.mlp.down_proj.weight"]
+    )
