@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import torch
 import pytest
+import torch
 from PIL import Image
 
 from mirage_trl.baselines import BaselineScriptArguments, build_sft_dataset, run_text_sft, to_sft_row
