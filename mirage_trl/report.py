@@ -122,12 +122,13 @@ def write_report(results: dict, path: Path) -> None:
         "",
         f"- date: {results['date']}; wall time {results['wall_seconds'] / 60:.1f} min",
         f"- machine: {results['machine']['processor']}, {results['machine']['torch_threads']} torch threads, "
+        f"{results['machine'].get('workers', 1)} arm(s) at a time, "
         f"torch {results['machine']['torch']}, {results['machine']['platform']}",
         f"- command: `{results['command']}`",
         f"- seeds: {cfg['seeds']}; data: {results['data']['train_rows']} training rows, "
         f"{results['data']['val_rows']} validation rows (curves), {results['data']['test_rows']} test rows per seed, "
         f"levels {', '.join(levels)}; test maps excluded from training",
-        f"- model: hidden {cfg['model']['hidden_size']}, {cfg['model']['layers']} layers, vocabulary "
+        f"- model: {cfg['model'].get('model_type', 'qwen2_5_vl')}, hidden {cfg['model']['hidden_size']}, {cfg['model']['layers']} layers, vocabulary "
         f"{cfg['model']['vocab_size']}; training: lr {cfg['train']['learning_rate']}, batch "
         f"{cfg['train']['batch_size']}, text SFT {cfg['train']['text_steps']} steps, Mirage stage 1 "
         f"{cfg['train']['stage1_steps']} + stage 2 {cfg['train']['stage2_steps']} steps"

@@ -70,6 +70,16 @@ def test_every_arm_is_trained_graded_and_reported(quick_run):
         assert stages == (["stage1", "stage2"] if run["arm"] in MIRAGE_ARMS else ["sft"])
         assert all(c["loss"] and c["val"] for c in run["curves"])
     assert "latent/norm" in results["runs"][2]["curves"][0]["latent"][-1]
+    # the grounding warm-up: one per seed, graded on its own held-out maps, the arms' starting point
+    (warmup,) = results["warmups"]
+    assert warmup["seed"] == 0 and warmup["curves"][0]["stage"] == "grounding"
+    assert warmup["curves"][0]["loss"] and warmup["curves"][0]["val"]
+    assert set(warmup["groups"]) == {"3", "4", "all"} and warmup["groups"]["all"]["n"] == 8
+    assert len(warmup["correct"]) == 8 and results["data"]["grounding_rows"] == 20
+    grounding = summary["grounding"]["groups"]["all"]
+    assert 0.0 <= grounding["ci95"][0] <= grounding["accuracy"] <= grounding["ci95"][1] <= 1.0
+    assert results["config"]["model"]["model_type"] == "qwen3_vl"
+    assert (out / "seed0" / "grounding" / "model" / "model.safetensors").is_file()
 
 
 def test_report_and_plots_are_written(quick_run):
@@ -77,6 +87,7 @@ def test_report_and_plots_are_written(quick_run):
     report = (out / "report.md").read_text()
     for section in (
         "## Accuracy per arm and level",
+        "## Grounding warm-up",
         "## Arm against arm",
         "## Latent ablations",
         "## Latent health",
@@ -99,6 +110,8 @@ def test_report_and_plots_are_written(quick_run):
         ("train: {text_steps: 0}\n", "train.text_steps 0: must be an integer >= 1"),
         ("data: {colour: red}\n", "data.colour is not a setting"),
         ("- a list\n", "an experiment config is a mapping"),
+        ("model: {model_type: llama}\n", "model.model_type 'llama': choose from"),
+        ("train: {grounding_steps: 5}\ndata: {grounding_rows: 0}\n", "a grounding warm-up needs both"),
     ],
 )
 def test_bad_config_is_one_line_before_any_work(tmp_path, text, message):

@@ -22,6 +22,12 @@ def register(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
+        "--jobs",
+        type=int,
+        help="arms trained side by side, each in its own process with its share of the torch threads "
+        "(default: 2 where there are 2 cores or more, else 1)",
+    )
+    p.add_argument(
         "--report-only",
         action="store_true",
         help="write report.md and the plots again from --out/results.json (no training)",
@@ -41,10 +47,13 @@ def run(args) -> int:
         rebuild(Path(args.out))
         print(f"wrote {args.out}/report.md and the plots from {args.out}/results.json")
         return 0
+    from ..errors import MirageError
     from ..experiment import load_config
     from ..io import check_output_dir
 
     cfg = load_config(args.config, quick=args.quick)  # a bad config: one line, before anything runs
+    if args.jobs is not None and args.jobs < 1:
+        raise MirageError(f"--jobs {args.jobs}: must be at least 1")
     if args.seeds:
         cfg.seeds = list(args.seeds)
     check_output_dir(args.out, args.overwrite)
@@ -60,7 +69,7 @@ def run(args) -> int:
         if sys.argv[1:]
         else "mirage-trl experiment"
     )
-    results = run_experiment(cfg, args.out, progress=not args.no_progress, command=command)
+    results = run_experiment(cfg, args.out, progress=not args.no_progress, command=command, workers=args.jobs)
     best = results["summary"]["best_arm_level3"]
     print(f"wrote {args.out}/report.md, results.json and plots ({results['wall_seconds'] / 60:.1f} min)")
     if "accuracy" in best:
