@@ -16,7 +16,7 @@ import sys
 from ..errors import MirageError
 
 # Subcommand modules, in the order `--help` lists them.
-SUBCOMMANDS = ["data", "tiny_model", "train", "eval", "experiment", "analyze_latents", "export"]
+SUBCOMMANDS = ["data", "tiny_model", "train", "eval", "experiment", "analyze_latents", "export", "env"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mirage-trl",
         description="Mirage latent visual reasoning on top of TRL: data, evaluation, export.",
     )
+    from .. import __version__
+
     parser.add_argument("--debug", action="store_true", help="show the full stack trace on errors")
+    parser.add_argument("--version", action="version", version=f"mirage-trl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
         try:
