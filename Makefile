@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(BIN)/mirage-trl tiny-model --out $(DEMO)/tiny-model --overwrite --tokenizer-corpus benchmarks \
+	$(BIN)/mirage-trl tiny-model --out $(DEMO)/tiny-model --overwrite --model-type qwen3_vl --tokenizer-corpus benchmarks \
 		--image-pixels tiles --hidden-size 128 --layers 4 --vocab-size 1000
 	$(BIN)/mirage-trl data vsp --task planning --split test --style direct --levels 3 4 --num-samples 100 --seed 1 \
 		--tile-px 28 --out $(DEMO)/test-data --overwrite

@@ -48,8 +48,11 @@ def test_sample_rows_load(official_data):
     assert set(ds.column_names) == VALID_KEYS
     for i, (row, src) in enumerate(zip(ds, raw)):
         assert row["benchmark"] == "vsp_reasoning"
-        assert row["images"] == [str(official_data.parent / src["image_input"])]
-        assert row["helper_images"] == [str(official_data.parent / src["image_output"])]
+        # resolved on both sides: ../shared may be a symbolic link (CI links or copies it)
+        assert [Path(p).resolve() for p in row["images"]] == [(official_data.parent / src["image_input"]).resolve()]
+        assert [Path(p).resolve() for p in row["helper_images"]] == [
+            (official_data.parent / src["image_output"]).resolve()
+        ]
         assert all(Path(p).is_file() for p in row["images"] + row["helper_images"])
         _check_messages(row)
         assert row["messages"][1] == {
