@@ -160,11 +160,43 @@ def _check_safetensors(folder: Path) -> None:
             ) from None
 
 
+# `report_to` backend -> the modules transformers' integration imports (any one will do) and how to get one.
+REPORT_BACKENDS = {
+    "tensorboard": (("tensorboard", "tensorboardX"), "pip install 'mirage-trl[tensorboard]'"),
+    "wandb": (("wandb",), "pip install 'mirage-trl[wandb]'"),
+    "trackio": (("trackio",), "pip install trackio"),
+    "mlflow": (("mlflow",), "pip install mlflow"),
+    "comet_ml": (("comet_ml",), "pip install comet_ml"),
+    "clearml": (("clearml",), "pip install clearml"),
+    "dvclive": (("dvclive",), "pip install dvclive"),
+    "swanlab": (("swanlab",), "pip install swanlab"),
+    "neptune": (("neptune",), "pip install neptune"),
+    "codecarbon": (("codecarbon",), "pip install codecarbon"),
+}
+
+
+def check_report_to(report_to) -> None:
+    """Every `--report_to` backend is importable; otherwise one line naming the extra, before the model loads
+    (transformers would only fail when the trainer is built, after the weights are in memory)."""
+    import importlib.util
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    for name in names:
+        if name in ("none", "all") or name not in REPORT_BACKENDS:
+            continue  # "all" is what is installed; an unknown name is transformers' own error
+        modules, how = REPORT_BACKENDS[name]
+        if not any(importlib.util.find_spec(m) is not None for m in modules):
+            raise MirageError(
+                f"--report_to {name}: the {modules[0]} package is not installed ({how}, or --report_to none)"
+            )
+
+
 def preflight(script_args, training_args, model_args) -> None:
     """What a recipe checks after parsing and before loading anything heavy."""
     from .checkpoints import check_resume_checkpoint
     from .io import check_writable_dir
 
+    check_report_to(getattr(training_args, "report_to", None))
     check_writable_dir(training_args.output_dir, "--output_dir")
     check_resume_checkpoint(getattr(training_args, "resume_from_checkpoint", None))
     check_model_source(model_args.model_name_or_path)

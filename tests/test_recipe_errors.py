@@ -93,6 +93,7 @@ CASES = {
     "truncated_safetensors": (lambda t, e: _model(t, e, _truncate), r"model\.safetensors: not a readable safetensors file, corrupt or truncated"),
     "adapter_base_missing": (_adapter("/nowhere/base-model"), r"adapter_config\.json: base model /nowhere/base-model: no such model folder"),
     "corrupt_adapter": (lambda t, e: _adapter(str(e[0]))(t, e), r"adapter_model\.safetensors: not a readable safetensors file, corrupt or truncated"),
+    "report_to_missing": (lambda t, e: ["--report_to", "wandb"], r"--report_to wandb: the wandb package is not installed \(pip install 'mirage-trl\[wandb\]', or --report_to none\)"),
     "mirage_settings_wrong_type": (lambda t, e: _model(t, e, _config_edit(mirage={"latent_size": "four"})), r"config\.json:mirage: expected \{'latent_size': <int >= 1>"),
 }  # fmt: skip
 
@@ -146,3 +147,31 @@ def test_accelerate_launch_through_mirage_trl_train_ends_with_the_message(env, t
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert last == "mirage-trl train: error: --learning_rate inf: must be a finite number > 0", last
     assert not (tmp_path / "out").exists()
+
+
+def test_shipped_7b_yamls_report_to_is_checked_before_loading(monkeypatch):
+    import importlib.util
+
+    import yaml
+
+    from mirage_trl.errors import MirageError
+    from mirage_trl.preflight import check_report_to
+
+    backends = {yaml.safe_load(p.read_text())["report_to"] for p in (REPO / "recipes").glob("*/*.yaml")} - {
+        "none"
+    }
+    assert backends == {"tensorboard"}
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if "tensorboard" in name.lower() else real(name, *a),
+    )
+    with pytest.raises(MirageError) as e:
+        check_report_to(["tensorboard"])
+    assert str(e.value) == (
+        "--report_to tensorboard: the tensorboard package is not installed "
+        "(pip install 'mirage-trl[tensorboard]', or --report_to none)"
+    )
+    check_report_to(["none"])  # nothing to check
+    check_report_to("all")

@@ -49,7 +49,9 @@ def test_sample_rows_load(official_data):
     for i, (row, src) in enumerate(zip(ds, raw)):
         assert row["benchmark"] == "vsp_reasoning"
         # resolved on both sides: ../shared may be a symbolic link (CI links or copies it)
-        assert [Path(p).resolve() for p in row["images"]] == [(official_data.parent / src["image_input"]).resolve()]
+        assert [Path(p).resolve() for p in row["images"]] == [
+            (official_data.parent / src["image_input"]).resolve()
+        ]
         assert [Path(p).resolve() for p in row["helper_images"]] == [
             (official_data.parent / src["image_output"]).resolve()
         ]
