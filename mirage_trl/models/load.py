@@ -228,11 +228,16 @@ def portable_model_ref(name) -> str:
 
 
 def _looks_like_hub_name(name: str) -> bool:
+    """`org/name` that is not a path: never absolute, never `./...`, and its first part is not a local
+    folder, so `outputs/exprot` (a typo under an existing `outputs/`) fails at once instead of waiting on
+    the Hub."""
     return (
         not os.path.isabs(name)
         and not name.startswith(".")
         and name.count("/") == 1
+        and not name.endswith("/")
         and not Path(name).exists()
+        and not Path(name.split("/", 1)[0]).is_dir()
     )
 
 
