@@ -29,7 +29,10 @@ demo: install
 	$(BIN)/mirage-trl data vsp --task planning --split train --style direct --levels 3 4 --num-samples 600 --seed 0 \
 		--tile-px 28 --out $(DEMO)/data --overwrite --exclude $(DEMO)/test-data/planning_test_direct.jsonl \
 		$(if $(wildcard $(SHARED_TEST)),$(SHARED_TEST))
-	rm -rf $(DEMO)/stage1 $(DEMO)/stage2  # a previous run's files must not mix with this one's
+	$(BIN)/mirage-trl data vsp --task grounding --levels 3 --num-samples 3000 --max-hole-frac 0.5 --seed 2 \
+		--tile-px 28 --out $(DEMO)/grounding --overwrite --exclude $(DEMO)/test-data/planning_test_direct.jsonl
+	rm -rf $(DEMO)/grounded $(DEMO)/stage1 $(DEMO)/stage2  # a previous run's files must not mix with this one's
+	$(LAUNCH) recipes/sft_vsp.py --config recipes/vsp/grounding_demo.yaml  # the warm-up: learn to read maps
 	$(LAUNCH) recipes/stage1_vsp.py --config recipes/vsp/stage1_demo.yaml
 	$(LAUNCH) recipes/stage2_vsp.py --config recipes/vsp/stage2_demo.yaml
 	@if [ -n "$(GRPO)" ]; then $(LAUNCH) recipes/grpo_vsp.py --config recipes/vsp/grpo_tiny.yaml; fi

@@ -620,8 +620,10 @@ def _run_parallel(jobs: list[tuple], workers: int, bar: _Progress) -> list[dict]
     results = {}
     t = jobs[0][0].train
     bar.describe(f"seed {jobs[0][5]} | {len(jobs)} arms, {workers} at a time")
+    # longest first, so that the two workers finish together instead of one arm running alone at the end
+    order = sorted(jobs, key=lambda job: -_arm_cost(job[0], job[2]))
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_arm_worker, job, threads): job[2] for job in jobs}
+        futures = {pool.submit(_arm_worker, job, threads): job[2] for job in order}
         for future in as_completed(futures):
             arm = futures[future]
             results[arm] = future.result()
@@ -632,6 +634,13 @@ def _run_parallel(jobs: list[tuple], workers: int, bar: _Progress) -> list[dict]
             else:
                 print(f"{arm} done ({results[arm]['seconds'] / 60:.1f} min)", flush=True)
     return [results[job[2]] for job in jobs]
+
+
+def _arm_cost(cfg: ExperimentConfig, arm: str) -> float:
+    """Relative training + evaluation time of an arm (measured: a CoT step costs about twice a direct one)."""
+    t = cfg.train
+    steps = t.stage1_steps + t.stage2_steps if arm in MIRAGE_ARMS else t.text_steps
+    return steps * (1.0 if arm in ("text_direct", "mirage_direct") else 2.0)
 
 
 def default_workers(cfg: ExperimentConfig) -> int:
