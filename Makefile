@@ -22,17 +22,14 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(BIN)/mirage-trl tiny-model --out $(DEMO)/tiny-model --overwrite --model-type qwen3_vl --tokenizer-corpus benchmarks \
+	$(BIN)/mirage-trl tiny-model --out $(DEMO)/tiny-model --overwrite --tokenizer-corpus benchmarks \
 		--image-pixels tiles --hidden-size 128 --layers 4 --vocab-size 1000
 	$(BIN)/mirage-trl data vsp --task planning --split test --style direct --levels 3 4 --num-samples 100 --seed 1 \
 		--tile-px 28 --out $(DEMO)/test-data --overwrite
 	$(BIN)/mirage-trl data vsp --task planning --split train --style direct --levels 3 4 --num-samples 600 --seed 0 \
 		--tile-px 28 --out $(DEMO)/data --overwrite --exclude $(DEMO)/test-data/planning_test_direct.jsonl \
 		$(if $(wildcard $(SHARED_TEST)),$(SHARED_TEST))
-	$(BIN)/mirage-trl data vsp --task grounding --levels 3 --num-samples 3000 --max-hole-frac 0.5 --seed 2 \
-		--tile-px 28 --out $(DEMO)/grounding --overwrite --exclude $(DEMO)/test-data/planning_test_direct.jsonl
-	rm -rf $(DEMO)/grounded $(DEMO)/stage1 $(DEMO)/stage2  # a previous run's files must not mix with this one's
-	$(LAUNCH) recipes/sft_vsp.py --config recipes/vsp/grounding_demo.yaml  # the warm-up: learn to read maps
+	rm -rf $(DEMO)/stage1 $(DEMO)/stage2  # a previous run's files must not mix with this one's
 	$(LAUNCH) recipes/stage1_vsp.py --config recipes/vsp/stage1_demo.yaml
 	$(LAUNCH) recipes/stage2_vsp.py --config recipes/vsp/stage2_demo.yaml
 	@if [ -n "$(GRPO)" ]; then $(LAUNCH) recipes/grpo_vsp.py --config recipes/vsp/grpo_tiny.yaml; fi
