@@ -17,7 +17,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--out", default="outputs/experiment", help="output folder (report.md, results.json, plots)"
     )
-    p.add_argument("--quick", action="store_true", help="the same pipeline at toy size (about 3 minutes)")
+    p.add_argument("--quick", action="store_true", help="the same pipeline at toy size (under 2 minutes)")
     p.add_argument("--seeds", type=int, nargs="+", help="override the config's seeds")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
