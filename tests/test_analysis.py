@@ -68,7 +68,7 @@ def test_cli_analyze_latents(triggered_model, capsys):
     model_dir, data, root = triggered_model
     out = root / "analysis"
     rc = main(["analyze-latents", "--model", str(model_dir), "--data", str(data), "--root", str(root),
-               "--max-new-tokens", "8", "--out", str(out)])  # fmt: skip
+               "--max-new-tokens", "8", "--greedy", "--out", str(out)])  # fmt: skip
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     stats = json.loads((out / "analysis.json").read_text())

@@ -19,8 +19,22 @@ from ..errors import MirageError
 SUBCOMMANDS = ["data", "tiny_model", "train", "eval", "experiment", "analyze_latents", "export", "env"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """Every subcommand's `--help` shows each option's default after its help, and every `--dashed-option`
+    is also accepted as `--dashed_option`: the recipes take TRL's underscore flags, so both styles work
+    everywhere (as TRL's own parser does)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *names, **kwargs):
+        aliases = [n[:2] + n[2:].replace("-", "_") for n in names if n.startswith("--") and "-" in n[2:]]
+        return super().add_argument(*names, *[a for a in aliases if a not in names], **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mirage-trl",
         description="Mirage latent visual reasoning on top of TRL: data, evaluation, export.",
     )
@@ -28,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--debug", action="store_true", help="show the full stack trace on errors")
     parser.add_argument("--version", action="version", version=f"mirage-trl {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in SUBCOMMANDS:
         try:
             module = importlib.import_module(f".{name}", __name__)

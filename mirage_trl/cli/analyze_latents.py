@@ -18,19 +18,27 @@ def register(subparsers) -> None:
     p.add_argument("--data", required=True, help="reference-format JSONL (input and/or helper images)")
     p.add_argument("--root", default=None, help="folder the image paths are relative to")
     p.add_argument("--benchmark", default=None, help="benchmark of the rows (inferred for VSP)")
-    p.add_argument("--num-samples", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--num-samples", type=int, default=32, help="rows to decode (the first N)")
+    p.add_argument("--batch-size", type=int, default=16, help="rows decoded together")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="latent steps count toward it")
+    # the same sampling default as `mirage-trl eval`, so an analysis looks at the latents eval graded
+    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     p.add_argument(
-        "--sample", action="store_true", help="sample (temperature/top-p) instead of greedy decoding"
+        "--sample",
+        action="store_true",
+        help="sample with --temperature / --top-p (the default; kept for old scripts)",
     )
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
+    p.add_argument(
+        "--top-p", type=float, default=0.9, help="nucleus sampling: keep this share of probability"
+    )
+    p.add_argument("--seed", type=int, default=42, help="seed of the sampling generator")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    p.add_argument(
+        "--out", required=True, help="output folder (analysis.json, vectors.pt, the projection plot)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=run)
 
 
@@ -57,7 +65,7 @@ def run(args) -> int:
     model, processor = load_model(args.model, dtype=args.dtype, device=device, require_mirage=False)
     result = analyze_latents(
         model, processor, rows, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-        do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+        do_sample=not args.greedy, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
     )  # fmt: skip
     lines = summary_lines(result.stats)
     with atomic_dir(args.out, overwrite=args.overwrite) as tmp:

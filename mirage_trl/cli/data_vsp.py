@@ -39,7 +39,7 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--style", default="cot", choices=["direct", "cot"], help="answer style (default: cot)"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="same arguments and seed: byte-identical output")
     parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     parser.add_argument(
         "--exclude",

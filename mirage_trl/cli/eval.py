@@ -30,13 +30,15 @@ def register(subparsers) -> None:
     p.add_argument(
         "--root", default=None, help="folder the image paths are relative to (default: the reference layout)"
     )
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="rows decoded together")
     p.add_argument("--num-samples", type=int, default=None, help="evaluate the first N rows only")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
+    p.add_argument(
+        "--top-p", type=float, default=0.9, help="nucleus sampling: keep this share of probability"
+    )
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="latent steps count toward it")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=42, help="seed of the sampling generator")
     p.add_argument(
         "--latents",
         nargs="+",

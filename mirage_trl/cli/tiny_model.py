@@ -8,15 +8,25 @@ from ..models.tiny import IMAGE_PIXELS, TOKENIZER_CORPORA  # module top imports 
 def register(subparsers) -> None:
     p = subparsers.add_parser("tiny-model", help="write a tiny random Qwen-VL for offline tests and the demo")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--model-type", default="qwen2_5_vl", choices=["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--model-type",
+        default="qwen2_5_vl",
+        choices=["qwen2_5_vl", "qwen2_vl", "qwen3_vl"],
+        help="architecture family; qwen3_vl's random vision tower is the one that can tell where a tile is",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument(
         "--config",
         help="a config.json whose architecture to build instead (random weights, the tiny tokenizer), e.g. "
         "bench/configs/qwen2_5_vl_7b_instruct.json for 7B-shaped runs",
     )
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype of the saved weights",
+    )
     p.add_argument(
         "--tokenizer-corpus",
         default="demo",
