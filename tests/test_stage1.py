@@ -163,6 +163,7 @@ def manual_stage1(model, batch, k, gamma, pooling="drop_remainder", zeros_at_slo
     predictions = torch.stack([h[b, t - 1] for b, t in mask.nonzero().tolist()]) if mask.any() else None
     return dict(
         loss=loss,
+        logits=logits,
         ce=ce,
         ce_sum=ce_sum,
         n_tokens=n_tokens,
@@ -639,6 +640,32 @@ def test_stage1_health_describes_the_predictions_and_records_the_target_norm(tmp
     saved = trainer.model.config.mirage
     assert saved["latent_target_norm"] == pytest.approx(logged["latent/target_norm"], rel=1e-6)
     assert saved.get("latent_feedback_norm") is None
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_trl_sft_metrics_are_kept(tmp_path, rows, stage):
+    """mean_token_accuracy, entropy and num_tokens, as TRL's SFTTrainer logs them, from a hand computation."""
+    trainer = make_trainer(tmp_path, stage=stage)
+    batch = trainer.data_collator(rows)
+    trainer.model.train()
+    trainer._metrics["train"].clear()
+    before = trainer._total_train_tokens
+    with torch.no_grad():
+        trainer.compute_loss(trainer.model, batch)
+        trainer.compute_loss(trainer.model, batch)
+    logged = trainer._metrics["train"]
+    assert logged["num_tokens"] == [before + 2 * int(batch["attention_mask"].sum())]
+    if stage == 1:  # the stage-1 logits by hand (stage 2's are the rounds' own, checked in test_stage2)
+        ref = manual_stage1(trainer.model, batch, k=4, gamma=0.1)
+        labels = batch["labels"][:, 1:]
+        keep = labels != IGNORE
+        logits = ref["logits"][:, :-1][keep]
+        logp = logits.log_softmax(-1)
+        accuracy = float((logits.argmax(-1) == labels[keep]).float().mean())
+        entropy = float(-(logp.exp() * logp).sum(-1).mean())
+        assert logged["mean_token_accuracy"][-1] == pytest.approx(accuracy, abs=1e-6)
+        assert logged["entropy"][-1] == pytest.approx(entropy, rel=1e-4)
+    assert 0.0 <= logged["mean_token_accuracy"][-1] <= 1.0 and logged["entropy"][-1] > 0
 
 
 def test_feedback_norm_target_in_stage1_saves_the_measured_norm(tmp_path, rows):

@@ -37,13 +37,22 @@ logger = logging.getLogger(__name__)
 
 
 def text_cross_entropy(
-    model, hidden: torch.Tensor, labels: torch.Tensor
+    model, hidden: torch.Tensor, labels: torch.Tensor, stats: dict | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of next-token CE over trained positions, and their count (logits only where needed)."""
+    """Sum of next-token CE over trained positions, and their count (logits only where needed).
+
+    `stats`: filled with the sums TRL's SFTTrainer logs from the same logits (top-1 hits and entropy over
+    the trained positions), so Mirage runs keep `mean_token_accuracy` and `entropy`."""
     mask = labels[:, 1:] != IGNORE_INDEX
     h = hidden[:, :-1][mask]
-    logits = unwrap(model).get_output_embeddings()(h)
-    ce_sum = F.cross_entropy(logits.float(), labels[:, 1:][mask], reduction="sum")
+    logits = unwrap(model).get_output_embeddings()(h).float()
+    target = labels[:, 1:][mask]
+    ce_sum = F.cross_entropy(logits, target, reduction="sum")
+    if stats is not None:
+        with torch.no_grad():
+            logp = logits.detach().log_softmax(-1)
+            stats["correct"] = (logits.detach().argmax(-1) == target).sum()
+            stats["entropy"] = -(logp.exp() * logp).sum()
     return ce_sum, mask.sum()
 
 
@@ -200,12 +209,20 @@ class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
             else:
                 out = self.stage2_forward(model, inputs)
                 hidden, latents = out.hidden_states, out.latents
-            ce_sum, n_tokens = text_cross_entropy(model, hidden, inputs["labels"])
+            stats: dict = {}
+            ce_sum, n_tokens = text_cross_entropy(model, hidden, inputs["labels"], stats)
         # As TRL: normalise by the tokens of the whole accumulated batch when the Trainer gives that count.
         ce = ce_sum / (n_tokens.clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             ce = ce * self.accelerator.num_processes
-        metrics = {"ce": ce_sum.detach() / n_tokens.clamp(min=1)}
+        n = n_tokens.clamp(min=1)
+        metrics = {
+            "ce": ce_sum.detach() / n,
+            # TRL's SFT metrics, from the same logits
+            "mean_token_accuracy": stats["correct"].float() / n,
+            "entropy": stats["entropy"] / n,
+            "_tokens": inputs["attention_mask"].sum(),
+        }
         loss = ce
         has_slots = latents is not None and latents.shape[0] > 0
         markers_only = self.latent_feedback.slot_input == "zeros"
@@ -237,7 +254,11 @@ class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
         values = torch.stack([v.detach().float().reshape(()) for v in metrics.values()])
         gathered = self.accelerator.gather_for_metrics(values[None]).nanmean(dim=0).tolist()
         for name, value in zip(metrics, gathered):
-            if not math.isnan(value):
+            if name == "_tokens":
+                if mode == "train":  # TRL's running count of the tokens seen in training
+                    self._total_train_tokens += int(round(value * self.accelerator.num_processes))
+                    self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+            elif not math.isnan(value):
                 self._metrics[mode][name].append(value)
         if mode == "train" and self.args.stage == 1 and "latent/target_norm" in metrics:
             self._record_target_norm(model, gathered[list(metrics).index("latent/target_norm")])
