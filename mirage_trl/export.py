@@ -69,6 +69,61 @@ def _flat_metrics(results: dict, prefix: str = "") -> list[tuple[str, object]]:
     return out
 
 
+def _eval_table(results: dict) -> list[str]:
+    """Markdown table of a `mirage-trl eval` results.json: accuracy % per latent mode (rows) and level."""
+    modes = results["modes"]
+    groups = list(next(iter(modes.values()))["groups"])
+    lines = [
+        f"Benchmark `{results.get('benchmark')}`, {results.get('num_rows')} test rows "
+        f"(`{Path(str(results.get('data', ''))).name}`), accuracy % per level; `model` = the model's own latents, "
+        "the other rows are latent ablations:",
+        "",
+        "| latents | " + " | ".join(f"level {g}" if g != "all" else "all" for g in groups) + " | invalid % |",
+        "|---|" + "---|" * (len(groups) + 1),
+    ]
+    for mode, res in modes.items():
+        g = res["groups"]
+        cells = [f"{100 * g[k]['accuracy']:.1f}" if k in g else "-" for k in groups]
+        lines.append(f"| {mode} | " + " | ".join(cells) + f" | {100 * g['all']['invalid_rate']:.1f} |")
+    return lines
+
+
+def _eval_index(results: dict) -> list:
+    """huggingface_hub `EvalResult`s (the card's model-index): accuracy per latent mode and level."""
+    from huggingface_hub import EvalResult
+
+    benchmark = str(results.get("benchmark"))
+    out = []
+    for mode, res in results["modes"].items():
+        for group, g in res["groups"].items():
+            where = "all levels" if group == "all" else f"level {group}"
+            out.append(
+                EvalResult(
+                    task_type="image-text-to-text",
+                    dataset_type=benchmark,
+                    dataset_name=benchmark,
+                    dataset_split="test",
+                    metric_type="accuracy",
+                    metric_name=f"accuracy ({where}, latents: {mode})",
+                    metric_value=round(100 * g["accuracy"], 2),
+                )
+            )
+    return out
+
+
+def _is_eval_results(results) -> bool:
+    """A `mirage-trl eval` results.json (per-mode groups), as opposed to a plain metrics mapping."""
+    modes = results.get("modes") if isinstance(results, dict) else None
+    return (
+        isinstance(modes, dict)
+        and bool(modes)
+        and all(
+            isinstance(m, dict) and isinstance(m.get("groups"), dict) and "all" in m["groups"]
+            for m in modes.values()
+        )
+    )
+
+
 def _as_list(value) -> list[str]:
     if value is None:
         return []
@@ -100,7 +155,9 @@ def build_model_card(
         model_name=model_name,
         hub_model_id=repo_id or model_name,
         dataset_name=hub_datasets or None,
-        tags=["mirage", "latent-visual-reasoning", "trl", "sft"]
+        # a model whose last stage is GRPO (stage 3) is tagged as such, not as SFT
+        tags=["mirage", "latent-visual-reasoning", "trl"]
+        + (["grpo"] if 3 in (mirage.get("stages") or []) else ["sft"])
         + (["peft", "lora"] if kind == "adapter" else []),
         wandb_url=None,
         trackio_url=None,
@@ -109,6 +166,7 @@ def build_model_card(
         paper_title=PAPER_TITLE,
         paper_id=PAPER_ID,
     )
+    card.data.pipeline_tag = "image-text-to-text"
     if kind == "adapter":
         card.data.library_name = "peft"
     if base_model and not _looks_like_hub_name(str(base_model)):
@@ -142,7 +200,11 @@ def build_model_card(
         "```",
         "",
     ]
-    metrics = _flat_metrics(eval_results) if eval_results else []
+    if eval_results and _is_eval_results(eval_results):
+        lines += ["### Evaluation", "", *_eval_table(eval_results), ""]
+        card.data.eval_results = _eval_index(eval_results)
+        card.data.model_name = target
+    metrics = _flat_metrics(eval_results) if eval_results and not _is_eval_results(eval_results) else []
     if metrics:
         lines += ["### Evaluation", "", "| metric | value |", "|---|---|"]
         lines += [f"| {n} | {v:.4g} |" if isinstance(v, float) else f"| {n} | {v} |" for n, v in metrics]

@@ -503,3 +503,36 @@ def test_cli_refuses_non_mirage_folder(trained, tmp_path, capsys):
     rc = cli_main(["export", "--model", str(trained["base"]), "--out", str(tmp_path / "x")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and str(trained["base"]) in err[0]
+
+
+def test_card_from_eval_results_has_the_accuracy_table_and_model_index():
+    """A `mirage-trl eval` results.json becomes a per-mode, per-level table and the card's model-index."""
+    from huggingface_hub import ModelCard
+
+    from mirage_trl.export import build_model_card
+
+    def groups(a3, a4, invalid=0.0):
+        g = {"3": {"accuracy": a3, "invalid_rate": 0.0}, "4": {"accuracy": a4, "invalid_rate": 0.0}}
+        return g | {"all": {"accuracy": (a3 + a4) / 2, "invalid_rate": invalid}}
+
+    results = {
+        "benchmark": "vsp_planning",
+        "num_rows": 200,
+        "data": "/x/planning_test_direct.jsonl",
+        "modes": {"model": {"groups": groups(0.89, 0.75)}, "zero": {"groups": groups(0.5, 0.25, 0.1)}},
+    }
+    mirage = {"base_model": "Qwen/Qwen2.5-VL-7B-Instruct", "stages": [1, 2, 3], "latent_size": 4}
+    text = build_model_card(mirage, kind="adapter", model_name="m", repo_id="me/m", eval_results=results)
+    assert "| model | 89.0 | 75.0 | 82.0 | 0.0 |" in text
+    assert "| zero | 50.0 | 25.0 | 37.5 | 10.0 |" in text
+    card = ModelCard(text)
+    index = {(r.metric_name, r.metric_value) for r in card.data.eval_results}
+    assert ("accuracy (level 3, latents: model)", 89.0) in index and len(index) == 6
+    assert {r.dataset_type for r in card.data.eval_results} == {"vsp_planning"}
+    assert (
+        card.data.pipeline_tag == "image-text-to-text"
+        and card.data.base_model == "Qwen/Qwen2.5-VL-7B-Instruct"
+    )
+    assert "grpo" in card.data.tags and "sft" not in card.data.tags  # the last stage is GRPO
+    sft = ModelCard(build_model_card(mirage | {"stages": [1, 2]}, kind="merged", model_name="m"))
+    assert "sft" in sft.data.tags and "grpo" not in sft.data.tags and not sft.data.eval_results
