@@ -2,7 +2,7 @@
 
     mirage-trl data vsp --task planning --levels 3 4 5 6 --num-samples 3000 --split train \\
         --style cot --seed 0 --out data/vsp_planning \\
-        --exclude ../shared/data/mirage_official/data/vsp_spatial_planning/test_direct.jsonl
+        --exclude $MIRAGE_DATA/vsp_spatial_planning/test_direct.jsonl
 """
 
 from __future__ import annotations
