@@ -575,10 +575,7 @@ def _without_printer(trainer):
 
 
 def total_steps(cfg: ExperimentConfig) -> int:
-    t = cfg.train
-    per_seed = t.grounding_steps + sum(
-        t.stage1_steps + t.stage2_steps if arm in MIRAGE_ARMS else t.text_steps for arm in cfg.arms
-    )
+    per_seed = cfg.train.grounding_steps + sum(arm_steps(cfg, arm) for arm in cfg.arms)
     return per_seed * len(cfg.seeds)
 
 
@@ -618,7 +615,6 @@ def _run_parallel(jobs: list[tuple], workers: int, bar: _Progress) -> list[dict]
 
     threads = max(1, torch.get_num_threads() // workers)
     results = {}
-    t = jobs[0][0].train
     bar.describe(f"seed {jobs[0][5]} | {len(jobs)} arms, {workers} at a time")
     # longest first, so that the two workers finish together instead of one arm running alone at the end
     order = sorted(jobs, key=lambda job: -_arm_cost(job[0], job[2]))
@@ -628,19 +624,22 @@ def _run_parallel(jobs: list[tuple], workers: int, bar: _Progress) -> list[dict]
             arm = futures[future]
             results[arm] = future.result()
             if bar.bar:
-                steps = t.stage1_steps + t.stage2_steps if arm in MIRAGE_ARMS else t.text_steps
-                bar.bar.advance(bar.task, steps)
+                bar.bar.advance(bar.task, arm_steps(jobs[0][0], arm))
                 bar.bar.console.print(f"{arm} done ({results[arm]['seconds'] / 60:.1f} min)")
             else:
                 print(f"{arm} done ({results[arm]['seconds'] / 60:.1f} min)", flush=True)
     return [results[job[2]] for job in jobs]
 
 
+def arm_steps(cfg: ExperimentConfig, arm: str) -> int:
+    """Optimizer steps of one arm: stage 1 + stage 2 for Mirage arms, text SFT otherwise."""
+    t = cfg.train
+    return t.stage1_steps + t.stage2_steps if arm in MIRAGE_ARMS else t.text_steps
+
+
 def _arm_cost(cfg: ExperimentConfig, arm: str) -> float:
     """Relative training + evaluation time of an arm (measured: a CoT step costs about twice a direct one)."""
-    t = cfg.train
-    steps = t.stage1_steps + t.stage2_steps if arm in MIRAGE_ARMS else t.text_steps
-    return steps * (1.0 if arm in ("text_direct", "mirage_direct") else 2.0)
+    return arm_steps(cfg, arm) * (1.0 if arm in ("text_direct", "mirage_direct") else 2.0)
 
 
 def default_workers(cfg: ExperimentConfig) -> int:

@@ -49,10 +49,11 @@ def text_cross_entropy(
     target = labels[:, 1:][mask]
     ce_sum = F.cross_entropy(logits, target, reduction="sum")
     if stats is not None:
+        from trl.trainer.utils import entropy_from_logits  # TRL's own, chunked: no second vocab-size copy
+
         with torch.no_grad():
-            logp = logits.detach().log_softmax(-1)
             stats["correct"] = (logits.detach().argmax(-1) == target).sum()
-            stats["entropy"] = -(logp.exp() * logp).sum()
+            stats["entropy"] = entropy_from_logits(logits.detach()).sum()
     return ce_sum, mask.sum()
 
 
