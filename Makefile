@@ -30,9 +30,9 @@ demo: install
 		--tile-px 28 --out $(DEMO)/data --overwrite --exclude $(DEMO)/test-data/planning_test_direct.jsonl \
 		$(if $(wildcard $(SHARED_TEST)),$(SHARED_TEST))
 	rm -rf $(DEMO)/stage1 $(DEMO)/stage2  # a previous run's files must not mix with this one's
-	$(LAUNCH) recipes/stage1_vsp.py --config recipes/vsp/stage1_demo.yaml
-	$(LAUNCH) recipes/stage2_vsp.py --config recipes/vsp/stage2_demo.yaml
-	@if [ -n "$(GRPO)" ]; then $(LAUNCH) recipes/grpo_vsp.py --config recipes/vsp/grpo_tiny.yaml; fi
+	$(LAUNCH) recipes/stage1_vsp.py --config recipes/tiny/stage1/config_vsp_demo.yaml
+	$(LAUNCH) recipes/stage2_vsp.py --config recipes/tiny/stage2/config_vsp_demo.yaml
+	@if [ -n "$(GRPO)" ]; then $(LAUNCH) recipes/grpo_vsp.py --config recipes/tiny/grpo/config_vsp_smoke.yaml; fi
 	$(BIN)/mirage-trl export --model $(DEMO)/stage2 --out $(DEMO)/export --overwrite
 	$(BIN)/mirage-trl eval --model $(DEMO)/export --benchmark vsp_planning \
 		--data $(DEMO)/test-data/planning_test_direct.jsonl --max-new-tokens 24 --batch-size 50 --greedy \

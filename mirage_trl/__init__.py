@@ -16,7 +16,7 @@ _LAZY = {
     "MirageGRPOConfig": "mirage_trl.configs",
     "MirageSFTTrainer": "mirage_trl.trainers.sft",
     "MirageGRPOTrainer": "mirage_trl.trainers.grpo",
-    "MirageDataCollator": "mirage_trl.collator",
+    "MirageDataCollator": "mirage_trl.data.collator",
     "LatentTokens": "mirage_trl.latent.tokens",
     "add_latent_tokens": "mirage_trl.latent.tokens",
     "generate_with_latents": "mirage_trl.generation",

@@ -128,7 +128,7 @@ def analyze_latents(
     max_text_points: int = 2000,
     progress: bool = False,
 ) -> LatentAnalysis:
-    from .evaluation import _left_pad, _model_device, _progress, _prompt_encoder
+    from .evaluation import _model_device, _progress, _prompt_encoder
     from .generation import generate_with_latents
     from .latent.model_utils import text_model
 
@@ -141,7 +141,7 @@ def analyze_latents(
     latents = []
     for start in _progress(range(0, len(rows), batch_size), progress, "decoding"):
         chunk = rows[start : start + batch_size]
-        batch = _left_pad([encoder.encode_prompt(r) for r in chunk], encoder.pad_id)
+        batch = encoder.prompt_batch(chunk)
         out = generate_with_latents(
             model, processor, {k: v.to(device) for k, v in batch.items()}, max_new_tokens=max_new_tokens,
             do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator, return_latents=True,

@@ -10,15 +10,15 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig, ScriptArguments, SFTConfig
 
+from .data.collator import TRUNCATION_POLICIES
 from .errors import MirageError
-from .latent.feedback import FEEDBACK_NORM_CHOICES
+from .latent.settings import FEEDBACK_NORM_CHOICES, SFT_STAGES
+from .latent.stage2 import METHODS as STAGE2_METHODS
 from .latent.targets import POOLINGS
 
-STAGES = (1, 2)
 # Bounds checked at start: far past what any run needs, short of what would exhaust memory or time first.
 MAX_LATENT_SIZE = 64  # the paper's best k is 4-6; k = 8 already hurts
 MAX_SEQUENCE_LENGTH = 1 << 20
-STAGE2_METHODS = ("auto", "rounds", "rounds_checkpointed", "recompute")
 
 
 @dataclass
@@ -40,6 +40,24 @@ class MirageScriptArguments(ScriptArguments):
     )
     eval_dataset_name: str | None = field(default=None, metadata={"help": "optional eval JSONL"})
     max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N rows"})
+
+
+@dataclass
+class BaselineScriptArguments(MirageScriptArguments):
+    helper_as_input: bool = field(
+        default=False,
+        metadata={"help": "upper bound: give the helper images as real input images (markers removed)"},
+    )
+    # A pretrained tower already encodes where things are; a randomly initialised one does not (its features
+    # of two tiles of one kind are the same wherever they are), so a small model trained from scratch can
+    # only learn to read a map if the tower learns too: the grounding warm-up's switch.
+    train_vision_tower: bool = field(
+        default=False,
+        metadata={
+            "help": "also train the vision tower (default: frozen, as for Mirage); for a grounding warm-up of a "
+            "model trained from scratch (docs/experiments.md)"
+        },
+    )
 
 
 @dataclass
@@ -92,9 +110,12 @@ class _MirageLatentArgs:
 class MirageSFTConfig(_MirageLatentArgs, SFTConfig):
     """`SFTConfig` plus the Mirage stage-1/stage-2 settings."""
 
-    stage: int = field(
-        default=1,
-        metadata={"help": "1: CE + cosine latent loss; 2: text loss through self-generated latents"},
+    stage: int | None = field(
+        default=None,
+        metadata={
+            "help": "1: CE + cosine latent loss; 2: text loss through self-generated latents (default: the "
+            "recipe's stage; 1 for a trainer built by hand)"
+        },
     )
     text_loss_weight: float = field(
         default=0.1, metadata={"help": "gamma: weight of the text CE in stage 1 (paper 0.1)"}
@@ -120,7 +141,7 @@ class MirageSFTConfig(_MirageLatentArgs, SFTConfig):
         validate_latent_args(self)
         if not (math.isfinite(self.text_loss_weight) and self.text_loss_weight >= 0):
             raise MirageError(f"--text_loss_weight {self.text_loss_weight}: must be a finite number >= 0")
-        if self.stage not in STAGES:
+        if self.stage not in (None, *SFT_STAGES):
             raise MirageError(f"--stage {self.stage}: must be 1 or 2")
 
 
@@ -206,8 +227,10 @@ def validate_latent_args(args) -> None:
         raise MirageError(f"--max_latent_norm {bound}: must be a finite number > 0 (or None: no bound)")
     if args.latent_pooling not in POOLINGS:
         raise MirageError(f"--latent_pooling {args.latent_pooling!r}: choose one of {', '.join(POOLINGS)}")
-    if args.latent_truncation not in ("error", "drop"):
-        raise MirageError(f"--latent_truncation {args.latent_truncation!r}: choose 'error' or 'drop'")
+    if args.latent_truncation not in TRUNCATION_POLICIES:
+        raise MirageError(
+            f"--latent_truncation {args.latent_truncation!r}: choose {' or '.join(map(repr, TRUNCATION_POLICIES))}"
+        )
     if args.latent_feedback_norm not in (None, *FEEDBACK_NORM_CHOICES):
         raise MirageError(
             f"--latent_feedback_norm {args.latent_feedback_norm!r}: choose one of {', '.join(FEEDBACK_NORM_CHOICES)}"

@@ -148,32 +148,8 @@ def check_latent_modes(modes: Sequence[str]) -> list[str]:
 # ---------------------------------------------------------------------------------------------- batching
 
 
-def _left_pad(samples: list[dict], pad_id: int) -> dict:
-    """Left-padded batch of encoded prompts (the layout `MirageDataCollator.prompt_batch` returns)."""
-    import torch
-
-    length = max(s["input_ids"].shape[0] for s in samples)
-    ids, mm, mask = [], [], []
-    for s in samples:
-        n = s["input_ids"].shape[0]
-        pad = length - n
-        ids.append(torch.cat([torch.full((pad,), pad_id, dtype=s["input_ids"].dtype), s["input_ids"]]))
-        mm.append(torch.cat([torch.zeros(pad, dtype=s["mm_token_type_ids"].dtype), s["mm_token_type_ids"]]))
-        mask.append(torch.cat([torch.zeros(pad, dtype=torch.long), torch.ones(n, dtype=torch.long)]))
-    batch = {
-        "input_ids": torch.stack(ids),
-        "attention_mask": torch.stack(mask),
-        "mm_token_type_ids": torch.stack(mm),
-    }
-    with_images = [s for s in samples if "pixel_values" in s]
-    if with_images:
-        batch["pixel_values"] = torch.cat([s["pixel_values"] for s in with_images])
-        batch["image_grid_thw"] = torch.cat([s["image_grid_thw"] for s in with_images])
-    return batch
-
-
 def _prompt_encoder(processor):
-    from .collator import MirageDataCollator
+    from .data.collator import MirageDataCollator
     from .latent.tokens import LatentTokens
 
     try:
@@ -275,7 +251,7 @@ def evaluate(
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         for idx in _progress(batches, progress, f"decoding ({mode})"):
-            batch = _left_pad([encoded[i] for i in idx], encoder.pad_id)
+            batch = encoder.pad_prompts([encoded[i] for i in idx])
             batch = {k: v.to(device) for k, v in batch.items()}
             out = generate_fn(
                 model,
@@ -361,23 +337,22 @@ def decoding_health(collected, model, spans: list[int]) -> dict:
     spans), with the trigger rate (share of answers that open a span) and spans per answer."""
     import torch
 
-    from .latent.feedback import TARGET_NORM_KEY
     from .latent.health import latent_health
-    from .latent.model_utils import unwrap
-    from .latent.tokens import get_mirage_config
+    from .latent.settings import MirageSettings
 
-    settings = get_mirage_config(unwrap(model)) or {}
+    settings = MirageSettings.of_model(model)
+    target_norm = settings.latent_target_norm if settings else None
     out = {
         "trigger_rate": sum(s > 0 for s in spans) / len(spans) if spans else 0.0,
         "spans_per_answer": sum(spans) / len(spans) if spans else 0.0,
     }
-    if settings.get("latent_slot_input") == "zeros":  # markers-only: zeros by design, nothing to describe
-        return out
-    k = int(settings.get("latent_size") or 0)
+    if settings is not None and settings.latent_slot_input == "zeros":
+        return out  # markers-only: zeros by design, nothing to describe
+    k = settings.latent_size if settings else 0
     # only whole spans (a span cut by max_new_tokens would shift every later span's positions)
     whole = [x[: (x.shape[0] // k) * k] for x in collected if k and x.shape[0] >= k]
     if whole:
-        stats = latent_health(torch.cat(whole), k, settings.get(TARGET_NORM_KEY))
+        stats = latent_health(torch.cat(whole), k, target_norm)
         out.update({name: float(v) for name, v in stats.items()})
     return out
 

@@ -411,16 +411,16 @@ def train_grounding(cfg, data, model_dir: Path, out: Path, seed: int, progress: 
     """The warm-up: text SFT on map descriptions; saves the grounded model to `out / "model"`."""
     from trl import SFTConfig
 
-    from .baselines import build_sft_dataset, text_sft_trainer_class
     from .evaluation import evaluate
     from .latent.model_utils import vision_tower
-    from .models.training import load_for_training
+    from .models.load import load_for_training
+    from .trainers.text_sft import TextSFTTrainer, build_sft_dataset
 
     start = time.perf_counter()
     model, processor = load_for_training(str(model_dir))
     vision_tower(model).requires_grad_(cfg.train.grounding_train_vision_tower)
     callback = _val_callback(cfg, data["grounding_val"], benchmark=GROUNDING)
-    trainer = text_sft_trainer_class()(
+    trainer = TextSFTTrainer(
         model=model,
         args=SFTConfig(**_common_args(cfg, out, seed, cfg.train.grounding_steps)),
         train_dataset=build_sft_dataset(data["grounding"]),
@@ -452,17 +452,17 @@ def train_grounding(cfg, data, model_dir: Path, out: Path, seed: int, progress: 
 def train_text_arm(cfg, data, arm: str, model_dir: Path, out: Path, seed: int, progress: _Progress):
     from trl import SFTConfig
 
-    from .baselines import build_sft_dataset, text_sft_trainer_class
     from .data.reference import helper_as_input
     from .latent.model_utils import vision_tower
-    from .models.training import load_for_training
+    from .models.load import load_for_training
+    from .trainers.text_sft import TextSFTTrainer, build_sft_dataset
 
     helper = arm == "helper_input"
     rows = data["direct" if arm == "text_direct" else "cot"]
     model, processor = load_for_training(str(model_dir))
     vision_tower(model).requires_grad_(False)  # frozen in every arm, as the Mirage trainers keep it
     callback = _val_callback(cfg, data["val"], helper_as_input if helper else None)
-    trainer = text_sft_trainer_class()(
+    trainer = TextSFTTrainer(
         model=model,
         args=SFTConfig(**_common_args(cfg, out, seed, cfg.train.text_steps)),
         train_dataset=build_sft_dataset(rows, helper),
@@ -477,8 +477,8 @@ def train_text_arm(cfg, data, arm: str, model_dir: Path, out: Path, seed: int, p
 
 def train_mirage_arm(cfg, data, arm: str, model_dir: Path, out: Path, seed: int, progress: _Progress):
     from .configs import MirageSFTConfig
-    from .models.training import load_for_training
-    from .scripts import save_outputs
+    from .models.load import load_for_training
+    from .run import save_outputs
     from .trainers.sft import MirageSFTTrainer
 
     rows = data["direct" if arm == "mirage_direct" else "cot"]

@@ -22,16 +22,10 @@ import sys
 from pathlib import Path
 
 from .errors import MirageError
+from .io import read_json
 from .latent.tokens import LATENT_TOKEN_NAMES
-from .models.load import (
-    MIRAGE_FILE,
-    _dtype,
-    _load_source,
-    _looks_like_hub_name,
-    _read_json,
-    portable_model_ref,
-    resolve_model_dir,
-)
+from .models.load import load_source, torch_dtype
+from .models.resolve import looks_like_hub_name, portable_model_ref, resolve_model_dir
 
 PAPER_ID = "2506.17218"
 PAPER_TITLE = "Machine Mental Imagery: Empower Multimodal Reasoning with Latent Visual Tokens"
@@ -50,7 +44,7 @@ def _load_eval(path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise MirageError(f"--eval-json: {p} does not exist")
-    return _read_json(p)
+    return read_json(p)
 
 
 def _flat_metrics(results: dict, prefix: str = "") -> list[tuple[str, object]]:
@@ -149,7 +143,7 @@ def build_model_card(
     datasets = _as_list(datasets) + [
         d for d in _as_list(mirage.get("datasets")) if d not in _as_list(datasets)
     ]
-    hub_datasets = [d for d in datasets if _looks_like_hub_name(d)]
+    hub_datasets = [d for d in datasets if looks_like_hub_name(d)]
     card = generate_model_card(
         base_model=str(base_model) if base_model else None,
         model_name=model_name,
@@ -169,7 +163,7 @@ def build_model_card(
     card.data.pipeline_tag = "image-text-to-text"
     if kind == "adapter":
         card.data.library_name = "peft"
-    if base_model and not _looks_like_hub_name(str(base_model)):
+    if base_model and not looks_like_hub_name(str(base_model)):
         card.data.base_model = None  # a local path is no Hub model id
     stages = mirage.get("stages") or []
     what = {
@@ -214,7 +208,7 @@ def build_model_card(
         lines += ["### Launch lines", "", "```bash", *launch, "```", ""]
     section = "\n".join(lines)
     text = card.content
-    if base_model and not _looks_like_hub_name(str(base_model)):
+    if base_model and not looks_like_hub_name(str(base_model)):
         text = text.replace(f"[{base_model}](https://huggingface.co/{base_model})", f"`{base_model}`")
     # TRL's quick start uses a text-generation pipeline, which would decode without latents: replace it.
     replaced, n = re.subn(r"## Quick start\n.*?\n```\n", lambda _m: section, text, count=1, flags=re.S)
@@ -267,8 +261,7 @@ def export_model(
     Full input: re-saved. Then, with `push_to_hub`, the folder is uploaded; a failed upload raises
     `MirageError` after the local export is complete.
     """
-    from .io import atomic_dir, check_output_dir, write_json
-    from .latent.tokens import set_mirage_config
+    from .io import atomic_dir, check_output_dir
 
     out = check_output_dir(out, overwrite, "--out")  # before any work
     src = resolve_model_dir(model_path, latent_size=latent_size)
@@ -280,30 +273,34 @@ def export_model(
 
     with atomic_dir(out, overwrite=overwrite, flag="--out") as tmp:
         # Merging is done in the saved precision; `dtype` casts the result.
-        model, processor, resized = _load_source(src, dtype=None if (merge or dtype is None) else dtype)
-        mirage = dict(src.mirage)
+        load_dtype = "auto" if (merge or dtype is None) else torch_dtype(dtype)
+        model, processor, resized = load_source(src, dtype=load_dtype)
+        settings = src.settings
         if kind == "adapter":
             config = model.peft_config[model.active_adapter]
             config.base_model_name_or_path = portable_model_ref(src.base)
             config.inference_mode = True
             if dtype is not None:
-                model.to(_dtype(dtype))
+                model.to(torch_dtype(dtype))
             # "auto" misses a resized embedding on composite VL configs (PEFT 0.21): decide here.
             model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=bool(resized))
         else:
             if kind == "merged":
                 model = model.merge_and_unload()
-            if dtype is not None and _dtype(dtype) != "auto":
-                model.to(_dtype(dtype))
-            set_mirage_config(model, src.latent_size)
+            if dtype is not None and torch_dtype(dtype) != "auto":
+                model.to(torch_dtype(dtype))
+            settings.save_to(model)
             model.config._name_or_path = str(out)
             model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
-        mirage.update(format=kind, exported_from=portable_model_ref(src.path))
-        mirage.setdefault("base_model", None)
+        base_model = settings.provenance.get("base_model")
         if src.is_adapter:
-            mirage["base_model"] = portable_model_ref(src.base)  # the model the adapter loads over
-        write_json(tmp / MIRAGE_FILE, mirage)
+            base_model = portable_model_ref(src.base)  # the model the adapter loads over
+        settings = settings.replace(
+            format=kind, exported_from=portable_model_ref(src.path), base_model=base_model
+        )
+        settings.write(tmp)
+        mirage = settings.to_dict()
         _check_safetensors_only(tmp)
         card = build_model_card(
             mirage,

@@ -55,9 +55,11 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import MirageError
+from .latent.layout import advance_spans, spans_to_markers
 from .latent.model_utils import capture_final_hidden, rope_positions, unwrap
+from .latent.settings import MirageSettings
 from .latent.slots import latent_inputs
-from .latent.tokens import OUTPUT_IMAGE_MARKER, LatentTokens, get_mirage_config
+from .latent.tokens import LATENT_TOKEN_NAMES, LatentTokens
 
 LATENT_MODES = ("model", "zero", "noise", "mean", "shuffle", "remove")
 DEFAULT_LATENT_SIZE = 4
@@ -82,10 +84,8 @@ def _tokenizer(processor):
 
 def _resolve_latent_tokens(model, processor) -> LatentTokens | None:
     tok = _tokenizer(processor)
-    config = get_mirage_config(model)
+    settings = MirageSettings.of_model(model)
     vocab = tok.get_vocab()
-    from .latent.tokens import LATENT_TOKEN_NAMES
-
     if any(t not in vocab for t in LATENT_TOKEN_NAMES):
         warnings.warn(
             "the tokenizer has no latent tokens (<|latent_start|>, <|latent_pad|>, <|latent_end|>): "
@@ -93,14 +93,14 @@ def _resolve_latent_tokens(model, processor) -> LatentTokens | None:
             stacklevel=3,
         )
         return None
-    if config is None or config.get("latent_size") is None:
+    if settings is None:
         warnings.warn(
             f"the model config has no Mirage latent size; using latent_size={DEFAULT_LATENT_SIZE}",
             stacklevel=3,
         )
         size = DEFAULT_LATENT_SIZE
     else:
-        size = int(config["latent_size"])
+        size = settings.latent_size
     return LatentTokens.from_tokenizer(tok, size)
 
 
@@ -143,29 +143,6 @@ def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: floa
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
-def _decode(tok, ids: list[int], lt: LatentTokens | None) -> str:
-    """Special tokens skipped; each span from `<|latent_start|>` through its pads/end is one marker."""
-    if lt is None:
-        return tok.decode(ids, skip_special_tokens=True)
-    parts: list[str] = []
-    segment: list[int] = []
-    in_span = False
-    for i in ids:
-        if i == lt.start_id:
-            parts.append(tok.decode(segment, skip_special_tokens=True))
-            parts.append(OUTPUT_IMAGE_MARKER)
-            segment = []
-            in_span = True
-        elif in_span and i in (lt.pad_id, lt.end_id):
-            if i == lt.end_id:
-                in_span = False
-        else:
-            in_span = False
-            segment.append(i)
-    parts.append(tok.decode(segment, skip_special_tokens=True))
-    return "".join(parts)
-
-
 @torch.no_grad()
 def generate_with_latents(
     model,
@@ -189,7 +166,7 @@ def generate_with_latents(
 
     `inputs`: mapping with input_ids, attention_mask and, for images, pixel_values,
     image_grid_thw, mm_token_type_ids. `latent_tokens=None` looks the tokens up in the
-    tokenizer with the latent size of `get_mirage_config(model)`; a tokenizer without them
+    tokenizer with the latent size of the model's Mirage settings; a tokenizer without them
     decodes as a plain model (with a warning). `eos_token_ids=None` means the tokenizer's EOS,
     `<|im_end|>` and the generation config's EOS ids; `[]` never stops early. `processor=None`
     decodes ids only (texts are empty), given latent_tokens, eos_token_ids and pad_token_id.
@@ -308,10 +285,8 @@ def generate_with_latents(
             n_gen += (~done).long()
 
             # State for the next step.
-            started = text_step & (token == start_id)
+            started, force_end, remaining = advance_spans(token, text_step, remaining, start_id, k)
             spans += started.long()
-            force_end = in_latent & (remaining == 1)
-            remaining = torch.where(started, k, remaining - in_latent.long())
             done = done | (text_step & torch.isin(token, eos_t))
 
             all_done, any_latent = torch.stack(
@@ -372,7 +347,7 @@ def generate_with_latents(
         raw_texts = texts = [""] * batch
     else:
         raw_texts = [tok.decode(s[:n], skip_special_tokens=False) for s, n in zip(seq_list, lengths)]
-        texts = [_decode(tok, s[:n], lt) for s, n in zip(seq_list, lengths)]
+        texts = [spans_to_markers(tok, s[:n], lt) for s, n in zip(seq_list, lengths)]
     return LatentGenerationOutput(
         sequences=sequences,
         latent_mask=latent_mask,

@@ -63,6 +63,17 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", encoding: str | None =
         raise
 
 
+def read_json(path: str | os.PathLike) -> dict:
+    """A JSON object from a file; anything else is one line naming the file."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MirageError(f"{path}: cannot read it as JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise MirageError(f"{path}: expected a JSON object")
+    return value
+
+
 def write_json(path: str | os.PathLike, obj, indent: int = 2) -> None:
     with atomic_file(path) as f:
         json.dump(obj, f, indent=indent, ensure_ascii=False)

@@ -12,7 +12,7 @@ import typing
 from pathlib import Path
 
 from .errors import MirageError
-from .models.loading import SUPPORTED_MODEL_TYPES
+from .models.processors import SUPPORTED_MODEL_TYPES
 
 
 def _fields(types) -> dict[str, dataclasses.Field]:
@@ -107,17 +107,18 @@ def parse_recipe_args(types, argv: list[str] | None = None):
 def check_model_source(name, flag: str = "--model_name_or_path") -> None:
     """A local model folder: a readable config.json of a supported vision-language model with well-typed Mirage
     settings and readable safetensors, or a PEFT adapter whose files are readable and whose base exists."""
-    from .models.load import _looks_like_hub_name, _read_json
+    from .io import read_json
+    from .models.resolve import looks_like_hub_name
 
     path = Path(str(name))
     if not path.exists():
-        if _looks_like_hub_name(str(name)):
+        if looks_like_hub_name(str(name)):
             return  # loaded from the Hub by name
         raise MirageError(f"{flag} {name}: no such model folder")
     if not path.is_dir():
         raise MirageError(f"{flag} {name}: is a file, expected a model folder")
     if (path / "adapter_config.json").is_file():
-        adapter = _read_json(path / "adapter_config.json")
+        adapter = read_json(path / "adapter_config.json")
         base = adapter.get("base_model_name_or_path")
         if not base:
             raise MirageError(
@@ -128,7 +129,7 @@ def check_model_source(name, flag: str = "--model_name_or_path") -> None:
         return
     if not (path / "config.json").is_file():
         raise MirageError(f"{flag} {path}: no config.json (not a model folder, nor an adapter)")
-    config = _read_json(path / "config.json")
+    config = read_json(path / "config.json")
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise MirageError(

@@ -2,28 +2,63 @@
 
 Usage:
     # tiny offline model on CPU (after `make demo` has made outputs/demo/stage2)
-    accelerate launch --cpu recipes/grpo_vsp.py --config recipes/vsp/grpo_tiny.yaml
+    accelerate launch --cpu recipes/grpo_vsp.py --config recipes/tiny/grpo/config_vsp_smoke.yaml
     # Qwen2.5-VL-7B-Instruct, LoRA, one or more GPUs with DeepSpeed ZeRO-2
     accelerate launch --config_file zero_configs/zero2.yaml recipes/grpo_vsp.py \
-        --config recipes/Qwen2.5-VL-7B-Instruct/grpo_vsp_lora.yaml
+        --config recipes/Qwen2.5-VL-7B-Instruct/grpo/config_vsp_lora.yaml
 Any YAML key can be overridden on the command line, e.g. `--num_generations 8`.
 """
 
 from trl import ModelConfig
 
-from mirage_trl.cli import run_recipe
 from mirage_trl.configs import MirageGRPOConfig, MirageScriptArguments
-from mirage_trl.grpo_script import run_grpo
-from mirage_trl.preflight import parse_recipe_args
+from mirage_trl.latent.settings import GRPO_STAGE
+from mirage_trl.models.load import load_for_training
+from mirage_trl.preflight import parse_recipe_args, preflight
+from mirage_trl.run import load_train_data, peft_config_for, push_outputs, run_recipe, save_outputs, train
+from mirage_trl.trainers.grpo import MirageGRPOTrainer
+
+BENCHMARK = None  # inferred from the rows: vsp_planning, vsp_reasoning or vsp_grounding (--benchmark wins)
 
 
-def main():
-    # Parse the YAML and the flags; every bad setting is one line, found before any model loads.
-    script_args, training_args, model_args = parse_recipe_args(
-        (MirageScriptArguments, MirageGRPOConfig, ModelConfig)
+def main(script_args, training_args, model_args):
+    # 1. Check every setting, path and logging backend before anything heavy.
+    preflight(script_args, training_args, model_args)
+
+    # 2. Data: the accuracy reward grades each row by its own `benchmark` column.
+    train_dataset, eval_dataset = load_train_data(script_args, BENCHMARK)
+
+    # 3. Model and processor: the stage-2 output (a LoRA adapter stays trainable; TRL keeps a frozen copy as
+    #    the KL reference).
+    model, processor = load_for_training(model_args.model_name_or_path, training_args, model_args)
+
+    # 4. Trainer: TRL's GRPOTrainer with latent rollouts; rewards from --reward_names / --reward_weights.
+    trainer = MirageGRPOTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=processor,
+        peft_config=peft_config_for(model, model_args),
     )
-    run_grpo(script_args, training_args, model_args, benchmark=None)
+
+    # 5. Train, resuming from the newest complete checkpoint in output_dir if there is one; save metrics and state.
+    train(trainer, training_args)
+
+    # 6. Save the model or adapter, the processor, the Mirage settings and the model card.
+    save_outputs(
+        trainer,
+        training_args.output_dir,
+        GRPO_STAGE,
+        model_args.model_name_or_path,
+        [script_args.dataset_name],
+    )
+
+    # 7. Push to the Hub when asked.
+    if training_args.push_to_hub:
+        push_outputs(trainer, script_args.dataset_name)
+    return trainer
 
 
 if __name__ == "__main__":
-    run_recipe(main)
+    run_recipe(lambda: main(*parse_recipe_args((MirageScriptArguments, MirageGRPOConfig, ModelConfig))))

@@ -33,7 +33,7 @@ def test_space_stats_by_hand():
 @pytest.fixture
 def triggered_model(tmp_path):
     """A tiny Mirage model that emits <|latent_start|> where its greedy pick for row 0's first step would be."""
-    from mirage_trl.evaluation import _left_pad, _prompt_encoder
+    from mirage_trl.evaluation import _prompt_encoder
     from mirage_trl.latent.tokens import add_latent_tokens
     from mirage_trl.models.tiny import build_tiny_model
 
@@ -52,7 +52,7 @@ def triggered_model(tmp_path):
 
     rows = load_rows(data, root=tmp_path, benchmark="vsp_planning")
     enc = _prompt_encoder(processor)
-    batch = _left_pad([enc.encode_prompt(r) for r in rows], enc.pad_id)
+    batch = enc.prompt_batch(rows)
     with torch.no_grad():
         logits = model(**batch).logits[0, -1]
         first = int(logits.argmax())

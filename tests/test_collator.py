@@ -11,7 +11,7 @@ import pytest
 import torch
 from stage1_utils import IGNORE, expected_layout, four_rows, make_images, make_row
 
-from mirage_trl.collator import MirageDataCollator
+from mirage_trl.data.collator import MirageDataCollator
 from mirage_trl.errors import MirageError
 from mirage_trl.latent.tokens import add_latent_tokens
 

@@ -1,7 +1,7 @@
 """Export, merge, upload and loading: round trips on the tiny model.
 
 A tiny Qwen2.5-VL is trained for 3 LoRA steps (lr 1e-2, so the LoRA weights and the latent-token
-rows really move) and saved the way the recipes save it (`scripts.save_outputs`, plus a
+rows really move) and saved the way the recipes save it (`run.save_outputs`, plus a
 `checkpoint-3` folder from the Trainer). The adapter export, the merged export and the
 checkpoint must decode (greedy, with latents) exactly like the in-memory trained model.
 """
@@ -26,7 +26,6 @@ from mirage_trl.cli import main as cli_main
 from mirage_trl.errors import MirageError
 from mirage_trl.export import export_model
 from mirage_trl.generation import generate_with_latents
-from mirage_trl.latent.feedback import SETTINGS_KEYS as SLOT_KEYS
 from mirage_trl.latent.model_utils import unwrap
 from mirage_trl.latent.tokens import LATENT_START, LATENT_TOKEN_NAMES
 from mirage_trl.models.load import load_model, resolve_model_dir
@@ -58,9 +57,9 @@ def trained(tmp_path_factory):
 
     from mirage_trl.configs import MirageSFTConfig
     from mirage_trl.data.reference import _features
-    from mirage_trl.models.loading import load_processor
+    from mirage_trl.models.processors import load_processor
     from mirage_trl.models.tiny import save_tiny_model
-    from mirage_trl.scripts import save_outputs
+    from mirage_trl.run import save_outputs
     from mirage_trl.trainers.sft import MirageSFTTrainer
 
     root = tmp_path_factory.mktemp("export")
@@ -109,7 +108,7 @@ def trained(tmp_path_factory):
 
 
 def _decode(model, processor, latent_tokens, rows):
-    from mirage_trl.collator import MirageDataCollator
+    from mirage_trl.data.collator import MirageDataCollator
 
     batch = MirageDataCollator(processor, latent_tokens).prompt_batch(rows)
     return generate_with_latents(
@@ -202,8 +201,9 @@ def test_merged_export_round_trip_and_rows(trained, reference, merged_export):
     config = json.loads((merged_export / "config.json").read_text())
     mirage = config["mirage"]
     assert mirage["latent_size"] == 4 and mirage["latent_tokens"] == list(LATENT_TOKEN_NAMES)
-    # the slot settings travel with the export (latent.feedback): plain latents, no rescaling here
-    assert set(mirage) <= {"latent_size", "latent_tokens", *SLOT_KEYS}
+    # config.json holds the model's part of the settings (latent.settings): plain latents, no rescaling here
+    slot_keys = {"latent_slot_input", "latent_feedback_norm", "latent_target_norm"}
+    assert set(mirage) == {"latent_size", "latent_tokens", *slot_keys}
     assert (
         mirage.get("latent_slot_input", "latent") == "latent" and mirage.get("latent_feedback_norm") is None
     )
@@ -239,7 +239,7 @@ def test_merged_export_round_trip_and_rows(trained, reference, merged_export):
 
     # Merged logits equal base + adapter (the adapter export loaded over its base).
     adapter_model, _ = load_model(trained["root"] / "export-adapter")
-    from mirage_trl.collator import MirageDataCollator
+    from mirage_trl.data.collator import MirageDataCollator
 
     batch = MirageDataCollator(processor, trained["trainer"].latent_tokens).prompt_batch(trained["rows"])
     kw = {
@@ -272,12 +272,12 @@ def test_resized_base_adapter_round_trip(tmp_path):
     from peft import LoraConfig
     from transformers import AutoModelForImageTextToText
 
-    from mirage_trl.collator import MirageDataCollator
     from mirage_trl.configs import MirageSFTConfig
+    from mirage_trl.data.collator import MirageDataCollator
     from mirage_trl.data.reference import _features
-    from mirage_trl.models.loading import load_processor
+    from mirage_trl.models.processors import load_processor
     from mirage_trl.models.tiny import save_tiny_model
-    from mirage_trl.scripts import save_outputs
+    from mirage_trl.run import save_outputs
     from mirage_trl.trainers.sft import MirageSFTTrainer
 
     base = save_tiny_model(tmp_path / "base", spare_rows=0)
@@ -376,7 +376,7 @@ def test_latent_size_disagreements(trained, merged_export, tmp_path):
     shutil.copytree(merged_export, bad)
     mirage = json.loads((bad / "mirage_config.json").read_text())
     (bad / "mirage_config.json").write_text(json.dumps(dict(mirage, latent_size=8)))
-    with pytest.raises(MirageError, match=r"latent size disagrees .*k=4.*k=8"):
+    with pytest.raises(MirageError, match=r"latent size disagrees .*k=8.*k=4"):
         load_model(bad)
     # config.json says k=4 but the tokenizer has no latent tokens
     no_tokens = tmp_path / "no-tokens"

@@ -519,15 +519,15 @@ def test_load_model_errors_and_plain_model_warning(tmp_path):
 def test_slot_settings_apply_at_decoding(setup, slots):
     """The model's saved slot settings reach decoding: each fed latent is the hidden state before its
     slot rescaled to the saved norm (feedback-norm matching), or zeros (markers-only control)."""
-    from mirage_trl.latent.tokens import get_mirage_config, set_mirage_config
+    from mirage_trl.latent.settings import MirageSettings
 
     model, processor, lt, batch = setup
-    saved = get_mirage_config(model)
+    saved = model.config.mirage
     try:
         if slots == "feedback_norm":
-            set_mirage_config(model, lt.latent_size, latent_feedback_norm=2.5)
+            MirageSettings.update(model, lt.latent_size, latent_feedback_norm=2.5)
         else:
-            set_mirage_config(model, lt.latent_size, latent_slot_input="zeros")
+            MirageSettings.update(model, lt.latent_size, latent_slot_input="zeros")
         out = generate_with_latents(
             model, processor, batch, max_new_tokens=STEPS, eos_token_ids=[], return_latents=True
         )

@@ -17,14 +17,15 @@ import numpy as np
 import pytest
 import torch
 
-from mirage_trl.collator import MirageDataCollator
 from mirage_trl.configs import MirageGRPOConfig
+from mirage_trl.data.collator import MirageDataCollator
 from mirage_trl.errors import MirageError
+from mirage_trl.latent.layout import slot_masks
 from mirage_trl.latent.model_utils import multimodal_model, unwrap
 from mirage_trl.latent.tokens import add_latent_tokens
 from mirage_trl.models.tiny import build_tiny_model
 from mirage_trl.rewards import REWARD_FUNCS
-from mirage_trl.trainers.grpo import MirageGRPOTrainer, latent_layout
+from mirage_trl.trainers.grpo import MirageGRPOTrainer
 
 K = 2
 TEMPERATURE = 0.7
@@ -215,7 +216,7 @@ def test_latent_layout_matches_decoder_walk(trainer):
     comps = completions(tokens, tok)
     C = max(map(len, comps))
     ids = torch.tensor([c + [tok.pad_token_id] * (C - len(c)) for c in comps])
-    slots, forced = latent_layout(ids, tokens)
+    slots, forced = slot_masks(ids, tokens)
     for i, c in enumerate(comps):
         exp_slots, exp_forced = _expected_masks(c, tokens)
         assert set(slots[i].nonzero().flatten().tolist()) == exp_slots

@@ -52,7 +52,7 @@ def run(tmp_path_factory):
         launch = [
             sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            str(REPO / "recipes/stage1_vsp.py"), "--config", str(REPO / "recipes/vsp/stage1_tiny.yaml"),
+            str(REPO / "recipes/stage1_vsp.py"), "--config", str(REPO / "recipes/tiny/stage1/config_vsp_smoke.yaml"),
             "--model_name_or_path", "tiny", "--dataset_name", "data/planning_train_cot.jsonl",
             "--output_dir", "run", "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1",
             "--per_device_train_batch_size", "2", "--hub_token", ARG_SECRET,

@@ -16,7 +16,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "stage1_vsp.py"
-TINY_YAML = REPO / "recipes" / "vsp" / "stage1_tiny.yaml"
+TINY_YAML = REPO / "recipes" / "tiny" / "stage1" / "config_vsp_smoke.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +157,7 @@ def test_shipped_7b_yamls_report_to_is_checked_before_loading(monkeypatch):
     from mirage_trl.errors import MirageError
     from mirage_trl.preflight import check_report_to
 
-    backends = {yaml.safe_load(p.read_text())["report_to"] for p in (REPO / "recipes").glob("*/*.yaml")} - {
+    backends = {yaml.safe_load(p.read_text())["report_to"] for p in (REPO / "recipes").glob("*/*/*.yaml")} - {
         "none"
     }
     assert backends == {"tensorboard"}

@@ -6,7 +6,7 @@ Each case asserts (a) one `MirageError` line naming the place (file:line:field, 
 docs/reliability.md lists every case with the test that proves it.
 
 Entry points: the loader (`load_reference_jsonl`), `mirage-trl data check|vsp|jigsaw`, `mirage-trl eval`,
-`mirage-trl export`, `load_model`, the collator, `MirageSFTTrainer`, and the recipes' `run_sft` with
+`mirage-trl export`, `load_model`, the collator, `MirageSFTTrainer`, and the recipes' `main` with
 TrlParser-built arguments (in-process; one subprocess shows what a recipe user sees).
 Slow setups (tiny models, generated data) are built once per module.
 """
@@ -258,11 +258,11 @@ def test_bad_data_file(env, tmp_path, capsys, case, entry):
         )
         assert_cli_error(rc, err, "eval", pattern)
     else:  # the stage-1 recipe in-process: what recipes/stage1_vsp.py runs after TrlParser
-        from mirage_trl.scripts import run_sft
+        from helpers import recipe_main
 
         script_args, training_args, model_args = _recipe_args(_recipe_argv(env, path, out))
         with pytest.raises(MirageError, match=pattern):
-            run_sft(script_args, training_args, model_args, stage=1)
+            recipe_main("stage1_vsp")(script_args, training_args, model_args)
     assert not out.exists()
 
 
@@ -290,7 +290,7 @@ def test_broken_image(env, tmp_path, capsys, kind, field, entry):
         assert_cli_error(rc, err, "data", rf"bad\.jsonl:2:{field}: {reason}:? .*{kind}\.png")
         assert "all valid" not in stdout
     elif entry == "collator":
-        from mirage_trl.collator import MirageDataCollator
+        from mirage_trl.data.collator import MirageDataCollator
         from mirage_trl.data.reference import load_reference_jsonl
         from mirage_trl.latent.tokens import LatentTokens
 
@@ -404,7 +404,7 @@ def test_latent_size_disagreeing_with_checkpoint(env, rows, tmp_path, capsys):
     from transformers import AutoModelForImageTextToText
 
     from mirage_trl.models.load import load_model
-    from mirage_trl.models.loading import load_processor
+    from mirage_trl.models.processors import load_processor
 
     mirage = env["mirage"]
     model = AutoModelForImageTextToText.from_pretrained(mirage)
@@ -419,13 +419,13 @@ def test_latent_size_disagreeing_with_checkpoint(env, rows, tmp_path, capsys):
     rc, _, err = run_cli(["export", "--model", mirage, "--out", tmp_path / "x", "--latent-size", "3"], capsys)
     assert_cli_error(rc, err, "export", r"mirage: latent_size=3 disagrees")
     # The recipe path: the checkpoint's k against --latent_size.
-    from mirage_trl.scripts import run_sft
+    from helpers import recipe_main
 
     script_args, training_args, model_args = _recipe_args(
         _recipe_argv(env, env["data"], tmp_path / "r", "--latent_size", "4")
     )
     with pytest.raises(MirageError, match=r"latent_size=4 disagrees"):
-        run_sft(script_args, training_args, model_args, stage=2)
+        recipe_main("stage2_vsp")(script_args, training_args, model_args)
     assert not (tmp_path / "x").exists() and no_checkpoint(tmp_path / "out") and no_checkpoint(tmp_path / "r")
 
 
@@ -494,11 +494,11 @@ def test_unknown_benchmark(env, tmp_path, capsys):
         capsys,
     )
     assert_cli_error(rc, err, "eval", f"unknown benchmark 'maze'; valid: {valid}")
-    from mirage_trl.scripts import run_sft
+    from helpers import recipe_main
 
     args = _recipe_args(_recipe_argv(env, env["data"], tmp_path / "r", "--benchmark", "maze"))
     with pytest.raises(MirageError, match="unknown benchmark 'maze'"):
-        run_sft(*args, stage=1)
+        recipe_main("stage1_vsp")(*args)
     assert not (tmp_path / "e").exists() and not (tmp_path / "r").exists()
 
 
@@ -638,13 +638,13 @@ def test_cli_subprocess_one_line_and_debug_shows_trace(env, tmp_path):
 
 def test_recipe_subprocess_one_line_through_run_recipe(env, tmp_path):
     """What a recipe user sees, with the recipe file run as `python recipes/stage1_vsp.py` does, under
-    `mirage_trl.cli.run_recipe` (proposed for every recipe's __main__)."""
+    `mirage_trl.run.run_recipe` (every recipe's __main__)."""
     bad, pattern = _missing_field(env, tmp_path)
     out = tmp_path / "run"
     argv = [
         "stage1_vsp.py",
         "--config",
-        str(REPO / "recipes/vsp/stage1_tiny.yaml"),
+        str(REPO / "recipes/tiny/stage1/config_vsp_smoke.yaml"),
         "--dataset_name",
         str(bad),
         "--model_name_or_path",
@@ -656,7 +656,7 @@ def test_recipe_subprocess_one_line_through_run_recipe(env, tmp_path):
     ]
     code = (
         "import runpy, sys\n"
-        "from mirage_trl.cli import run_recipe\n"
+        "from mirage_trl.run import run_recipe\n"
         f"sys.argv = {argv!r}\n"
         f"run_recipe(lambda: runpy.run_path({str(REPO / 'recipes/stage1_vsp.py')!r}, run_name='__main__'))\n"
     )
@@ -674,7 +674,7 @@ def test_recipe_subprocess_one_line_through_run_recipe(env, tmp_path):
 
 
 def test_run_recipe_debug_env_shows_trace(monkeypatch, capsys):
-    from mirage_trl.cli import run_recipe
+    from mirage_trl.run import run_recipe
 
     def boom():
         raise MirageError("x.jsonl:3:text_input: missing required field")
@@ -889,8 +889,7 @@ def test_no_trust_remote_code_in_the_source():
 def test_loaders_pass_trust_remote_code_false(env, monkeypatch):
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
 
-    from mirage_trl.models.load import load_model
-    from mirage_trl.models.training import load_for_training
+    from mirage_trl.models.load import load_for_training, load_model
 
     seen = []
     for cls in (AutoConfig, AutoTokenizer, AutoModelForImageTextToText):

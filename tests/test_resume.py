@@ -173,8 +173,8 @@ def test_resume_with_another_latent_size_is_refused(dataset, tmp_path):
 
 
 def test_checkpoint_latent_size_check(dataset, tmp_path):
-    """The check the trainer should call on resume (mirage_trl.latent.tokens.check_checkpoint_latent_size)."""
-    from mirage_trl.latent.tokens import check_checkpoint_latent_size
+    """The check the trainer should call on resume (mirage_trl.latent.settings.check_checkpoint_latent_size)."""
+    from mirage_trl.latent.settings import check_checkpoint_latent_size
 
     ckpt = tmp_path / "checkpoint-2"
     ckpt.mkdir()

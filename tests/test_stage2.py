@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from mirage_trl.errors import MirageError
+from mirage_trl.latent.layout import span_text
 from mirage_trl.latent.model_utils import multimodal_model, unwrap
 from mirage_trl.latent.stage2 import (
     METHODS,
@@ -70,7 +71,7 @@ def _messages(i, n_spans, n_words, image, tokens):
     parts = []
     for s in range(n_spans):
         parts.append(" ".join(WORDS[(i + s) % 7 : (i + s) % 7 + 2 + s]))
-        parts.append(tokens.span_text())
+        parts.append(span_text(tokens.latent_size))
     parts.append(" ".join(WORDS[:n_words]) + " \\boxed{A}")
     user = [{"type": "text", "text": "Plan the path " * (1 + i % 2)}]
     if image:
@@ -497,16 +498,16 @@ def test_slot_settings_match_reference(method, slots):
     """Feedback-norm matching (every fed hidden state rescaled to norm 3) and the markers-only control
     (zeros at every slot), set in the model's Mirage settings as a trained model carries them: loss,
     gradients and fed latents equal the per-sample reference with the same rule written out here."""
-    from mirage_trl.latent.tokens import set_mirage_config
+    from mirage_trl.latent.settings import MirageSettings
 
     model, processor, tokens = fresh()
     if slots == "feedback_norm":
-        set_mirage_config(model, K, latent_feedback_norm=3.0, latent_target_norm=3.0)
+        MirageSettings.update(model, K, latent_feedback_norm=3.0, latent_target_norm=3.0)
 
         def feed(h):
             return h / h.norm(dim=-1, keepdim=True) * 3.0
     else:
-        set_mirage_config(model, K, latent_slot_input="zeros")
+        MirageSettings.update(model, K, latent_slot_input="zeros")
 
         def feed(h):
             return h * 0.0

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 
 from ..errors import MirageError
@@ -74,23 +73,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mirage-trl {args.command}: interrupted", file=sys.stderr)
         return 130
     return int(rc or 0)
-
-
-def run_recipe(main_fn, prog: str | None = None):
-    """Run a recipe's `main()` the way the `mirage-trl` command runs a subcommand.
-
-    A `MirageError` (bad data, a bad flag, a latent size that disagrees with the checkpoint, a
-    non-finite loss) becomes one line `<recipe>: error: ...` on stderr and exit code 2, instead of
-    a stack trace. Set `MIRAGE_TRL_DEBUG=1` to see the trace (`--debug` is TrainingArguments' own flag).
-    """
-    prog = prog or os.path.basename(sys.argv[0]) or "recipe"
-    try:
-        return main_fn()
-    except MirageError as e:
-        if os.environ.get("MIRAGE_TRL_DEBUG", "") not in ("", "0"):
-            raise
-        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -327,6 +327,25 @@ def load_reference_jsonl(
     return Dataset.from_list(load_rows(path, root, benchmark, check_images), features=_features())
 
 
+def require_helper_images(dataset, stage: int) -> None:
+    """Raise naming the first row without helper images when `stage` needs them (stage 1)."""
+    from ..latent.settings import STAGE1, STAGES
+
+    if stage not in STAGES:
+        raise MirageError(f"unknown stage {stage!r}; valid: {', '.join(map(str, STAGES))}")
+    if stage != STAGE1:  # stage 1 supervises latents with helper-image features; later stages feed their own
+        return
+    # A Dataset: read one Arrow column instead of decoding every row; a list of row dicts works too.
+    helpers = [r["helper_images"] for r in dataset] if isinstance(dataset, list) else dataset["helper_images"]
+    for i, paths in enumerate(helpers):
+        if not paths:
+            source = dataset[i]["source"]
+            raise MirageError(
+                f"{source}: stage {stage} needs helper images (<output_image> markers with image_output), "
+                "this row has none"
+            )
+
+
 def strip_latent_markers(row: dict) -> dict:
     """Text-only baseline: the same row without `<output_image>` markers and helper images."""
     messages = []

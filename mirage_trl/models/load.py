@@ -1,258 +1,97 @@
-"""Resolve and load a trained Mirage model for latent decoding: one loader for every caller
-(`mirage_trl.load_model`, `mirage-trl eval`, export, analysis).
+"""One loader for every model mirage-trl reads: a base checkpoint (by name or path), a full Mirage
+model, a LoRA adapter over its base, a training output or a `checkpoint-N` folder, for training
+(`load_for_training`: an adapter stays trainable) and for decoding (`load_model`, used by
+`mirage_trl.load_model`, `mirage-trl eval`, export and analysis).
 
-`resolve_model_dir` says what a folder is: a full model, a LoRA adapter (with its base), a
-stage-1/2 training output or a `checkpoint-N` folder of one, and checks that its latent settings
-agree with its tokenizer. Where the Mirage settings of a folder come from, first found wins (all
-found must agree): config.json "mirage" (full models), mirage_config.json in the folder,
-mirage_config.json of the training output a `checkpoint-N` folder sits in, the base model's
-config.json "mirage" (adapters), the `latent_size` saved in training_args.bin (read without
-unpickling), an explicit `latent_size`. A hub name is loaded as it is; a tokenizer without the
-latent tokens then decodes as a plain model, with a warning.
+What a folder is and which Mirage settings it has is `models.resolve`'s answer; the processor is
+`models.processors`'. Loading an adapter restores the latent-token rows its base had when training
+began (see `restore_latent_rows`) and puts the adapter's Mirage settings on the model.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import pickletools
+import logging
 import re
 import warnings
-import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import MirageError
-from ..latent.tokens import CONFIG_KEY, LATENT_TOKEN_NAMES, check_latent_size, set_mirage_config
+from ..latent.settings import MirageSettings, check_model_latent_size
+from ..latent.tokens import LATENT_TOKEN_NAMES
+from .processors import load_processor, processor_class
+from .resolve import ModelSource, is_adapter_dir, looks_like_hub_name, resolve_model_dir
 
-MIRAGE_FILE = "mirage_config.json"
-_INT_OPS = {"BININT", "BININT1", "BININT2", "INT", "LONG1", "LONG"}
-_MEMO_OPS = {"BINPUT", "LONG_BINPUT", "MEMOIZE", "PUT"}
-
-
-# ---------------------------------------------------------------------------------------- resolving
-@dataclass
-class ModelSource:
-    """What a folder holds, as far as loading and exporting it is concerned."""
-
-    path: Path
-    kind: str  # "full" or "adapter"
-    base: str | None  # the base model of an adapter
-    latent_size: int | None  # None: not a Mirage model (only with require_mirage=False)
-    mirage: dict = field(
-        default_factory=dict
-    )  # merged settings: latent_size, latent_tokens, stages, base_model, ...
-    checkpoint: bool = False  # a Trainer `checkpoint-N` folder
-    tokenizer_dir: Path | None = None
-
-    @property
-    def is_adapter(self) -> bool:
-        return self.kind == "adapter"
+logger = logging.getLogger(__name__)
 
 
-def _read_json(path: Path) -> dict:
+def torch_dtype(value, flag: str = "--dtype"):
+    """A torch dtype from a name ("bfloat16", ...), a dtype, or "auto"; None stays None."""
+    import torch
+
+    if value is None or value == "auto" or isinstance(value, torch.dtype):
+        return value
+    dtype = getattr(torch, str(value), None)
+    if not isinstance(dtype, torch.dtype):
+        raise MirageError(f"{flag} {value!r} is not a torch dtype (use bfloat16, float16, float32 or auto)")
+    return dtype
+
+
+def _from_pretrained(name: str, trust_remote_code: bool = False, where: str | None = None, **kwargs):
+    from transformers import AutoModelForImageTextToText
+
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MirageError(f"{path}: cannot read it as JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise MirageError(f"{path}: expected a JSON object")
-    return value
+        return AutoModelForImageTextToText.from_pretrained(
+            name, trust_remote_code=trust_remote_code, **kwargs
+        )
+    except OSError as exc:  # offline, no such repo, gated without a token: one line, no token in it
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise MirageError(f"{where or name}: cannot load the model {name} ({reason})") from None
 
 
-def _is_checkpoint(path: Path) -> bool:
-    return re.fullmatch(r"checkpoint-\d+", path.name) is not None
+def _model_type(name: str, trust_remote_code: bool) -> str:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code).model_type
 
 
-def _latent_size_from_training_args(path: Path) -> tuple[int | None, int | None]:
-    """(latent_size, stage) saved by the Trainer in training_args.bin, read from the pickle's opcodes.
-
-    Nothing is unpickled (no code runs): the args dataclass is pickled as a dict of field names
-    followed by their values, so the int after the string 'latent_size' is the latent size.
-    """
-    found: dict[str, int] = {}
-    try:
-        with zipfile.ZipFile(path) as z:
-            names = [n for n in z.namelist() if n.endswith("data.pkl")]
-            if not names:
-                return None, None
-            ops = list(pickletools.genops(z.read(names[0])))
-    except (OSError, zipfile.BadZipFile, ValueError):
-        return None, None
-    for i, (_op, arg, _pos) in enumerate(ops):
-        if arg in ("latent_size", "stage") and arg not in found:
-            for op, value, _ in ops[i + 1 : i + 4]:
-                if op.name in _MEMO_OPS:
-                    continue
-                if op.name in _INT_OPS and isinstance(value, int):
-                    found[arg] = value
-                break
-    return found.get("latent_size"), found.get("stage")
-
-
-def _tokenizer_vocab(folder: str | Path) -> dict[str, int]:
+def _base_vocab(base, trust_remote_code: bool = False) -> dict[str, int] | None:
+    """The base model's own tokenizer vocabulary, from local files only; None when there is none."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(folder)).get_vocab()
-    except (OSError, ValueError) as exc:
-        raise MirageError(f"{folder}: cannot load its tokenizer ({str(exc).splitlines()[0]})") from None
+        return AutoTokenizer.from_pretrained(
+            str(base), local_files_only=True, trust_remote_code=trust_remote_code
+        ).get_vocab()
+    except (OSError, ValueError, TypeError):
+        return None
 
 
-def _text_vocab_size(config: dict) -> int | None:
-    text = config.get("text_config") or {}
-    return text.get("vocab_size") or config.get("vocab_size")
+def restore_latent_rows(model, tokenizer, base, trust_remote_code: bool = False) -> list[int]:
+    """Give the latent-token rows of an adapter's base the values training started from.
 
-
-def resolve_model_dir(path, latent_size: int | None = None, require_mirage: bool = True) -> ModelSource:
-    """Describe a local model / adapter / checkpoint folder and check its Mirage settings (see module doc).
-
-    Raises `MirageError` naming the path for: no such folder; neither config.json nor
-    adapter_config.json; an adapter whose base is unknown; settings that disagree between files
-    or with an explicit `latent_size`; settings without latent tokens in the tokenizer; latent
-    tokens without a latent size; latent token ids beyond the model's embedding; and, when
-    `require_mirage`, a folder with neither latent tokens nor Mirage settings.
+    Stage 1 (`add_latent_tokens`) sets the embedding and LM-head rows of latent tokens the base
+    tokenizer lacked to the mean of the rows below them, after resizing the vocabulary when the
+    base had no spare rows. PEFT saves only the trained values of those rows (trainable tokens),
+    not the rows they replaced, so a reload would otherwise keep whatever the base has there
+    (a resize's random rows, or the checkpoint's spare rows): the same outputs with the adapter
+    on, others with it off (`disable_adapter`, unmerge) and other `trainable_tokens_original`.
+    Which tokens were new: those missing from the base tokenizer (from `base`'s local files), or,
+    without one, all of them unless the base config already records Mirage settings.
+    Call it before the adapter's Mirage settings are put on `model`. Returns the rows set.
     """
-    p = Path(path)
-    if not p.is_dir():
-        raise MirageError(f"{p}: no such model folder")
-    adapter_cfg = p / "adapter_config.json"
-    config_file = p / "config.json"
-    if adapter_cfg.is_file():
-        kind = "adapter"
-    elif config_file.is_file():
-        kind = "full"
+    from ..latent.tokens import _make_room
+
+    vocab = tokenizer.get_vocab()
+    if any(t not in vocab for t in LATENT_TOKEN_NAMES):
+        return []
+    base_vocab = _base_vocab(base, trust_remote_code)
+    if base_vocab is None:
+        new_ids = [] if MirageSettings.of_model(model) else [vocab[t] for t in LATENT_TOKEN_NAMES]
     else:
-        raise MirageError(
-            f"{p} is neither a model folder (no config.json) nor a PEFT adapter folder (no adapter_config.json)"
-        )
-    checkpoint = _is_checkpoint(p)
-    if checkpoint and not (p / "trainer_state.json").is_file():
-        from ..checkpoints import check_resume_checkpoint
-
-        check_resume_checkpoint(str(p), flag="--model")  # a partial checkpoint: names the newest complete one
-
-    # Every place that may state the latent size, with a name for the error messages.
-    sources: list[tuple[str, dict]] = []
-    config = _read_json(config_file) if kind == "full" else {}
-    if isinstance(config.get(CONFIG_KEY), dict):
-        sources.append((f"{config_file} '{CONFIG_KEY}'", config[CONFIG_KEY]))
-    own_file = p / MIRAGE_FILE
-    mirage_files = [own_file] + ([p.parent / MIRAGE_FILE] if checkpoint else [])
-    extra: dict = {}
-    for f in mirage_files:
-        if f.is_file():
-            value = _read_json(f)
-            sources.append((str(f), value))
-            for key, v in value.items():
-                extra.setdefault(key, v)
-
-    base = None
-    base_config: dict = {}
-    if kind == "adapter":
-        base = _read_json(adapter_cfg).get("base_model_name_or_path") or extra.get("base_model")
-        if not base:
-            raise MirageError(
-                f"{p}: adapter_config.json names no base model (base_model_name_or_path) and no {MIRAGE_FILE} "
-                "gives one; cannot load the adapter"
-            )
-        if Path(base, "config.json").is_file():
-            base_config = _read_json(Path(base, "config.json"))
-            if isinstance(base_config.get(CONFIG_KEY), dict):
-                sources.append(
-                    (f"{Path(base, 'config.json')} '{CONFIG_KEY}' (the base model)", base_config[CONFIG_KEY])
-                )
-        elif not _looks_like_hub_name(str(base)):
-            raise MirageError(f"{p}: its base model {base!r} is not a folder or a hub model name")
-
-    sizes = [(name, int(v["latent_size"])) for name, v in sources if v.get("latent_size") is not None]
-    if not sizes and (p / "training_args.bin").is_file():
-        saved, _stage = _latent_size_from_training_args(p / "training_args.bin")
-        if saved is not None:
-            sizes.append((f"{p / 'training_args.bin'} (latent_size)", saved))
-    # The folder's own settings must agree; a base model's stage-1 size must agree as well (same tokens).
-    for name, size in sizes[1:]:
-        if size != sizes[0][1]:
-            raise MirageError(
-                f"{p}: latent size disagrees between {sizes[0][0]} (k={sizes[0][1]}) and {name} (k={size})"
-            )
-    if latent_size is not None and sizes and int(latent_size) != sizes[0][1]:
-        raise MirageError(
-            f"{p}: latent_size={latent_size} disagrees with {sizes[0][0]} (k={sizes[0][1]}); use the trained latent size"
-        )
-    k = sizes[0][1] if sizes else (int(latent_size) if latent_size is not None else None)
-    for name, value in sources:
-        names = value.get("latent_tokens")
-        if names is not None and list(names) != list(LATENT_TOKEN_NAMES):
-            raise MirageError(f"{p}: {name} names latent tokens {names}, expected {list(LATENT_TOKEN_NAMES)}")
-
-    tokenizer_dir = (
-        p if (p / "tokenizer_config.json").is_file() else (Path(base) if base and Path(base).is_dir() else p)
-    )
-    vocab = _tokenizer_vocab(tokenizer_dir)
-    missing = [t for t in LATENT_TOKEN_NAMES if t not in vocab]
-    if missing and k is None:
-        if require_mirage:
-            raise MirageError(
-                f"{p} is not a Mirage model: its tokenizer has no latent tokens {list(LATENT_TOKEN_NAMES)} "
-                f"and no latent size is saved with it (config.json '{CONFIG_KEY}' or {MIRAGE_FILE})"
-            )
-        return ModelSource(p, kind, base, None, dict(extra), checkpoint, tokenizer_dir)
-    if missing:
-        raise MirageError(
-            f"{p}: {sizes[0][0] if sizes else 'latent_size'} says latent size k={k}, but the tokenizer in {tokenizer_dir} "
-            f"lacks the latent tokens {missing}"
-        )
-    if k is None:
-        raise MirageError(
-            f"{p}: the tokenizer has the latent tokens but no latent size is saved with the model "
-            f"(no config.json '{CONFIG_KEY}', no {MIRAGE_FILE}); pass the trained latent size (--latent-size)"
-        )
-    if k < 1:
-        raise MirageError(f"{p}: latent size must be >= 1, got {k}")
-    rows = _text_vocab_size(config if kind == "full" else base_config)
-    top = max(vocab[t] for t in LATENT_TOKEN_NAMES)
-    if kind == "full" and rows is not None and top >= rows:
-        raise MirageError(
-            f"{p}: the latent token id {top} is beyond the model's embedding ({rows} rows): tokenizer and weights disagree"
-        )
-    mirage = dict(extra)
-    mirage.update(latent_size=k, latent_tokens=list(LATENT_TOKEN_NAMES))
-    return ModelSource(p, kind, base, k, mirage, checkpoint, tokenizer_dir)
-
-
-def portable_model_ref(name) -> str:
-    """How a saved file names another model: an absolute path for a local folder (valid from any working
-    directory), a Hub id as it is."""
-    return str(Path(name).resolve()) if Path(str(name)).exists() else str(name)
-
-
-def _looks_like_hub_name(name: str) -> bool:
-    """`org/name` that is not a path: never absolute, never `./...`, and its first part is not a local
-    folder, so `outputs/exprot` (a typo under an existing `outputs/`) fails at once instead of waiting on
-    the Hub."""
-    return (
-        not os.path.isabs(name)
-        and not name.startswith(".")
-        and name.count("/") == 1
-        and not name.endswith("/")
-        and not Path(name).exists()
-        and not Path(name.split("/", 1)[0]).is_dir()
-    )
-
-
-# ---------------------------------------------------------------------------------------- loading
-def _dtype(dtype):
-    import torch
-
-    if dtype in (None, "auto"):
-        return "auto"
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    value = getattr(torch, str(dtype), None)
-    if not isinstance(value, torch.dtype):
-        raise MirageError(f"unknown dtype {dtype!r}; use float32, bfloat16, float16 or auto")
-    return value
+        new_ids = [vocab[t] for t in LATENT_TOKEN_NAMES if t not in base_vocab]
+    new_ids = sorted(set(new_ids))
+    _make_room(model, tokenizer, new_ids)  # resizes when needed; mean init of the new rows
+    return new_ids
 
 
 def _adapter_embedding_rows(adapter_dir: Path) -> int | None:
@@ -269,55 +108,82 @@ def _adapter_embedding_rows(adapter_dir: Path) -> int | None:
     return None
 
 
-def _load_source(src: ModelSource, dtype=None, trust_remote_code: bool = False):
-    """(model, processor, resized): a full model, or an adapter (PeftModel) over its base; eval mode."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    from ..latent.feedback import slot_settings
-    from ..latent.tokens import set_mirage_config
-    from .loading import load_processor
-
-    torch_dtype = _dtype(dtype)
+def load_source(src: ModelSource, *, trainable: bool = False, trust_remote_code: bool = False, **kwargs):
+    """(model, processor, resized) of a resolved folder: a full model, or an adapter (PeftModel) over
+    its base; `trainable` keeps an adapter trainable (stage 2 and GRPO continue it), otherwise eval mode.
+    `kwargs` go to `from_pretrained` (dtype, quantization, attention, revision)."""
     name = str(src.base if src.is_adapter else src.path)
-    model_type = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code).model_type
-    from .loading import processor_class
-
     try:  # a text-only model (no vision tower): say which folder, before anything loads
+        model_type = _model_type(name, trust_remote_code)
         processor_class(model_type)
     except MirageError as exc:
         raise MirageError(f"{src.path}: {exc}") from None
     processor = load_processor(
         str(src.tokenizer_dir or src.path), model_type=model_type, trust_remote_code=trust_remote_code
     )
-    try:
-        model = AutoModelForImageTextToText.from_pretrained(
-            name, dtype=torch_dtype, trust_remote_code=trust_remote_code
-        )
-    except OSError as exc:
-        raise MirageError(f"{src.path}: cannot load the model {name} ({str(exc).splitlines()[0]})") from None
+    model = _from_pretrained(name, trust_remote_code, where=str(src.path), **kwargs)
     resized = False
     if src.is_adapter:
         from peft import PeftModel
 
+        saved_rows = _adapter_embedding_rows(src.path)
         rows = model.get_input_embeddings().weight.shape[0]
-        want = _adapter_embedding_rows(src.path) or max(rows, len(processor.tokenizer))
+        want = saved_rows or max(rows, len(processor.tokenizer))
         if want != rows:
             model.resize_token_embeddings(want, mean_resizing=False)
-            resized = True
-        from .loading import restore_latent_rows
-
         restore_latent_rows(model, processor.tokenizer, src.base, trust_remote_code)  # rows as training began
-        if src.latent_size is not None:
-            set_mirage_config(model, src.latent_size, **slot_settings(src.mirage))
-        model = PeftModel.from_pretrained(model, str(src.path), is_trainable=False)
-        resized = resized or _adapter_embedding_rows(src.path) is not None
-    elif src.latent_size is not None:
+        if src.settings is not None:
+            src.settings.save_to(model)
+        model = PeftModel.from_pretrained(model, str(src.path), is_trainable=trainable)
+        resized = want != rows or saved_rows is not None
+        if trainable:
+            logger.info("continuing the LoRA adapter of %s over %s", src.path, src.base)
+    elif src.settings is not None:
         if len(processor.tokenizer) > model.get_input_embeddings().weight.shape[0]:
             raise MirageError(
                 f"{src.path}: the tokenizer has more tokens than the model's embedding has rows"
             )
-        set_mirage_config(model, src.latent_size, **slot_settings(src.mirage))
-    return model.eval(), processor, resized
+        src.settings.save_to(model)
+    return (model if trainable else model.eval()), processor, resized
+
+
+def _training_kwargs(model_args) -> tuple[dict, bool]:
+    """`from_pretrained` arguments from TRL's `ModelConfig` (dtype, revision, attention, quantization)."""
+    if model_args is None:
+        return {}, False
+    from trl import get_quantization_config
+
+    kwargs = {
+        "revision": model_args.model_revision,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": torch_dtype(getattr(model_args, "dtype", None), flag="--dtype"),
+    }
+    quantization = get_quantization_config(model_args)
+    if quantization is not None:
+        import torch
+        from accelerate import PartialState
+
+        kwargs["quantization_config"] = quantization
+        # Quantized weights are placed at load time: each process takes its own GPU.
+        kwargs["device_map"] = {"": PartialState().local_process_index} if torch.cuda.is_available() else None
+    return {k: v for k, v in kwargs.items() if v is not None}, bool(
+        getattr(model_args, "trust_remote_code", False)
+    )
+
+
+def load_for_training(name_or_path: str, args=None, model_args=None):
+    """(model, processor) to train: a base model by name or path, a full stage-1 output, or the LoRA
+    adapter of a previous stage (continued, still trainable)."""
+    kwargs, trust = _training_kwargs(model_args)
+    trust = trust or bool(getattr(args, "trust_remote_code", False))
+    name = str(name_or_path)
+    if is_adapter_dir(name):
+        model, processor, _ = load_source(
+            resolve_model_dir(name, require_mirage=False), trainable=True, trust_remote_code=trust, **kwargs
+        )
+        return model, processor
+    model = _from_pretrained(name, trust, **kwargs)
+    return model, load_processor(name, model_type=model.config.model_type, trust_remote_code=trust)
 
 
 def load_model(
@@ -332,53 +198,45 @@ def load_model(
     """(model, processor) ready for `generate_with_latents`.
 
     `path_or_name`: a merged/full Mirage model folder, an adapter folder (loaded over its base,
-    as a `PeftModel`), a training output or a `checkpoint-N` folder; a hub name goes through
-    `_load_hub`. A folder that is not a Mirage model (when
-    `require_mirage`) or whose latent size disagrees with its tokenizer or another saved setting
-    raises `MirageError`.
+    as a `PeftModel`), a training output or a `checkpoint-N` folder, or a hub name (loaded as it is).
+    A folder that is not a Mirage model (when `require_mirage`) or whose latent size disagrees with
+    its tokenizer or another saved setting raises `MirageError`.
     """
     name = str(path_or_name)
+    dtype = torch_dtype(dtype, flag="dtype") or "auto"
     if not Path(name).is_dir():
-        if Path(name).exists() or not _looks_like_hub_name(name):
+        if Path(name).exists() or not looks_like_hub_name(name):
             raise MirageError(f"{name}: not a model folder, an adapter folder or a hub model name (org/name)")
-        return _load_hub(
-            name, dtype=dtype, device=device, latent_size=latent_size, trust_remote_code=trust_remote_code
+        model, processor = _load_hub(
+            name, dtype=dtype, latent_size=latent_size, trust_remote_code=trust_remote_code
         )
-    src = resolve_model_dir(name, latent_size=latent_size, require_mirage=require_mirage)
-    if src.latent_size is None:  # only reachable with require_mirage=False (baselines, plain models)
-        warnings.warn(
-            f"{name}: the tokenizer has no latent tokens; it decodes as a plain model", stacklevel=2
-        )
-    model, processor, _ = _load_source(src, dtype=dtype, trust_remote_code=trust_remote_code)
+    else:
+        src = resolve_model_dir(name, latent_size=latent_size, require_mirage=require_mirage)
+        if src.settings is None:  # only reachable with require_mirage=False (baselines, plain models)
+            warnings.warn(
+                f"{name}: the tokenizer has no latent tokens; it decodes as a plain model", stacklevel=2
+            )
+        model, processor, _ = load_source(src, dtype=dtype, trust_remote_code=trust_remote_code)
     if device is not None:
         model.to(device)
     return model, processor
 
 
-def _load_hub(name, *, dtype=None, device=None, latent_size=None, trust_remote_code=False):
+def _load_hub(name, *, dtype, latent_size=None, trust_remote_code=False):
     """A model by hub name: loaded as it is, its Mirage settings checked when it has them."""
-    from transformers import AutoModelForImageTextToText
-
-    from .loading import load_processor
-
+    model = _from_pretrained(name, trust_remote_code, where=name, dtype=dtype)
     try:
-        model = AutoModelForImageTextToText.from_pretrained(
-            name, dtype=_dtype(dtype), trust_remote_code=trust_remote_code
-        )
         processor = load_processor(name, trust_remote_code=trust_remote_code)
-    except OSError as e:  # offline, no such repo, gated without a token: one line, no token in it
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise MirageError(f"{name}: cannot load it from the Hub ({reason})") from None
+    except OSError as exc:
+        raise MirageError(f"{name}: cannot load its processor ({str(exc).splitlines()[0]})") from None
     vocab = processor.tokenizer.get_vocab()
     if any(t not in vocab for t in LATENT_TOKEN_NAMES):
         warnings.warn(
             f"{name}: the tokenizer has no latent tokens; it decodes as a plain model", stacklevel=3
         )
     elif latent_size is not None:
-        check_latent_size(model, latent_size)
-        set_mirage_config(model, latent_size)
-    if device is not None:
-        model.to(device)
+        check_model_latent_size(model, latent_size)
+        MirageSettings.update(model, latent_size)
     return model.eval(), processor
 
 
@@ -393,7 +251,7 @@ def load_checkpoint_weights(model, checkpoint_dir) -> bool:
     from ..latent.model_utils import unwrap
 
     folder = Path(checkpoint_dir)
-    if (folder / "adapter_config.json").is_file() or not (
+    if is_adapter_dir(folder) or not (
         (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
     ):
         return False

@@ -182,7 +182,7 @@ def build_tiny_image_processor(image_pixels: str = "demo"):
 
 def build_tiny_processor(model_type: str = "qwen2_5_vl", tokenizer=None, image_pixels: str = "demo"):
     """A processor without a video processor (torchvision is not installed here)."""
-    from .loading import processor_class
+    from .processors import processor_class
 
     tokenizer = tokenizer or build_tiny_tokenizer()
     cls = processor_class(model_type)

@@ -17,7 +17,8 @@ from transformers import TrainerCallback
 
 from ..errors import MirageError
 from ..latent.model_utils import unwrap, vision_tower
-from ..latent.tokens import LATENT_TOKEN_NAMES, LatentTokens, add_latent_tokens, check_latent_size
+from ..latent.settings import MirageSettings, check_model_latent_size
+from ..latent.tokens import LATENT_TOKEN_NAMES, LatentTokens, add_latent_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -30,12 +31,10 @@ def prepare_model(model, processing_class, latent_size: int, stage: int | None =
     vision = vision_tower(model)  # a clear error for a model without one
     tokenizer = getattr(processing_class, "tokenizer", processing_class)
     had_tokens = all(t in tokenizer.get_vocab() for t in LATENT_TOKEN_NAMES)
-    check_latent_size(unwrap(model), latent_size)
+    check_model_latent_size(model, latent_size)
     tokens = add_latent_tokens(processing_class, None if had_tokens else unwrap(model), latent_size)
     if had_tokens:
-        from ..latent.tokens import set_mirage_config
-
-        set_mirage_config(unwrap(model), latent_size)
+        MirageSettings.update(model, latent_size)
     if stage == 2 and not had_tokens:
         logger.warning(
             "stage 2 starts from a model without latent tokens: they are new and untrained "
@@ -51,11 +50,11 @@ def setup_model(model, processing_class, peft_config, args, stage: int | None = 
 
     Returns (model, processing_class, peft_config, latent_tokens)."""
     if isinstance(model, str):
-        from ..models.training import load_for_training
+        from ..models.load import load_for_training
 
         model, processing_class = load_for_training(model, args)
     if processing_class is None:
-        from ..models.loading import load_processor
+        from ..models.processors import load_processor
 
         processing_class = load_processor(unwrap(model).config._name_or_path)
     tokens = prepare_model(model, processing_class, args.latent_size, stage=stage)
@@ -66,15 +65,8 @@ def setup_model(model, processing_class, peft_config, args, stage: int | None = 
 def apply_slot_settings(model, args, stage: int | None) -> None:
     """The run's markers-only / feedback-norm flags, merged with what the model was trained with,
     written into its Mirage settings (so checkpoints, outputs and exports carry them)."""
-    from ..latent.feedback import resolve_slot_settings
-    from ..latent.tokens import get_mirage_config, set_mirage_config
-
-    settings, error = resolve_slot_settings(
-        get_mirage_config(unwrap(model)), args.markers_only, args.latent_feedback_norm, stage
-    )
-    if error:
-        raise MirageError(error)
-    set_mirage_config(unwrap(model), args.latent_size, **settings)
+    current = MirageSettings.of_model(model) or MirageSettings(latent_size=args.latent_size)
+    current.for_run(args.markers_only, args.latent_feedback_norm, stage).save_to(model)
 
 
 def adapt_peft_config(peft_config, tokens: LatentTokens):
@@ -168,7 +160,7 @@ def load_from_checkpoint(trainer, resume_from_checkpoint, model, fallback) -> No
     through the Trainer's own loader (`fallback`).
     """
     from ..checkpoints import check_resume_checkpoint
-    from ..latent.tokens import check_checkpoint_latent_size
+    from ..latent.settings import check_checkpoint_latent_size
     from ..models.load import load_checkpoint_weights
 
     check_resume_checkpoint(resume_from_checkpoint)
@@ -357,16 +349,12 @@ class MirageTrainerMixin:
     def _get_output_dir(self, trial):
         return self._checkpoint_staging or super()._get_output_dir(trial)
 
-    def mirage_checkpoint_settings(self) -> dict | None:
+    def mirage_checkpoint_settings(self) -> MirageSettings | None:
         """What `mirage_config.json` of each checkpoint holds (None: no such file, e.g. text-only baselines)."""
-        from ..latent.tokens import get_mirage_config
-
-        return get_mirage_config(unwrap(self.model)) or {}
+        return MirageSettings.of_model(self.model)
 
     def _save_checkpoint(self, model, trial):
         from transformers.trainer_utils import rotate_checkpoints
-
-        from ..io import write_json
 
         run_dir = super()._get_output_dir(trial)
         name = f"checkpoint-{self.state.global_step}"
@@ -388,7 +376,7 @@ class MirageTrainerMixin:
         settings = self.mirage_checkpoint_settings()
         if self.args.should_save and settings is not None:
             # The Mirage settings travel with every checkpoint, so a checkpoint loads and resumes on its own.
-            write_json(os.path.join(staged, "mirage_config.json"), settings)
+            settings.write(staged)
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             if os.path.isdir(final):

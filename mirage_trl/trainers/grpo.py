@@ -24,10 +24,9 @@ loss types, clipping, KL, logging):
   a PEFT model is the base with adapters disabled, or the frozen "ref" copy of a loaded adapter).
 * `_compute_loss`: TRL's loss, then the numerical guard (loss and latents finite, latent norm).
 
-The slot layout is a function of the completion ids alone: every `<|latent_start|>` in a
-completion was sampled in text mode, so the k positions after it are slots and the next one is
-the forced end (a span cut by the length limit keeps its first slots). A `<|latent_pad|>` the
-model sampled as text elsewhere is a text token, as it was during the rollout.
+The slot layout is a function of the completion ids alone (`latent.layout.slot_masks`, the rule the
+decoder follows step by step): every `<|latent_start|>` in a completion was sampled in text mode, so
+the k positions after it are slots and the next one is the forced end.
 """
 
 from __future__ import annotations
@@ -44,8 +43,9 @@ from ..configs import MirageGRPOConfig
 from ..data.images import load_image
 from ..errors import MirageError
 from ..grading import BENCHMARKS
+from ..latent.layout import count_spans, slot_masks
 from ..latent.model_utils import mm_token_types, rope_positions, unwrap
-from ..latent.tokens import LatentTokens
+from ..latent.settings import GRPO_STAGE, MirageSettings
 from ..rewards import accuracy_reward, get_reward_funcs
 from .common import (
     MirageTrainerMixin,
@@ -58,21 +58,6 @@ logger = logging.getLogger(__name__)
 
 # LM-head rows scored at once (bounds the (rows, vocab) logits kept for the backward pass).
 LOGPROB_CHUNK = 1024
-
-
-def latent_layout(completion_ids: torch.Tensor, tokens: LatentTokens) -> tuple[torch.Tensor, torch.Tensor]:
-    """(slots, forced_end) bool masks of a (B, C) completion batch: the k positions after each
-    `<|latent_start|>` that hold `<|latent_pad|>`, and the `<|latent_end|>` right after them."""
-    k = tokens.latent_size
-    is_start = completion_ids == tokens.start_id
-    slots = torch.zeros_like(is_start)
-    forced = torch.zeros_like(is_start)
-    C = completion_ids.shape[1]
-    for j in range(1, min(k, C - 1) + 1):
-        slots[:, j:] |= is_start[:, :-j]
-    if C > k + 1:
-        forced[:, k + 1 :] = is_start[:, : C - k - 1]
-    return slots & (completion_ids == tokens.pad_id), forced & (completion_ids == tokens.end_id)
 
 
 def _text_logps(head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool):
@@ -166,10 +151,8 @@ class MirageGRPOTrainer(MirageTrainerMixin, GRPOTrainer):
         self._init_mirage_trainer()
         check_distributed_support(self.accelerator, "GRPO with latent rollouts")
 
-    def mirage_checkpoint_settings(self) -> dict:
-        from ..grpo_script import GRPO_STAGE
-
-        return {**super().mirage_checkpoint_settings(), "stage": GRPO_STAGE}
+    def mirage_checkpoint_settings(self):
+        return super().mirage_checkpoint_settings().replace(stage=GRPO_STAGE)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         load_from_checkpoint(self, resume_from_checkpoint, model, super()._load_from_checkpoint)
@@ -270,12 +253,12 @@ class MirageGRPOTrainer(MirageTrainerMixin, GRPOTrainer):
         masks, spans, text_lengths = [], [], []
         for i, ids in enumerate(completion_ids):
             t = torch.tensor([ids], dtype=torch.long)
-            slots, forced = latent_layout(t, self.latent_tokens) if t.numel() else (t.bool(), t.bool())
+            slots, forced = slot_masks(t, self.latent_tokens) if t.numel() else (t.bool(), t.bool())
             keep = (~(slots | forced))[0].long().tolist()
             if tool_mask is not None:
                 keep = [a * b for a, b in zip(keep, tool_mask[i])]
             masks.append(keep)
-            spans.append(int((t == self.latent_tokens.start_id).sum()))
+            spans.append(int(count_spans(t, self.latent_tokens)[0]))
             text_lengths.append(sum(keep))
         result[2] = masks
         mode = "train" if self.model.training else "eval"
@@ -336,7 +319,7 @@ class MirageGRPOTrainer(MirageTrainerMixin, GRPOTrainer):
             # ids: with right padding they are misaligned, so they are derived from the ids instead.
             mm = mm_token_types(model, ids)
             completion = ids[:, -C:]
-            slots_c, forced_c = latent_layout(completion, self.latent_tokens)
+            slots_c, forced_c = slot_masks(completion, self.latent_tokens)
             real_c = attn[:, -C:].bool()
             slots_c = slots_c & real_c
             slot_mask = torch.zeros_like(ids, dtype=torch.bool)
@@ -372,11 +355,10 @@ class MirageGRPOTrainer(MirageTrainerMixin, GRPOTrainer):
     # ------------------------------------------------------------------ loss + guard
     def _log_latent_health(self, mode: str, latents: torch.Tensor) -> None:
         """`latent/...` health of the recomputed latents (the SFT trainer's names); one gather, one sync."""
-        from ..latent.feedback import TARGET_NORM_KEY
         from ..latent.health import HEALTH_KEYS, latent_health
-        from ..latent.tokens import get_mirage_config
 
-        reference = (get_mirage_config(unwrap(self.model)) or {}).get(TARGET_NORM_KEY)
+        settings = MirageSettings.of_model(self.model)
+        reference = settings.latent_target_norm if settings else None
         stats = latent_health(latents, self.latent_tokens.latent_size, reference)
         nan = latents.new_tensor(float("nan"), dtype=torch.float32)
         values = torch.stack([stats.get(k, nan).float().reshape(()) for k in HEALTH_KEYS])

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from trl import SFTTrainer
 
-from ..collator import IGNORE_INDEX, MirageDataCollator
 from ..configs import MirageSFTConfig
-from ..data.user import require_helper_images
+from ..data.collator import IGNORE_INDEX, MirageDataCollator
+from ..data.reference import require_helper_images
 from ..latent.model_utils import capture_final_hidden, rope_positions, unwrap
 from ..latent.slots import latent_inputs
 from ..latent.targets import helper_latent_targets
@@ -89,6 +89,8 @@ class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
     ):
         if args is None:
             args = MirageSFTConfig(output_dir="mirage-sft")
+        if args.stage is None:  # a trainer built by hand; the recipes set their own stage
+            args.stage = 1
         model, processing_class, peft_config, self.latent_tokens = setup_model(
             model, processing_class, peft_config, args, stage=args.stage
         )
@@ -271,16 +273,16 @@ class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
     def _latent_metrics(self, latents, targets) -> dict:
         """`latent/...` health of the latents (stage 1: the predictions h[t-1]; stage 2: the fed vectors)
         and of the stage-1 targets; every key present on every rank (NaN where not measurable)."""
-        from ..latent.feedback import TARGET_NORM_KEY
         from ..latent.health import HEALTH_KEYS, latent_health
-        from ..latent.tokens import get_mirage_config
+        from ..latent.settings import MirageSettings
 
         k = self.args.latent_size
         reference = None
         if targets is not None:
             reference = targets.detach().float().norm(dim=-1).mean()
         else:
-            reference = (get_mirage_config(unwrap(self.model)) or {}).get(TARGET_NORM_KEY)
+            settings = MirageSettings.of_model(self.model)
+            reference = settings.latent_target_norm if settings else None
         stats = latent_health(latents, k, reference)
         out = {f"latent/{name}": stats.get(name, latents.new_tensor(float("nan"))) for name in HEALTH_KEYS}
         if reference is None:
@@ -297,19 +299,18 @@ class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
     def _record_target_norm(self, model, value: float) -> None:
         """Running mean of the stage-1 target norm, kept in the Mirage settings (and so in every checkpoint
         and output): what `--latent_feedback_norm target` rescales to in later stages."""
-        from ..latent.feedback import FEEDBACK_NORM_KEY, TARGET_NORM_KEY
-        from ..latent.tokens import set_mirage_config
+        from ..latent.settings import MirageSettings
 
         total, count = self._target_norm_sum
         self._target_norm_sum = (total + value, count + 1)
         mean = (total + value) / (count + 1)
-        settings = {TARGET_NORM_KEY: mean}
+        changes = {"latent_target_norm": mean}
         if self.args.latent_feedback_norm == "target":
-            settings[FEEDBACK_NORM_KEY] = mean
-        set_mirage_config(unwrap(model), self.args.latent_size, **settings)
+            changes["latent_feedback_norm"] = mean
+        MirageSettings.update(model, self.args.latent_size, **changes)
 
-    def mirage_checkpoint_settings(self) -> dict:
-        return {**super().mirage_checkpoint_settings(), "stage": self.args.stage}
+    def mirage_checkpoint_settings(self):
+        return super().mirage_checkpoint_settings().replace(stage=self.args.stage)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         load_from_checkpoint(self, resume_from_checkpoint, model, super()._load_from_checkpoint)

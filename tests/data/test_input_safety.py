@@ -84,7 +84,7 @@ def test_reserved_token_in_text_names_file_line_field(good, tmp_path, token, fie
 
 
 def test_reserved_token_in_a_hand_built_row_reaches_the_collator_as_one_line(good, tmp_path):
-    from mirage_trl.collator import MirageDataCollator
+    from mirage_trl.data.collator import MirageDataCollator
     from mirage_trl.data.reference import load_rows
     from mirage_trl.latent.tokens import add_latent_tokens
     from mirage_trl.models.tiny import build_tiny_model

@@ -10,8 +10,13 @@ import pytest
 from PIL import Image
 
 from mirage_trl.data.images import load_image
-from mirage_trl.data.reference import helper_as_input, load_reference_jsonl, load_rows, strip_latent_markers
-from mirage_trl.data.user import load_comt, load_sat, require_helper_images
+from mirage_trl.data.reference import (
+    helper_as_input,
+    load_reference_jsonl,
+    load_rows,
+    require_helper_images,
+    strip_latent_markers,
+)
 from mirage_trl.errors import MirageError
 
 PROMPT = "Look: <image> and answer."
@@ -244,10 +249,10 @@ def test_strip_markers_and_helper_as_input(tmp_path):
     assert mapped[0]["images"] == upper["images"]
 
 
-def test_user_loaders_and_helper_requirement(tmp_path):
+def test_user_benchmarks_and_helper_requirement(tmp_path):
     no_helper = {"text_input": PROMPT, "image_input": "a.png", "text_output": "\\boxed{A}"}
     p = _write(tmp_path, [GOOD, no_helper])
-    sat, comt = load_sat(p), load_comt(p)
+    sat, comt = load_reference_jsonl(p, benchmark="sat"), load_reference_jsonl(p, benchmark="comt")
     assert set(sat["benchmark"]) == {"sat"} and set(comt["benchmark"]) == {"comt"}
     assert sat["answer"] == ["B", "A"]
     with pytest.raises(MirageError) as e:

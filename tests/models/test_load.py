@@ -29,10 +29,10 @@ def test_a_mistyped_local_path_is_never_tried_on_the_hub(tmp_path):
 
 
 def test_hub_names_and_paths_are_told_apart(tmp_path, monkeypatch):
-    from mirage_trl.models.load import _looks_like_hub_name
+    from mirage_trl.models.resolve import looks_like_hub_name
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "outputs").mkdir()
-    assert _looks_like_hub_name("Qwen/Qwen2.5-VL-7B-Instruct")
+    assert looks_like_hub_name("Qwen/Qwen2.5-VL-7B-Instruct")
     for path in ("outputs/exprot", "./org/name", "/abs/name", "a/b/c", "org/name/", "plain"):
-        assert not _looks_like_hub_name(path), path
+        assert not looks_like_hub_name(path), path
