@@ -186,7 +186,7 @@ def run_timings(cfg, repeats, names=None):
             dt = time.perf_counter() - t0
             if rep:
                 times[n].append(dt)
-    from mirage_trl.latent.stage2 import plan_rounds
+    from mirage_trl.latent.rounds import plan_rounds
 
     plan = plan_rounds(batch["attention_mask"], batch["slot_mask"])  # the default schedule, as timed
     real = int(batch["attention_mask"].sum())

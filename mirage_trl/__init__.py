@@ -19,6 +19,7 @@ _LAZY = {
     "MirageDataCollator": "mirage_trl.data.collator",
     "LatentTokens": "mirage_trl.latent.tokens",
     "add_latent_tokens": "mirage_trl.latent.tokens",
+    "MirageSettings": "mirage_trl.latent.settings",
     "generate_with_latents": "mirage_trl.generation",
     "load_model": "mirage_trl.models.load",
     "grade": "mirage_trl.grading",

@@ -108,7 +108,7 @@ class _MirageLatentArgs:
 
 @dataclass
 class MirageSFTConfig(_MirageLatentArgs, SFTConfig):
-    """`SFTConfig` plus the Mirage stage-1/stage-2 settings."""
+    # The docstring (every Mirage parameter, grouped, with why) is set below from the shared parameter text.
 
     stage: int | None = field(
         default=None,
@@ -147,7 +147,7 @@ class MirageSFTConfig(_MirageLatentArgs, SFTConfig):
 
 @dataclass
 class MirageGRPOConfig(_MirageLatentArgs, GRPOConfig):
-    """`GRPOConfig` plus the latent settings; rollouts decode latents, the loss covers text tokens only."""
+    # The docstring is set below, like MirageSFTConfig's.
 
     # No `benchmark` here: the accuracy reward grades each row by its own `benchmark` column, which the data
     # loader fills from the script's --benchmark (one field in both dataclasses would clash in TrlParser).
@@ -200,6 +200,92 @@ class MirageGRPOConfig(_MirageLatentArgs, GRPOConfig):
             raise MirageError(
                 "--use_transformers_continuous_batching: latent rollouts use mirage-trl's own decoding"
             )
+
+
+# What `help(MirageSFTConfig)` / `help(MirageGRPOConfig)` show, in the manner of TRL's config docstrings: the
+# parameters both share are written once.
+_LATENT_PARAMS = """
+        > Parameters of the latent tokens
+
+        latent_size (`int`, *optional*, defaults to `4`):
+            k, the latent vectors that stand in for one `<output_image>` (the paper's best k is 4-6; k = 8
+            already hurts). A model is used with the k it was trained with: anything else is refused.
+        latent_pooling (`str`, *optional*, defaults to `"drop_remainder"`):
+            How the helper image's n vision features become k stage-1 targets: `"drop_remainder"` (the
+            reference's: k means of n // k features, the rest dropped) or `"even"` (k nearly equal groups).
+
+        > Parameters of what a slot receives after stage 1
+
+        latent_feedback_norm (`str` or `None`, *optional*, defaults to `None`):
+            `"target"` rescales every hidden state fed back at a slot (stage 2, decoding, GRPO) to the mean
+            norm of the stage-1 targets, measured in stage 1 and saved with the model; `"none"` turns it
+            off; `None` keeps what the model was trained with. Why: a final-norm hidden state has norm
+            ~ sqrt(hidden size), pooled vision features often far less, so without it later stages feed
+            inputs of a scale stage 1 never showed the model.
+        markers_only (`bool`, *optional*, defaults to `False`):
+            The control arm: spans, markers and slots stay but every stage and every decoding step feeds
+            zeros at the slots (stage 1 has no latent loss). Saved with the model, so whatever such a model
+            gains comes from the span format, not from latent content.
+
+        > Parameters of the data and the forward
+
+        latent_truncation (`str`, *optional*, defaults to `"error"`):
+            A row longer than `max_length` loses trained text wherever it is cut: `"error"` stops naming
+            the row, `"drop"` skips it (counted in the logs as `dropped_rows`). Never a silent cut.
+        stage2_method (`str`, *optional*, defaults to `"auto"`):
+            The forward with self-generated latents (stage 2, GRPO training): `"rounds"` (one pass per latent
+            round, KV reused), `"rounds_checkpointed"` (the same, exact under gradient checkpointing),
+            `"recompute"` (the reference's full recomputation); `"auto"` picks the exact one for the
+            checkpointing setting. All give the same loss and gradients.
+
+        > Parameters of the numerical guard
+
+        max_latent_norm (`float` or `None`, *optional*, defaults to `1e4`):
+            Stop (one line naming the step) when a latent's norm exceeds this: a diverging feedback loop
+            shows there first. `None`: no bound.
+        skip_nonfinite_steps (`bool`, *optional*, defaults to `False`):
+            Skip and count a step whose loss or latents are not finite (nothing changes: no optimizer,
+            scheduler or scaler step), instead of stopping.
+"""
+
+MirageSFTConfig.__doc__ = f"""Configuration class for `MirageSFTTrainer`: TRL's `SFTConfig` plus the Mirage parameters.
+
+    Only the Mirage parameters are listed here; every other one is `SFTConfig`'s (see its documentation).
+    Defaults are library defaults; the recipe YAMLs carry the paper's settings (docs/method.md).
+
+    Parameters:
+        > Parameters of the stage
+
+        stage (`int` or `None`, *optional*, defaults to `None`):
+            `1`: text cross-entropy x `text_loss_weight` + cosine of the predictions h[t-1] to the pooled
+            helper-image features at the slots; `2`: text cross-entropy with gradients through the model's
+            own latents. `None`: the recipe's stage (a recipe refuses another), 1 for a trainer built by hand.
+        text_loss_weight (`float`, *optional*, defaults to `0.1`):
+            gamma, the weight of the text loss in stage 1 (the paper's 0.1 suits a pretrained model that
+            already writes well; a model trained from scratch needs ~1).
+        stage2_target_metric (`bool`, *optional*, defaults to `False`):
+            Stage 2: also encode the helper images every step to log `latent/target_cos` (one vision-tower
+            pass per step, so off by default).
+        cache_latent_targets (`bool`, *optional*, defaults to `False`):
+            Stage 1: compute the targets once before training and keep them with the dataset (the vision
+            tower is frozen, so they never change); refused if the tower changes.
+        padding_side (`str`, *optional*, defaults to `"right"`):
+            Padding side of training batches; both give the same loss.
+{_LATENT_PARAMS}"""
+
+MirageGRPOConfig.__doc__ = f"""Configuration class for `MirageGRPOTrainer`: TRL's `GRPOConfig` plus the Mirage parameters.
+
+    Rollouts decode with latents (temperature and top-p only: `top_k`, `min_p`, `repetition_penalty`,
+    vLLM and continuous batching are refused); the loss covers text tokens only, its gradient flows
+    through recomputed latents. Every other parameter is `GRPOConfig`'s.
+
+    Parameters:
+        > Parameters of the rewards
+
+        reward_names (`list[str]`, *optional*, defaults to `["accuracy", "format"]`):
+            Reward functions by name (`mirage_trl.rewards`); without `reward_weights`, the paper's 0.9 x
+            accuracy + 0.1 x format. The accuracy reward grades each row by its own `benchmark` column.
+{_LATENT_PARAMS}"""
 
 
 def _check_int(args, name: str, low: int, high: int, optional: bool = False) -> None:

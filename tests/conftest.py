@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,66 @@ def tiny_run_inputs(tmp_path_factory):
         "planning", [3], 4, split="train", style="cot", seed=0, out_dir=root / "data", progress=False
     )
     return root / "tiny", data
+
+
+# ---------------------------------------------------------------- the bad-input matrix (docs/reliability.md)
+@pytest.fixture(scope="session")
+def env(tmp_path_factory):
+    """Tiny models on disk (plain VL, Mirage k=2, text-only), 4 generated VSP rows with their images."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from mirage_trl.data.vsp import generate_vsp
+    from mirage_trl.latent.tokens import add_latent_tokens
+    from mirage_trl.models.tiny import build_tiny_model, build_tiny_tokenizer, save_tiny_model
+
+    root = tmp_path_factory.mktemp("reliability")
+    base = save_tiny_model(root / "base")  # a vision-language model, but not a Mirage one
+    model, processor = build_tiny_model(seed=0)
+    add_latent_tokens(processor, model, latent_size=2)
+    mirage = root / "mirage"
+    model.save_pretrained(mirage)
+    processor.save_pretrained(mirage)
+    # A model without a vision tower, with the latent tokens and settings of a Mirage model.
+    tok = build_tiny_tokenizer()
+    text_only = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=len(tok) + 16,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
+    add_latent_tokens(tok, text_only, latent_size=2)
+    text_only.save_pretrained(root / "text-only")
+    tok.save_pretrained(root / "text-only")
+
+    data = generate_vsp(
+        "planning", [3], 4, split="train", style="cot", seed=0, out_dir=root / "data", progress=False
+    )
+    objs = [json.loads(line) for line in data.read_text().splitlines()]
+    for o in objs:  # absolute image paths, so bad files can live anywhere
+        o["image_input"] = str((data.parent / o["image_input"]).resolve())
+        o["image_output"] = str((data.parent / o["image_output"]).resolve())
+    return dict(
+        root=root,
+        base=base,
+        mirage=mirage,
+        text_only=root / "text-only",
+        data=data,
+        objs=objs,
+        processor=processor,
+    )
+
+
+@pytest.fixture(scope="session")
+def rows(env):
+    from mirage_trl.data.reference import load_reference_jsonl
+
+    return load_reference_jsonl(env["data"])
+
+
+@pytest.fixture(scope="session")
+def guard_rows(rows):
+    return rows.select(range(2))

@@ -1,9 +1,14 @@
-"""Helpers shared across test modules: running a recipe's `main` in-process, as its `__main__` does."""
+"""Helpers shared across test modules: running a recipe's `main` in-process, and the bad-input matrix's
+helpers (rows written with faults, CLI runs, recipe arguments, trainer setups)."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import re
 from pathlib import Path
+
+from mirage_trl.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -15,3 +20,194 @@ def recipe_main(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.main
+
+
+def write_rows(path: Path, objs, raw_lines: dict[int, str] | None = None) -> Path:
+    lines = [json.dumps(o) for o in objs]
+    for i, text in (raw_lines or {}).items():
+        lines[i] = text
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def copy_objs(env):
+    return [dict(o) for o in env["objs"]]
+
+
+def broken_image(folder: Path, kind: str) -> str:
+    """'unreadable': text bytes under a .png name; 'truncated': a real PNG cut in half."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{kind}.png"
+    if kind == "unreadable":
+        path.write_text("this is not an image")
+    else:
+        from PIL import Image
+
+        tmp = folder / "whole.png"
+        Image.effect_noise((96, 96), 64).convert("RGB").save(tmp)
+        data = tmp.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    return str(path)
+
+
+def run_cli(argv, capsys):
+    rc = main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def assert_cli_error(rc, err, command: str, pattern: str):
+    """Exit 2, exactly one `mirage-trl <command>: error: ...` line matching `pattern`, no stack trace."""
+    assert rc == 2, err
+    assert "Traceback" not in err, err
+    # transformers' own "Loading weights" progress bars may precede the line; nothing else may.
+    lines = [line for line in err.splitlines() if line.strip() and "it/s]" not in line]
+    errors = [line for line in lines if line.startswith(f"mirage-trl {command}: error: ")]
+    assert len(errors) == 1 and len(lines) == 1, err
+    assert re.search(pattern, errors[0]), (pattern, errors[0])
+
+
+def nothing_written(folder: Path) -> bool:
+    return not folder.exists() or not any(folder.iterdir())
+
+
+def _recipe_args(argv):
+    from trl import ModelConfig, TrlParser
+
+    from mirage_trl.configs import MirageScriptArguments, MirageSFTConfig
+
+    return TrlParser((MirageScriptArguments, MirageSFTConfig, ModelConfig)).parse_args_and_config(
+        args=[str(a) for a in argv]
+    )
+
+
+def _recipe_argv(env, data, out, *extra):
+    return [
+        "--model_name_or_path",
+        env["mirage"],
+        "--dataset_name",
+        data,
+        "--output_dir",
+        out,
+        "--use_cpu",
+        "true",
+        "--report_to",
+        "none",
+        "--max_steps",
+        "1",
+        "--latent_size",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--activation_checkpointing",
+        "false",
+        "--disable_tqdm",
+        "true",
+        *extra,
+    ]
+
+
+def sft_args(out, **kw):
+    from mirage_trl.configs import MirageSFTConfig
+
+    base = dict(
+        output_dir=str(out),
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        activation_checkpointing=False,
+        per_device_train_batch_size=2,
+        logging_steps=1,
+        max_steps=1,
+        learning_rate=1e-3,
+        disable_tqdm=True,
+        bf16=False,
+        seed=0,
+        latent_size=2,
+    )
+    base.update(kw)
+    return MirageSFTConfig(**base)
+
+
+def sft_trainer(out, dataset, model=None, processor=None, **kw):
+    from mirage_trl.models.tiny import build_tiny_model
+    from mirage_trl.trainers.sft import MirageSFTTrainer
+
+    if model is None:
+        model, processor = build_tiny_model(seed=0)
+    return MirageSFTTrainer(
+        model=model, args=sft_args(out, **kw), train_dataset=dataset, processing_class=processor
+    )
+
+
+def no_checkpoint(out: Path) -> bool:
+    return not out.exists() or not [
+        p for p in out.iterdir() if p.name.startswith("checkpoint-") or p.suffix == ".safetensors"
+    ]
+
+
+def _params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _nan_final_norm(trainer):
+    from mirage_trl.latent.model_utils import unwrap
+
+    norm = unwrap(trainer.model).model.language_model.norm
+    return norm.register_forward_hook(lambda m, i, o: o * float("nan"))
+
+
+def _skipped(trainer):
+    return [h["skipped_steps"] for h in trainer.state.log_history if "skipped_steps" in h]
+
+
+# bad data files: each builder writes one fault and returns (path, the error it must give)
+def _malformed(env, folder):
+    return write_rows(
+        folder / "bad.jsonl", env["objs"], {1: '{"text_input": "half a row'}
+    ), r"bad\.jsonl:2: malformed JSON"
+
+
+def _missing_field(env, folder):
+    objs = copy_objs(env)
+    del objs[0]["text_input"]
+    return write_rows(folder / "bad.jsonl", objs), r"bad\.jsonl:1:text_input: missing required field"
+
+
+def _empty(env, folder):
+    (folder / "bad.jsonl").write_text("\n\n")
+    return folder / "bad.jsonl", r"bad\.jsonl: no rows \(the file is empty\)"
+
+
+def _missing_image(env, folder):
+    objs = copy_objs(env)
+    objs[2]["image_input"] = str(folder / "nowhere.png")
+    return write_rows(
+        folder / "bad.jsonl", objs
+    ), r"bad\.jsonl:3:image_input: image not found: .*nowhere\.png"
+
+
+def _image_count(env, folder):
+    objs = copy_objs(env)
+    objs[0]["text_input"] += " <image>"
+    return write_rows(
+        folder / "bad.jsonl", objs
+    ), r"bad\.jsonl:1:image_input: 2 <image> marker\(s\) in text_input but 1 input image"
+
+
+def _output_image_count(env, folder):
+    objs = copy_objs(env)
+    objs[1]["text_output"] += " <output_image>"
+    return write_rows(folder / "bad.jsonl", objs), (
+        r"bad\.jsonl:2:image_output: 2 <output_image> marker\(s\) in text_output but 1 helper image"
+    )
+
+
+DATA_CASES = {
+    "malformed_json": _malformed,
+    "missing_field": _missing_field,
+    "empty_file": _empty,
+    "missing_image": _missing_image,
+    "image_marker_count": _image_count,
+    "output_image_marker_count": _output_image_count,
+}

@@ -23,11 +23,11 @@ from pathlib import Path
 
 from ..errors import MirageError, where
 from ..grading import BENCHMARKS, GRID_BENCHMARKS, check_benchmark, extract_boxed
+from ..latent.tokens import OUTPUT_IMAGE_MARKER
 from .images import check_image_header
 from .vsp import GROUNDING_QUESTION
 
 IMAGE_MARKER = "<image>"
-OUTPUT_IMAGE_MARKER = "<output_image>"
 
 _LEVEL_IN_PATH = re.compile(r"level_?(\d+)")
 # Special tokens written literally in a row's text (the latent tokens, vision/image placeholders, chat-template

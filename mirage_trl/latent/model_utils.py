@@ -49,11 +49,6 @@ def vision_tower(model) -> torch.nn.Module:
     return visual
 
 
-def hidden_size(model) -> int:
-    config = unwrap(model).config
-    return getattr(config, "text_config", config).hidden_size
-
-
 @contextlib.contextmanager
 def capture_final_hidden(model):
     """Capture the language model's last hidden states (after the final norm) of every forward.

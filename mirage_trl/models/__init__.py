@@ -1,1 +1,2 @@
-"""Model loading and the tiny offline models used by the tests and the demo."""
+"""Models: what a saved folder is (`resolve`), processors (`processors`), the one loader for training and
+inference (`load`), and the tiny offline models of the tests and the demo (`tiny`)."""

@@ -655,7 +655,9 @@ def test_trl_sft_metrics_are_kept(tmp_path, rows, stage):
         trainer.compute_loss(trainer.model, batch)
     logged = trainer._metrics["train"]
     assert logged["num_tokens"] == [before + 2 * int(batch["attention_mask"].sum())]
-    if stage == 1:  # the stage-1 logits by hand (stage 2's are the rounds' own, checked in test_stage2)
+    if (
+        stage == 1
+    ):  # the stage-1 logits by hand (stage 2's are the rounds' own, checked in tests/latent/test_stage2.py)
         ref = manual_stage1(trainer.model, batch, k=4, gamma=0.1)
         labels = batch["labels"][:, 1:]
         keep = labels != IGNORE

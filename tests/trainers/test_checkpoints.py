@@ -15,7 +15,7 @@ import pytest
 
 from mirage_trl.errors import MirageError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

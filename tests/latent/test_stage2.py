@@ -18,10 +18,10 @@ import torch
 from mirage_trl.errors import MirageError
 from mirage_trl.latent.layout import span_text
 from mirage_trl.latent.model_utils import multimodal_model, unwrap
+from mirage_trl.latent.rounds import plan_rounds
 from mirage_trl.latent.stage2 import (
     METHODS,
     is_checkpointing,
-    plan_rounds,
     self_latent_forward,
 )
 from mirage_trl.latent.tokens import add_latent_tokens
