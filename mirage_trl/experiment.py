@@ -407,29 +407,42 @@ def _curve(trainer, callback, stage: str) -> dict:
     return {"stage": stage, "loss": losses, "val": list(callback.history), "latent": health}
 
 
-def train_grounding(cfg, data, model_dir: Path, out: Path, seed: int, progress: _Progress) -> dict:
-    """The warm-up: text SFT on map descriptions; saves the grounded model to `out / "model"`."""
+def _train_text(cfg, rows, model_dir: Path, out: Path, seed: int, steps: int, progress: _Progress, label: str, *,
+                val_rows, benchmark: str = BENCHMARK, prepare_row=None, helper_as_input: bool = False,
+                train_tower: bool = False):  # fmt: skip
+    """Text SFT of `rows` from `model_dir` with the text-only baseline trainer: (trainer, val callback)."""
     from trl import SFTConfig
 
-    from .evaluation import evaluate
     from .latent.model_utils import vision_tower
     from .models.load import load_for_training
     from .trainers.text_sft import TextSFTTrainer, build_sft_dataset
 
-    start = time.perf_counter()
     model, processor = load_for_training(str(model_dir))
-    vision_tower(model).requires_grad_(cfg.train.grounding_train_vision_tower)
-    callback = _val_callback(cfg, data["grounding_val"], benchmark=GROUNDING)
+    vision_tower(model).requires_grad_(train_tower)  # frozen in every arm, as the Mirage trainers keep it
+    callback = _val_callback(cfg, val_rows, prepare_row, benchmark=benchmark)
     trainer = TextSFTTrainer(
         model=model,
-        args=SFTConfig(**_common_args(cfg, out, seed, cfg.train.grounding_steps)),
-        train_dataset=build_sft_dataset(data["grounding"]),
+        args=SFTConfig(**_common_args(cfg, out, seed, steps)),
+        train_dataset=build_sft_dataset(rows, helper_as_input),
         processing_class=processor,
         callbacks=[callback, progress.callback()],
     )
     callback.bind(_without_printer(trainer))
-    progress.describe(f"seed {seed} | grounding warm-up")
+    progress.describe(f"seed {seed} | {label}")
     trainer.train()
+    return trainer, callback
+
+
+def train_grounding(cfg, data, model_dir: Path, out: Path, seed: int, progress: _Progress) -> dict:
+    """The warm-up: text SFT on map descriptions; saves the grounded model to `out / "model"`."""
+    from .evaluation import evaluate
+
+    start = time.perf_counter()
+    trainer, callback = _train_text(
+        cfg, data["grounding"], model_dir, out, seed, cfg.train.grounding_steps, progress, "grounding warm-up",
+        val_rows=data["grounding_val"], benchmark=GROUNDING, train_tower=cfg.train.grounding_train_vision_tower,
+    )  # fmt: skip
+    processor = trainer.processing_class
     trainer.save_model(str(out / "model"))
     processor.save_pretrained(str(out / "model"))
     progress.describe(f"seed {seed} | grounding warm-up | evaluating")
@@ -450,29 +463,15 @@ def train_grounding(cfg, data, model_dir: Path, out: Path, seed: int, progress: 
 
 
 def train_text_arm(cfg, data, arm: str, model_dir: Path, out: Path, seed: int, progress: _Progress):
-    from trl import SFTConfig
-
     from .data.reference import helper_as_input
-    from .latent.model_utils import vision_tower
-    from .models.load import load_for_training
-    from .trainers.text_sft import TextSFTTrainer, build_sft_dataset
 
     helper = arm == "helper_input"
     rows = data["direct" if arm == "text_direct" else "cot"]
-    model, processor = load_for_training(str(model_dir))
-    vision_tower(model).requires_grad_(False)  # frozen in every arm, as the Mirage trainers keep it
-    callback = _val_callback(cfg, data["val"], helper_as_input if helper else None)
-    trainer = TextSFTTrainer(
-        model=model,
-        args=SFTConfig(**_common_args(cfg, out, seed, cfg.train.text_steps)),
-        train_dataset=build_sft_dataset(rows, helper),
-        processing_class=processor,
-        callbacks=[callback, progress.callback()],
-    )
-    callback.bind(_without_printer(trainer))
-    progress.describe(f"seed {seed} | {arm} | text SFT")
-    trainer.train()
-    return trainer.model.eval(), processor, [_curve(trainer, callback, "sft")]
+    trainer, callback = _train_text(
+        cfg, rows, model_dir, out, seed, cfg.train.text_steps, progress, f"{arm} | text SFT",
+        val_rows=data["val"], prepare_row=helper_as_input if helper else None, helper_as_input=helper,
+    )  # fmt: skip
+    return trainer.model.eval(), trainer.processing_class, [_curve(trainer, callback, "sft")]
 
 
 def train_mirage_arm(cfg, data, arm: str, model_dir: Path, out: Path, seed: int, progress: _Progress):

@@ -172,17 +172,7 @@ def generate_with_latents(
     decodes ids only (texts are empty), given latent_tokens, eos_token_ids and pad_token_id.
     `feedback`: a `LatentFeedback` (default: the model's saved slot settings).
     """
-    if latent_mode not in LATENT_MODES:
-        raise MirageError(f"unknown latent mode {latent_mode!r}; valid modes: {', '.join(LATENT_MODES)}")
-    if max_new_tokens < 1:
-        raise MirageError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if do_sample and not temperature > 0:
-        raise MirageError(f"temperature must be > 0 when sampling, got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise MirageError(f"top_p must be in (0, 1], got {top_p}")
-    if latent_mode == "mean" and latent_mean is None:
-        raise MirageError("latent_mode='mean' needs latent_mean, a (hidden_size,) tensor (the mean latent)")
-
+    _check_decoding_args(latent_mode, max_new_tokens, do_sample, temperature, top_p, latent_mean)
     net = unwrap(model)
     tok = _tokenizer(processor)
     if tok is None and (latent_tokens is None or eos_token_ids is None or pad_token_id is None):
@@ -197,41 +187,17 @@ def generate_with_latents(
     eos = _default_eos(net, tok) if eos_token_ids is None else [int(i) for i in eos_token_ids]
     pad_id = _pad_id(net, tok, eos) if pad_token_id is None else int(pad_token_id)
 
-    param = next(net.parameters(), None)
-    device = param.device if param is not None else inputs["input_ids"].device
-    inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
-    input_ids = inputs["input_ids"]
-    batch, prompt_len = input_ids.shape
-    attention_mask = inputs.get("attention_mask")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    if bool((attention_mask[:, -1] == 0).any()):
-        raise MirageError(
-            "generate_with_latents needs left-padded inputs (pad the processor batch on the left)"
-        )
+    prompt = _Prompt.of(net, inputs, max_new_tokens)
+    device, batch, full_mask = prompt.device, prompt.batch, prompt.full_mask
+    prompt_len, next_pos = prompt.input_ids.shape[1], prompt.next_pos
     if latent_mode == "shuffle" and batch == 1 and lt is not None:
         warnings.warn("latent_mode='shuffle' with a batch of one sample feeds its own latents", stacklevel=2)
-
-    mm_token_type_ids = inputs.get("mm_token_type_ids")
-    image_grid_thw = inputs.get("image_grid_thw")
-    positions = rope_positions(net, input_ids, attention_mask, mm_token_type_ids, image_grid_thw)
-    # Next position of each sample: one past the largest of its three rope coordinates (what generate does).
-    next_pos = positions.amax(dim=(0, 2)) + 1
-
-    # The attention mask grows by one column per step: preallocate it and pass views.
-    full_mask = torch.ones(batch, prompt_len + max_new_tokens, dtype=attention_mask.dtype, device=device)
-    full_mask[:, :prompt_len] = attention_mask
 
     from transformers import DynamicCache
 
     text_config = getattr(net.config, "text_config", net.config)
     cache = DynamicCache(config=text_config)
     forward_kw = dict(use_cache=True, logits_to_keep=1)
-    prefill_kw = {
-        k: inputs[k]
-        for k in ("pixel_values", "image_grid_thw", "mm_token_type_ids")
-        if inputs.get(k) is not None
-    }
 
     # Per-sample state, all tensors.
     start_id = lt.start_id if lt is not None else -1
@@ -252,11 +218,11 @@ def generate_with_latents(
 
     with capture_final_hidden(net) as captured:
         out = net(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=positions,
+            input_ids=prompt.input_ids,
+            attention_mask=prompt.attention_mask,
+            position_ids=prompt.positions,
             cache=cache,
-            **prefill_kw,
+            **prompt.vision,
             **forward_kw,
         )
         logits = out.logits[:, -1]
@@ -305,49 +271,28 @@ def generate_with_latents(
                 steps = t + 1
                 break
 
-            position_ids = next_pos.view(1, batch, 1).expand(3, batch, 1)
-            step_mask = full_mask[:, : prompt_len + t + 1]
+            step_inputs = dict(
+                input_ids=token.view(batch, 1),
+                attention_mask=full_mask[:, : prompt_len + t + 1],
+                position_ids=next_pos.view(1, batch, 1).expand(3, batch, 1),
+                cache=cache,
+                **forward_kw,
+            )
             if any_latent:
                 # Latent samples first, in batch order: masked_scatter takes source rows in order.
                 order = torch.argsort((~in_latent).to(torch.int8), stable=True)
-                fed = values[order]
-                with latent_inputs(net, in_latent.view(batch, 1), fed):
-                    out = net(
-                        input_ids=token.view(batch, 1),
-                        attention_mask=step_mask,
-                        position_ids=position_ids,
-                        cache=cache,
-                        **forward_kw,
-                    )
+                with latent_inputs(net, in_latent.view(batch, 1), values[order]):
+                    out = net(**step_inputs)
             else:
-                out = net(
-                    input_ids=token.view(batch, 1),
-                    attention_mask=step_mask,
-                    position_ids=position_ids,
-                    cache=cache,
-                    **forward_kw,
-                )
+                out = net(**step_inputs)
             logits = out.logits[:, -1]
             hidden = captured.pop()[:, -1]
             next_pos = next_pos + 1
 
     sequences = sequences[:, :steps]
     latent_mask = latent_mask[:, :steps]
-    latents = None
-    if return_latents:
-        dim = hidden.shape[-1]
-        per_step = torch.zeros(batch, steps, dim, dtype=hidden.dtype, device=device)
-        for t, v in stored:
-            per_step[:, t] = v
-        latents = [per_step[i][latent_mask[i]] for i in range(batch)]
-
-    seq_list = sequences.tolist()
-    lengths = n_gen.tolist()
-    if tok is None:  # ids only (benchmarks on models without a matching tokenizer)
-        raw_texts = texts = [""] * batch
-    else:
-        raw_texts = [tok.decode(s[:n], skip_special_tokens=False) for s, n in zip(seq_list, lengths)]
-        texts = [spans_to_markers(tok, s[:n], lt) for s, n in zip(seq_list, lengths)]
+    latents = _latents_per_sample(stored, latent_mask, hidden) if return_latents else None
+    texts, raw_texts = _texts(tok, lt, sequences, n_gen)
     return LatentGenerationOutput(
         sequences=sequences,
         latent_mask=latent_mask,
@@ -357,6 +302,84 @@ def generate_with_latents(
         num_generated_tokens=n_gen,
         latents=latents,
     )
+
+
+@dataclass
+class _Prompt:
+    """The prompt batch on the model's device, its rope positions and the preallocated attention mask."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    positions: torch.Tensor  # (3, B, P) rope positions of the prompt
+    next_pos: torch.Tensor  # (B,) position of each sample's first new token
+    full_mask: torch.Tensor  # (B, P + max_new_tokens): grows one column a step, passed as views
+    vision: dict  # pixel_values, image_grid_thw, mm_token_type_ids given with the prompt
+
+    @property
+    def device(self):
+        return self.input_ids.device
+
+    @property
+    def batch(self) -> int:
+        return self.input_ids.shape[0]
+
+    @classmethod
+    def of(cls, net, inputs, max_new_tokens: int) -> _Prompt:
+        param = next(net.parameters(), None)
+        device = param.device if param is not None else inputs["input_ids"].device
+        inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+        input_ids = inputs["input_ids"]
+        attention_mask = inputs.get("attention_mask")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if bool((attention_mask[:, -1] == 0).any()):
+            raise MirageError(
+                "generate_with_latents needs left-padded inputs (pad the processor batch on the left)"
+            )
+        vision = {
+            k: inputs[k]
+            for k in ("pixel_values", "image_grid_thw", "mm_token_type_ids")
+            if inputs.get(k) is not None
+        }
+        positions = rope_positions(
+            net, input_ids, attention_mask, vision.get("mm_token_type_ids"), vision.get("image_grid_thw")
+        )
+        batch, prompt_len = input_ids.shape
+        full_mask = torch.ones(batch, prompt_len + max_new_tokens, dtype=attention_mask.dtype, device=device)
+        full_mask[:, :prompt_len] = attention_mask
+        # Next position of each sample: one past the largest of its three rope coordinates (what generate does).
+        return cls(input_ids, attention_mask, positions, positions.amax(dim=(0, 2)) + 1, full_mask, vision)
+
+
+def _check_decoding_args(latent_mode, max_new_tokens, do_sample, temperature, top_p, latent_mean) -> None:
+    if latent_mode not in LATENT_MODES:
+        raise MirageError(f"unknown latent mode {latent_mode!r}; valid modes: {', '.join(LATENT_MODES)}")
+    if max_new_tokens < 1:
+        raise MirageError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if do_sample and not temperature > 0:
+        raise MirageError(f"temperature must be > 0 when sampling, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise MirageError(f"top_p must be in (0, 1], got {top_p}")
+    if latent_mode == "mean" and latent_mean is None:
+        raise MirageError("latent_mode='mean' needs latent_mean, a (hidden_size,) tensor (the mean latent)")
+
+
+def _latents_per_sample(stored, latent_mask: torch.Tensor, hidden: torch.Tensor) -> list[torch.Tensor]:
+    """The (n_i, D) vectors each sample was fed, from the (step, (B, D) values) recorded at latent steps."""
+    batch, steps = latent_mask.shape
+    per_step = torch.zeros(batch, steps, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
+    for t, v in stored:
+        per_step[:, t] = v
+    return [per_step[i][latent_mask[i]] for i in range(batch)]
+
+
+def _texts(tok, lt, sequences: torch.Tensor, n_gen: torch.Tensor) -> tuple[list[str], list[str]]:
+    """(texts with spans as markers, raw texts) up to and including each sample's stop token."""
+    if tok is None:  # ids only (benchmarks on models without a matching tokenizer)
+        return [""] * sequences.shape[0], [""] * sequences.shape[0]
+    pairs = list(zip(sequences.tolist(), n_gen.tolist()))
+    raw = [tok.decode(ids[:n], skip_special_tokens=False) for ids, n in pairs]
+    return [spans_to_markers(tok, ids[:n], lt) for ids, n in pairs], raw
 
 
 def _latent_values(mode, hidden, in_latent, arange_b, generator, mean_vec) -> torch.Tensor:

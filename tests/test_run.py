@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -84,3 +85,41 @@ def test_run_recipe_debug_env_shows_trace(monkeypatch, capsys):
 def test_every_recipe_runs_under_run_recipe():
     recipes = sorted((REPO / "recipes").glob("*.py"))
     assert recipes and all("run_recipe(" in p.read_text() for p in recipes)
+
+
+def test_recipe_honours_or_refuses_stage(env, tmp_path):
+    """A stage on the command line is honoured or refused, never overwritten; unset, it is the recipe's."""
+    from helpers import _recipe_args, _recipe_argv, recipe_main
+
+    args = _recipe_args(_recipe_argv(env, env["data"], tmp_path / "a", "--stage", "2"))
+    with pytest.raises(
+        MirageError, match=r"^--stage 2: recipes/stage1_vsp.py runs stage 1; use the stage-2 recipe"
+    ):
+        recipe_main("stage1_vsp")(*args)
+    assert not (tmp_path / "a").exists()
+    script_args, training_args, model_args = _recipe_args(_recipe_argv(env, env["data"], tmp_path / "b"))
+    assert training_args.stage is None
+    trainer = recipe_main("stage1_vsp")(script_args, training_args, model_args)
+    assert trainer.args.stage == 1
+    assert json.loads((tmp_path / "b" / "mirage_config.json").read_text())["stages"] == [1]
+
+
+def test_recipe_resumes_from_the_newest_checkpoint_in_output_dir(env, tmp_path, caplog):
+    """Run again into the same output_dir with more steps: training goes on from checkpoint-2 (as
+    alignment-handbook's scripts do), and the metrics and trainer state are saved."""
+    import logging
+
+    from helpers import _recipe_args, _recipe_argv, recipe_main
+
+    out = tmp_path / "run"
+    first = ("--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2")
+    recipe_main("stage1_vsp")(*_recipe_args(_recipe_argv(env, env["data"], out, *first)))
+    assert (out / "checkpoint-2").is_dir() and (out / "train_results.json").is_file()
+    with caplog.at_level(logging.INFO, logger="mirage_trl.run"):
+        again = ("--max_steps", "3", "--save_strategy", "no")
+        trainer = recipe_main("stage1_vsp")(*_recipe_args(_recipe_argv(env, env["data"], out, *again)))
+    assert f"resuming training from {out / 'checkpoint-2'}" in caplog.text
+    assert trainer.state.global_step == 3
+    steps_logged = [h["step"] for h in trainer.state.log_history if "loss" in h]
+    assert steps_logged == sorted(set(steps_logged))  # the resumed run continues the history, no step twice
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3
