@@ -239,51 +239,18 @@ def evaluate(
     device = _model_device(model)
     groups = [row_group(benchmark, r) for r in rows]
 
+    sampling = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p)
     latent_mean = None
     for mode in modes:
         want_latents = mode == "model"  # for the health statistics, and for "mean"
-        generator = torch.Generator(device=device).manual_seed(seed)
-        texts: list[str | None] = [None] * len(rows)
-        spans = [0] * len(rows)
-        ntok = [0] * len(rows)
-        collected = []
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        for idx in _progress(batches, progress, f"decoding ({mode})"):
-            batch = encoder.pad_prompts([encoded[i] for i in idx])
-            batch = {k: v.to(device) for k, v in batch.items()}
-            out = generate_fn(
-                model,
-                processor,
-                batch,
-                max_new_tokens=max_new_tokens,
-                do_sample=do_sample,
-                temperature=temperature,
-                top_p=top_p,
-                generator=generator,
-                latent_mode=mode,
-                latent_mean=latent_mean,
-                return_latents=want_latents,
-            )
-            for j, i in enumerate(idx):
-                texts[i] = out.texts[j]
-                spans[i] = int(out.num_latent_spans[j])
-                ntok[i] = int(out.num_generated_tokens[j])
-            if on_decoded is not None:
-                on_decoded(
-                    [
-                        {
-                            "mode": mode,
-                            "index": i,
-                            "source": rows[i].get("source", ""),
-                            "completion": texts[i],
-                        }
-                        for i in idx
-                    ]
-                )
-            if want_latents and out.latents is not None:
-                collected.extend(x.detach().float().cpu() for x in out.latents if x.shape[0])
+        texts, spans, ntok, collected = _decode_mode(
+            generate_fn, model, processor, encoder, encoded, batches, rows, mode,
+            generator=torch.Generator(device=device).manual_seed(seed), latent_mean=latent_mean,
+            return_latents=want_latents, sampling=sampling, progress=progress, on_decoded=on_decoded,
+        )  # fmt: skip
         grades = [grade(benchmark, texts[i], rows[i]) for i in range(len(rows))]
         seconds = time.perf_counter() - start
 
@@ -315,6 +282,34 @@ def evaluate(
         ]
         result.modes[mode] = ModeResult(mode, table, completions, seconds, sum(ntok), health)
     return result
+
+
+def _decode_mode(generate_fn, model, processor, encoder, encoded, batches, rows, mode, *, generator, latent_mean,
+                 return_latents, sampling, progress, on_decoded):  # fmt: skip
+    """Decode every row in one latent mode, batch by batch: (texts, spans, tokens per row, latents fed)."""
+    device = _model_device(model)
+    texts: list[str | None] = [None] * len(rows)
+    spans, ntok, collected = [0] * len(rows), [0] * len(rows), []
+    for idx in _progress(batches, progress, f"decoding ({mode})"):
+        batch = {k: v.to(device) for k, v in encoder.pad_prompts([encoded[i] for i in idx]).items()}
+        out = generate_fn(
+            model, processor, batch, generator=generator, latent_mode=mode, latent_mean=latent_mean,
+            return_latents=return_latents, **sampling,
+        )  # fmt: skip
+        for j, i in enumerate(idx):
+            texts[i] = out.texts[j]
+            spans[i] = int(out.num_latent_spans[j])
+            ntok[i] = int(out.num_generated_tokens[j])
+        if on_decoded is not None:
+            on_decoded(
+                [
+                    {"mode": mode, "index": i, "source": rows[i].get("source", ""), "completion": texts[i]}
+                    for i in idx
+                ]
+            )
+        if return_latents and out.latents is not None:
+            collected.extend(x.detach().float().cpu() for x in out.latents if x.shape[0])
+    return texts, spans, ntok, collected
 
 
 def _mean_latent(collected, model, result: EvalResult):
