@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.utils.checkpoint
@@ -157,18 +158,9 @@ def self_latent_forward(
     if position_ids.ndim == 2:
         position_ids = position_ids[None].expand(3, -1, -1)
     vision = dict(pixel_values=pixel_values, image_grid_thw=image_grid_thw)
+    batch = _Batch(input_ids, attention_mask, slot_mask, position_ids, vision, mm_token_type_ids)
     if resolved == "recompute":
-        return _recompute(
-            model,
-            input_ids,
-            attention_mask,
-            slot_mask,
-            position_ids,
-            vision,
-            mm_token_type_ids,
-            detach_latents,
-            feedback,
-        )
+        return _recompute(model, batch, detach_latents, feedback)
     if max_round_tokens is None and resolved == "rounds_checkpointed":
         config = unwrap(model).config
         layers = getattr(getattr(config, "text_config", config), "num_hidden_layers", 1)
@@ -187,18 +179,24 @@ def self_latent_forward(
     with off:
         return _rounds(
             model,
-            input_ids,
-            attention_mask,
-            slot_mask,
-            position_ids,
-            vision,
-            mm_token_type_ids,
+            batch,
             checkpointed=resolved == "rounds_checkpointed",
             detach_latents=detach_latents,
             schedule=schedule,
             max_round_tokens=max_round_tokens,
             feedback=feedback,
         )
+
+
+class _Batch(NamedTuple):
+    """The inputs of one stage-2 forward, as both methods take them."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    slot_mask: torch.Tensor
+    position_ids: torch.Tensor  # (3, B, L)
+    vision: dict  # pixel_values, image_grid_thw
+    mm_token_type_ids: torch.Tensor | None
 
 
 # --------------------------------------------------------------------------- rounds
@@ -210,12 +208,7 @@ def _inner_forward(inner, **kw) -> torch.Tensor:
 
 def _rounds(
     model,
-    input_ids,
-    attention_mask,
-    slot_mask,
-    position_ids,
-    vision,
-    mm_token_type_ids,
+    batch: _Batch,
     *,
     checkpointed: bool,
     detach_latents: bool,
@@ -223,6 +216,7 @@ def _rounds(
     max_round_tokens: int | None = None,
     feedback=None,
 ) -> SelfLatentOutput:
+    input_ids, attention_mask, slot_mask, position_ids, vision, mm_token_type_ids = batch
     from transformers import DynamicCache
 
     images = None
@@ -366,17 +360,8 @@ def _checkpointed_round(
 # --------------------------------------------------------------------------- recompute
 
 
-def _recompute(
-    model,
-    input_ids,
-    attention_mask,
-    slot_mask,
-    position_ids,
-    vision,
-    mm_token_type_ids,
-    detach_latents,
-    feedback,
-) -> SelfLatentOutput:
+def _recompute(model, batch: _Batch, detach_latents: bool, feedback) -> SelfLatentOutput:
+    input_ids, attention_mask, slot_mask, position_ids, vision, mm_token_type_ids = batch
     inner = multimodal_model(model)
     B, L = input_ids.shape
     counts = slot_mask.sum(1).cpu()  # one host sync per batch
