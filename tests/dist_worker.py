@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # stage1_utils
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # helpers
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package, from a clean clone
 
 GLOBAL_BATCH = 4
@@ -38,7 +38,7 @@ def rows_for(workdir: Path) -> list[dict]:
     """4 rows with 1, 2, 2, 1 latent spans and different lengths: any 2 + 2 split that keeps dataset
     order ((0, 1) + (2, 3) or (0, 2) + (1, 3)) gives each rank 3 spans, so the per-rank mean of the
     cosine term equals the global mean (the trainer's convention, see tests/trainers/test_sft.py's GA test)."""
-    from stage1_utils import four_rows, make_images, make_row
+    from helpers import four_rows, make_images, make_row
 
     img = make_images(workdir)
     base = four_rows(img)

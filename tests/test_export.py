@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from stage1_utils import four_rows, make_images
+from helpers import four_rows, make_images
 
 from mirage_trl.cli import main as cli_main
 from mirage_trl.errors import MirageError

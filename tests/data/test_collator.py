@@ -1,6 +1,6 @@
 """MirageDataCollator: labels, latent slots, padding, image tokens, helper images, truncation and bad input.
 
-Expected values are computed independently from the token ids (tests/stage1_utils.expected_layout):
+Expected values are computed independently from the token ids (tests/helpers.expected_layout):
 the prompt is everything through the last `<|im_start|>assistant\\n`, latent pads are -100, latent
 start/end and the answer text are trained, padding is -100.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from stage1_utils import IGNORE, expected_layout, four_rows, make_images, make_row
+from helpers import IGNORE, expected_layout, four_rows, make_images, make_row
 
 from mirage_trl.data.collator import MirageDataCollator
 from mirage_trl.errors import MirageError

@@ -13,9 +13,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from stage1_utils import IGNORE, four_rows, make_images
+from helpers import IGNORE, four_rows, make_images, sft_args
 
-from mirage_trl.configs import MirageSFTConfig
 from mirage_trl.errors import MirageError
 from mirage_trl.latent.targets import helper_latent_targets, pool_helper_features
 from mirage_trl.models.tiny import build_tiny_model
@@ -40,21 +39,8 @@ def rows(images):
 
 
 def make_args(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        activation_checkpointing=False,
-        per_device_train_batch_size=4,
-        logging_steps=1,
-        max_grad_norm=0.0,
-        learning_rate=1e-3,
-        disable_tqdm=True,
-        bf16=False,
-    )
-    base.update(kw)
-    return MirageSFTConfig(**base)
+    defaults = dict(per_device_train_batch_size=4, max_grad_norm=0.0, max_steps=-1, latent_size=4, seed=42)
+    return sft_args(tmp_path / "out", **{**defaults, **kw})
 
 
 def make_trainer(

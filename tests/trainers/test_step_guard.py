@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from helpers import sft_args
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -28,31 +29,12 @@ def rows(tmp_path_factory):
 
 
 def trainer_for(out, rows, **kw):
-    from mirage_trl.configs import MirageSFTConfig
     from mirage_trl.models.tiny import build_tiny_model
     from mirage_trl.trainers.sft import MirageSFTTrainer
 
     model, processor = build_tiny_model(seed=0)
-    args = dict(
-        output_dir=str(out),
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        activation_checkpointing=False,
-        per_device_train_batch_size=2,
-        logging_steps=1,
-        max_steps=3,
-        learning_rate=1e-2,
-        weight_decay=0.1,
-        disable_tqdm=True,
-        bf16=False,
-        seed=0,
-        latent_size=2,
-    )
-    args.update(kw)
-    return MirageSFTTrainer(
-        model=model, args=MirageSFTConfig(**args), train_dataset=rows, processing_class=processor
-    )
+    args = sft_args(out, **{"max_steps": 3, "learning_rate": 1e-2, "weight_decay": 0.1, **kw})
+    return MirageSFTTrainer(model=model, args=args, train_dataset=rows, processing_class=processor)
 
 
 def _snapshot(trainer):
