@@ -51,6 +51,13 @@ def register(subparsers) -> None:
         action="store_true",
         help="upper bound: give each row's helper images (image_output) as real input images",
     )
+    p.add_argument(
+        "--latent-size",
+        type=int,
+        default=None,
+        help="latent size k, only for a folder that does not record it (e.g. one saved by the official Mirage "
+        "code); it must agree otherwise",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (default: as saved)")
     p.add_argument("--out", default=None, help="output folder for results.json and completions.jsonl")
@@ -76,6 +83,8 @@ def run(args) -> int:
             raise MirageError(f"{flag} must be >= 1, got {value}")
     if args.num_samples is not None and args.num_samples < 1:
         raise MirageError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.latent_size is not None and args.latent_size < 1:
+        raise MirageError(f"--latent-size must be >= 1, got {args.latent_size}")
     if not args.greedy and not args.temperature > 0:
         raise MirageError(
             f"--temperature must be > 0 when sampling (use --greedy otherwise), got {args.temperature}"
@@ -107,7 +116,9 @@ def run(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     with warnings.catch_warnings():
         warnings.simplefilter("default")
-        model, processor = load_model(args.model, dtype=args.dtype, device=device, require_mirage=False)
+        model, processor = load_model(
+            args.model, dtype=args.dtype, device=device, latent_size=args.latent_size, require_mirage=False
+        )
 
     # Decoded rows are kept as they come, so a long run that fails keeps them; removed once the results are written.
     keeper = DecodedRows(Path(f"{args.out}.partial.jsonl")) if args.out is not None else None
