@@ -57,33 +57,42 @@ def pca_2d(sets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: (v.double() - mean) @ basis for k, v in sets.items()}
 
 
-def draw_projection(points: dict[str, torch.Tensor], path, lines: list[str], size: int = 640) -> None:
-    """Scatter plot PNG of 2-D point sets with a legend and text lines, drawn with PIL."""
-    from PIL import Image, ImageDraw
+def draw_projection(points: dict[str, torch.Tensor], path, lines: list[str]) -> None:
+    """`projection.png` (matplotlib): the latents among the image features and the text embeddings on the
+    first two principal components of all three (left), and the latents alone on their own (right), so
+    latents that collapsed to one point show as one, with the spread written in the title."""
+    import matplotlib
 
-    text_h = 16 * (len(lines) + len(points)) + 16
-    img = Image.new("RGB", (size, size + text_h), "white")
-    draw = ImageDraw.Draw(img)
-    allp = torch.cat(list(points.values()))
-    lo, hi = allp.amin(dim=0), allp.amax(dim=0)
-    span = torch.where(hi - lo > 0, hi - lo, torch.ones_like(hi))
-    margin = 20
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    latents = points.get("latents")
+    fig, axes = plt.subplots(
+        1, 2, figsize=(12, 6.4), gridspec_kw={"bottom": 0.12 + 0.025 * len(lines), "wspace": 0.3}
+    )
     for name, pts in points.items():  # latents drawn last, on top
-        color = COLORS.get(name, (0, 0, 0))
-        xy = (pts - lo) / span * (size - 2 * margin) + margin
-        r = 3 if name == "latents" else 2
-        for x, y in xy.tolist():
-            y = size - y
-            draw.ellipse((x - r, y - r, x + r, y + r), fill=color)
-    y = size + 8
-    for name, pts in points.items():
-        draw.rectangle((10, y + 3, 20, y + 13), fill=COLORS.get(name, (0, 0, 0)))
-        draw.text((26, y), f"{name} ({pts.shape[0]})", fill="black")
-        y += 16
-    for line in lines:
-        draw.text((10, y), line, fill="black")
-        y += 16
-    img.save(path)
+        color = tuple(c / 255 for c in COLORS.get(name, (0, 0, 0)))
+        size = 14 if name == "latents" else 5
+        axes[0].scatter(
+            pts[:, 0], pts[:, 1], s=size, color=color, alpha=0.7, label=f"{name} ({pts.shape[0]})"
+        )
+    axes[0].set(title="joint PCA of the three sets", xlabel="PC 1", ylabel="PC 2")
+    axes[0].legend(loc="best", fontsize=8)
+    if latents is not None and latents.shape[0] >= 2:
+        own = pca_2d({"latents": latents})["latents"]
+        spread = float(own.norm(dim=-1).max())
+        axes[1].scatter(own[:, 0], own[:, 1], s=14, color=tuple(c / 255 for c in COLORS["latents"]))
+        axes[1].set(title=f"latents alone (their own PCA)\nlargest distance from their mean: {spread:.3g}")
+    else:
+        axes[1].text(
+            0.5, 0.5, "fewer than two latents", ha="center", va="center", transform=axes[1].transAxes
+        )
+        axes[1].set(title="latents alone")
+    axes[1].set(xlabel="PC 1", ylabel="PC 2")
+    axes[1].ticklabel_format(style="sci", scilimits=(-3, 3))
+    fig.text(0.01, 0.01, "\n".join(lines), fontsize=8, family="monospace", va="bottom")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 @dataclass

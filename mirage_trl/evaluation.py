@@ -456,3 +456,49 @@ def health_line(health: dict) -> str:
     }
     parts += [f"{label} {health[key]:.3f}" for key, label in names.items() if key in health]
     return "latent health: " + ", ".join(parts)
+
+
+def accuracy_bars(result: EvalResult) -> dict[str, list[tuple[object, float, float, float]]]:
+    """Per latent mode, (group, accuracy %, 95 % Wilson low %, high %) for every group: what the plot draws."""
+    from .stats import wilson_interval
+
+    out = {}
+    for mode, run in result.modes.items():
+        rows = []
+        for group, cell in run.groups.items():
+            lo, hi = wilson_interval(cell["correct"], cell["n"])
+            rows.append((group, 100 * cell["accuracy"], 100 * lo, 100 * hi))
+        out[mode] = rows
+    return out
+
+
+def plot_accuracy(result: EvalResult, path) -> None:
+    """`accuracy.png` (matplotlib): accuracy per level, one bar per latent mode, with 95 % Wilson intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    bars = accuracy_bars(result)
+    modes = list(bars)
+    groups = [g for g, *_ in bars[modes[0]]]
+    width = 0.8 / len(modes)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(groups) * max(1.0, len(modes) / 2)), 4.2))
+    x = np.arange(len(groups))
+    for j, mode in enumerate(modes):
+        acc = [a for _, a, _, _ in bars[mode]]
+        # max(0, ...): at 0 % or 100 % the interval's end equals the accuracy up to rounding
+        err = [
+            [max(0.0, a - lo) for _, a, lo, _ in bars[mode]],
+            [max(0.0, hi - a) for _, a, _, hi in bars[mode]],
+        ]
+        ax.bar(
+            x + (j - (len(modes) - 1) / 2) * width, acc, width, yerr=err, capsize=3, label=f"latents: {mode}"
+        )
+    ax.set_xticks(x, [f"level {g}" if isinstance(g, int) else str(g) for g in groups])
+    ax.set(ylabel="accuracy % (95 % Wilson interval)", ylim=(0, 100), title=result.benchmark)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

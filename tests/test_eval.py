@@ -329,6 +329,33 @@ def test_cli_latent_ablation(tiny_model_dir, reference_rows, tmp_path, capsys):
     comps = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
     assert [c["mode"] for c in comps] == ["model"] * 3 + ["zero"] * 3 + ["remove"] * 3
     assert "latent ablation" in stdout
+    from PIL import Image
+
+    assert Image.open(out / "accuracy.png").format == "PNG"
+
+
+def test_accuracy_plot_bars_are_wilson_intervals_of_the_table():
+    """What `accuracy.png` draws: each mode's accuracy per group with the Wilson interval written out here."""
+    import math
+
+    from mirage_trl.evaluation import EvalResult, ModeResult, accuracy_bars
+
+    result = EvalResult(benchmark="vsp_planning", settings={})
+    cells = {3: {"n": 10, "correct": 7, "accuracy": 0.7}, "all": {"n": 10, "correct": 7, "accuracy": 0.7}}
+    result.modes["model"] = ModeResult("model", cells, [], 0.0, 0)
+    result.modes["zero"] = ModeResult("zero", {3: dict(cells[3], correct=0, accuracy=0.0)}, [], 0.0, 0)
+    bars = accuracy_bars(result)
+    z, n, p = 1.959963984540054, 10, 0.7
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    group, acc, lo, hi = bars["model"][0]
+    assert group == 3 and acc == pytest.approx(70.0)
+    assert (lo, hi) == pytest.approx((100 * (centre - half), 100 * (centre + half)), abs=1e-9)
+    assert (
+        [g for g, *_ in bars["model"]] == [3, "all"]
+        and bars["zero"][0][1] == 0.0
+        and bars["zero"][0][2] == 0.0
+    )
 
 
 def test_cli_bad_input(tiny_model_dir, reference_rows, tmp_path, capsys):

@@ -1,7 +1,7 @@
 """`mirage-trl analyze-latents`: how close are generated latents to image features vs text embeddings?
 
-Writes OUT/analysis.json (nearest-neighbour and centroid cosine figures per space), OUT/projection.png
-(2-D PCA of text embeddings, image features and latents, with the numbers) and OUT/vectors.pt
+Writes OUT/analysis.json (nearest-neighbour and centroid cosine figures per space), OUT/projection.png (matplotlib)
+(2-D PCA of text embeddings, image features and latents, with the numbers) and OUT/vectors.safetensors
 (the latents and image features, for your own analysis), atomically.
 """
 
@@ -36,7 +36,7 @@ def register(subparsers) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
     p.add_argument(
-        "--out", required=True, help="output folder (analysis.json, vectors.pt, the projection plot)"
+        "--out", required=True, help="output folder (analysis.json, vectors.safetensors, the projection plot)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(func=run)
@@ -53,6 +53,7 @@ def run(args) -> int:
     check_output_dir(args.out, args.overwrite)
 
     import torch
+    from safetensors.torch import save_file
 
     from ..analysis import analyze_latents, draw_projection, summary_lines
     from ..data.reference import load_reference_jsonl
@@ -72,7 +73,10 @@ def run(args) -> int:
         tmp = Path(tmp)
         write_json(tmp / "analysis.json", {"model": args.model, "data": args.data, **result.stats})
         draw_projection(result.projection, tmp / "projection.png", lines)
-        torch.save({"latents": result.latents, "image_features": result.image_features}, tmp / "vectors.pt")
+        save_file(
+            {"latents": result.latents.contiguous(), "image_features": result.image_features.contiguous()},
+            str(tmp / "vectors.safetensors"),
+        )
     for line in lines:
         print(line)
     print(f"closer to: {result.stats['closer_to']}; written to {args.out}")

@@ -180,7 +180,7 @@ class DecodedRows:
 def _write_results(args, result, model, device) -> None:
     import datetime
 
-    from ..evaluation import print_tables
+    from ..evaluation import plot_accuracy, print_tables
     from ..io import atomic_dir, write_json, write_jsonl
 
     print_tables(result)
@@ -199,7 +199,11 @@ def _write_results(args, result, model, device) -> None:
         with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
             write_json(Path(tmp) / "results.json", payload)
             write_jsonl(Path(tmp) / "completions.jsonl", result.completion_rows())
-        print(f"results in {args.out}/results.json, completions in {args.out}/completions.jsonl")
+            plot_accuracy(result, Path(tmp) / "accuracy.png")
+        print(
+            f"results in {args.out}/results.json, completions in {args.out}/completions.jsonl, "
+            f"plot in {args.out}/accuracy.png"
+        )
 
 
 def _version() -> str:

@@ -151,7 +151,10 @@ def resolve_model_dir(path, latent_size: int | None = None, require_mirage: bool
     if kind == "full":
         config = read_json(p / "config.json")
         # Checkpoints of the official Mirage code record the ids of their start/end tokens in config.json.
-        for key, name in (("latent_start_id", LATENT_TOKEN_NAMES[0]), ("latent_end_id", LATENT_TOKEN_NAMES[2])):
+        for key, name in (
+            ("latent_start_id", LATENT_TOKEN_NAMES[0]),
+            ("latent_end_id", LATENT_TOKEN_NAMES[2]),
+        ):
             if config.get(key) is not None and config[key] != vocab[name]:
                 raise MirageError(
                     f"{p / 'config.json'}: {key}={config[key]} but the tokenizer has {name} at id {vocab[name]}"
