@@ -1,8 +1,13 @@
 # mirage-trl: `make demo` (install + the offline pipeline on a tiny model) and `make test` (install + tests).
-VENV ?= .venv
+# An active virtual environment is used as it is; otherwise .venv is made.
+VENV ?= $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
-# CPU machines get this torch (the CPU wheel here); machines with an NVIDIA driver keep pip's usual CUDA build.
+# Which torch build: TORCH_INDEX_URL, when set, is where torch comes from on any machine (for example
+# https://download.pytorch.org/whl/cpu for the CPU build, .../whl/cu128 for CUDA 12.8). Unset, a machine
+# with an NVIDIA driver keeps pip's default (a CUDA build) and one without gets CPU_TORCH from the
+# configured index (a CPU wheel only where that index serves one; elsewhere set TORCH_INDEX_URL).
+TORCH_INDEX_URL ?=
 CPU_TORCH ?= torch==2.13.0
 DEMO ?= outputs/demo
 SHARED_TEST ?= ../shared/data/mirage_official/data/vsp_spatial_planning/test_direct.jsonl
@@ -16,7 +21,8 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@if ! $(PY) -c "import torch" 2>/dev/null; then \
-		if command -v nvidia-smi >/dev/null 2>&1; then echo "GPU found: pip's default torch"; \
+		if [ -n "$(TORCH_INDEX_URL)" ]; then $(PY) -m pip install -q "$(CPU_TORCH)" --index-url "$(TORCH_INDEX_URL)"; \
+		elif command -v nvidia-smi >/dev/null 2>&1; then echo "GPU found: pip's default torch"; \
 		else $(PY) -m pip install -q "$(CPU_TORCH)"; fi; fi
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@

@@ -15,7 +15,17 @@ import sys
 from ..errors import MirageError
 
 # Subcommand modules, in the order `--help` lists them.
-SUBCOMMANDS = ["data", "tiny_model", "train", "eval", "experiment", "analyze_latents", "export", "env"]
+SUBCOMMANDS = [
+    "data",
+    "tiny_model",
+    "train",
+    "eval",
+    "experiment",
+    "analyze_latents",
+    "plot",
+    "export",
+    "env",
+]
 
 
 class _Parser(argparse.ArgumentParser):
