@@ -151,7 +151,7 @@ def build_model_card(
         dataset_name=hub_datasets or None,
         # a model whose last stage is GRPO (stage 3) is tagged as such, not as SFT
         tags=["mirage", "latent-visual-reasoning", "trl"]
-        + (["grpo"] if 3 in (mirage.get("stages") or []) else ["sft"])
+        + (["grpo"] if 3 in (mirage.get("stages") or []) or mirage.get("stage") == 3 else ["sft"])
         + (["peft", "lora"] if kind == "adapter" else []),
         wandb_url=None,
         trackio_url=None,
@@ -217,6 +217,27 @@ def build_model_card(
     return replaced
 
 
+def check_eval_results(results: dict, path, src, out: Path, repo_id: str | None = None) -> None:
+    """Results of `mirage-trl eval` go into a card only when they evaluate this model: the folder exported,
+    the export itself (evaluated before a re-export) or its Hub id, with the same latent size."""
+    if not _is_eval_results(results):
+        return  # a plain metrics mapping: the user's own numbers
+    model = results.get("model")
+    if model is not None:
+        same = {str(Path(src.path).resolve()), str(out.resolve()), *([repo_id] if repo_id else [])}
+        evaluated = str(Path(model).resolve()) if Path(str(model)).exists() else str(model)
+        if evaluated not in same:
+            raise MirageError(
+                f"--eval-json {path}: evaluates {model}, not {src.path} (the model exported) nor {out}; "
+                "evaluate this model, or leave --eval-json out"
+            )
+    k = results.get("latent_size")
+    if k is not None and src.latent_size is not None and int(k) != src.latent_size:
+        raise MirageError(
+            f"--eval-json {path}: latent_size={k} disagrees with {src.path} (latent_size={src.latent_size})"
+        )
+
+
 # ---------------------------------------------------------------------------------------- export
 def check_out_apart(out: Path, source: Path, what: str) -> None:
     """An export replaces `--out` whole: it must not be, contain or lie inside a folder it reads."""
@@ -228,10 +249,11 @@ def check_out_apart(out: Path, source: Path, what: str) -> None:
         )
 
 
-def _write_card(folder: Path, text: str) -> None:
+def write_card(folder, text: str) -> None:
+    """README.md of a model folder, every credential-looking value scrubbed."""
     from .redact import scrub
 
-    (folder / "README.md").write_text(scrub(text), encoding="utf-8")
+    (Path(folder) / "README.md").write_text(scrub(text), encoding="utf-8")
 
 
 def _check_safetensors_only(folder: Path) -> None:
@@ -269,6 +291,8 @@ def export_model(
     if src.is_adapter and Path(str(src.base)).exists():
         check_out_apart(out, Path(str(src.base)), "the base model its adapter names")
     eval_results = _load_eval(eval_json) if eval_json else None
+    if eval_results is not None:
+        check_eval_results(eval_results, eval_json, src, out, push_to_hub)
     kind = "merged" if (src.is_adapter and merge) else ("adapter" if src.is_adapter else "full")
 
     with atomic_dir(out, overwrite=overwrite, flag="--out") as tmp:
@@ -311,7 +335,7 @@ def export_model(
             launch_lines=launch_lines,
             datasets=datasets,
         )
-        _write_card(tmp, card)
+        write_card(tmp, card)
 
     if push_to_hub:
         push_folder(out, push_to_hub, private=private, revision=revision)

@@ -406,7 +406,7 @@ def test_failed_export_leaves_nothing(trained, tmp_path, monkeypatch):
     def boom(folder, text):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(export, "_write_card", boom)
+    monkeypatch.setattr(export, "write_card", boom)
     with pytest.raises(RuntimeError):
         export_model(trained["run"], tmp_path / "out", merge=True)
     assert list(tmp_path.iterdir()) == []
@@ -418,12 +418,12 @@ def test_killed_export_leaves_no_complete_folder(trained, tmp_path):
     code = (
         "import sys, time\n"
         "import mirage_trl.export as e\n"
-        "orig = e._write_card\n"
+        "orig = e.write_card\n"
         "def slow(folder, text):\n"
         "    orig(folder, text)\n"
         "    print('READY', flush=True)\n"
         "    time.sleep(120)\n"
-        "e._write_card = slow\n"
+        "e.write_card = slow\n"
         "from mirage_trl.cli import main\n"
         f"sys.exit(main(['export', '--model', {str(trained['run'])!r}, '--out', {str(out)!r}, '--merge']))\n"
     )
@@ -536,3 +536,38 @@ def test_card_from_eval_results_has_the_accuracy_table_and_model_index():
     assert "grpo" in card.data.tags and "sft" not in card.data.tags  # the last stage is GRPO
     sft = ModelCard(build_model_card(mirage | {"stages": [1, 2]}, kind="merged", model_name="m"))
     assert "sft" in sft.data.tags and "grpo" not in sft.data.tags and not sft.data.eval_results
+
+
+def test_eval_results_of_another_model_or_latent_size_are_refused(trained, tmp_path):
+    """An accuracy table goes into the card only for the model exported (or the export, evaluated first)."""
+    all_rows = {"all": {"accuracy": 0.5, "invalid_rate": 0.0}}
+    results = {"benchmark": "vsp_planning", "modes": {"model": {"groups": all_rows}}}
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(results | {"model": str(trained["base"]), "latent_size": 4}))
+    with pytest.raises(MirageError, match=rf"--eval-json {other}: evaluates {trained['base']}, not "):
+        export_model(trained["run"], tmp_path / "x", eval_json=other)
+    size = tmp_path / "size.json"
+    size.write_text(json.dumps(results | {"model": str(trained["run"]), "latent_size": 8}))
+    with pytest.raises(MirageError, match=r"latent_size=8 disagrees with .* \(latent_size=4\)"):
+        export_model(trained["run"], tmp_path / "x", eval_json=size)
+    assert not (tmp_path / "x").exists()
+    same = tmp_path / "same.json"
+    out = tmp_path / "ok"
+    same.write_text(
+        json.dumps(results | {"model": str(out), "latent_size": 4})
+    )  # the export, evaluated before
+    card = (export_model(trained["run"], out, eval_json=same) / "README.md").read_text()
+    assert "### Evaluation" in card
+
+
+def test_training_output_card_is_mirage_trls(trained):
+    """The run folder's README is mirage-trl's card (stages, latent size, latent decoding), not PEFT's
+    placeholder or TRL's text-generation quick start."""
+    from huggingface_hub import ModelCard
+
+    trained["trainer"].create_model_card(dataset_name="vsp_planning_train.jsonl")
+    text = (trained["run"] / "README.md").read_text()
+    assert "generate_with_latents" in text and "Stages run: stage 1" in text and "Latent size k: 4" in text
+    assert "Model Card for Model ID" not in text and "pipeline(" not in text
+    card = ModelCard(text)
+    assert card.data.pipeline_tag == "image-text-to-text" and "lora" in card.data.tags

@@ -194,6 +194,7 @@ def _write_results(args, result, model, device) -> None:
             "device": str(device),
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
             "mirage_trl_version": _version(),
+            "latent_size": _latent_size(model),
             **result.to_dict(),
         }
         with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
@@ -213,3 +214,10 @@ def _version() -> str:
         return version("mirage-trl")
     except Exception:  # not installed (running from a source tree)
         return "unknown"
+
+
+def _latent_size(model) -> int | None:
+    from ..latent.settings import MirageSettings
+
+    settings = MirageSettings.of_model(model)
+    return settings.latent_size if settings else None

@@ -349,6 +349,31 @@ class MirageTrainerMixin:
     def _get_output_dir(self, trial):
         return self._checkpoint_staging or super()._get_output_dir(trial)
 
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """A Mirage model's card is mirage-trl's (stages, latent size, launch lines, latent decoding), for the
+        training output, every checkpoint and the Hub, not PEFT's placeholder or TRL's text-generation quick
+        start; a text-only baseline keeps TRL's."""
+        settings = self.mirage_checkpoint_settings()
+        if settings is None:
+            return super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        if not self.is_world_process_zero():
+            return None
+        from ..export import build_model_card, write_card
+
+        saved = MirageSettings.read(self.args.output_dir)  # what save_outputs recorded: stages, base, launch
+        if saved is not None:
+            settings = settings.replace(**saved.provenance)
+        name = model_name or os.path.basename(os.path.normpath(self.args.output_dir))
+        from peft import PeftModel
+
+        kind = "adapter" if isinstance(self.model, PeftModel) else "full"
+        datasets = [dataset_name] if isinstance(dataset_name, str) else list(dataset_name or [])
+        card = build_model_card(
+            settings.to_dict(), kind=kind, model_name=name, repo_id=self.args.hub_model_id, datasets=datasets
+        )
+        write_card(self.args.output_dir, card)
+        return None
+
     def mirage_checkpoint_settings(self) -> MirageSettings | None:
         """What `mirage_config.json` of each checkpoint holds (None: no such file, e.g. text-only baselines)."""
         return MirageSettings.of_model(self.model)
