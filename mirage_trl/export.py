@@ -25,6 +25,7 @@ from .errors import MirageError
 from .io import read_json
 from .latent.tokens import LATENT_TOKEN_NAMES
 from .models.load import load_source, torch_dtype
+from .models.processors import save_processor
 from .models.resolve import looks_like_hub_name, portable_model_ref, resolve_model_dir
 
 PAPER_ID = "2506.17218"
@@ -316,7 +317,7 @@ def export_model(
             settings.save_to(model)
             model.config._name_or_path = str(out)
             model.save_pretrained(tmp, safe_serialization=True)
-        processor.save_pretrained(tmp)
+        save_processor(processor, tmp, model.config.model_type)
         base_model = settings.provenance.get("base_model")
         if src.is_adapter:
             base_model = portable_model_ref(src.base)  # the model the adapter loads over

@@ -110,7 +110,10 @@ def save_outputs(
     trainer.save_model(output_dir)
     if not trainer.accelerator.is_main_process:
         return
-    trainer.processing_class.save_pretrained(output_dir)
+    from .latent.model_utils import unwrap
+    from .models.processors import save_processor
+
+    save_processor(trainer.processing_class, output_dir, unwrap(trainer.model).config.model_type)
     settings = trainer.mirage_checkpoint_settings()
     if settings is not None:
         previous = MirageSettings.read(base_model) if Path(base_model).is_dir() else None

@@ -571,3 +571,29 @@ def test_training_output_card_is_mirage_trls(trained):
     assert "Model Card for Model ID" not in text and "pipeline(" not in text
     card = ModelCard(text)
     assert card.data.pipeline_tag == "image-text-to-text" and "lora" in card.data.tags
+
+
+def test_exports_load_with_the_plain_auto_classes(merged_export, adapter_export):
+    """A merged export loads with AutoModelForImageTextToText / AutoTokenizer / AutoImageProcessor, carries
+    the latent tokens and the Mirage settings, and its processor config is complete (a video processor
+    entry, so AutoProcessor builds the stock processor where torchvision is installed)."""
+    import importlib.util
+
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
+    model = AutoModelForImageTextToText.from_pretrained(str(merged_export))
+    assert model.config.mirage["latent_size"] == 4
+    tok = AutoTokenizer.from_pretrained(str(merged_export))
+    assert all(t in tok.get_vocab() for t in LATENT_TOKEN_NAMES)
+    assert max(tok.convert_tokens_to_ids(list(LATENT_TOKEN_NAMES))) < model.get_input_embeddings().weight.shape[0]
+    image = AutoImageProcessor.from_pretrained(str(merged_export))
+    for folder in (merged_export, adapter_export):
+        config = json.loads((folder / "processor_config.json").read_text())
+        video = config["video_processor"]
+        assert video["video_processor_type"] == "Qwen2VLVideoProcessor"
+        assert (video["patch_size"], video["merge_size"]) == (image.patch_size, image.merge_size)
+    if importlib.util.find_spec("torchvision") is None:  # here: the stock video processor needs torchvision
+        with pytest.raises(ImportError, match="Torchvision"):
+            AutoProcessor.from_pretrained(str(merged_export))
+    else:
+        assert type(AutoProcessor.from_pretrained(str(merged_export))).__name__ == "Qwen2_5_VLProcessor"

@@ -6,6 +6,8 @@ video processor without torchvision, and Mirage needs images only.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 _PROCESSORS = {
     "qwen2_vl": ("transformers.models.qwen2_vl.processing_qwen2_vl", "Qwen2VLProcessor"),
     "qwen2_5_vl": ("transformers.models.qwen2_5_vl.processing_qwen2_5_vl", "Qwen2_5_VLProcessor"),
@@ -62,3 +64,34 @@ def load_processor(name_or_path: str, model_type: str | None = None, trust_remot
         video_processor=None,
         chat_template=tokenizer.chat_template,
     )
+
+
+# The video processor a stock processor of each model type expects (images and videos share these settings).
+_VIDEO_PROCESSORS = {
+    "qwen2_vl": "Qwen2VLVideoProcessor",
+    "qwen2_5_vl": "Qwen2VLVideoProcessor",
+    "qwen3_vl": "Qwen3VLVideoProcessor",
+}
+_SHARED_WITH_VIDEO = (
+    "do_convert_rgb", "do_normalize", "do_rescale", "do_resize", "image_mean", "image_std", "merge_size",
+    "patch_size", "resample", "rescale_factor", "size", "temporal_patch_size",
+)  # fmt: skip
+
+
+def save_processor(processor, folder, model_type: str) -> None:
+    """`save_pretrained`, plus the video processor entry the image-only processor leaves out, so that
+    `AutoProcessor.from_pretrained(folder)` builds the stock processor where torchvision is installed
+    (without torchvision transformers cannot build any Qwen-VL video processor; `load_processor` still
+    loads the folder)."""
+    from ..io import read_json, write_json
+
+    processor.save_pretrained(str(folder))
+    path = Path(folder) / "processor_config.json"
+    if model_type not in _VIDEO_PROCESSORS or not path.is_file():
+        return
+    config = read_json(path)
+    if "video_processor" not in config:
+        image = config.get("image_processor") or {}
+        video = {k: image[k] for k in _SHARED_WITH_VIDEO if k in image}
+        config["video_processor"] = {**video, "video_processor_type": _VIDEO_PROCESSORS[model_type]}
+        write_json(path, config)
