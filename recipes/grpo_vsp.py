@@ -9,56 +9,19 @@ Usage:
 Any YAML key can be overridden on the command line, e.g. `--num_generations 8`.
 """
 
-from trl import ModelConfig
+from mirage_grpo import ARGS
+from mirage_grpo import main as run
 
-from mirage_trl.configs import MirageGRPOConfig, MirageScriptArguments
-from mirage_trl.latent.settings import GRPO_STAGE
-from mirage_trl.models.load import load_for_training
-from mirage_trl.preflight import parse_recipe_args, preflight
-from mirage_trl.run import load_train_data, peft_config_for, push_outputs, run_recipe, save_outputs, train
-from mirage_trl.trainers.grpo import MirageGRPOTrainer
+from mirage_trl.preflight import parse_recipe_args
+from mirage_trl.run import run_recipe
 
 BENCHMARK = None  # inferred from the rows: vsp_planning, vsp_reasoning or vsp_grounding (--benchmark wins)
 
 
 def main(script_args, training_args, model_args):
-    # 1. Check every setting, path and logging backend before anything heavy.
-    preflight(script_args, training_args, model_args)
-
-    # 2. Data: the accuracy reward grades each row by its own `benchmark` column.
-    train_dataset, eval_dataset = load_train_data(script_args, BENCHMARK)
-
-    # 3. Model and processor: the stage-2 output (a LoRA adapter stays trainable; TRL keeps a frozen copy as
-    #    the KL reference).
-    model, processor = load_for_training(model_args.model_name_or_path, training_args, model_args)
-
-    # 4. Trainer: TRL's GRPOTrainer with latent rollouts; rewards from --reward_names / --reward_weights.
-    trainer = MirageGRPOTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=processor,
-        peft_config=peft_config_for(model, model_args),
-    )
-
-    # 5. Train, resuming from the newest complete checkpoint in output_dir if there is one; save metrics and state.
-    train(trainer, training_args)
-
-    # 6. Save the model or adapter, the processor, the Mirage settings and the model card.
-    save_outputs(
-        trainer,
-        training_args.output_dir,
-        GRPO_STAGE,
-        model_args.model_name_or_path,
-        [script_args.dataset_name],
-    )
-
-    # 7. Push to the Hub when asked.
-    if training_args.push_to_hub:
-        push_outputs(trainer, script_args.dataset_name)
-    return trainer
+    """The steps are recipes/mirage_grpo.py's: check, data, model, trainer, train (auto-resume), save, card, push."""
+    return run(script_args, training_args, model_args, benchmark=BENCHMARK)
 
 
 if __name__ == "__main__":
-    run_recipe(lambda: main(*parse_recipe_args((MirageScriptArguments, MirageGRPOConfig, ModelConfig))))
+    run_recipe(lambda: main(*parse_recipe_args(ARGS)))

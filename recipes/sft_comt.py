@@ -13,67 +13,19 @@ Usage:
 Any YAML key can be overridden on the command line, e.g. `--per_device_train_batch_size 4`.
 """
 
-from trl import ModelConfig, SFTConfig
+from text_sft import ARGS
+from text_sft import main as run
 
-from mirage_trl.configs import BaselineScriptArguments
-from mirage_trl.latent.model_utils import vision_tower
-from mirage_trl.models.load import load_for_training
-from mirage_trl.preflight import parse_recipe_args, preflight
-from mirage_trl.run import load_train_data, push_outputs, run_recipe, save_outputs, train
-from mirage_trl.trainers.text_sft import (
-    TextSFTTrainer,
-    baseline_peft_config,
-    build_sft_dataset,
-    write_baseline_config,
-)
+from mirage_trl.preflight import parse_recipe_args
+from mirage_trl.run import run_recipe
 
 BENCHMARK = "comt"  # the rows' grader (--benchmark wins)
 
 
 def main(script_args, training_args, model_args):
-    # 1. Check every setting, path and logging backend before anything heavy.
-    preflight(script_args, training_args, model_args)
-
-    # 2. Data: the same rows as Mirage, markers and helper images removed (or helpers as input images).
-    train_dataset, eval_dataset = load_train_data(script_args, BENCHMARK)
-    train_dataset = build_sft_dataset(train_dataset, script_args.helper_as_input)
-    if eval_dataset is not None:
-        eval_dataset = build_sft_dataset(eval_dataset, script_args.helper_as_input)
-
-    # 3. Model and processor; the vision tower stays frozen, as for Mirage, unless --train_vision_tower.
-    model, processor = load_for_training(model_args.model_name_or_path, training_args, model_args)
-    vision_tower(model).requires_grad_(script_args.train_vision_tower)
-
-    # 4. Trainer: TRL's SFTTrainer (LoRA "all-linear" means the language model's linear layers).
-    trainer = TextSFTTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=processor,
-        peft_config=baseline_peft_config(model_args),
-    )
-
-    # 5. Train, resuming from the newest complete checkpoint in output_dir if there is one; save metrics and state.
-    train(trainer, training_args)
-
-    # 6. Save the model or adapter, the processor, what baseline this is and the model card.
-    save_outputs(
-        trainer, training_args.output_dir, None, model_args.model_name_or_path, [script_args.dataset_name]
-    )
-    if trainer.accelerator.is_main_process:
-        write_baseline_config(
-            training_args.output_dir,
-            script_args.helper_as_input,
-            script_args.dataset_name,
-            model_args.model_name_or_path,
-        )
-
-    # 7. Push to the Hub when asked.
-    if training_args.push_to_hub:
-        push_outputs(trainer, script_args.dataset_name)
-    return trainer
+    """The steps are recipes/text_sft.py's: check, data, model, trainer, train (auto-resume), save, card, push."""
+    return run(script_args, training_args, model_args, benchmark=BENCHMARK)
 
 
 if __name__ == "__main__":
-    run_recipe(lambda: main(*parse_recipe_args((BaselineScriptArguments, SFTConfig, ModelConfig))))
+    run_recipe(lambda: main(*parse_recipe_args(ARGS)))

@@ -19,6 +19,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 def recipe_main(name: str):
     """`main(script_args, training_args, model_args)` of `recipes/<name>.py` (what runs after TrlParser)."""
+    import sys
+
+    if (
+        str(REPO / "recipes") not in sys.path
+    ):  # the method scripts the recipes import, as `python recipes/x.py` finds them
+        sys.path.insert(0, str(REPO / "recipes"))
     path = REPO / "recipes" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"recipe_{name}", path)
     module = importlib.util.module_from_spec(spec)

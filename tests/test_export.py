@@ -585,7 +585,10 @@ def test_exports_load_with_the_plain_auto_classes(merged_export, adapter_export)
     assert model.config.mirage["latent_size"] == 4
     tok = AutoTokenizer.from_pretrained(str(merged_export))
     assert all(t in tok.get_vocab() for t in LATENT_TOKEN_NAMES)
-    assert max(tok.convert_tokens_to_ids(list(LATENT_TOKEN_NAMES))) < model.get_input_embeddings().weight.shape[0]
+    assert (
+        max(tok.convert_tokens_to_ids(list(LATENT_TOKEN_NAMES)))
+        < model.get_input_embeddings().weight.shape[0]
+    )
     image = AutoImageProcessor.from_pretrained(str(merged_export))
     for folder in (merged_export, adapter_export):
         config = json.loads((folder / "processor_config.json").read_text())

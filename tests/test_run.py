@@ -30,8 +30,8 @@ def test_cli_subprocess_one_line_and_debug_shows_trace(env, tmp_path):
 
 
 def test_recipe_subprocess_one_line_through_run_recipe(env, tmp_path):
-    """What a recipe user sees, with the recipe file run as `python recipes/stage1_vsp.py` does, under
-    `mirage_trl.run.run_recipe` (every recipe's __main__)."""
+    """What a recipe user sees running `python recipes/stage1_vsp.py ...`: one line from
+    `mirage_trl.run.run_recipe` (every recipe's __main__), exit 2, no credential."""
     bad, pattern = _missing_field(env, tmp_path)
     out = tmp_path / "run"
     argv = [
@@ -47,14 +47,8 @@ def test_recipe_subprocess_one_line_through_run_recipe(env, tmp_path):
         "--latent_size",
         "2",
     ]
-    code = (
-        "import runpy, sys\n"
-        "from mirage_trl.run import run_recipe\n"
-        f"sys.argv = {argv!r}\n"
-        f"run_recipe(lambda: runpy.run_path({str(REPO / 'recipes/stage1_vsp.py')!r}, run_name='__main__'))\n"
-    )
     p = subprocess.run(
-        [sys.executable, "-c", code],
+        [sys.executable, str(REPO / "recipes" / "stage1_vsp.py"), *argv[1:]],
         capture_output=True,
         text=True,
         timeout=180,
