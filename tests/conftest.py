@@ -27,6 +27,17 @@ def official_data(shared_dir) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads; one thread keeps a file fast on a shared 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_run_inputs(tmp_path_factory):
     """A random tiny Qwen2.5-VL saved like a checkpoint and 4 generated VSP planning rows (level 3, CoT):
@@ -46,11 +57,10 @@ def tiny_run_inputs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def env(tmp_path_factory):
     """Tiny models on disk (plain VL, Mirage k=2, text-only), 4 generated VSP rows with their images."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from mirage_trl.data.vsp import generate_vsp
     from mirage_trl.latent.tokens import add_latent_tokens
-    from mirage_trl.models.tiny import build_tiny_model, build_tiny_tokenizer, save_tiny_model
+    from mirage_trl.models.tiny import build_tiny_model, save_tiny_model
 
     root = tmp_path_factory.mktemp("reliability")
     base = save_tiny_model(root / "base")  # a vision-language model, but not a Mirage one
@@ -60,17 +70,9 @@ def env(tmp_path_factory):
     model.save_pretrained(mirage)
     processor.save_pretrained(mirage)
     # A model without a vision tower, with the latent tokens and settings of a Mirage model.
-    tok = build_tiny_tokenizer()
-    text_only = Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=len(tok) + 16,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-        )
-    )
+    from helpers import text_only_model
+
+    text_only, tok = text_only_model()
     add_latent_tokens(tok, text_only, latent_size=2)
     text_only.save_pretrained(root / "text-only")
     tok.save_pretrained(root / "text-only")

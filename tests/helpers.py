@@ -17,6 +17,24 @@ from mirage_trl.cli import main
 REPO = Path(__file__).resolve().parents[1]
 
 
+def text_only_model():
+    """(model, tokenizer): a tiny Qwen2 language model without a vision tower, for the refusals that need one."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from mirage_trl.models.tiny import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    config = Qwen2Config(
+        vocab_size=len(tok) + 16,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    return Qwen2ForCausalLM(config), tok
+
+
 def recipe_main(name: str):
     """`main(script_args, training_args, model_args)` of `recipes/<name>.py` (what runs after TrlParser)."""
     import sys

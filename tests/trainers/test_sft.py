@@ -28,14 +28,9 @@ def images(tmp_path_factory):
     return make_images(tmp_path_factory.mktemp("images"))
 
 
-_ONE_ROW: dict = {}
-
-
 @pytest.fixture(scope="module")
 def rows(images):
-    out = four_rows(images)
-    _ONE_ROW.update(out[1])
-    return out
+    return four_rows(images)
 
 
 def make_args(tmp_path, **kw):
@@ -49,7 +44,7 @@ def make_trainer(
     if model is None:
         model, processor = build_tiny_model(model_type)
     if dataset is None:  # TRL wants a train dataset even when only compute_loss is called
-        dataset = as_dataset([_ONE_ROW])
+        dataset = as_dataset([four_rows(make_images(tmp_path / "images"))[1]])
     return MirageSFTTrainer(
         model=model,
         args=make_args(tmp_path, **kw),
@@ -431,21 +426,9 @@ def test_one_step_on_other_model_families(tmp_path, rows, model_type):
 
 # ---------------------------------------------------------------------- bad input
 def test_model_without_vision_tower_is_a_clear_error(tmp_path):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from helpers import text_only_model
 
-    from mirage_trl.models.tiny import build_tiny_tokenizer
-
-    tok = build_tiny_tokenizer()
-    model = Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=len(tok) + 16,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-        )
-    )
+    model, tok = text_only_model()
     with pytest.raises(
         MirageError, match=r"Qwen2ForCausalLM is not a vision-language model with a vision tower"
     ):
