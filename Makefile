@@ -43,8 +43,7 @@ demo: install
 	$(BIN)/mirage-trl eval --model $(DEMO)/export --benchmark vsp_planning \
 		--data $(DEMO)/test-data/planning_test_direct.jsonl --max-new-tokens 24 --batch-size 50 --greedy \
 		--latents model zero shuffle remove --out $(DEMO)/eval --overwrite --no-progress
-	$(BIN)/mirage-trl export --model $(DEMO)/stage2 --out $(DEMO)/export --overwrite \
-		--eval-json $(DEMO)/eval/results.json  # again, with the accuracy table in its model card
+	$(BIN)/mirage-trl card $(DEMO)/export --eval-json $(DEMO)/eval/results.json  # the accuracy table in its card
 	@echo "demo done: model, export and eval results under $(DEMO). The learning experiment (every arm, seeds,"
 	@echo "statistics, plots) is make experiment; make demo GRPO=1 adds a short GRPO step."
 

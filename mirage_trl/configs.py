@@ -23,10 +23,15 @@ MAX_SEQUENCE_LENGTH = 1 << 20
 
 @dataclass
 class MirageScriptArguments(ScriptArguments):
-    """Where the data lives. `dataset_name` may be a local reference-format JSONL file."""
+    """Where the data lives: TRL's dataset arguments (`dataset_name`, `dataset_config`, `dataset_train_split`,
+    `dataset_test_split`), read by `mirage_trl.data.sources.load_data`."""
 
     dataset_name: str | None = field(
-        default=None, metadata={"help": "reference-format JSONL (or a hub dataset)"}
+        default=None,
+        metadata={
+            "help": "reference-format JSONL, a local dataset folder (save_to_disk, parquet, JSONL + images) or a "
+            "dataset id; reference or TRL conversational schema"
+        },
     )
     dataset_root: str | None = field(
         default=None,
@@ -38,7 +43,9 @@ class MirageScriptArguments(ScriptArguments):
             "help": "vsp_planning, vsp_reasoning, vsp_grounding, jigsaw, sat or comt (inferred for VSP)"
         },
     )
-    eval_dataset_name: str | None = field(default=None, metadata={"help": "optional eval JSONL"})
+    eval_dataset_name: str | None = field(
+        default=None, metadata={"help": "optional eval data, as dataset_name (its split: dataset_test_split)"}
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N rows"})
 
 

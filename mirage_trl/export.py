@@ -195,6 +195,22 @@ def build_model_card(
         "```",
         "",
     ]
+    if kind == "adapter":
+        lines += [
+            "With PEFT alone (the weights, without the latent decoding loop): resize the base model's embeddings to "
+            "this adapter's tokenizer, which holds the latent tokens, then load the adapter.",
+            "",
+            "```python",
+            "from peft import PeftModel",
+            "from transformers import AutoModelForImageTextToText, AutoTokenizer",
+            "",
+            f'tokenizer = AutoTokenizer.from_pretrained("{target}")',
+            f'base = AutoModelForImageTextToText.from_pretrained("{base_model or "BASE"}")',
+            "base.resize_token_embeddings(len(tokenizer))",
+            f'model = PeftModel.from_pretrained(base, "{target}")',
+            "```",
+            "",
+        ]
     if eval_results and _is_eval_results(eval_results):
         lines += ["### Evaluation", "", *_eval_table(eval_results), ""]
         card.data.eval_results = _eval_index(eval_results)
@@ -237,6 +253,53 @@ def check_eval_results(results: dict, path, src, out: Path, repo_id: str | None 
         raise MirageError(
             f"--eval-json {path}: latent_size={k} disagrees with {src.path} (latent_size={src.latent_size})"
         )
+
+
+_EVAL_SECTION = re.compile(r"^### Evaluation\n.*?(?=^#{2,3} |\Z)", re.S | re.M)
+
+
+def add_eval_results(folder, eval_json) -> Path:
+    """Put a `mirage-trl eval` results.json into the model card of `folder` (a training output, a checkpoint,
+    an export, a text-only baseline or a GRPO run): the accuracy table per latent mode and level in the text,
+    and the card's model-index (`EvalResult`s). An Evaluation section already there is replaced; results of
+    another model or latent size are refused in one line. Returns the README path."""
+    from huggingface_hub import ModelCard
+
+    from .latent.settings import SETTINGS_FILE, MirageSettings
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MirageError(f"{folder}: no such model folder")
+    results = read_json(eval_json)
+    if not _is_eval_results(results):
+        raise MirageError(
+            f"--eval-json {eval_json}: not the results.json of `mirage-trl eval` (no per-mode results)"
+        )
+    model = str(results.get("model"))
+    evaluated = Path(model).resolve() if Path(model).exists() else None
+    if evaluated != folder.resolve():
+        raise MirageError(f"--eval-json {eval_json}: evaluates {model}, not {folder}; evaluate this folder")
+    settings = MirageSettings.read(folder)
+    k = results.get("latent_size")
+    if (
+        settings is not None
+        and k is not None
+        and settings.latent_size is not None
+        and int(k) != settings.latent_size
+    ):
+        raise MirageError(
+            f"--eval-json {eval_json}: latent_size={k} disagrees with {folder / SETTINGS_FILE} "
+            f"(latent_size={settings.latent_size})"
+        )
+    readme = folder / "README.md"
+    card = ModelCard(readme.read_text(encoding="utf-8") if readme.is_file() else "")
+    card.data.eval_results = _eval_index(results)
+    card.data.model_name = card.data.model_name or folder.resolve().name
+    section = "\n".join(["### Evaluation", "", *_eval_table(results), "", ""])
+    text, n = _EVAL_SECTION.subn(lambda _m: section, card.text, count=1)
+    card.text = text if n else text.rstrip("\n") + "\n\n" + section
+    write_card(folder, str(card))
+    return readme
 
 
 # ---------------------------------------------------------------------------------------- export
@@ -388,9 +451,28 @@ def push_folder(
 
 
 def launch_line(argv: list[str] | None = None) -> str:
-    """The command line that ran this process, for the settings file and the model card, credentials redacted."""
+    """The command line that ran this process, for the settings file and the model card, credentials redacted:
+    `accelerate launch recipes/stage1_vsp.py --config ...` for a recipe (accelerate's own flags are not
+    visible to its worker), `mirage-trl export ...` for the command."""
     from .redact import redact_argv
 
     argv = list(sys.argv if argv is None else argv)
-    argv[0] = Path(argv[0]).name
-    return shlex.join(redact_argv(argv))
+    argv[0] = _program(argv[0])
+    # accelerate launch sets these in its workers' environment (one process or many)
+    under_accelerate = "ACCELERATE_MIXED_PRECISION" in os.environ and argv[0].endswith(".py")
+    return shlex.join((["accelerate", "launch"] if under_accelerate else []) + redact_argv(argv))
+
+
+def _program(path: str) -> str:
+    """How a user names the program: `recipes/<script>` for a shipped recipe (in a clone or a wheel),
+    `mirage-trl` for the command (`python -m mirage_trl` included), otherwise the file's name."""
+    from .shipped import shipped
+
+    script = Path(path).resolve()
+    try:
+        return f"recipes/{script.relative_to(shipped('recipes')).as_posix()}"
+    except (ValueError, MirageError):
+        pass
+    if script.name == "__main__.py" and script.parent.name == "mirage_trl":
+        return "mirage-trl"
+    return script.name

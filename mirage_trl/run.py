@@ -54,19 +54,34 @@ def check_stage(training_args, stage: int, recipe: str) -> None:
 
 
 def load_train_data(script_args, benchmark: str | None = None):
-    """(train, eval or None) as `datasets.Dataset`s of loaded rows; `--benchmark` wins over the recipe's."""
-    from .data.reference import load_reference_jsonl
+    """(train, eval or None) as `datasets.Dataset`s of loaded rows; `--benchmark` wins over the recipe's.
+
+    `--dataset_name` is a reference JSONL, a local dataset folder or a dataset id (`data.sources`), read
+    with TRL's `--dataset_config` and `--dataset_train_split`; `--eval_dataset_name` is read the same way
+    with `--dataset_test_split`."""
+    from .data.sources import load_data
 
     if not script_args.dataset_name:
-        raise MirageError("--dataset_name: give the reference-format JSONL to train on")
+        raise MirageError(
+            "--dataset_name: give the data to train on (a JSONL file, a dataset folder or a dataset id)"
+        )
     name = script_args.benchmark or benchmark
-    train = load_reference_jsonl(script_args.dataset_name, root=script_args.dataset_root, benchmark=name)
+    common = dict(
+        config=script_args.dataset_config,
+        root=script_args.dataset_root,
+        benchmark=name,
+        streaming=script_args.dataset_streaming,
+    )
+    train = load_data(script_args.dataset_name, split=script_args.dataset_train_split, **common)
     if script_args.max_train_samples:
         train = train.select(range(min(script_args.max_train_samples, len(train))))
     evals = None
     if script_args.eval_dataset_name:
-        evals = load_reference_jsonl(
-            script_args.eval_dataset_name, root=script_args.dataset_root, benchmark=name
+        evals = load_data(
+            script_args.eval_dataset_name,
+            split=script_args.dataset_test_split,
+            flag="--eval_dataset_name",
+            **common,
         )
     return train, evals
 

@@ -600,3 +600,101 @@ def test_exports_load_with_the_plain_auto_classes(merged_export, adapter_export)
             AutoProcessor.from_pretrained(str(merged_export))
     else:
         assert type(AutoProcessor.from_pretrained(str(merged_export))).__name__ == "Qwen2_5_VLProcessor"
+
+
+def test_adapter_loads_with_plain_peft_over_its_base(trained, adapter_export):
+    """The PEFT way: the base with its embeddings resized to the adapter's tokenizer, then
+    `PeftModel.from_pretrained`, gives the same logits as `load_model` (latent-token rows included), and the
+    folder holds the latent tokens and the Mirage settings."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    from mirage_trl.latent.settings import MirageSettings
+
+    tok = AutoTokenizer.from_pretrained(str(adapter_export))
+    _check_tokens(type("P", (), {"tokenizer": tok}))
+    base = AutoModelForImageTextToText.from_pretrained(str(trained["base"]))
+    base.resize_token_embeddings(len(tok))
+    plain = PeftModel.from_pretrained(base, str(adapter_export)).eval()
+    ours, _ = load_model(adapter_export)
+    ids = tok("Go left. ", return_tensors="pt").input_ids
+    latent = torch.tensor([tok.convert_tokens_to_ids(list(LATENT_TOKEN_NAMES))])
+    ids = torch.cat([ids, latent], dim=1)
+    with torch.no_grad():
+        got, want = plain(input_ids=ids).logits, ours(input_ids=ids).logits
+    # load_model keeps the training run's spare rows (past the tokenizer, never a real token); the rest agree
+    assert got.shape[-1] == len(tok) <= want.shape[-1]
+    torch.testing.assert_close(got, want[..., : len(tok)], rtol=1e-5, atol=1e-5)
+    assert MirageSettings.read(adapter_export).latent_size == 4
+    card = (adapter_export / "README.md").read_text()
+    assert (
+        "base.resize_token_embeddings(len(tokenizer))" in card and "PeftModel.from_pretrained(base, " in card
+    )
+
+
+def test_launch_lines_name_what_the_user_ran(monkeypatch):
+    """Cards and settings show `accelerate launch recipes/<script> ...` for a recipe and `mirage-trl ...` for
+    the command, credentials redacted."""
+    from mirage_trl.export import launch_line
+    from mirage_trl.shipped import shipped
+
+    recipe = [str(shipped("recipes") / "stage2_vsp.py"), "--config", "x.yaml", "--hub_token", "hf_secret"]
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # as accelerate launch sets it for its workers
+    line = launch_line(recipe)
+    assert line.startswith("accelerate launch recipes/stage2_vsp.py --config x.yaml --hub_token ")
+    assert "hf_secret" not in line
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    assert launch_line(recipe).startswith("recipes/stage2_vsp.py --config x.yaml")
+    assert launch_line(["/env/bin/mirage-trl", "export", "--model", "run"]) == "mirage-trl export --model run"
+    main = str(Path(shipped("recipes")).parent / "mirage_trl" / "__main__.py")
+    assert launch_line([main, "export", "--merge"]) == "mirage-trl export --merge"
+
+
+def test_card_command_puts_eval_results_into_any_model_folder(trained, tmp_path, capsys):
+    """`mirage-trl card FOLDER --eval-json F`: a text-only baseline's TRL card gets the table and the
+    model-index (run twice: one section, the newest); another model's or latent size's results are refused."""
+    from helpers import assert_cli_error, run_cli
+    from huggingface_hub import ModelCard
+    from trl.trainer.utils import generate_model_card
+
+    baseline = tmp_path / "baseline"
+    baseline.mkdir()
+    trl_card = generate_model_card(
+        base_model=None, model_name="baseline", hub_model_id="baseline", dataset_name=None, tags=["sft"],
+        wandb_url=None, trackio_url=None, trainer_name="SFT", trainer_citation=None, paper_title=None, paper_id=None,
+    )  # fmt: skip
+    (baseline / "README.md").write_text(str(trl_card))
+
+    def results(accuracy, model=baseline, k=None):
+        groups = {
+            "3": {"accuracy": accuracy, "invalid_rate": 0.0},
+            "all": {"accuracy": accuracy, "invalid_rate": 0.0},
+        }
+        return {"benchmark": "vsp_planning", "num_rows": 10, "model": str(model), "latent_size": k,
+                "modes": {"model": {"groups": groups}}}  # fmt: skip
+
+    for accuracy in (0.3, 0.4):
+        (tmp_path / "r.json").write_text(json.dumps(results(accuracy)))
+        rc, out, err = run_cli(["card", baseline, "--eval-json", tmp_path / "r.json"], capsys)
+        assert rc == 0, err
+    text = (baseline / "README.md").read_text()
+    assert (
+        text.count("### Evaluation") == 1 and "| model | 40.0 | 40.0 | 0.0 |" in text and "30.0" not in text
+    )
+    assert "SFT" in text  # TRL's card is kept around it
+    card = ModelCard(text)
+    assert {(r.metric_name, r.metric_value) for r in card.data.eval_results} == {
+        ("accuracy (level 3, latents: model)", 40.0),
+        ("accuracy (all levels, latents: model)", 40.0),
+    }
+    (tmp_path / "o.json").write_text(json.dumps(results(0.5, model=trained["base"])))
+    rc, _, err = run_cli(["card", baseline, "--eval-json", tmp_path / "o.json"], capsys)
+    assert_cli_error(rc, err, "card", rf"evaluates {trained['base']}, not {baseline}; evaluate this folder$")
+    (tmp_path / "k.json").write_text(json.dumps(results(0.5, model=trained["run"], k=8)))
+    rc, _, err = run_cli(["card", trained["run"], "--eval-json", tmp_path / "k.json"], capsys)
+    assert_cli_error(
+        rc,
+        err,
+        "card",
+        rf"latent_size=8 disagrees with {trained['run'] / 'mirage_config.json'} \(latent_size=4\)$",
+    )

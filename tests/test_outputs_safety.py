@@ -89,6 +89,7 @@ def test_no_secret_in_any_file_written(run):
         assert secret not in run["logs"]
     launch = json.loads((run["root"] / "run" / "mirage_config.json").read_text())["launch"]
     assert "--hub_token '***'" in launch or "--hub_token ***" in launch, launch
+    assert launch.startswith("accelerate launch recipes/stage1_vsp.py --config "), launch  # what the user ran
 
 
 def test_training_args_keep_the_other_settings(run):

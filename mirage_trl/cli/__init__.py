@@ -24,6 +24,7 @@ SUBCOMMANDS = [
     "analyze_latents",
     "plot",
     "export",
+    "card",
     "env",
 ]
 
@@ -40,6 +41,37 @@ class _Parser(argparse.ArgumentParser):
     def add_argument(self, *names, **kwargs):
         aliases = [n[:2] + n[2:].replace("-", "_") for n in names if n.startswith("--") and "-" in n[2:]]
         return super().add_argument(*names, *[a for a in aliases if a not in names], **kwargs)
+
+
+def add_data_arguments(p, what: str, split: str = "test") -> None:
+    """`--data` and how to read it (`data.sources.load_data`), the same for every subcommand that reads rows."""
+    p.add_argument(
+        "--data",
+        required=True,
+        help=f"{what}: a reference-format JSONL, a local dataset folder or a dataset id (reference or TRL "
+        "conversational schema)",
+    )
+    p.add_argument(
+        "--data-split", default=split, help="split of a dataset folder or id (ignored for a JSONL)"
+    )
+    p.add_argument("--data-config", default=None, help="configuration of a dataset id (datasets' name=)")
+    p.add_argument(
+        "--root", default=None, help="folder the image paths are relative to (default: the data's own folder)"
+    )
+
+
+def load_data_arguments(args):
+    """The rows `add_data_arguments`' flags name, as a `datasets.Dataset`."""
+    from ..data.sources import load_data
+
+    return load_data(
+        args.data,
+        split=args.data_split,
+        config=args.data_config,
+        root=args.root,
+        benchmark=args.benchmark,
+        flag="--data",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,6 +7,8 @@ Writes OUT/analysis.json (nearest-neighbour and centroid cosine figures per spac
 
 from __future__ import annotations
 
+from . import add_data_arguments, load_data_arguments
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -15,8 +17,7 @@ def register(subparsers) -> None:
         description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
     )
     p.add_argument("--model", required=True, help="model folder, PEFT adapter folder or hub name")
-    p.add_argument("--data", required=True, help="reference-format JSONL (input and/or helper images)")
-    p.add_argument("--root", default=None, help="folder the image paths are relative to")
+    add_data_arguments(p, "rows to decode (input and/or helper images)")
     p.add_argument("--benchmark", default=None, help="benchmark of the rows (inferred for VSP)")
     p.add_argument("--num-samples", type=int, default=32, help="rows to decode (the first N)")
     p.add_argument("--batch-size", type=int, default=16, help="rows decoded together")
@@ -56,11 +57,10 @@ def run(args) -> int:
     from safetensors.torch import save_file
 
     from ..analysis import analyze_latents, draw_projection, summary_lines
-    from ..data.reference import load_reference_jsonl
     from ..io import atomic_dir, write_json
     from ..models.load import load_model
 
-    data = load_reference_jsonl(args.data, root=args.root, benchmark=args.benchmark)
+    data = load_data_arguments(args)
     rows = [data[i] for i in range(min(args.num_samples, len(data)))]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, processor = load_model(args.model, dtype=args.dtype, device=device, require_mirage=False)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import add_data_arguments, load_data_arguments
+
 MODES_HELP = "model zero noise mean shuffle remove"
 
 
@@ -26,10 +28,7 @@ def register(subparsers) -> None:
         metavar="NAME",
         help="vsp_planning, vsp_reasoning, vsp_grounding, jigsaw, sat or comt",
     )
-    p.add_argument("--data", required=True, help="reference-format JSONL of test rows")
-    p.add_argument(
-        "--root", default=None, help="folder the image paths are relative to (default: the reference layout)"
-    )
+    add_data_arguments(p, "test rows")
     p.add_argument("--batch-size", type=int, default=16, help="rows decoded together")
     p.add_argument("--num-samples", type=int, default=None, help="evaluate the first N rows only")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
@@ -96,11 +95,10 @@ def run(args) -> int:
 
     import torch
 
-    from ..data.reference import load_reference_jsonl
     from ..evaluation import check_rows, evaluate
     from ..models.load import load_model
 
-    dataset = load_reference_jsonl(args.data, root=args.root, benchmark=args.benchmark)
+    dataset = load_data_arguments(args)
     rows = [dataset[i] for i in range(len(dataset))]
     if args.helper_as_input:
         from ..data.reference import helper_as_input
@@ -187,7 +185,8 @@ def _write_results(args, result, model, device) -> None:
     if args.out is not None:
         payload = {
             "model": str(Path(args.model).resolve()) if Path(args.model).exists() else args.model,
-            "data": str(Path(args.data).resolve()),
+            "data": str(Path(args.data).resolve()) if Path(args.data).exists() else args.data,
+            "data_split": args.data_split,
             "root": str(Path(args.root).resolve()) if args.root else None,
             "helper_as_input": bool(args.helper_as_input),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

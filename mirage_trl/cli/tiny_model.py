@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from ..errors import MirageError
 from ..models.tiny import IMAGE_PIXELS, TOKENIZER_CORPORA  # module top imports nothing heavy
 
 
@@ -19,7 +22,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--config",
         help="a config.json whose architecture to build instead (random weights, the tiny tokenizer), e.g. "
-        "bench/configs/qwen2_5_vl_7b_instruct.json for 7B-shaped runs",
+        "qwen2_5_vl_7b_instruct (the shipped 7B config, by name) for 7B-shaped runs",
     )
     p.add_argument(
         "--dtype",
@@ -69,6 +72,16 @@ def run(args) -> int:
     from ..io import check_output_dir
 
     check_output_dir(args.out, args.overwrite)  # before torch loads
+    if args.config is not None and not Path(args.config).is_file():
+        from ..shipped import shipped
+
+        named = shipped("model_configs") / f"{args.config.removesuffix('.json')}.json"
+        if not named.is_file():
+            names = ", ".join(sorted(p.stem for p in shipped("model_configs").glob("*.json")))
+            raise MirageError(
+                f"--config {args.config}: no such file or shipped model config (shipped: {names})"
+            )
+        args.config = str(named)
     import torch
 
     from ..models.tiny import save_tiny_model

@@ -1,5 +1,11 @@
-"""`mirage-trl train RECIPE [flags]`: run a recipe script through `accelerate launch`, so that a bad setting is
-the last line on screen.
+"""`mirage-trl train METHOD --benchmark NAME --config YAML [flags]` (or `mirage-trl train RECIPE.py ...`): run a
+recipe through `accelerate launch`, as `trl sft --config ...` runs TRL's, with a bad setting the last line on screen.
+
+METHOD is stage1, stage2, grpo or sft (the text-only baseline), run on the shipped recipe of `--benchmark`
+(vsp, jigsaw, sat, comt); `--config` takes a YAML path, a shipped YAML by name
+(`Qwen2.5-VL-7B-Instruct/stage1/config_vsp_lora`) or by its variant for that method and benchmark
+(`lora`, `full`, `smoke`, `demo`). The shipped recipes and YAMLs travel in the wheel, so this works
+from `pip install mirage-trl` alone.
 
 `accelerate launch` re-raises a worker's non-zero exit with a traceback of its own, printed after the
 worker's one-line error. This launcher runs accelerate quietly, passes the worker's output through as it
@@ -16,8 +22,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-ZERO_CONFIGS = Path(__file__).resolve().parents[2] / "zero_configs"
-
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -26,7 +30,22 @@ def register(sub) -> None:
         description=__doc__.split("\n\n")[1],
         allow_abbrev=False,
     )
-    p.add_argument("recipe", help="recipe script, e.g. recipes/stage1_vsp.py")
+    p.add_argument(
+        "recipe",
+        metavar="METHOD_OR_RECIPE",
+        help="stage1, stage2, grpo or sft (with --benchmark), or a recipe script such as recipes/stage1_vsp.py",
+    )
+    p.add_argument(
+        "--benchmark",
+        default=None,
+        help="with a METHOD: the benchmark whose recipe runs (vsp, jigsaw, sat, comt); passed on as the "
+        "recipe's --benchmark when it is a full benchmark name (vsp_reasoning)",
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        help="the recipe's YAML: a path, a shipped YAML by name, or its variant (lora, full, smoke, demo)",
+    )
     p.add_argument(
         "--accelerate_config",
         default=None,
@@ -39,29 +58,50 @@ def register(sub) -> None:
 
 def _accelerate_config(value: str) -> str:
     from ..errors import MirageError
+    from ..shipped import shipped
 
     path = Path(value)
     if not path.is_file():
-        path = ZERO_CONFIGS / f"{value}.yaml"
+        path = shipped("zero_configs") / f"{value}.yaml"
     if not path.is_file():
-        names = ", ".join(sorted(p.stem for p in ZERO_CONFIGS.glob("*.yaml")))
+        names = ", ".join(sorted(p.stem for p in shipped("zero_configs").glob("*.yaml")))
         raise MirageError(f"--accelerate_config {value}: no such file or name (names: {names})")
     return str(path)
+
+
+def _recipe(args):
+    """(script, method or None, recipe benchmark or None, flags for the recipe) from METHOD_OR_RECIPE."""
+    from ..errors import MirageError
+    from ..shipped import METHODS, recipe_script
+
+    if args.recipe not in METHODS:
+        recipe = Path(args.recipe)
+        if not recipe.is_file():
+            raise MirageError(f"{args.recipe}: no such recipe script, nor a method ({', '.join(METHODS)})")
+        return recipe, None, None, ([] if args.benchmark is None else ["--benchmark", args.benchmark])
+    if args.benchmark is None:
+        raise MirageError(f"{args.recipe}: give --benchmark (vsp, jigsaw, sat, comt) to pick its recipe")
+    # vsp_reasoning runs the vsp recipe with --benchmark vsp_reasoning; vsp picks the recipe only
+    family = args.benchmark.split("_", 1)[0]
+    extra = [] if args.benchmark == family else ["--benchmark", args.benchmark]
+    return recipe_script(args.recipe, family), args.recipe, family, extra
 
 
 def run(args) -> int:
     from ..errors import MirageError
 
-    recipe = Path(args.recipe)
-    if not recipe.is_file():
-        raise MirageError(f"{args.recipe}: no such recipe script")
+    recipe, method, family, extra = _recipe(args)
+    if args.config is not None:
+        from ..shipped import recipe_config
+
+        extra += ["--config", recipe_config(args.config, method, family)]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--quiet"]
     if args.accelerate_config:
         cmd += ["--config_file", _accelerate_config(args.accelerate_config)]
     if args.cpu:
         cmd += ["--cpu", "--mixed_precision", "no"]
     cmd += ["--num_processes", str(args.num_processes or 1), "--num_machines", "1", "--dynamo_backend", "no"]
-    cmd += [str(recipe), *args.rest]
+    cmd += [str(recipe), *extra, *args.rest]
     error_line = re.compile(rf"^{re.escape(recipe.name)}: error: ")
     last_error = None
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=dict(os.environ))

@@ -160,10 +160,18 @@ def parse_row(
     root: str | os.PathLike | None = None,
     benchmark: str | None = None,
     check_images: bool = True,
+    fields: dict[str, str] | None = None,
 ) -> dict:
-    """Validate one decoded JSONL object and turn it into the row schema (see module docstring)."""
+    """Validate one decoded JSONL object and turn it into the row schema (see module docstring).
+
+    `line` is None for a row of a dataset (`path` then names the row); `fields` renames fields in the
+    errors (a conversational row's `text_input` is its user turn)."""
+    fields = fields or {}
 
     def loc(field):
+        if field is not None:
+            head, _, rest = field.partition("[")
+            field = fields.get(head, head) + (f"[{rest}" if rest else "")
         return where(path, line, field)
 
     if not isinstance(obj, dict):
@@ -254,7 +262,7 @@ def parse_row(
         "map_desc": json.dumps(grid) if grid is not None else "",
         "map_id": str(map_id),
         "level": level,
-        "source": f"{path}:{line}",
+        "source": where(path, line),
     }
 
 
