@@ -698,3 +698,19 @@ def test_card_command_puts_eval_results_into_any_model_folder(trained, tmp_path,
         "card",
         rf"latent_size=8 disagrees with {trained['run'] / 'mirage_config.json'} \(latent_size=4\)$",
     )
+
+
+def test_a_latent_size_disagreement_names_the_adapter_and_its_file(trained):
+    """Continuing a LoRA adapter with another latent size names the adapter's folder and its settings file,
+    not the base model the weights were loaded from."""
+    from mirage_trl.latent.settings import check_model_latent_size
+    from mirage_trl.models.load import load_for_training
+
+    model, _ = load_for_training(trained["run"])
+    run = trained["run"]
+    with pytest.raises(
+        MirageError,
+        match=rf"^latent_size=3 disagrees with {run}, which was trained with latent_size=4 \({run / 'mirage_config.json'}\)",
+    ):
+        check_model_latent_size(model, 3)
+    check_model_latent_size(model, 4)  # the trained size passes

@@ -198,8 +198,11 @@ def check_model_latent_size(model, latent_size: int) -> None:
     if saved is not None:
         from .model_utils import unwrap
 
-        name = getattr(getattr(unwrap(model), "config", None), "_name_or_path", "") or "the model"
-        saved.check_latent_size(latent_size, name, f"config.json '{CONFIG_KEY}'")
+        inner = unwrap(model)
+        name = getattr(getattr(inner, "config", None), "_name_or_path", "") or "the model"
+        # set by models.load: the folder loaded (an adapter's, not its base's) and the file read
+        name, source = getattr(inner, "mirage_settings_source", (name, f"config.json '{CONFIG_KEY}'"))
+        saved.check_latent_size(latent_size, name, source)
 
 
 def check_checkpoint_latent_size(checkpoint_dir, latent_size: int) -> None:

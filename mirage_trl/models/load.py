@@ -134,6 +134,7 @@ def load_source(src: ModelSource, *, trainable: bool = False, trust_remote_code:
         restore_latent_rows(model, processor.tokenizer, src.base, trust_remote_code)  # rows as training began
         if src.settings is not None:
             src.settings.save_to(model)
+            _remember_settings_source(model, src)
         model = PeftModel.from_pretrained(model, str(src.path), is_trainable=trainable)
         resized = want != rows or saved_rows is not None
         if trainable:
@@ -144,7 +145,14 @@ def load_source(src: ModelSource, *, trainable: bool = False, trust_remote_code:
                 f"{src.path}: the tokenizer has more tokens than the model's embedding has rows"
             )
         src.settings.save_to(model)
+        _remember_settings_source(model, src)
     return (model if trainable else model.eval()), processor, resized
+
+
+def _remember_settings_source(model, src) -> None:
+    """Which folder and file the model's Mirage settings came from, so that a disagreement names them (an
+    adapter's own mirage_config.json, not its base model)."""
+    model.mirage_settings_source = (str(src.path), src.settings_file or str(src.path))
 
 
 def _training_kwargs(model_args) -> tuple[dict, bool]:

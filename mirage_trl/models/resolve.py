@@ -32,6 +32,7 @@ class ModelSource:
     settings: MirageSettings | None  # None: not a Mirage model (only with require_mirage=False)
     checkpoint: bool = False  # a Trainer `checkpoint-N` folder
     tokenizer_dir: Path | None = None
+    settings_file: str | None = None  # where the settings were read (a file, or config.json 'mirage')
 
     @property
     def is_adapter(self) -> bool:
@@ -166,7 +167,7 @@ def resolve_model_dir(path, latent_size: int | None = None, require_mirage: bool
                 f"{p}: the latent token id {top} is beyond the model's embedding ({rows} rows): tokenizer and "
                 "weights disagree"
             )
-    return ModelSource(p, kind, base, settings, checkpoint, tokenizer_dir)
+    return ModelSource(p, kind, base, settings, checkpoint, tokenizer_dir, found[0][0] if found else None)
 
 
 def portable_model_ref(name) -> str:
