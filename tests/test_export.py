@@ -259,6 +259,12 @@ def test_full_model_reexport(trained, merged_export):
     model, _ = load_model(out)
     assert model.dtype == torch.bfloat16
     assert json.loads((out / "mirage_config.json").read_text())["stages"] == [1]
+    # the plain transformers class loads the same weights
+    from transformers import AutoModelForImageTextToText
+
+    plain = AutoModelForImageTextToText.from_pretrained(str(out), dtype=torch.bfloat16)
+    ours = dict(model.named_parameters())
+    assert all(torch.equal(p, ours[n]) for n, p in plain.named_parameters())
 
 
 # ---------------------------------------------------------------------------------------- resized base
