@@ -220,7 +220,13 @@ def build_model_card(
         lines += ["### Evaluation", "", "| metric | value |", "|---|---|"]
         lines += [f"| {n} | {v:.4g} |" if isinstance(v, float) else f"| {n} | {v} |" for n, v in metrics]
         lines.append("")
-    launch = _as_list(mirage.get("launch")) + _as_list(mirage.get("command")) + _as_list(launch_lines)
+    runs = _as_list(mirage.get("launch"))
+    if len(runs) == len(stages):  # one line per stage, in order: say which
+        from .latent.settings import GRPO_STAGE, STAGE1, STAGE2
+
+        names = {STAGE1: "stage 1", STAGE2: "stage 2", GRPO_STAGE: "GRPO"}
+        runs = [f"# {names.get(s, f'stage {s}')}\n{line}" for s, line in zip(stages, runs)]
+    launch = runs + _as_list(mirage.get("command")) + _as_list(launch_lines)
     if launch:
         lines += ["### Launch lines", "", "```bash", *launch, "```", ""]
     section = "\n".join(lines)

@@ -133,8 +133,13 @@ def save_outputs(
     if settings is not None:
         previous = MirageSettings.read(base_model) if Path(base_model).is_dir() else None
         history = list(previous.provenance.get("stages", [])) if previous else []
+        # one launch line per stage run, in order (a file of an older version holds one string)
+        launches = previous.provenance.get("launch", []) if previous else []
+        launches = [launches] if isinstance(launches, str) else list(launches)
         settings = settings.replace(
-            stages=history + [stage], base_model=portable_model_ref(base_model), launch=launch_line()
+            stages=history + [stage],
+            base_model=portable_model_ref(base_model),
+            launch=launches + [launch_line()],
         )
         if datasets:
             settings = settings.replace(datasets=list(datasets))

@@ -87,7 +87,7 @@ def test_no_secret_in_any_file_written(run):
             assert secret.encode() not in data, f"{secret[:12]}... written to {path}"
     for secret in (ARG_SECRET, ENV_SECRET, WANDB_SECRET):
         assert secret not in run["logs"]
-    launch = json.loads((run["root"] / "run" / "mirage_config.json").read_text())["launch"]
+    (launch,) = json.loads((run["root"] / "run" / "mirage_config.json").read_text())["launch"]  # one stage
     assert "--hub_token '***'" in launch or "--hub_token ***" in launch, launch
     assert launch.startswith("accelerate launch recipes/stage1_vsp.py --config "), launch  # what the user ran
 

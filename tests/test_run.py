@@ -96,6 +96,14 @@ def test_recipe_honours_or_refuses_stage(env, tmp_path):
     trainer = recipe_main("stage1_vsp")(script_args, training_args, model_args)
     assert trainer.args.stage == 1
     assert json.loads((tmp_path / "b" / "mirage_config.json").read_text())["stages"] == [1]
+    # stage 2 from that output: the stages and their launch lines accumulate, in order, into the card
+    argv = _recipe_argv(env, env["data"], tmp_path / "c")
+    argv[argv.index("--model_name_or_path") + 1] = tmp_path / "b"
+    recipe_main("stage2_vsp")(*_recipe_args(argv))
+    saved = json.loads((tmp_path / "c" / "mirage_config.json").read_text())
+    assert saved["stages"] == [1, 2] and len(saved["launch"]) == 2
+    card = (tmp_path / "c" / "README.md").read_text()
+    assert card.index("# stage 1\n") < card.index("# stage 2\n"), card
 
 
 def test_recipe_resumes_from_the_newest_checkpoint_in_output_dir(env, tmp_path, caplog):
