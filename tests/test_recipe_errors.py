@@ -115,7 +115,22 @@ def _merge(base, extra):
     return out + extra
 
 
-@pytest.mark.parametrize("case", list(CASES))
+def _check_one_line(rc, stderr, pattern, tmp_path):
+    errors = [line for line in stderr.splitlines() if line.startswith("stage1_vsp.py: error:")]
+    assert rc == 2 and "Traceback" not in stderr and len(errors) == 1, stderr[-2000:]
+    assert re.search(pattern, errors[0]), errors[0]
+    assert stderr.strip().splitlines()[-1] == errors[0]
+    assert "Loading weights" not in stderr  # found before the model loads
+    assert not (tmp_path / "out").exists()
+
+
+# What a user sees is what `python recipes/stage1_vsp.py` prints: these cases run as that subprocess (one of
+# each kind: YAML, flag, model files, backend); every case also runs the same script in this process
+# (`runpy`, `__main__`, the same argv), which costs no interpreter start and import per case.
+SUBPROCESS_CASES = ("yaml_syntax", "flag_wrong_type", "truncated_safetensors", "report_to_missing")
+
+
+@pytest.mark.parametrize("case", SUBPROCESS_CASES)
 def test_recipe_error_is_one_line_before_the_model_loads(env, tmp_path, case):
     make, pattern = CASES[case]
     argv = _merge(_base_argv(env, tmp_path), make(tmp_path, env))
@@ -126,12 +141,20 @@ def test_recipe_error_is_one_line_before_the_model_loads(env, tmp_path, case):
         timeout=180,
         env=dict(os.environ, PYTHONPATH=str(REPO)),
     )
-    errors = [line for line in p.stderr.splitlines() if line.startswith("stage1_vsp.py: error:")]
-    assert p.returncode == 2 and "Traceback" not in p.stderr and len(errors) == 1, p.stderr[-2000:]
-    assert re.search(pattern, errors[0]), errors[0]
-    assert p.stderr.strip().splitlines()[-1] == errors[0]
-    assert "Loading weights" not in p.stderr  # found before the model loads
-    assert not (tmp_path / "out").exists()
+    _check_one_line(p.returncode, p.stderr, pattern, tmp_path)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_recipe_error_in_process_is_one_line_before_the_model_loads(env, tmp_path, case, capsys, monkeypatch):
+    import runpy
+
+    make, pattern = CASES[case]
+    argv = _merge(_base_argv(env, tmp_path), make(tmp_path, env))
+    monkeypatch.setattr(sys, "argv", [str(RECIPE), *map(str, argv)])
+    monkeypatch.syspath_prepend(str(RECIPE.parent))  # as `python recipes/x.py` puts the script's folder first
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(RECIPE), run_name="__main__")
+    _check_one_line(exit_info.value.code, capsys.readouterr().err, pattern, tmp_path)
 
 
 def test_accelerate_launch_through_mirage_trl_train_ends_with_the_message(env, tmp_path):
