@@ -56,7 +56,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	touch $@
 
 test: install $(VENV)/.installed-test
-	$(PY) -m pytest -q --timeout 900
+	$(PY) -m pytest -q --timeout 900 --durations=15
 
 quality: install
 	$(BIN)/ruff check mirage_trl tests recipes bench
