@@ -303,7 +303,15 @@ def add_eval_results(folder, eval_json) -> Path:
     card.data.model_name = card.data.model_name or folder.resolve().name
     section = "\n".join(["### Evaluation", "", *_eval_table(results), "", ""])
     text, n = _EVAL_SECTION.subn(lambda _m: section, card.text, count=1)
-    card.text = text if n else text.rstrip("\n") + "\n\n" + section
+    if not n:  # where build_model_card puts it: after the Mirage details, before the launch lines
+        at = [text.find(f"\n{h}\n") for h in ("### Launch lines", "## Training procedure")]
+        at = min((i for i in at if i >= 0), default=None)
+        text = (
+            text.rstrip("\n") + "\n\n" + section
+            if at is None
+            else f"{text[: at + 1]}{section}{text[at + 1 :]}"
+        )
+    card.text = text
     write_card(folder, str(card))
     return readme
 

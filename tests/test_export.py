@@ -688,6 +688,7 @@ def test_card_command_puts_eval_results_into_any_model_folder(trained, tmp_path,
         text.count("### Evaluation") == 1 and "| model | 40.0 | 40.0 | 0.0 |" in text and "30.0" not in text
     )
     assert "SFT" in text  # TRL's card is kept around it
+    assert text.index("### Evaluation") < text.index("## Training procedure")  # in its usual place
     card = ModelCard(text)
     assert {(r.metric_name, r.metric_value) for r in card.data.eval_results} == {
         ("accuracy (level 3, latents: model)", 40.0),
