@@ -56,7 +56,10 @@ def add_data_arguments(p, what: str, split: str = "test") -> None:
     )
     p.add_argument("--data-config", default=None, help="configuration of a dataset id (datasets' name=)")
     p.add_argument(
-        "--root", default=None, help="folder the image paths are relative to (default: the data's own folder)"
+        "--root",
+        default=None,
+        help="folder the image paths are relative to (default: the reference layout for a JSONL, the "
+        "dataset's folder otherwise)",
     )
 
 
