@@ -240,24 +240,24 @@ def build_model_card(
     return replaced
 
 
-def check_eval_results(results: dict, path, src, out: Path, repo_id: str | None = None) -> None:
-    """Results of `mirage-trl eval` go into a card only when they evaluate this model: the folder exported,
-    the export itself (evaluated before a re-export) or its Hub id, with the same latent size."""
+def check_eval_results(
+    results: dict, path, models: list, latent_size: int | None, settings_file, what: str
+) -> None:
+    """Results of `mirage-trl eval` go into a card only when they evaluate this model (one of `models`: a
+    folder or a Hub id) with its latent size (`settings_file` says where that size was read). `what` names
+    the model in the error (the folder exported, the card's folder)."""
     if not _is_eval_results(results):
         return  # a plain metrics mapping: the user's own numbers
     model = results.get("model")
     if model is not None:
-        same = {str(Path(src.path).resolve()), str(out.resolve()), *([repo_id] if repo_id else [])}
+        same = {str(Path(m).resolve()) if Path(str(m)).exists() else str(m) for m in models}
         evaluated = str(Path(model).resolve()) if Path(str(model)).exists() else str(model)
         if evaluated not in same:
-            raise MirageError(
-                f"--eval-json {path}: evaluates {model}, not {src.path} (the model exported) nor {out}; "
-                "evaluate this model, or leave --eval-json out"
-            )
+            raise MirageError(f"--eval-json {path}: evaluates {model}, not {what}; evaluate this model")
     k = results.get("latent_size")
-    if k is not None and src.latent_size is not None and int(k) != src.latent_size:
+    if k is not None and latent_size is not None and int(k) != latent_size:
         raise MirageError(
-            f"--eval-json {path}: latent_size={k} disagrees with {src.path} (latent_size={src.latent_size})"
+            f"--eval-json {path}: latent_size={k} disagrees with {settings_file} (latent_size={latent_size})"
         )
 
 
@@ -281,22 +281,18 @@ def add_eval_results(folder, eval_json) -> Path:
         raise MirageError(
             f"--eval-json {eval_json}: not the results.json of `mirage-trl eval` (no per-mode results)"
         )
-    model = str(results.get("model"))
-    evaluated = Path(model).resolve() if Path(model).exists() else None
-    if evaluated != folder.resolve():
-        raise MirageError(f"--eval-json {eval_json}: evaluates {model}, not {folder}; evaluate this folder")
     settings = MirageSettings.read(folder)
-    k = results.get("latent_size")
-    if (
-        settings is not None
-        and k is not None
-        and settings.latent_size is not None
-        and int(k) != settings.latent_size
-    ):
-        raise MirageError(
-            f"--eval-json {eval_json}: latent_size={k} disagrees with {folder / SETTINGS_FILE} "
-            f"(latent_size={settings.latent_size})"
-        )
+    check_eval_results(
+        {
+            **results,
+            "model": results.get("model") or "(no model named)",
+        },  # unnamed: cannot be checked, refused
+        eval_json,
+        [folder],
+        settings.latent_size if settings else None,
+        folder / SETTINGS_FILE,
+        folder,
+    )
     readme = folder / "README.md"
     card = ModelCard(readme.read_text(encoding="utf-8") if readme.is_file() else "")
     card.data.eval_results = _eval_index(results)
@@ -370,7 +366,14 @@ def export_model(
         check_out_apart(out, Path(str(src.base)), "the base model its adapter names")
     eval_results = _load_eval(eval_json) if eval_json else None
     if eval_results is not None:
-        check_eval_results(eval_results, eval_json, src, out, push_to_hub)
+        check_eval_results(
+            eval_results,
+            eval_json,
+            [src.path, out, *([push_to_hub] if push_to_hub else [])],
+            src.latent_size,
+            src.settings_file or src.path,
+            f"{src.path} (the model exported) nor {out}",
+        )
     kind = "merged" if (src.is_adapter and merge) else ("adapter" if src.is_adapter else "full")
 
     with atomic_dir(out, overwrite=overwrite, flag="--out") as tmp:

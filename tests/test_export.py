@@ -696,7 +696,7 @@ def test_card_command_puts_eval_results_into_any_model_folder(trained, tmp_path,
     }
     (tmp_path / "o.json").write_text(json.dumps(results(0.5, model=trained["base"])))
     rc, _, err = run_cli(["card", baseline, "--eval-json", tmp_path / "o.json"], capsys)
-    assert_cli_error(rc, err, "card", rf"evaluates {trained['base']}, not {baseline}; evaluate this folder$")
+    assert_cli_error(rc, err, "card", rf"evaluates {trained['base']}, not {baseline}; evaluate this model$")
     (tmp_path / "k.json").write_text(json.dumps(results(0.5, model=trained["run"], k=8)))
     rc, _, err = run_cli(["card", trained["run"], "--eval-json", tmp_path / "k.json"], capsys)
     assert_cli_error(
