@@ -28,14 +28,18 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(BIN)/mirage-trl tiny-model --out $(DEMO)/tiny-model --overwrite --tokenizer-corpus benchmarks \
+	$(BIN)/mirage-trl tiny-model --model-type qwen3_vl --out $(DEMO)/tiny-model --overwrite --tokenizer-corpus benchmarks \
 		--image-pixels tiles --hidden-size 128 --layers 4 --vocab-size 1000
-	$(BIN)/mirage-trl data vsp --task planning --split test --style direct --levels 3 4 --num-samples 100 --seed 1 \
+	$(BIN)/mirage-trl data vsp --task planning --split test --style direct --levels 3 --num-samples 100 --seed 1 \
 		--tile-px 28 --out $(DEMO)/test-data --overwrite
-	$(BIN)/mirage-trl data vsp --task planning --split train --style direct --levels 3 4 --num-samples 600 --seed 0 \
+	$(BIN)/mirage-trl data vsp --task grounding --split train --levels 3 --num-samples 3000 --seed 2 --max-hole-frac 0.4 \
+		--tile-px 28 --out $(DEMO)/grounding --overwrite --exclude $(DEMO)/test-data/planning_test_direct.jsonl
+	$(BIN)/mirage-trl data vsp --task planning --split train --style direct --levels 3 --num-samples 360 --seed 0 \
 		--tile-px 28 --out $(DEMO)/data --overwrite --exclude $(DEMO)/test-data/planning_test_direct.jsonl \
 		$(if $(wildcard $(SHARED_TEST)),$(SHARED_TEST))
-	rm -rf $(DEMO)/stage1 $(DEMO)/stage2  # a previous run's files must not mix with this one's
+	rm -rf $(DEMO)/grounded $(DEMO)/stage1 $(DEMO)/stage2  # a previous run's files must not mix with this one's
+	# 1. grounding warm-up: the random model learns to read a map (text SFT), then 2. Mirage stage 1 and 3. stage 2
+	$(LAUNCH) recipes/sft_vsp.py --config recipes/tiny/sft/config_vsp_grounding_demo.yaml
 	$(LAUNCH) recipes/stage1_vsp.py --config recipes/tiny/stage1/config_vsp_demo.yaml
 	$(LAUNCH) recipes/stage2_vsp.py --config recipes/tiny/stage2/config_vsp_demo.yaml
 	@if [ -n "$(GRPO)" ]; then $(LAUNCH) recipes/grpo_vsp.py --config recipes/tiny/grpo/config_vsp_smoke.yaml; fi

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import types
 import typing
 from pathlib import Path
 
@@ -20,13 +21,27 @@ def _fields(types) -> dict[str, dataclasses.Field]:
 
 
 def _plain_type(tp):
-    """int / float / bool / str for a field annotated with one of them (optionally `| None`), else None."""
+    """int / float / bool / str for a field annotated with one of them (optionally `| None`), `list[T]` for a
+    list of one of them, else None."""
     if isinstance(tp, str):
         tp = {"int": int, "float": float, "bool": bool, "str": str}.get(tp.replace(" | None", "").strip())
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if args and len(args) == 1:
-        tp = args[0]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = args[0] if len(args) == 1 else None
+    if typing.get_origin(tp) is list:
+        (elem,) = typing.get_args(tp) or (None,)
+        return list[elem] if elem in (int, float, bool, str) else None
     return tp if tp in (int, float, bool, str) else None
+
+
+def _fits(v, expected) -> bool:
+    """Whether a YAML value fits a plain type (a bool is no number; an int is a float) or a `list[T]`."""
+    if typing.get_origin(expected) is list:
+        (elem,) = typing.get_args(expected)
+        return isinstance(v, list) and all(isinstance(x, str) or _fits(x, elem) for x in v)
+    if expected is float and isinstance(v, int) and not isinstance(v, bool):
+        return True
+    return isinstance(v, expected) and not (expected is not bool and isinstance(v, bool))
 
 
 def check_recipe_yaml(path, types) -> dict:
@@ -66,11 +81,13 @@ def check_recipe_yaml(path, types) -> dict:
         expected = _plain_type(hints.get(key, fields[key].type))
         if expected is None or v is None or isinstance(v, str):
             continue  # strings are converted by the parser, which names the flag when it cannot
-        ok = isinstance(v, expected) and not (expected is not bool and isinstance(v, bool))
-        if expected is float and isinstance(v, int) and not isinstance(v, bool):
-            ok = True
-        if not ok:
-            raise MirageError(f"{path}:{key}: expected {expected.__name__}, got {type(v).__name__} {v!r}")
+        if not _fits(v, expected):
+            what = (
+                f"a list of {typing.get_args(expected)[0].__name__}"
+                if typing.get_origin(expected) is list
+                else expected.__name__
+            )
+            raise MirageError(f"{path}:{key}: expected {what}, got {type(v).__name__} {v!r}")
     return value
 
 
