@@ -124,18 +124,14 @@ def step_fns(model, batch, n_img, k_hidden):
     import torch
     import torch.nn.functional as F
 
-    from mirage_trl.latent.model_utils import capture_final_hidden, rope_positions
+    from mirage_trl.latent.model_utils import capture_final_hidden
     from mirage_trl.latent.slots import latent_inputs
     from mirage_trl.latent.stage2 import self_latent_forward
+    from mirage_trl.models.families import family
     from mirage_trl.trainers.sft import text_cross_entropy
 
-    pos = rope_positions(
-        model,
-        batch["input_ids"],
-        batch["attention_mask"],
-        batch["mm_token_type_ids"],
-        batch["image_grid_thw"],
-    )
+    fam = family(model)
+    pos = fam.position_ids(model, batch["input_ids"], batch["attention_mask"], fam.image_inputs(batch))
     n_slots = int(batch["slot_mask"].sum())
     targets = torch.randn(
         n_slots, k_hidden, device=batch["input_ids"].device, dtype=next(model.parameters()).dtype

@@ -93,13 +93,14 @@ def _ce(model, hidden, labels):
 def make_steps(model, tokens, batch):
     import torch
 
-    from mirage_trl.latent.model_utils import multimodal_model, rope_positions
+    from mirage_trl.latent.model_utils import multimodal_model
     from mirage_trl.latent.slots import latent_inputs
     from mirage_trl.latent.stage2 import self_latent_forward
+    from mirage_trl.models.families import family
 
     inner = multimodal_model(model)
     ids, attn, slot, labels = batch["input_ids"], batch["attention_mask"], batch["slot_mask"], batch["labels"]
-    pos = rope_positions(model, ids, attn)
+    pos = family(model).position_ids(model, ids, attn)
     D = model.get_input_embeddings().weight.shape[1]
     fixed = torch.randn(int(slot.sum()), D) * 0.02
 

@@ -108,18 +108,18 @@ class LatentAnalysis:
 def image_features(model, processor, paths: list[str], batch_size: int = 16) -> torch.Tensor:
     """Vision tower + merger features (one row per visual token) of the images at `paths`."""
     from .data.images import load_image
-    from .latent.model_utils import multimodal_model
+    from .models.families import family
 
-    mm = multimodal_model(model)
+    fam = family(model)
+    dtype = next(fam.vision_tower(model).parameters()).dtype
     device = next(model.parameters()).device
     feats = []
     for start in range(0, len(paths), batch_size):
         images = [load_image(p, source="images") for p in paths[start : start + batch_size]]
         enc = processor.image_processor(images=images, return_tensors="pt")
-        pixel = enc["pixel_values"].to(device=device, dtype=next(mm.visual.parameters()).dtype)
-        grid = enc["image_grid_thw"].to(device)
-        out = mm.get_image_features(pixel, grid, return_dict=True).pooler_output
-        feats.extend([out] if isinstance(out, torch.Tensor) else list(out))
+        vision = {k: enc[k].to(device) for k in fam.vision_keys}
+        vision["pixel_values"] = vision["pixel_values"].to(dtype)
+        feats.extend(fam.image_features(model, vision))
     return torch.cat([f.float().cpu() for f in feats])
 
 

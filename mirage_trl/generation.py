@@ -56,10 +56,11 @@ import torch
 
 from .errors import MirageError
 from .latent.layout import advance_spans, spans_to_markers
-from .latent.model_utils import capture_final_hidden, rope_positions, unwrap
+from .latent.model_utils import capture_final_hidden, unwrap
 from .latent.settings import MirageSettings
 from .latent.slots import latent_inputs
 from .latent.tokens import LATENT_TOKEN_NAMES, LatentTokens
+from .models.families import ModelFamily, family
 
 LATENT_MODES = ("model", "zero", "noise", "mean", "shuffle", "remove")
 DEFAULT_LATENT_SIZE = 4
@@ -164,8 +165,8 @@ def generate_with_latents(
 ) -> LatentGenerationOutput:
     """Decode a left-padded processor batch with per-sample latent mode (see the module doc).
 
-    `inputs`: mapping with input_ids, attention_mask and, for images, pixel_values,
-    image_grid_thw, mm_token_type_ids. `latent_tokens=None` looks the tokens up in the
+    `inputs`: mapping with input_ids, attention_mask and, for images, the processor's image inputs
+    (Qwen-VL: pixel_values, image_grid_thw, mm_token_type_ids). `latent_tokens=None` looks the tokens up in the
     tokenizer with the latent size of the model's Mirage settings; a tokenizer without them
     decodes as a plain model (with a warning). `eos_token_ids=None` means the tokenizer's EOS,
     `<|im_end|>` and the generation config's EOS ids; `[]` never stops early. `processor=None`
@@ -190,6 +191,7 @@ def generate_with_latents(
     prompt = _Prompt.of(net, inputs, max_new_tokens)
     device, batch, full_mask = prompt.device, prompt.batch, prompt.full_mask
     prompt_len, next_pos = prompt.input_ids.shape[1], prompt.next_pos
+    rows = prompt.positions.shape[0]  # the family's position rows (3 for M-RoPE)
     if latent_mode == "shuffle" and batch == 1 and lt is not None:
         warnings.warn("latent_mode='shuffle' with a batch of one sample feeds its own latents", stacklevel=2)
 
@@ -220,7 +222,7 @@ def generate_with_latents(
         out = net(
             input_ids=prompt.input_ids,
             attention_mask=prompt.attention_mask,
-            position_ids=prompt.positions,
+            position_ids=prompt.family.model_positions(prompt.positions),
             cache=cache,
             **prompt.vision,
             **forward_kw,
@@ -274,7 +276,7 @@ def generate_with_latents(
             step_inputs = dict(
                 input_ids=token.view(batch, 1),
                 attention_mask=full_mask[:, : prompt_len + t + 1],
-                position_ids=next_pos.view(1, batch, 1).expand(3, batch, 1),
+                position_ids=prompt.family.model_positions(next_pos.view(1, batch, 1).expand(rows, batch, 1)),
                 cache=cache,
                 **forward_kw,
             )
@@ -310,10 +312,11 @@ class _Prompt:
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    positions: torch.Tensor  # (3, B, P) rope positions of the prompt
+    positions: torch.Tensor  # (rows, B, P) positions of the prompt (3 rows: M-RoPE)
     next_pos: torch.Tensor  # (B,) position of each sample's first new token
     full_mask: torch.Tensor  # (B, P + max_new_tokens): grows one column a step, passed as views
-    vision: dict  # pixel_values, image_grid_thw, mm_token_type_ids given with the prompt
+    vision: dict  # the image inputs given with the prompt (family.image_inputs)
+    family: ModelFamily
 
     @property
     def device(self):
@@ -336,19 +339,16 @@ class _Prompt:
             raise MirageError(
                 "generate_with_latents needs left-padded inputs (pad the processor batch on the left)"
             )
-        vision = {
-            k: inputs[k]
-            for k in ("pixel_values", "image_grid_thw", "mm_token_type_ids")
-            if inputs.get(k) is not None
-        }
-        positions = rope_positions(
-            net, input_ids, attention_mask, vision.get("mm_token_type_ids"), vision.get("image_grid_thw")
-        )
+        fam = family(net)
+        vision = fam.image_inputs(inputs)
+        positions = fam.position_ids(net, input_ids, attention_mask, vision)
         batch, prompt_len = input_ids.shape
         full_mask = torch.ones(batch, prompt_len + max_new_tokens, dtype=attention_mask.dtype, device=device)
         full_mask[:, :prompt_len] = attention_mask
-        # Next position of each sample: one past the largest of its three rope coordinates (what generate does).
-        return cls(input_ids, attention_mask, positions, positions.amax(dim=(0, 2)) + 1, full_mask, vision)
+        # Next position of each sample: one past the largest of its position coordinates (what generate does).
+        return cls(
+            input_ids, attention_mask, positions, positions.amax(dim=(0, 2)) + 1, full_mask, vision, fam
+        )
 
 
 def _check_decoding_args(latent_mode, max_new_tokens, do_sample, temperature, top_p, latent_mean) -> None:

@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 
 from .errors import MirageError
-from .models.processors import SUPPORTED_MODEL_TYPES
+from .models.families import SUPPORTED_MODEL_TYPES
 
 
 def _fields(types) -> dict[str, dataclasses.Field]:

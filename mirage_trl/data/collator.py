@@ -4,8 +4,10 @@ Each `<output_image>` in the assistant text becomes `<|latent_start|>` + k x `<|
 `<|latent_end|>`. Labels follow docs/method.md section 2: the prompt (through the assistant header), padding and
 latent pads are -100; start/end tokens and the answer text are trained. Every sample has its own
 number and positions of spans, recorded in `latent_mask` (True at the pad slots). Helper images
-are processed once per step into `helper_pixel_values` / `helper_image_grid_thw`, one image per
-span, in row-major order of the spans (the order `latent_mask.nonzero()` visits them).
+are processed once per step into `helper_<key>` for each image input of the model's family
+(`helper_pixel_values` / `helper_image_grid_thw` for Qwen-VL), one image per span, in row-major order
+of the spans (the order `latent_mask.nonzero()` visits them). Which inputs carry images and which are
+per-token comes from the family (`models.families`).
 
 The prompt (with its images) and the completion are tokenized separately and concatenated, so the
 prompt/completion boundary is exact whatever the tokenizer merges.
@@ -21,6 +23,7 @@ import torch
 from ..errors import MirageError
 from ..latent.layout import expand_markers, slot_masks
 from ..latent.tokens import LatentTokens
+from ..models.families import processor_family
 from .images import load_image
 
 logger = logging.getLogger(__name__)
@@ -83,6 +86,7 @@ class MirageDataCollator:
         if self.padding_side not in ("left", "right"):
             raise MirageError(f"padding_side={self.padding_side!r} must be 'left' or 'right'")
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        self.family = processor_family(self.processor)
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
@@ -91,7 +95,7 @@ class MirageDataCollator:
 
     # ------------------------------------------------------------------ prompts
     def encode_prompt(self, row, add_generation_prompt: bool = True) -> dict:
-        """Tokenize the user turn(s) with their images: ids, mm_token_type_ids, pixel_values, image_grid_thw."""
+        """Tokenize the user turn(s) with their images: ids, the family's per-token inputs, its image inputs."""
         text = self.processor.apply_chat_template(
             _user_messages(row), tokenize=False, add_generation_prompt=add_generation_prompt
         )
@@ -99,14 +103,12 @@ class MirageDataCollator:
         paths = row.get("images") or []
         images = [load_image(p, source=f"{source}:images") for p in paths]
         enc = self.processor(text=[text], images=images or None, return_tensors="pt")
-        out = {"input_ids": enc["input_ids"][0], "mm_token_type_ids": enc.get("mm_token_type_ids")}
-        if out["mm_token_type_ids"] is None:
-            out["mm_token_type_ids"] = torch.zeros_like(out["input_ids"], dtype=torch.int32)
-        else:
-            out["mm_token_type_ids"] = out["mm_token_type_ids"][0]
+        out = {"input_ids": enc["input_ids"][0]}
+        for key in self.family.token_keys:
+            value = enc.get(key)
+            out[key] = torch.zeros_like(out["input_ids"], dtype=torch.int32) if value is None else value[0]
         if images:
-            out["pixel_values"] = enc["pixel_values"]
-            out["image_grid_thw"] = enc["image_grid_thw"]
+            out.update({key: enc[key] for key in self.family.vision_keys})
         return out
 
     def completion_ids(self, row) -> tuple[torch.Tensor, int]:
@@ -145,8 +147,7 @@ class MirageDataCollator:
         if self.with_helpers and helpers:
             images = [load_image(p, source=src) for p, src in helpers]
             enc = self.processor.image_processor(images=images, return_tensors="pt")
-            batch["helper_pixel_values"] = enc["pixel_values"]
-            batch["helper_image_grid_thw"] = enc["image_grid_thw"]
+            batch.update({f"helper_{key}": enc[key] for key in self.family.vision_keys})
         return batch
 
     def prompt_batch(self, rows: list[dict]) -> dict:
@@ -192,24 +193,17 @@ class MirageDataCollator:
                 f"{source}: max_length={self.max_length} would cut through {what} (sequence has {ids.shape[0]} "
                 "tokens); raise max_length or set truncation='drop' (latent_truncation) to skip such rows"
             )
-        mm = torch.cat(
-            [
-                prompt["mm_token_type_ids"],
-                torch.zeros(completion.shape[0], dtype=prompt["mm_token_type_ids"].dtype),
-            ]
-        )
         sample = {
             "input_ids": ids,
             "labels": labels,
             "latent_mask": latent_mask,
-            "mm_token_type_ids": mm,
             "helper_paths": [(p, f"{source}:helper_images") for p in helper_paths]
             if self.with_helpers
             else [],
         }
-        for key in ("pixel_values", "image_grid_thw"):
-            if key in prompt:
-                sample[key] = prompt[key]
+        for key in self.family.token_keys:  # the completion holds no image token
+            sample[key] = torch.cat([prompt[key], torch.zeros(completion.shape[0], dtype=prompt[key].dtype)])
+        sample.update({key: prompt[key] for key in self.family.vision_keys if key in prompt})
         return sample
 
     def _pad(self, samples: list[dict], padding_side: str | None = None) -> dict:
@@ -220,7 +214,7 @@ class MirageDataCollator:
             "input_ids": self.pad_id,
             "labels": IGNORE_INDEX,
             "latent_mask": False,
-            "mm_token_type_ids": 0,
+            **dict.fromkeys(self.family.token_keys, 0),
         }
         batch = {}
         for key, fill in fills.items():
@@ -237,8 +231,7 @@ class MirageDataCollator:
         batch["attention_mask"] = (
             ar[None] >= (length - lengths)[:, None] if side == "left" else ar[None] < lengths[:, None]
         ).long()
-        with_images = [s for s in samples if "pixel_values" in s]
-        if with_images:
-            batch["pixel_values"] = torch.cat([s["pixel_values"] for s in with_images])
-            batch["image_grid_thw"] = torch.cat([s["image_grid_thw"] for s in with_images])
+        with_images = [s for s in samples if self.family.vision_keys[0] in s]
+        if with_images:  # images of every sample, in batch order (the model finds each one's placeholders)
+            batch.update({k: torch.cat([s[k] for s in with_images]) for k in self.family.vision_keys})
         return batch

@@ -47,7 +47,8 @@ import torch
 import torch.utils.checkpoint
 
 from ..errors import MirageError
-from .model_utils import multimodal_model, rope_positions, unwrap
+from ..models.families import family
+from .model_utils import multimodal_model, unwrap
 from .rounds import packed_round, plan_rounds, round_mask
 from .slots import latent_inputs
 
@@ -118,22 +119,22 @@ def self_latent_forward(
     slot_mask: torch.Tensor,
     *,
     position_ids: torch.Tensor | None = None,
-    pixel_values: torch.Tensor | None = None,
-    image_grid_thw: torch.Tensor | None = None,
-    mm_token_type_ids: torch.Tensor | None = None,
     method: str = "auto",
     checkpoint: bool | None = None,
     detach_latents: bool = False,
     schedule: str = "auto",
     max_round_tokens: int | None = None,
     feedback=None,
+    **vision,
 ) -> SelfLatentOutput:
     """Final-norm hidden states of a batch whose latent slots carry self-generated latents.
 
     `slot_mask` (bool, B x L) marks the `<|latent_pad|>` positions; the input at slot t is the
     final-norm hidden state at t-1 of the same sample in this same pass. Left or right padding.
     Images (if any) must lie before each sample's first slot (they run in round 0).
-    `position_ids` (3, B, L) default to the model's rope positions of the full sequences.
+    `vision`: the batch's image inputs as the model takes them (`pixel_values`, `image_grid_thw`,
+    `mm_token_type_ids` for Qwen-VL; `models.families`); None values are left out.
+    `position_ids` ((rows,) B, L) default to the model's own positions of the full sequences.
     `checkpoint`: True/False overrides the model's own checkpointing flag when `method="auto"`.
     `detach_latents=True` cuts the gradient through the latents (for ablations and tests).
     `schedule` / `max_round_tokens`: how the round methods cut the batch into rounds (see
@@ -153,12 +154,16 @@ def self_latent_forward(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     slot_mask = slot_mask.bool()
+    fam = family(model)
+    vision = {k: v for k, v in vision.items() if v is not None}
+    unknown = set(vision) - {*fam.vision_keys, *fam.token_keys}
+    if unknown:
+        raise MirageError(f"stage 2: {fam.name} takes no input {', '.join(sorted(unknown))}")
     if position_ids is None:
-        position_ids = rope_positions(model, input_ids, attention_mask, mm_token_type_ids, image_grid_thw)
-    if position_ids.ndim == 2:
-        position_ids = position_ids[None].expand(3, -1, -1)
-    vision = dict(pixel_values=pixel_values, image_grid_thw=image_grid_thw)
-    batch = _Batch(input_ids, attention_mask, slot_mask, position_ids, vision, mm_token_type_ids)
+        position_ids = fam.position_ids(model, input_ids, attention_mask, vision)
+    if position_ids.ndim == 2:  # (B, L): the same positions in every row the family's positions have
+        position_ids = position_ids[None].expand(fam.position_rows, -1, -1)
+    batch = _Batch(input_ids, attention_mask, slot_mask, position_ids, vision)
     if resolved == "recompute":
         return _recompute(model, batch, detach_latents, feedback)
     if max_round_tokens is None and resolved == "rounds_checkpointed":
@@ -194,9 +199,8 @@ class _Batch(NamedTuple):
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     slot_mask: torch.Tensor
-    position_ids: torch.Tensor  # (3, B, L)
-    vision: dict  # pixel_values, image_grid_thw
-    mm_token_type_ids: torch.Tensor | None
+    position_ids: torch.Tensor  # (rows, B, L): the family's position layout
+    vision: dict  # the image inputs and their per-token companions (family.image_inputs)
 
 
 # --------------------------------------------------------------------------- rounds
@@ -215,27 +219,22 @@ def _rounds(
     schedule: str = "auto",
     max_round_tokens: int | None = None,
     feedback=None,
+    **vision,
 ) -> SelfLatentOutput:
-    input_ids, attention_mask, slot_mask, position_ids, vision, mm_token_type_ids = batch
+    input_ids, attention_mask, slot_mask, position_ids, vision = batch
     from transformers import DynamicCache
 
-    images = None
-    if vision.get("pixel_values") is not None:
-        if mm_token_type_ids is not None:
-            images = mm_token_type_ids != 0
-        else:
-            cfg = unwrap(model).config
-            ids = [getattr(cfg, k, None) for k in ("image_token_id", "video_token_id")]
-            images = torch.isin(
-                input_ids, torch.tensor([i for i in ids if i is not None], device=input_ids.device)
-            )
+    fam = family(model)
+    per_token = {k: v for k, v in vision.items() if k in fam.token_keys}
+    images_in = {k: v for k, v in vision.items() if k in fam.vision_keys}
+    images = fam.image_mask(model, input_ids) if images_in else None
     plan = plan_rounds(attention_mask, slot_mask, schedule, max_round_tokens, keep_together=images)
     inner = multimodal_model(model)
     config = unwrap(model).config
     dev = input_ids.device
     flat_ids = input_ids.reshape(-1)
     flat_pos = position_ids.reshape(position_ids.shape[0], -1)
-    flat_mm = mm_token_type_ids.reshape(-1) if mm_token_type_ids is not None else None
+    flat_tokens = {k: v.reshape(-1) for k, v in per_token.items()}
 
     cache = None if checkpointed else DynamicCache(config=config)
     past_k: list[list[torch.Tensor]] = []  # per layer: chunks, one per round (checkpointed path)
@@ -247,7 +246,7 @@ def _rounds(
     layouts = [layout.to(dev) for layout in plan.rounds]
     for r, layout in enumerate(layouts):
         ids_r = flat_ids[layout.src][None]
-        pos_r = flat_pos[:, layout.src][:, None]
+        pos_r = fam.model_positions(flat_pos[:, layout.src][:, None])
         mask_r = round_mask(layout)
         slot_r = None
         values = None
@@ -264,10 +263,8 @@ def _rounds(
                 values = values.detach()
             latents_round_order.append(values)
         extra = {}
-        if r == 0:
-            extra = {k: v for k, v in vision.items() if v is not None}
-            if flat_mm is not None and extra:
-                extra["mm_token_type_ids"] = flat_mm[layout.src][None]
+        if r == 0 and images_in:  # every image lies before its sample's first slot: round 0 takes them all
+            extra = {**images_in, **{k: v[layout.src][None] for k, v in flat_tokens.items()}}
         if not checkpointed:
             with latent_inputs(model, slot_r, values), packed_round(inner, layout, mask_r):
                 h = _inner_forward(
@@ -361,7 +358,7 @@ def _checkpointed_round(
 
 
 def _recompute(model, batch: _Batch, detach_latents: bool, feedback) -> SelfLatentOutput:
-    input_ids, attention_mask, slot_mask, position_ids, vision, mm_token_type_ids = batch
+    input_ids, attention_mask, slot_mask, position_ids, vision = batch
     inner = multimodal_model(model)
     B, L = input_ids.shape
     counts = slot_mask.sum(1).cpu()  # one host sync per batch
@@ -369,16 +366,19 @@ def _recompute(model, batch: _Batch, detach_latents: bool, feedback) -> SelfLate
     n = int(counts.sum())
     prev = torch.zeros_like(slot_mask)
     prev[:, :-1] = slot_mask[:, 1:]  # position t-1 of every slot t, same row-major order
-    extra = {k: v for k, v in vision.items() if v is not None}
-    if mm_token_type_ids is not None and extra:
-        extra["mm_token_type_ids"] = mm_token_type_ids
+    fam = family(model)
+    extra = vision if any(k in fam.vision_keys for k in vision) else {}
     D = model.get_input_embeddings().weight.shape[1]
     values = torch.zeros(n, D, dtype=model.get_input_embeddings().weight.dtype, device=input_ids.device)
     hidden = None
     for i in range(passes):
         with latent_inputs(model, slot_mask, values):
             hidden = _inner_forward(
-                inner, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **extra
+                inner,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=fam.model_positions(position_ids),
+                **extra,
             )
         if i < passes - 1:
             values = feedback(hidden[prev])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import MirageError
-from .model_utils import multimodal_model
+from ..models.families import family
 
 POOLINGS = ("drop_remainder", "even")
 
@@ -42,20 +42,20 @@ def pool_helper_features(
 
 @torch.no_grad()
 def helper_latent_targets(
-    model,
-    pixel_values: torch.Tensor,
-    image_grid_thw: torch.Tensor,
-    latent_size: int,
-    pooling: str = "drop_remainder",
+    model, vision: dict, latent_size: int, pooling: str = "drop_remainder"
 ) -> torch.Tensor:
-    """Pooled targets of a batch of helper images: (num_images * k, D), no gradient, each image encoded once."""
-    mm = multimodal_model(model)
-    out = mm.get_image_features(pixel_values, image_grid_thw, return_dict=True)
-    per_image = out.pooler_output
-    if isinstance(per_image, torch.Tensor):  # some versions return one concatenated tensor
-        sizes = (image_grid_thw.prod(-1) // mm.visual.spatial_merge_size**2).tolist()
-        per_image = torch.split(per_image, sizes)
+    """Pooled targets of a batch of helper images (`vision`: their image inputs, e.g. the processor's
+    `pixel_values` and `image_grid_thw`): (num_images * k, D), no gradient, each image encoded once."""
+    per_image = family(model).image_features(model, vision)
     return torch.cat([pool_helper_features(f, latent_size, pooling) for f in per_image]).detach()
+
+
+def helper_inputs(model, batch: dict) -> dict | None:
+    """The helper images' inputs of a collated batch (`helper_<key>`), by the names the model takes."""
+    keys = family(model).vision_keys
+    if f"helper_{keys[0]}" not in batch:
+        return None
+    return {k: batch[f"helper_{k}"] for k in keys}
 
 
 def _vision_fingerprint(model) -> str:
@@ -105,7 +105,8 @@ def precompute_latent_targets(
     fingerprint = h.hexdigest()[:16]
     cache_dir = Path(cache_dir or Path(datasets.config.HF_DATASETS_CACHE) / "mirage_latent_targets")
     cache_dir.mkdir(parents=True, exist_ok=True)
-    device = next(multimodal_model(model).visual.parameters()).device
+    fam = family(model)
+    device = next(fam.vision_tower(model).parameters()).device
 
     def encode(batch):
         out = []
@@ -115,9 +116,8 @@ def precompute_latent_targets(
                 continue
             images = [load_image(p, source=f"{source}:helper_images") for p in paths]
             enc = processor.image_processor(images=images, return_tensors="pt")
-            targets = helper_latent_targets(
-                model, enc["pixel_values"].to(device), enc["image_grid_thw"].to(device), latent_size, pooling
-            )
+            vision = {k: enc[k].to(device) for k in fam.vision_keys}
+            targets = helper_latent_targets(model, vision, latent_size, pooling)
             out.append(targets.float().cpu().reshape(len(paths), latent_size, -1).tolist())
         return {"latent_targets": out}
 

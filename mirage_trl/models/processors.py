@@ -8,32 +8,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-_PROCESSORS = {
-    "qwen2_vl": ("transformers.models.qwen2_vl.processing_qwen2_vl", "Qwen2VLProcessor"),
-    "qwen2_5_vl": ("transformers.models.qwen2_5_vl.processing_qwen2_5_vl", "Qwen2_5_VLProcessor"),
-    "qwen3_vl": ("transformers.models.qwen3_vl.processing_qwen3_vl", "Qwen3VLProcessor"),
-}
+from .families import SUPPORTED_MODEL_TYPES, family
 
-# The vision-language model types Mirage trains.
-SUPPORTED_MODEL_TYPES = tuple(_PROCESSORS)
+__all__ = ["SUPPORTED_MODEL_TYPES", "load_processor", "processor_class", "save_processor"]
 
 _IMAGE_ONLY: dict[str, type] = {}
 
 
-def processor_class(model_type: str):
-    """The Qwen-VL processor class of `model_type`, in an image-only variant (no video processor)."""
+def _import(spec: tuple[str, str]):
     import importlib
 
-    from ..errors import MirageError
+    module, name = spec
+    return getattr(importlib.import_module(module), name)
 
-    if model_type not in _PROCESSORS:
-        raise MirageError(
-            f"model type {model_type!r} is not a supported vision-language model; "
-            f"supported: {', '.join(_PROCESSORS)}"
-        )
+
+def processor_class(model_type: str):
+    """The stock processor class of `model_type`'s family, in an image-only variant (no video processor)."""
+    fam = family(model_type)
     if model_type not in _IMAGE_ONLY:
-        module, name = _PROCESSORS[model_type]
-        base = getattr(importlib.import_module(module), name)
+        base = _import(fam.processor)
 
         @classmethod
         def get_attributes(cls):
@@ -41,15 +34,14 @@ def processor_class(model_type: str):
 
         # Same class name, so a saved processor_config.json names the stock class and loads anywhere.
         _IMAGE_ONLY[model_type] = type(
-            name, (base,), {"get_attributes": get_attributes, "__module__": base.__module__}
+            base.__name__, (base,), {"get_attributes": get_attributes, "__module__": base.__module__}
         )
     return _IMAGE_ONLY[model_type]
 
 
 def load_processor(name_or_path: str, model_type: str | None = None, trust_remote_code: bool = False, **kw):
-    """Load a Qwen-VL processor (tokenizer + PIL image processor, no video processor)."""
+    """Load a processor of a supported family (tokenizer + PIL image processor, no video processor)."""
     from transformers import AutoConfig, AutoTokenizer
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     if model_type is None:
         model_type = AutoConfig.from_pretrained(
@@ -57,7 +49,7 @@ def load_processor(name_or_path: str, model_type: str | None = None, trust_remot
         ).model_type
     cls = processor_class(model_type)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kw)
-    image_processor = Qwen2VLImageProcessorPil.from_pretrained(name_or_path, **kw)
+    image_processor = _import(family(model_type).image_processor).from_pretrained(name_or_path, **kw)
     return cls(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -66,12 +58,7 @@ def load_processor(name_or_path: str, model_type: str | None = None, trust_remot
     )
 
 
-# The video processor a stock processor of each model type expects (images and videos share these settings).
-_VIDEO_PROCESSORS = {
-    "qwen2_vl": "Qwen2VLVideoProcessor",
-    "qwen2_5_vl": "Qwen2VLVideoProcessor",
-    "qwen3_vl": "Qwen3VLVideoProcessor",
-}
+# Settings an image processor shares with its family's video processor.
 _SHARED_WITH_VIDEO = (
     "do_convert_rgb", "do_normalize", "do_rescale", "do_resize", "image_mean", "image_std", "merge_size",
     "patch_size", "resample", "rescale_factor", "size", "temporal_patch_size",
@@ -87,11 +74,12 @@ def save_processor(processor, folder, model_type: str) -> None:
 
     processor.save_pretrained(str(folder))
     path = Path(folder) / "processor_config.json"
-    if model_type not in _VIDEO_PROCESSORS or not path.is_file():
+    video_processor = family(model_type).video_processor
+    if video_processor is None or not path.is_file():
         return
     config = read_json(path)
     if "video_processor" not in config:
         image = config.get("image_processor") or {}
         video = {k: image[k] for k in _SHARED_WITH_VIDEO if k in image}
-        config["video_processor"] = {**video, "video_processor_type": _VIDEO_PROCESSORS[model_type]}
+        config["video_processor"] = {**video, "video_processor_type": video_processor}
         write_json(path, config)

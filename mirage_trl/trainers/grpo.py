@@ -44,8 +44,9 @@ from ..data.images import load_image
 from ..errors import MirageError
 from ..grading import BENCHMARKS
 from ..latent.layout import count_spans, slot_masks
-from ..latent.model_utils import mm_token_types, rope_positions, unwrap
+from ..latent.model_utils import unwrap
 from ..latent.settings import GRPO_STAGE, MirageSettings
+from ..models.families import family
 from ..rewards import accuracy_reward, get_reward_funcs
 from .common import (
     MirageTrainerMixin,
@@ -209,8 +210,9 @@ class MirageGRPOTrainer(MirageTrainerMixin, GRPOTrainer):
                 [torch.ones_like(t) for t in tensors], padding_value=0, padding_side="left"
             ),
         }
+        fam = family(self.model)
         for key, value in multimodal_fields.items():
-            if key == "mm_token_type_ids":
+            if key in fam.token_keys:
                 continue  # on the tokenizer's padding side, not the left padding above: derived from the ids below
             if isinstance(value, torch.Tensor):
                 inputs[key] = value
@@ -218,7 +220,7 @@ class MirageGRPOTrainer(MirageTrainerMixin, GRPOTrainer):
                 inputs[key] = pad([torch.tensor(x) for x in value], padding_value=0, padding_side="left")
             else:
                 inputs[key] = torch.tensor(np.array(value))
-        inputs["mm_token_type_ids"] = mm_token_types(self.model, inputs["input_ids"])
+        inputs.update(fam.token_types(self.model, inputs["input_ids"]))
         inputs = super(GRPOTrainer, self)._prepare_inputs(inputs)  # Trainer's: to device
         with (
             _trl_grpo.profiling_context(self, "mirage.generate_with_latents"),
@@ -284,20 +286,21 @@ class MirageGRPOTrainer(MirageTrainerMixin, GRPOTrainer):
         batch_size=None,
         compute_entropy=False,
         compute_aux_loss=False,
-        pixel_values=None,
-        image_grid_thw=None,
         num_images=None,
-        mm_token_type_ids=None,
-        **unused,
+        **inputs,
     ):
         """Per-token log-probs (B, C) of the completion's text tokens with the latents recomputed by `model`."""
         from ..latent.stage2 import self_latent_forward
 
         if compute_aux_loss:
             raise MirageError("MoE router auxiliary losses are not supported by Mirage GRPO")
-        others = [k for k, v in unused.items() if v is not None]
+        fam = family(model)
+        images = {k: v for k, v in inputs.items() if k in fam.vision_keys and v is not None}
+        others = [
+            k for k, v in inputs.items() if v is not None and k not in (*fam.vision_keys, *fam.token_keys)
+        ]
         if others:
-            raise MirageError(f"Mirage GRPO supports Qwen-VL inputs only; got {', '.join(others)}")
+            raise MirageError(f"Mirage GRPO: {fam.name} takes no input {', '.join(others)}")
         batch_size = batch_size or input_ids.size(0)
         C = logits_to_keep
         head = unwrap(model).get_output_embeddings()
@@ -306,25 +309,20 @@ class MirageGRPOTrainer(MirageTrainerMixin, GRPOTrainer):
             end = min(start + batch_size, input_ids.size(0))
             ids, attn = input_ids[start:end], attention_mask[start:end]
             vision = {}
-            if pixel_values is not None and image_grid_thw is not None:
+            if len(images) == len(fam.vision_keys):
                 counts = num_images if num_images is not None else [1] * input_ids.size(0)
-                img = torch.tensor([0] + list(counts)).cumsum(0)
-                rows = torch.split(image_grid_thw.prod(-1), list(counts))
-                row_cum = torch.tensor([0] + [int(r.sum()) for r in rows]).cumsum(0)
-                vision["pixel_values"] = pixel_values[row_cum[start] : row_cum[end]]
-                vision["image_grid_thw"] = image_grid_thw[img[start] : img[end]]
-                if vision["image_grid_thw"].shape[0] == 0:
-                    vision = {}
+                vision = fam.select_images(images, list(counts), start, end)
             # TRL builds mm_token_type_ids on the tokenizer's padding side while it left-pads the prompt
             # ids: with right padding they are misaligned, so they are derived from the ids instead.
-            mm = mm_token_types(model, ids)
+            if vision:
+                vision.update(fam.token_types(model, ids))
             completion = ids[:, -C:]
             slots_c, forced_c = slot_masks(completion, self.latent_tokens)
             real_c = attn[:, -C:].bool()
             slots_c = slots_c & real_c
             slot_mask = torch.zeros_like(ids, dtype=torch.bool)
             slot_mask[:, -C:] = slots_c
-            positions = rope_positions(model, ids, attn, mm, vision.get("image_grid_thw"))
+            positions = fam.position_ids(model, ids, attn, vision)
             with self.accelerator.autocast():
                 out = self_latent_forward(
                     model,
@@ -332,7 +330,6 @@ class MirageGRPOTrainer(MirageTrainerMixin, GRPOTrainer):
                     attn,
                     slot_mask,
                     position_ids=positions,
-                    mm_token_type_ids=mm,
                     method=self.args.stage2_method,
                     **vision,
                 )

@@ -23,9 +23,10 @@ from trl import SFTTrainer
 from ..configs import MirageSFTConfig
 from ..data.collator import IGNORE_INDEX, MirageDataCollator
 from ..data.reference import require_helper_images
-from ..latent.model_utils import capture_final_hidden, rope_positions, unwrap
+from ..latent.model_utils import capture_final_hidden, unwrap
 from ..latent.slots import latent_inputs
-from ..latent.targets import helper_latent_targets
+from ..latent.targets import helper_inputs, helper_latent_targets
+from ..models.families import family
 from .common import (
     MirageTrainerMixin,
     check_distributed_support,
@@ -134,26 +135,18 @@ class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
 
     # ------------------------------------------------------------------ forward passes
     def _positions(self, model, inputs) -> torch.Tensor:
-        return rope_positions(
-            model,
-            inputs["input_ids"],
-            inputs["attention_mask"],
-            inputs.get("mm_token_type_ids"),
-            inputs.get("image_grid_thw"),
+        fam = family(model)
+        return fam.position_ids(
+            model, inputs["input_ids"], inputs["attention_mask"], fam.image_inputs(inputs)
         )
 
     def _helper_targets(self, model, inputs) -> torch.Tensor | None:
         if "latent_targets" in inputs:  # cached up front with the dataset
             return inputs["latent_targets"]
-        if "helper_pixel_values" not in inputs:
+        helpers = helper_inputs(model, inputs)
+        if helpers is None:
             return None
-        return helper_latent_targets(
-            model,
-            inputs["helper_pixel_values"],
-            inputs["helper_image_grid_thw"],
-            self.args.latent_size,
-            self.args.latent_pooling,
-        )
+        return helper_latent_targets(model, helpers, self.args.latent_size, self.args.latent_pooling)
 
     def stage1_forward(self, model, inputs, targets):
         """One forward with the targets at the slots; returns final-norm hidden states (B, L, D)."""
@@ -168,9 +161,8 @@ class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
             model(
                 input_ids=inputs["input_ids"],
                 attention_mask=inputs["attention_mask"],
-                position_ids=self._positions(model, inputs),
-                pixel_values=inputs.get("pixel_values"),
-                image_grid_thw=inputs.get("image_grid_thw"),
+                position_ids=family(model).model_positions(self._positions(model, inputs)),
+                **family(model).image_inputs(inputs),
                 use_cache=False,
                 logits_to_keep=1,  # logits are computed at trained positions only, below
             )
@@ -185,11 +177,9 @@ class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
             inputs["attention_mask"],
             inputs["latent_mask"],
             position_ids=self._positions(model, inputs),
-            pixel_values=inputs.get("pixel_values"),
-            image_grid_thw=inputs.get("image_grid_thw"),
-            mm_token_type_ids=inputs.get("mm_token_type_ids"),
             method=self.args.stage2_method,
             feedback=self.latent_feedback,
+            **family(model).image_inputs(inputs),
         )
 
     @property

@@ -27,9 +27,8 @@ def test_cached_targets_equal_fresh_targets_and_are_reused(tmp_path):
     fresh = MirageDataCollator(processor, tokens)([rows[i] for i in range(4)])
     from_cache = MirageDataCollator(processor, tokens)([cached[i] for i in range(4)])
     assert "helper_pixel_values" not in from_cache
-    expected = helper_latent_targets(
-        model, fresh["helper_pixel_values"], fresh["helper_image_grid_thw"], 4, "even"
-    )
+    helpers = {"pixel_values": fresh["helper_pixel_values"], "image_grid_thw": fresh["helper_image_grid_thw"]}
+    expected = helper_latent_targets(model, helpers, 4, "even")
     torch.testing.assert_close(from_cache["latent_targets"], expected, rtol=1e-5, atol=1e-6)
     assert from_cache["latent_targets"].shape[0] == int(fresh["latent_mask"].sum())
 

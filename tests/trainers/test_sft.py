@@ -360,9 +360,11 @@ def test_pooling_of_real_helper_features(tmp_path, rows, pooling):
     batch = trainer.data_collator(rows)
     model = trainer.model
     with torch.no_grad():
-        got = helper_latent_targets(
-            model, batch["helper_pixel_values"], batch["helper_image_grid_thw"], 4, pooling
-        )
+        helpers = {
+            "pixel_values": batch["helper_pixel_values"],
+            "image_grid_thw": batch["helper_image_grid_thw"],
+        }
+        got = helper_latent_targets(model, helpers, 4, pooling)
         feats = image_features_one_by_one(model, batch["helper_pixel_values"], batch["helper_image_grid_thw"])
         loss = trainer.compute_loss(model, batch)
         ref = manual_stage1(model, batch, k=4, gamma=0.1, pooling=pooling)

@@ -1,0 +1,253 @@
+"""Model families: the one place that knows how a vision-language architecture takes its images and positions.
+
+Mirage itself is architecture-free: latent slots are input-embedding positions (`latent.slots`), stage 2
+runs the language model's layers (`latent.stage2`), decoding feeds hidden states back (`generation`). What
+differs between families is small and lives here, one `ModelFamily` per architecture, found from the
+config's `model_type` (`family`):
+
+- which processor and image processor load a checkpoint, and which video processor its saved
+  `processor_config.json` names (`processor`, `video_processor`);
+- where the parts are: the inner vision-language module and its vision tower (`inner`, `vision_tower`);
+- which inputs carry images (`vision_keys`: what the processor returns and the model's forward takes),
+  which of them are per-token (`token_keys`), and how a batch's image inputs are cut by row
+  (`select_images`);
+- which tokens are image placeholders (`image_mask`, `token_types`);
+- how positions work (`position_ids`: the full-sequence positions the model computes itself, with
+  `position_rows` rows: 3 for the Qwen families' M-RoPE, 1 for 1-D positions; `model_positions` gives
+  the model the layout its forward takes);
+- the helper images' features in the language model's embedding space, one tensor per image, for the
+  stage-1 targets (`image_features`).
+
+Everything else (collator, slots, stage 1, stage 2, decoding, GRPO, eval, export) asks the family; no
+code outside this module tests a model type.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import MirageError
+
+
+class ModelFamily:
+    """What Mirage needs to know about one vision-language architecture (see the module doc)."""
+
+    name: str = ""  # as users know it, e.g. "Qwen2.5-VL"
+    model_type: str = ""  # the config's model_type
+    processor: tuple[str, str] = ("", "")  # (module, class) of the stock processor
+    image_processor: tuple[str, str] = ("", "")  # (module, class) of its PIL image processor (no torchvision)
+    video_processor: str | None = None  # the video processor class a stock processor_config.json names
+    vision_keys: tuple[str, ...] = ("pixel_values",)  # image inputs of the processor and the forward
+    token_keys: tuple[str, ...] = ()  # per-token inputs (B, L) that go with the images
+    position_rows: int = 1
+
+    # -------------------------------------------------------------- parts
+    def inner(self, model) -> torch.nn.Module:
+        """The inner vision-language module (vision tower + language model, no LM head)."""
+        raise NotImplementedError
+
+    def vision_tower(self, model) -> torch.nn.Module:
+        raise NotImplementedError
+
+    # -------------------------------------------------------------- tokens and positions
+    def image_token_ids(self, config) -> list[int]:
+        """Ids of the placeholder tokens that the vision features replace."""
+        raise NotImplementedError
+
+    def image_mask(self, model, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) bool: the image placeholder positions, from the ids themselves."""
+        from ..latent.model_utils import unwrap
+
+        ids = self.image_token_ids(unwrap(model).config)
+        return torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
+
+    def token_types(self, model, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The per-token image inputs (`token_keys`) derived from the ids (the one source of truth:
+        a processor builds them on the tokenizer's padding side, which TRL's left-padded prompts break)."""
+        return {}
+
+    def position_ids(self, model, input_ids, attention_mask, vision: dict | None = None) -> torch.Tensor:
+        """(position_rows, B, L) positions of the unpadded sequences, as the model computes them itself."""
+        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return pos[None]
+
+    def model_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """`positions` (position_rows, B, L) in the layout the model's forward takes."""
+        return positions if self.position_rows > 1 else positions[0]
+
+    def image_inputs(self, batch: dict) -> dict:
+        """The inputs of a batch that go to the model's forward with the ids: its image inputs and their
+        per-token companions (those present)."""
+        return {k: batch[k] for k in (*self.vision_keys, *self.token_keys) if batch.get(k) is not None}
+
+    # -------------------------------------------------------------- images
+    def image_features(self, model, vision: dict) -> list[torch.Tensor]:
+        """The features of a batch of images in the language model's embedding space: one (n_i, D) per image."""
+        raise NotImplementedError
+
+    def select_images(self, vision: dict, images_per_row: list[int], start: int, end: int) -> dict:
+        """The image inputs of rows [start, end) of a batch whose rows hold `images_per_row` images."""
+        raise NotImplementedError
+
+    def image_sizes(self, vision: dict) -> list[int]:
+        """Vision tokens per image of a batch's image inputs (what each image costs in the sequence)."""
+        raise NotImplementedError
+
+
+class QwenVLFamily(ModelFamily):
+    """Qwen2-VL, Qwen2.5-VL, Qwen3-VL: dynamic-resolution images (`pixel_values` as patches, one
+    `image_grid_thw` row per image), M-RoPE positions in 3 rows from `get_rope_index`, and
+    `mm_token_type_ids` (1 at image placeholders, 2 at video ones)."""
+
+    vision_keys = ("pixel_values", "image_grid_thw")
+    token_keys = ("mm_token_type_ids",)
+    position_rows = 3
+    image_processor = (
+        "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl",
+        "Qwen2VLImageProcessorPil",
+    )
+
+    def __init__(self, name: str, model_type: str, processor: tuple[str, str], video_processor: str):
+        self.name, self.model_type, self.processor, self.video_processor = (
+            name,
+            model_type,
+            processor,
+            video_processor,
+        )
+
+    def inner(self, model):
+        from ..latent.model_utils import unwrap
+
+        top = unwrap(model)
+        for module in top.modules():
+            if hasattr(module, "get_rope_index") and hasattr(module, "language_model"):
+                return module
+        raise MirageError(f"{type(top).__name__} is not a {self.name} model with a vision tower")
+
+    def vision_tower(self, model):
+        return self.inner(model).visual
+
+    def image_token_ids(self, config):
+        return [
+            t
+            for t in (getattr(config, "image_token_id", None), getattr(config, "video_token_id", None))
+            if t is not None
+        ]
+
+    def token_types(self, model, input_ids):
+        from ..latent.model_utils import unwrap
+
+        config = unwrap(model).config
+        types = torch.zeros_like(input_ids, dtype=torch.int32)
+        for value, name in ((1, "image_token_id"), (2, "video_token_id")):
+            token = getattr(config, name, None)
+            if token is not None:
+                types[input_ids == token] = value
+        return {"mm_token_type_ids": types}
+
+    def position_ids(self, model, input_ids, attention_mask, vision=None):
+        vision = vision or {}
+        types = vision.get("mm_token_type_ids")
+        if types is None and vision.get("image_grid_thw") is None:  # no images given: text positions
+            types = torch.zeros_like(input_ids, dtype=torch.int32)
+        elif types is None:
+            types = self.token_types(model, input_ids)["mm_token_type_ids"]
+        positions, _ = self.inner(model).get_rope_index(
+            input_ids,
+            mm_token_type_ids=types,
+            image_grid_thw=vision.get("image_grid_thw"),
+            attention_mask=attention_mask,
+        )
+        return positions
+
+    def image_features(self, model, vision):
+        inner = self.inner(model)
+        grid = vision["image_grid_thw"]
+        out = inner.get_image_features(vision["pixel_values"], grid, return_dict=True)
+        per_image = out.pooler_output
+        if isinstance(per_image, torch.Tensor):  # some versions return one concatenated tensor
+            per_image = torch.split(per_image, self.image_sizes(vision, inner))
+        return list(per_image)
+
+    def image_sizes(self, vision, inner=None):
+        merge = inner.visual if inner is not None else None
+        merge = getattr(merge, "spatial_merge_size", 2)
+        return (vision["image_grid_thw"].prod(-1) // merge**2).tolist()
+
+    def select_images(self, vision, images_per_row, start, end):
+        grid, pixels = vision.get("image_grid_thw"), vision.get("pixel_values")
+        if grid is None or pixels is None:
+            return {}
+        img = torch.tensor([0, *images_per_row]).cumsum(0)
+        patches = torch.split(grid.prod(-1), list(images_per_row))
+        patch = torch.tensor([0, *(int(p.sum()) for p in patches)]).cumsum(0)
+        if img[end] == img[start]:
+            return {}
+        return {
+            "pixel_values": pixels[patch[start] : patch[end]],
+            "image_grid_thw": grid[img[start] : img[end]],
+        }
+
+
+_QWEN = "transformers.models.{0}.processing_{0}"
+FAMILIES: dict[str, ModelFamily] = {
+    f.model_type: f
+    for f in (
+        QwenVLFamily(
+            "Qwen2-VL", "qwen2_vl", (_QWEN.format("qwen2_vl"), "Qwen2VLProcessor"), "Qwen2VLVideoProcessor"
+        ),
+        QwenVLFamily(
+            "Qwen2.5-VL",
+            "qwen2_5_vl",
+            (_QWEN.format("qwen2_5_vl"), "Qwen2_5_VLProcessor"),
+            "Qwen2VLVideoProcessor",
+        ),
+        QwenVLFamily(
+            "Qwen3-VL", "qwen3_vl", (_QWEN.format("qwen3_vl"), "Qwen3VLProcessor"), "Qwen3VLVideoProcessor"
+        ),
+    )
+}
+
+# The vision-language model types Mirage trains.
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+
+
+def unsupported(model_type) -> MirageError:
+    return MirageError(
+        f"model type {model_type!r} is not a supported vision-language model; "
+        f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+    )
+
+
+def family(what) -> ModelFamily:
+    """The family of a model (any wrapper), a config or a `model_type` string."""
+    if isinstance(what, str):
+        model_type = what
+    else:
+        from ..latent.model_utils import unwrap
+
+        config = unwrap(what).config if isinstance(what, torch.nn.Module) else what
+        model_type = getattr(config, "model_type", None)
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    if isinstance(what, torch.nn.Module):
+        raise MirageError(
+            f"{type(unwrap(what)).__name__} is not a vision-language model with a vision tower that mirage-trl "
+            f"supports (model type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    raise unsupported(model_type)
+
+
+def processor_family(processor) -> ModelFamily:
+    """The family of a processor (the stock class or its image-only variant; a bare tokenizer: text only,
+    as the Qwen families take it)."""
+    names = {c.__name__ for c in type(processor).__mro__}
+    for fam in FAMILIES.values():
+        if fam.processor[1] in names:
+            return fam
+    if not hasattr(processor, "image_processor"):  # a tokenizer alone: text-only rows
+        return FAMILIES["qwen2_5_vl"]
+    raise MirageError(
+        f"{type(processor).__name__} is not the processor of a supported vision-language model; "
+        f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+    )
