@@ -131,7 +131,7 @@ def step_fns(model, batch, n_img, k_hidden):
     from mirage_trl.trainers.sft import text_cross_entropy
 
     fam = family(model)
-    pos = fam.position_ids(model, batch["input_ids"], batch["attention_mask"], fam.image_inputs(batch))
+    pos = fam.position_ids(model, batch["input_ids"], batch["attention_mask"], fam.image_inputs(model, batch))
     n_slots = int(batch["slot_mask"].sum())
     targets = torch.randn(
         n_slots, k_hidden, device=batch["input_ids"].device, dtype=next(model.parameters()).dtype

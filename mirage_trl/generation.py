@@ -340,7 +340,7 @@ class _Prompt:
                 "generate_with_latents needs left-padded inputs (pad the processor batch on the left)"
             )
         fam = family(net)
-        vision = fam.image_inputs(inputs)
+        vision = fam.image_inputs(net, inputs)
         positions = fam.position_ids(net, input_ids, attention_mask, vision)
         batch, prompt_len = input_ids.shape
         full_mask = torch.ones(batch, prompt_len + max_new_tokens, dtype=attention_mask.dtype, device=device)

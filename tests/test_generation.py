@@ -41,13 +41,18 @@ def _image(seed: int) -> Image.Image:
 
 def make_batch(processor, prompts):
     texts, images = [], []
+    nested = type(processor).__name__ == "Gemma3Processor"  # it takes the images per prompt
     for text, image_seed in prompts:
         content = ([{"type": "image"}] if image_seed is not None else []) + [{"type": "text", "text": text}]
         texts.append(
             processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
         )
         if image_seed is not None:
-            images.append(_image(image_seed))
+            images.append([_image(image_seed)] if nested else _image(image_seed))
+        elif nested:
+            images.append([])
+    if nested and not any(images):
+        images = []
     return processor(
         text=texts, images=images or None, padding=True, padding_side="left", return_tensors="pt"
     )
@@ -91,11 +96,17 @@ def install_trigger(model, processor, lt, batch):
     raise AssertionError("no trigger token found for this model")
 
 
+def _token_key(single) -> str:
+    """The processor's per-token image marks: `mm_token_type_ids` (Qwen-VL) or `token_type_ids` (Gemma 3)."""
+    return "mm_token_type_ids" if "mm_token_type_ids" in single else "token_type_ids"
+
+
 def reference_decode(model, processor, lt, prompt, max_new_tokens, eos=()):
     """Obviously correct: one sample alone, no cache, the full sequence re-run at every step."""
     single = make_batch(processor, [prompt])
     ids = single["input_ids"][0]
-    mm = single["mm_token_type_ids"][0]
+    mm_key = _token_key(single)
+    mm = single[mm_key][0]
     extra = {k: single[k] for k in ("pixel_values", "image_grid_thw") if k in single}
     generated, latents, slots = [], [], []
     remaining, force_end = 0, False
@@ -109,7 +120,7 @@ def reference_decode(model, processor, lt, prompt, max_new_tokens, eos=()):
             out = model(
                 input_ids=seq[None],
                 attention_mask=torch.ones_like(seq)[None],
-                mm_token_type_ids=mm_full[None],
+                **{mm_key: mm_full[None]},
                 use_cache=False,
                 **extra,
             )
@@ -143,10 +154,11 @@ def full_forward_hidden(model, processor, lt, prompt, generated, latents):
     seq = torch.cat([ids, torch.as_tensor(generated, dtype=torch.long)])
     slot_mask = torch.zeros(1, len(seq), dtype=torch.bool)
     slot_mask[0, len(ids) :] = torch.as_tensor(generated) == lt.pad_id
-    mm = torch.cat([single["mm_token_type_ids"][0], torch.zeros(len(generated), dtype=torch.long)])
+    mm_key = _token_key(single)
+    mm = torch.cat([single[mm_key][0], torch.zeros(len(generated), dtype=torch.long)])
     extra = {k: single[k] for k in ("pixel_values", "image_grid_thw") if k in single}
     with torch.no_grad(), capture_final_hidden(model) as cap, latent_inputs(model, slot_mask, latents):
-        model(input_ids=seq[None], mm_token_type_ids=mm[None], use_cache=False, **extra)
+        model(input_ids=seq[None], use_cache=False, **{mm_key: mm[None]}, **extra)
     return cap[-1][0], len(ids)
 
 
@@ -165,7 +177,7 @@ def _check_batch_has_ragged_spans(out, lt):
     assert len(set(entered)) >= 2, f"samples should enter latent mode at different steps: {starts}"
 
 
-@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "gemma3"])
 def test_batched_greedy_equals_plain_loop(model_type):
     model, processor, lt = new_model(model_type)
     batch = make_batch(processor, PROMPTS)

@@ -90,7 +90,9 @@ class MirageDataCollator:
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
-        end_of_turn = "<|im_end|>" if "<|im_end|>" in self.tokenizer.get_vocab() else self.tokenizer.eos_token
+        end_of_turn = self.family.end_of_turn
+        if end_of_turn not in self.tokenizer.get_vocab():  # a tokenizer without the family's chat tokens
+            end_of_turn = self.tokenizer.eos_token
         self.end_of_turn = end_of_turn or ""
 
     # ------------------------------------------------------------------ prompts

@@ -42,6 +42,16 @@ def vision_tower(model) -> torch.nn.Module:
     return family(model).vision_tower(model)
 
 
+def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head's logits of final-norm hidden states, soft-capped as the model's own forward does where its
+    config asks for it (`final_logit_softcapping`)."""
+    net = unwrap(model)
+    logits = net.get_output_embeddings()(hidden)
+    config = net.config.get_text_config() if hasattr(net.config, "get_text_config") else net.config
+    cap = getattr(config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
 @contextlib.contextmanager
 def capture_final_hidden(model):
     """Capture the language model's last hidden states (after the final norm) of every forward.

@@ -245,6 +245,10 @@ def rounds_attention(module, query, key, value, attention_mask, **kwargs):
 
     layout, mask = _ACTIVE_ROUND.get()
     B, W = layout.q_rank.shape
+    window = kwargs.get("sliding_window")
+    if window is not None:  # a sliding-window layer: keys more than `window - 1` ranks back are out of reach
+        ranks = torch.arange(mask.shape[-1], device=mask.device)
+        mask = mask & (ranks[None, None, None, :] > layout.q_rank[:, None, :, None] - window)
     H, d = query.shape[1], query.shape[3]
     Hk, K = key.shape[1], layout.k_index.numel() // B
     q = query[0].index_select(1, layout.q_index).view(H, B, W, d).transpose(0, 1)
@@ -260,12 +264,23 @@ def _register_rounds_attention():
     AttentionInterface.register(ROUNDS_ATTENTION, rounds_attention)
 
 
-def round_mask(layout: RoundLayout) -> torch.Tensor:
-    """(B, 1, W_r, K_r) bool: a query sees its sample's keys of rank <= its own (padding sees key 0)."""
+def round_mask(layout: RoundLayout, rank_blocks: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, 1, W_r, K_r) bool: a query sees its sample's keys of rank <= its own (padding sees key 0) and,
+    with `rank_blocks` ((B, n) block id of each sample's token by rank, -1 outside blocks: see
+    `ModelFamily.attention_blocks`), every key of its own block (an image's tokens see each other)."""
     B = layout.q_rank.shape[0]
     K = layout.k_index.numel() // B
     ranks = torch.arange(K, device=layout.q_rank.device)
-    return (ranks[None, None, :] <= layout.q_rank[:, :, None])[:, None]
+    mask = ranks[None, None, :] <= layout.q_rank[:, :, None]
+    if rank_blocks is not None:
+        n = rank_blocks.shape[1]
+        q_block = rank_blocks.gather(1, layout.q_rank.clamp(max=n - 1))
+        # Blocks are images, which all run in round 0 (`plan_rounds(keep_together=...)`): a key slot past a
+        # sample's cached tokens is text or padding there, so its block is -1 and opens nothing.
+        k_block = torch.full((B, K), -1, dtype=rank_blocks.dtype, device=rank_blocks.device)
+        k_block[:, : min(K, n)] = rank_blocks[:, :K]
+        mask = mask | ((q_block[:, :, None] == k_block[:, None, :]) & (q_block[:, :, None] >= 0))
+    return mask[:, None]
 
 
 @contextlib.contextmanager

@@ -222,13 +222,24 @@ def _rounds(
     **vision,
 ) -> SelfLatentOutput:
     input_ids, attention_mask, slot_mask, position_ids, vision = batch
-    from transformers import DynamicCache
 
     fam = family(model)
     per_token = {k: v for k, v in vision.items() if k in fam.token_keys}
     images_in = {k: v for k, v in vision.items() if k in fam.vision_keys}
     images = fam.image_mask(model, input_ids) if images_in else None
     plan = plan_rounds(attention_mask, slot_mask, schedule, max_round_tokens, keep_together=images)
+    blocks = fam.attention_blocks(model, input_ids) if images_in else None
+    rank_blocks = None
+    if blocks is not None:  # (B, n) block of each sample's token by rank (padding dropped), -1 past its end
+        real = attention_mask.bool()
+        rank = real.long().cumsum(1) - 1
+        rank_blocks = torch.full(
+            (input_ids.shape[0], max(int(real.sum(1).max()), 1)),
+            -1,
+            dtype=torch.long,
+            device=input_ids.device,
+        )
+        rank_blocks[real.nonzero(as_tuple=True)[0], rank[real]] = blocks[real]
     inner = multimodal_model(model)
     config = unwrap(model).config
     dev = input_ids.device
@@ -236,7 +247,7 @@ def _rounds(
     flat_pos = position_ids.reshape(position_ids.shape[0], -1)
     flat_tokens = {k: v.reshape(-1) for k, v in per_token.items()}
 
-    cache = None if checkpointed else DynamicCache(config=config)
+    cache = None if checkpointed else _round_cache(config)
     past_k: list[list[torch.Tensor]] = []  # per layer: chunks, one per round (checkpointed path)
     past_v: list[list[torch.Tensor]] = []
     hiddens: list[torch.Tensor] = []  # per round: (T_r, D) packed
@@ -247,7 +258,7 @@ def _rounds(
     for r, layout in enumerate(layouts):
         ids_r = flat_ids[layout.src][None]
         pos_r = fam.model_positions(flat_pos[:, layout.src][:, None])
-        mask_r = round_mask(layout)
+        mask_r = round_mask(layout, rank_blocks if r == 0 else None)
         slot_r = None
         values = None
         if len(layout.slot_local):
@@ -319,11 +330,21 @@ def _rounds(
     )
 
 
+def _round_cache(config, data=None):
+    """The rounds' grad-carrying cache: every layer keeps every key (the packed indices address them all;
+    a sliding-window layer's window is applied by the round's attention mask instead of by trimming)."""
+    from transformers import DynamicCache
+
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if any(t != "full_attention" for t in getattr(text, "layer_types", None) or ()):
+        return DynamicCache(ddp_cache_data=data) if data else DynamicCache()
+    return DynamicCache(ddp_cache_data=data, config=config) if data else DynamicCache(config=config)
+
+
 def _checkpointed_round(
     model, inner, config, layout, mask_r, ids_r, pos_r, slot_r, values, extra, n_past, n_chunks, *flat_past
 ):
     """One round as a pure function: past key/value chunks in, (hidden, new keys..., new values...) out."""
-    from transformers import DynamicCache
 
     if n_chunks:
         n_layers = len(flat_past) // (2 * n_chunks)
@@ -333,9 +354,9 @@ def _checkpointed_round(
             torch.cat(flat_past[vbase + i * n_chunks : vbase + (i + 1) * n_chunks], dim=2)
             for i in range(n_layers)
         ]
-        cache = DynamicCache(ddp_cache_data=list(zip(ks, vs)), config=config)
+        cache = _round_cache(config, list(zip(ks, vs)))
     else:
-        cache = DynamicCache(config=config)
+        cache = _round_cache(config)
     # The model's own checkpointing would drop the cache; it is off here, also in the backward replay
     # (which also needs the packed-round attention switched on again).
     with (

@@ -40,6 +40,7 @@ class ModelFamily:
     vision_keys: tuple[str, ...] = ("pixel_values",)  # image inputs of the processor and the forward
     token_keys: tuple[str, ...] = ()  # per-token inputs (B, L) that go with the images
     position_rows: int = 1
+    end_of_turn: str | None = None  # the token that closes a chat turn (trained after each answer)
 
     # -------------------------------------------------------------- parts
     def inner(self, model) -> torch.nn.Module:
@@ -71,14 +72,22 @@ class ModelFamily:
         pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         return pos[None]
 
+    def attention_blocks(self, model, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """(B, L) ids of the token blocks that attend to each other both ways (an image's tokens, for
+        families whose images attend bidirectionally), -1 elsewhere; None where attention is causal."""
+        return None
+
     def model_positions(self, positions: torch.Tensor) -> torch.Tensor:
         """`positions` (position_rows, B, L) in the layout the model's forward takes."""
         return positions if self.position_rows > 1 else positions[0]
 
-    def image_inputs(self, batch: dict) -> dict:
-        """The inputs of a batch that go to the model's forward with the ids: its image inputs and their
-        per-token companions (those present)."""
-        return {k: batch[k] for k in (*self.vision_keys, *self.token_keys) if batch.get(k) is not None}
+    def image_inputs(self, model, batch: dict) -> dict:
+        """What goes to the model's forward with the ids of `batch`: its image inputs (those present) and,
+        with them, their per-token companions derived from the ids (`token_types`)."""
+        images = {k: batch[k] for k in self.vision_keys if batch.get(k) is not None}
+        if images:
+            images.update(self.token_types(model, batch["input_ids"]))
+        return images
 
     # -------------------------------------------------------------- images
     def image_features(self, model, vision: dict) -> list[torch.Tensor]:
@@ -87,10 +96,6 @@ class ModelFamily:
 
     def select_images(self, vision: dict, images_per_row: list[int], start: int, end: int) -> dict:
         """The image inputs of rows [start, end) of a batch whose rows hold `images_per_row` images."""
-        raise NotImplementedError
-
-    def image_sizes(self, vision: dict) -> list[int]:
-        """Vision tokens per image of a batch's image inputs (what each image costs in the sequence)."""
         raise NotImplementedError
 
 
@@ -102,6 +107,7 @@ class QwenVLFamily(ModelFamily):
     vision_keys = ("pixel_values", "image_grid_thw")
     token_keys = ("mm_token_type_ids",)
     position_rows = 3
+    end_of_turn = "<|im_end|>"
     image_processor = (
         "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl",
         "Qwen2VLImageProcessorPil",
@@ -166,12 +172,11 @@ class QwenVLFamily(ModelFamily):
         out = inner.get_image_features(vision["pixel_values"], grid, return_dict=True)
         per_image = out.pooler_output
         if isinstance(per_image, torch.Tensor):  # some versions return one concatenated tensor
-            per_image = torch.split(per_image, self.image_sizes(vision, inner))
+            per_image = torch.split(per_image, self._image_sizes(vision, inner))
         return list(per_image)
 
-    def image_sizes(self, vision, inner=None):
-        merge = inner.visual if inner is not None else None
-        merge = getattr(merge, "spatial_merge_size", 2)
+    def _image_sizes(self, vision, inner):
+        merge = inner.visual.spatial_merge_size
         return (vision["image_grid_thw"].prod(-1) // merge**2).tolist()
 
     def select_images(self, vision, images_per_row, start, end):
@@ -187,6 +192,55 @@ class QwenVLFamily(ModelFamily):
             "pixel_values": pixels[patch[start] : patch[end]],
             "image_grid_thw": grid[img[start] : img[end]],
         }
+
+
+class Gemma3Family(ModelFamily):
+    """Gemma 3: a SigLIP tower whose features are pooled to a fixed `mm_tokens_per_image` per image
+    (`pixel_values` only, every image the same size), 1-D positions, and bidirectional attention among
+    an image's tokens (`token_type_ids`, 1 at the image soft tokens), with sliding-window layers."""
+
+    name, model_type = "Gemma 3", "gemma3"
+    processor = ("transformers.models.gemma3.processing_gemma3", "Gemma3Processor")
+    image_processor = ("transformers.models.gemma3.image_processing_pil_gemma3", "Gemma3ImageProcessorPil")
+    vision_keys = ("pixel_values",)
+    token_keys = ("token_type_ids",)
+    end_of_turn = "<end_of_turn>"
+
+    def inner(self, model):
+        from ..latent.model_utils import unwrap
+
+        top = unwrap(model)
+        for module in top.modules():
+            if hasattr(module, "multi_modal_projector") and hasattr(module, "language_model"):
+                return module
+        raise MirageError(f"{type(top).__name__} is not a {self.name} model with a vision tower")
+
+    def vision_tower(self, model):
+        return self.inner(model).vision_tower
+
+    def image_token_ids(self, config):
+        return [config.image_token_id]
+
+    def token_types(self, model, input_ids):
+        # The model's own rule (image soft tokens are type 1); the processor marks only <start_of_image>.
+        return {"token_type_ids": self.image_mask(model, input_ids).long()}
+
+    def attention_blocks(self, model, input_ids):
+        image = self.image_mask(model, input_ids)
+        before = torch.nn.functional.pad(image, (1, 0))[:, :-1]
+        starts = (image & ~before).long().cumsum(1) - 1  # one id per run of image tokens
+        return torch.where(image, starts, -1)
+
+    def image_features(self, model, vision):
+        out = self.inner(model).get_image_features(vision["pixel_values"], return_dict=True).pooler_output
+        return list(out)  # (images, tokens, D)
+
+    def select_images(self, vision, images_per_row, start, end):
+        pixels = vision.get("pixel_values")
+        img = torch.tensor([0, *images_per_row]).cumsum(0)
+        if pixels is None or img[end] == img[start]:
+            return {}
+        return {"pixel_values": pixels[img[start] : img[end]]}
 
 
 _QWEN = "transformers.models.{0}.processing_{0}"
@@ -205,6 +259,7 @@ FAMILIES: dict[str, ModelFamily] = {
         QwenVLFamily(
             "Qwen3-VL", "qwen3_vl", (_QWEN.format("qwen3_vl"), "Qwen3VLProcessor"), "Qwen3VLVideoProcessor"
         ),
+        Gemma3Family(),
     )
 }
 

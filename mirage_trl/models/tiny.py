@@ -50,6 +50,53 @@ QWEN_VL_CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+GEMMA3_SPECIAL_TOKENS = [
+    "<pad>",
+    "<eos>",
+    "<bos>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<start_of_image>",
+    "<end_of_image>",
+    "<image_soft_token>",
+]
+
+# Gemma 3's chat template, in short: a system turn opens the first user turn, the assistant is "model",
+# an image is <start_of_image> (which the processor expands to the image's soft tokens).
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% set prefix = namespace(text='') %}"
+    "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{% set prefix.text = (message['content'] if message['content'] is string "
+    "else message['content'][0]['text']) + '\n\n' %}{% else %}"
+    "<start_of_turn>{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{% if message['role'] == 'user' %}{{ prefix.text }}{% set prefix.text = '' %}{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] | trim }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<start_of_image>{% elif item['type'] == 'text' %}{{ item['text'] | trim }}"
+    "{% endif %}{% endfor %}{% endif %}<end_of_turn>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+# Per family of tiny model: (special tokens, chat template, eos, pad, bos, extra special token attributes)
+_TINY_CHAT = {
+    "qwen": (QWEN_SPECIAL_TOKENS, QWEN_VL_CHAT_TEMPLATE, "<|im_end|>", "<|endoftext|>", None, {}),
+    "gemma3": (
+        GEMMA3_SPECIAL_TOKENS,
+        GEMMA3_CHAT_TEMPLATE,
+        "<eos>",
+        "<pad>",
+        "<bos>",
+        {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"},
+    ),
+}
+GEMMA3_TINY_IMAGE_PX = 56  # 4 x 4 patches of 14 px, pooled to 2 x 2 = 4 tokens per image
+GEMMA3_TINY_TOKENS_PER_IMAGE = 4
+
+
+def _chat_family(model_type: str) -> str:
+    return "gemma3" if model_type == "gemma3" else "qwen"
+
+
 _CORPUS = [
     "As a professional maze solver, your task is to analyze a grid-based map and devise an action plan",
     "that enables a player to reach the goal from the starting point without falling into any holes.",
@@ -81,7 +128,7 @@ TINY_MAX_PIXELS = 112 * 112
 VISION_TOKEN_PX = 28
 TILE_MIN_PIXELS = VISION_TOKEN_PX * VISION_TOKEN_PX
 TILE_MAX_PIXELS = (8 * VISION_TOKEN_PX) ** 2
-MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl")
+MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "gemma3")
 
 
 # What a benchmark tokenizer keeps apart (everything else may merge into long pieces): digits, the
@@ -118,8 +165,9 @@ def benchmark_corpus(num_maps: int = 300, seed: int = 0) -> list[str]:
     return texts
 
 
-def build_tiny_tokenizer(vocab_size: int = 600, corpus: str = "demo"):
-    """A byte-level BPE `Qwen2Tokenizer` with Qwen's special tokens and VL chat template.
+def build_tiny_tokenizer(vocab_size: int = 600, corpus: str = "demo", model_type: str = "qwen2_5_vl"):
+    """A byte-level BPE tokenizer with the special tokens and chat template of `model_type`'s family
+    (Qwen's `Qwen2Tokenizer` for the Qwen families; Gemma 3's turn and image tokens).
 
     corpus="demo": word-level pieces learnt from a few lines (what the tests use); "benchmarks": learnt
     from real VSP prompts and answers with `BENCHMARK_SPLIT`, so a planning prompt is a few tokens and a
@@ -130,6 +178,8 @@ def build_tiny_tokenizer(vocab_size: int = 600, corpus: str = "demo"):
 
     if corpus not in TOKENIZER_CORPORA:
         raise ValueError(f"unknown tokenizer corpus {corpus!r}; choose one of {TOKENIZER_CORPORA}")
+    family = _chat_family(model_type)
+    specials, template, eos, pad, bos, extra = _TINY_CHAT[family]
     tok = Tokenizer(models.BPE())
     if corpus == "benchmarks":
         tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -145,36 +195,47 @@ def build_tiny_tokenizer(vocab_size: int = 600, corpus: str = "demo"):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=QWEN_SPECIAL_TOKENS,
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
     # Qwen2Tokenizer rebuilds its own word-level pre-tokenizer when loaded; the generic fast tokenizer
     # keeps tokenizer.json as trained, so a saved benchmark tokenizer loads exactly as built.
-    cls = Qwen2TokenizerFast if corpus == "demo" else PreTrainedTokenizerFast
+    cls = Qwen2TokenizerFast if corpus == "demo" and family == "qwen" else PreTrainedTokenizerFast
+    named = {eos, pad, bos, *extra.values()}
     tokenizer = cls(
         tokenizer_object=tok,
-        bos_token=None,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
         unk_token=None,
-        additional_special_tokens=QWEN_SPECIAL_TOKENS[1:],
+        additional_special_tokens=[t for t in specials if t not in named],
+        extra_special_tokens=extra,
         model_max_length=4096,
     )
-    tokenizer.chat_template = QWEN_VL_CHAT_TEMPLATE
+    tokenizer.chat_template = template
     return tokenizer
 
 
 IMAGE_PIXELS = ("demo", "tiles")
 
 
-def build_tiny_image_processor(image_pixels: str = "demo"):
-    """image_pixels="demo": small bounds (few tokens per image); "tiles": keep 28 px-tile maps as drawn."""
+def build_tiny_image_processor(image_pixels: str = "demo", model_type: str = "qwen2_5_vl"):
+    """image_pixels="demo": small bounds (few tokens per image); "tiles": keep 28 px-tile maps as drawn
+    (the Qwen families; Gemma 3 resizes every image to one size)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     if image_pixels not in IMAGE_PIXELS:
         raise ValueError(f"unknown image_pixels {image_pixels!r}; choose one of {IMAGE_PIXELS}")
+    if model_type == "gemma3":
+        if image_pixels == "tiles":
+            raise ValueError(
+                "image_pixels='tiles' needs a dynamic-resolution family (Qwen); Gemma 3 resizes images"
+            )
+        from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+        return Gemma3ImageProcessorPil(size={"height": GEMMA3_TINY_IMAGE_PX, "width": GEMMA3_TINY_IMAGE_PX})
     if image_pixels == "tiles":
         return Qwen2VLImageProcessorPil(min_pixels=TILE_MIN_PIXELS, max_pixels=TILE_MAX_PIXELS)
     return Qwen2VLImageProcessorPil(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
@@ -184,10 +245,18 @@ def build_tiny_processor(model_type: str = "qwen2_5_vl", tokenizer=None, image_p
     """A processor without a video processor (torchvision is not installed here)."""
     from .processors import processor_class
 
-    tokenizer = tokenizer or build_tiny_tokenizer()
+    tokenizer = tokenizer or build_tiny_tokenizer(model_type=model_type)
     cls = processor_class(model_type)
+    image_processor = build_tiny_image_processor(image_pixels, model_type)
+    if model_type == "gemma3":
+        return cls(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            chat_template=GEMMA3_CHAT_TEMPLATE,
+            image_seq_length=GEMMA3_TINY_TOKENS_PER_IMAGE,
+        )
     return cls(
-        image_processor=build_tiny_image_processor(image_pixels),
+        image_processor=image_processor,
         tokenizer=tokenizer,
         video_processor=None,
         chat_template=QWEN_VL_CHAT_TEMPLATE,
@@ -200,7 +269,9 @@ def tiny_config(model_type: str = "qwen2_5_vl", tokenizer=None, spare_rows: int 
 
     if model_type not in MODEL_TYPES:
         raise ValueError(f"unknown tiny model type {model_type!r}; choose one of {MODEL_TYPES}")
-    tokenizer = tokenizer or build_tiny_tokenizer()
+    tokenizer = tokenizer or build_tiny_tokenizer(model_type=model_type)
+    if model_type == "gemma3":
+        return _tiny_gemma3_config(tokenizer, spare_rows, **text_overrides)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     text = dict(TINY_TEXT, **text_overrides)
     head_dim = text["hidden_size"] // text["num_attention_heads"]
@@ -242,6 +313,44 @@ def tiny_config(model_type: str = "qwen2_5_vl", tokenizer=None, spare_rows: int 
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
+    )
+
+
+def _tiny_gemma3_config(tokenizer, spare_rows: int = 16, **text_overrides):
+    """A random tiny Gemma 3: a 2-layer SigLIP tower, 4 tokens per image, a text model with one sliding-window
+    layer (window 8, so the window matters on every row) and one full-attention layer."""
+    from transformers import AutoConfig
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in GEMMA3_SPECIAL_TOKENS}
+    text = dict(TINY_TEXT, **text_overrides)
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    layers = text["num_hidden_layers"]
+    text.update(
+        vocab_size=len(tokenizer) + spare_rows,
+        head_dim=head_dim,
+        query_pre_attn_scalar=head_dim,
+        sliding_window=8,
+        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
+        bos_token_id=ids["<bos>"],
+        eos_token_id=ids["<eos>"],
+        pad_token_id=ids["<pad>"],
+    )
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=GEMMA3_TINY_IMAGE_PX,
+        patch_size=14,
+    )
+    return AutoConfig.for_model(
+        "gemma3",
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=GEMMA3_TINY_TOKENS_PER_IMAGE,
+        boi_token_index=ids["<start_of_image>"],
+        eoi_token_index=ids["<end_of_image>"],
+        image_token_index=ids["<image_soft_token>"],
     )
 
 
@@ -305,7 +414,7 @@ def build_tiny_model(
         processor = build_tiny_processor(_model_type_of(config_file))
         config = config_from_file(config_file, processor.tokenizer)
     else:
-        tokenizer = build_tiny_tokenizer(vocab_size, corpus=tokenizer_corpus)
+        tokenizer = build_tiny_tokenizer(vocab_size, corpus=tokenizer_corpus, model_type=model_type)
         processor = build_tiny_processor(model_type, tokenizer, image_pixels)
         config = tiny_config(model_type, processor.tokenizer, **text_overrides)
     torch.manual_seed(seed)

@@ -31,6 +31,7 @@ the k positions after it are slots and the next one is the forced end.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import numpy as np
@@ -44,7 +45,7 @@ from ..data.images import load_image
 from ..errors import MirageError
 from ..grading import BENCHMARKS
 from ..latent.layout import count_spans, slot_masks
-from ..latent.model_utils import unwrap
+from ..latent.model_utils import output_logits
 from ..latent.settings import GRPO_STAGE, MirageSettings
 from ..models.families import family
 from ..rewards import accuracy_reward, get_reward_funcs
@@ -303,7 +304,7 @@ class MirageGRPOTrainer(MirageTrainerMixin, GRPOTrainer):
             raise MirageError(f"Mirage GRPO: {fam.name} takes no input {', '.join(others)}")
         batch_size = batch_size or input_ids.size(0)
         C = logits_to_keep
-        head = unwrap(model).get_output_embeddings()
+        head = functools.partial(output_logits, model)  # the LM head as the model applies it
         all_logps, all_entropies = [], []
         for start in range(0, input_ids.size(0), batch_size):
             end = min(start + batch_size, input_ids.size(0))

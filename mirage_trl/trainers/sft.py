@@ -23,7 +23,7 @@ from trl import SFTTrainer
 from ..configs import MirageSFTConfig
 from ..data.collator import IGNORE_INDEX, MirageDataCollator
 from ..data.reference import require_helper_images
-from ..latent.model_utils import capture_final_hidden, unwrap
+from ..latent.model_utils import capture_final_hidden, output_logits, unwrap
 from ..latent.slots import latent_inputs
 from ..latent.targets import helper_inputs, helper_latent_targets
 from ..models.families import family
@@ -46,7 +46,7 @@ def text_cross_entropy(
     the trained positions), so Mirage runs keep `mean_token_accuracy` and `entropy`."""
     mask = labels[:, 1:] != IGNORE_INDEX
     h = hidden[:, :-1][mask]
-    logits = unwrap(model).get_output_embeddings()(h).float()
+    logits = output_logits(model, h).float()
     target = labels[:, 1:][mask]
     ce_sum = F.cross_entropy(logits, target, reduction="sum")
     if stats is not None:
@@ -137,7 +137,7 @@ class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
     def _positions(self, model, inputs) -> torch.Tensor:
         fam = family(model)
         return fam.position_ids(
-            model, inputs["input_ids"], inputs["attention_mask"], fam.image_inputs(inputs)
+            model, inputs["input_ids"], inputs["attention_mask"], fam.image_inputs(model, inputs)
         )
 
     def _helper_targets(self, model, inputs) -> torch.Tensor | None:
@@ -162,7 +162,7 @@ class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
                 input_ids=inputs["input_ids"],
                 attention_mask=inputs["attention_mask"],
                 position_ids=family(model).model_positions(self._positions(model, inputs)),
-                **family(model).image_inputs(inputs),
+                **family(model).image_inputs(model, inputs),
                 use_cache=False,
                 logits_to_keep=1,  # logits are computed at trained positions only, below
             )
@@ -179,7 +179,7 @@ class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
             position_ids=self._positions(model, inputs),
             method=self.args.stage2_method,
             feedback=self.latent_feedback,
-            **family(model).image_inputs(inputs),
+            **family(model).image_inputs(model, inputs),
         )
 
     @property

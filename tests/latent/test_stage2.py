@@ -89,6 +89,8 @@ def make_batch(processor, tokens, padding_side="right", spec=SPEC, images=True):
             imgs += img
         singles.append(dict(processor(text=[text], images=img, return_tensors="pt")))
     processor.tokenizer.padding_side = padding_side
+    if type(processor).__name__ == "Gemma3Processor":  # it takes the images per sample
+        imgs = [[_image(i)] if has and images else [] for i, (_, _, has) in enumerate(spec)] if imgs else []
     batch = dict(processor(text=texts, images=imgs or None, padding=True, return_tensors="pt"))
     batch["slot_mask"] = batch["input_ids"] == tokens.pad_id
     for i, (n_spans, _, _) in enumerate(spec):
@@ -123,29 +125,39 @@ def _grads(model):
 # --------------------------------------------------------------------------- the reference
 
 
+TOKEN_KEYS = ("mm_token_type_ids", "token_type_ids")  # per-token processor outputs (Qwen-VL, Gemma 3)
+
+
+def _model_inputs(model, single, x, t=None):
+    """The inner model's inputs for the first `t` tokens of one processed sample with input embeddings `x`:
+    the processor's other outputs as they are (per-token ones cut to `t`). Qwen-VL finds image tokens
+    from the ids given with the embeddings; Gemma 3 takes embeddings alone (it finds them by value)."""
+    ids = single["input_ids"][:, :t]
+    kw = {
+        k: (v[:, :t] if k in TOKEN_KEYS else v)
+        for k, v in single.items()
+        if k not in ("input_ids", "attention_mask")
+    }
+    if unwrap(model).config.model_type != "gemma3":
+        kw["input_ids"] = ids
+    return dict(kw, inputs_embeds=x[:, : ids.shape[1]])
+
+
 def reference_sample(model, single, pad_id, embed_grad=False, feed=None):
     """One sample alone: prefix passes fill the slots one by one, then one full pass. Returns (hidden, embeds).
 
     `feed`: what a slot receives given the hidden state before it (default: the hidden state itself)."""
     inner = multimodal_model(model)
     ids = single["input_ids"]
-    vision = {k: single[k] for k in ("pixel_values", "image_grid_thw") if k in single}
     embeds = model.get_input_embeddings()(ids)
     if embed_grad:
         embeds.retain_grad()
     x = embeds
     for t in (ids[0] == pad_id).nonzero().flatten().tolist():
-        prefix = inner(
-            input_ids=ids[:, :t],
-            inputs_embeds=x[:, :t],
-            mm_token_type_ids=single["mm_token_type_ids"][:, :t],
-            **vision,
-        ).last_hidden_state
+        prefix = inner(**_model_inputs(model, single, x, t)).last_hidden_state
         fed = prefix[:, t - 1 : t] if feed is None else feed(prefix[:, t - 1 : t])
         x = torch.cat([x[:, :t], fed, x[:, t + 1 :]], dim=1)
-    hidden = inner(
-        input_ids=ids, inputs_embeds=x, mm_token_type_ids=single["mm_token_type_ids"], **vision
-    ).last_hidden_state
+    hidden = inner(**_model_inputs(model, single, x)).last_hidden_state
     return hidden, embeds
 
 
@@ -162,6 +174,11 @@ def reference_loss_and_grads(model, singles, pad_id, n_targets, feed=None):
     return total, _grads(model)
 
 
+def _images(batch):
+    """The processor's image inputs of a batch (and their per-token companions)."""
+    return {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "slot_mask")}
+
+
 def batched_loss_and_grads(model, batch, pad_id, method, **kw):
     model.zero_grad(set_to_none=True)
     out = self_latent_forward(
@@ -169,10 +186,8 @@ def batched_loss_and_grads(model, batch, pad_id, method, **kw):
         batch["input_ids"],
         batch["attention_mask"],
         batch["slot_mask"],
-        pixel_values=batch.get("pixel_values"),
-        image_grid_thw=batch.get("image_grid_thw"),
-        mm_token_type_ids=batch.get("mm_token_type_ids"),
         method=method,
+        **_images(batch),
         **kw,
     )
     labels = _labels(batch["input_ids"], batch["attention_mask"], pad_id)
@@ -206,8 +221,9 @@ def _lora(model):
 @pytest.mark.parametrize("finetune", ["full", "lora"])
 @pytest.mark.parametrize("ckpt", [False, True], ids=["no_ckpt", "ckpt"])
 @pytest.mark.parametrize("padding", ["right", "left"])
-def test_methods_match_reference(padding, ckpt, finetune):
-    model, processor, tokens = fresh()
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "gemma3"])
+def test_methods_match_reference(model_type, padding, ckpt, finetune):
+    model, processor, tokens = fresh(model_type)
     if finetune == "lora":
         model = _lora(model)
     if ckpt:
@@ -234,7 +250,7 @@ def test_methods_match_reference(padding, ckpt, finetune):
     if finetune == "lora":
         assert all("lora_" in n for n in ref_grads)
     else:
-        assert any("visual" in n for n in ref_grads)  # the image path is trained too
+        assert any("visual" in n or "vision_tower" in n for n in ref_grads)  # the image path is trained too
     for method, (loss, grads, out, _) in results.items():
         assert loss == pytest.approx(ref_loss, rel=REL), method
         assert_close_grads(grads, ref_grads)

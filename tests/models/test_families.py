@@ -1,0 +1,183 @@
+"""Every model family through the trainer's stage-1 path, against a per-sample reference written here.
+
+The reference shares no code with `mirage_trl.models.families`: for each sample alone (no padding) it
+encodes each helper image alone through the model's own `get_image_features`, pools by slicing, writes
+the targets into the input embeddings at the slots, runs the bare vision-language model (which finds its
+own positions and, for Gemma 3, its bidirectional image attention from `token_type_ids`) and sums the
+text cross-entropy and the cosine latent loss by hand. The stage-2 and decoding paths are parametrised
+over the families in tests/latent/test_stage2.py and tests/test_generation.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import IGNORE, four_rows, make_images, sft_args
+
+from mirage_trl.errors import MirageError
+from mirage_trl.models.families import SUPPORTED_MODEL_TYPES, family
+from mirage_trl.models.tiny import build_tiny_model
+from mirage_trl.trainers.sft import MirageSFTTrainer
+
+FAMILIES = ["qwen2_5_vl", "gemma3"]
+K = 4
+GAMMA = 0.3
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    return four_rows(make_images(tmp_path_factory.mktemp("images")))
+
+
+def _dataset(rows):
+    from datasets import Dataset
+
+    from mirage_trl.data.reference import _features
+
+    return Dataset.from_list(rows, features=_features())
+
+
+def _split_images(model, pixel_values, grid, counts):
+    """Per sample, its images' inputs as the model takes them (Qwen: patches and grid rows; Gemma 3: images)."""
+    out, img, patch = [], 0, 0
+    for n in counts:
+        if model.config.model_type == "gemma3":
+            out.append({"pixel_values": pixel_values[img : img + n]} if n else {})
+        else:
+            p = int(grid[img : img + n].prod(-1).sum()) if n else 0
+            out.append(
+                {"pixel_values": pixel_values[patch : patch + p], "image_grid_thw": grid[img : img + n]}
+                if n
+                else {}
+            )
+            patch += p
+        img += n
+    return out
+
+
+def _one_image_features(model, vision):
+    feats = model.model.get_image_features(**vision, return_dict=True).pooler_output
+    return feats[0]
+
+
+def reference_stage1(model, batch, rows):
+    cfg = model.config
+    image_id = cfg.image_token_id
+    helpers = _split_images(
+        model,
+        batch.get("helper_pixel_values"),
+        batch.get("helper_image_grid_thw"),
+        [len(r["helper_images"]) for r in rows],
+    )
+    inputs = _split_images(
+        model, batch.get("pixel_values"), batch.get("image_grid_thw"), [len(r["images"]) for r in rows]
+    )
+    ce_sum, n_tokens, one_minus_cos = 0.0, 0, []
+    for b, row in enumerate(rows):
+        real = batch["attention_mask"][b].bool()
+        ids = batch["input_ids"][b][real][None]
+        labels = batch["labels"][b][real]
+        slots = batch["latent_mask"][b][real].nonzero().flatten().tolist()
+        x = model.get_input_embeddings()(ids).clone()
+        targets = []
+        if slots:
+            with torch.no_grad():
+                vision = helpers[b]
+                n_helpers = len(row["helper_images"])
+                for i in range(n_helpers):
+                    if cfg.model_type == "gemma3":
+                        one = {"pixel_values": vision["pixel_values"][i : i + 1]}
+                    else:
+                        grid = vision["image_grid_thw"]
+                        start = int(grid[:i].prod(-1).sum())
+                        one = {
+                            "pixel_values": vision["pixel_values"][start : start + int(grid[i].prod())],
+                            "image_grid_thw": grid[i : i + 1],
+                        }
+                    f = _one_image_features(model, one)
+                    g = f.shape[0] // K
+                    targets += [f[j * g : (j + 1) * g].mean(0) for j in range(K)]
+            for t, target in zip(slots, targets):
+                x[0, t] = target
+        types = (ids == image_id).long()
+        if cfg.model_type == "gemma3":
+            out = model.model(inputs_embeds=x, token_type_ids=types, **inputs[b])
+        else:
+            out = model.model(input_ids=ids, inputs_embeds=x, mm_token_type_ids=types.int(), **inputs[b])
+        h = out.last_hidden_state[0]
+        logits = model.lm_head(h).float()
+        ce_sum = ce_sum + F.cross_entropy(logits[:-1], labels[1:], ignore_index=IGNORE, reduction="sum")
+        n_tokens += int((labels[1:] != IGNORE).sum())
+        for t, target in zip(slots, targets):
+            one_minus_cos.append(1 - F.cosine_similarity(h[t - 1], target, dim=0))
+    return GAMMA * ce_sum / n_tokens + torch.stack(one_minus_cos).mean()
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_stage1_loss_and_gradients_equal_a_per_sample_reference(tmp_path, rows, model_type, padding):
+    model, processor = build_tiny_model(model_type)
+    trainer = MirageSFTTrainer(
+        model=model,
+        args=sft_args(tmp_path / "out", per_device_train_batch_size=4, latent_size=K, text_loss_weight=GAMMA),
+        train_dataset=_dataset(rows),
+        processing_class=processor,
+    )
+    trainer.data_collator.padding_side = padding
+    batch = trainer.data_collator(rows)
+    assert batch["attention_mask"][:, 0 if padding == "left" else -1].min() == 0  # really padded
+    model.train()
+    model.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(model, batch)
+    loss.backward()
+    got = _grads(model)
+    model.zero_grad(set_to_none=True)
+    ref = reference_stage1(model, batch, rows)
+    ref.backward()
+    want = _grads(model)
+    torch.testing.assert_close(loss, ref, rtol=2e-5, atol=2e-6)
+    assert got.keys() == want.keys() and len(want) > 0
+    for name in want:
+        err = (got[name] - want[name]).norm() / want[name].norm().clamp_min(1e-20)
+        assert float(err) <= 1e-5, f"{name}: relative error {float(err):.2e}"
+    # the vision tower is frozen in training (stage-1 targets and input images pass through it without grad)
+    assert not any(n.startswith(("model.visual", "model.vision_tower")) for n in got)
+
+
+def test_gemma3_image_blocks_and_token_types_come_from_the_ids():
+    """Gemma 3's image tokens attend to each other both ways: each run of image soft tokens is one block
+    (the stage-2 rounds open attention inside it; a sliding-window layer is in the tiny model, window 8)."""
+    model, processor = build_tiny_model("gemma3")
+    text = model.config.text_config
+    assert "sliding_attention" in text.layer_types and text.sliding_window == 8
+    fam = family(model)
+    tok = processor.tokenizer
+    i, t, s, e = (
+        model.config.image_token_id,
+        tok.convert_tokens_to_ids("x"),
+        tok.boi_token_id,
+        tok.eoi_token_id,
+    )
+    ids = torch.tensor([[t, s, i, i, i, i, e, t, t], [t, t, t, s, i, i, i, i, e]])
+    blocks = fam.attention_blocks(model, ids)
+    assert blocks.tolist() == [[-1, -1, 0, 0, 0, 0, -1, -1, -1], [-1, -1, -1, -1, 0, 0, 0, 0, -1]]
+    assert (
+        fam.token_types(model, ids)["token_type_ids"].tolist()
+        == (ids == model.config.image_token_id).long().tolist()
+    )
+
+
+def test_unsupported_family_names_the_supported_ones():
+    with pytest.raises(MirageError) as e:
+        family("paligemma")
+    assert str(e.value) == (
+        f"model type 'paligemma' is not a supported vision-language model; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+    )
+    assert {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3"} <= set(SUPPORTED_MODEL_TYPES)
