@@ -1,20 +1,23 @@
-"""`mirage-trl tiny-model`: write a tiny random Qwen-VL (model + processor) that loads offline."""
+"""`mirage-trl tiny-model`: write a tiny random vision-language model (model + processor) of a supported
+family that loads offline."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from ..errors import MirageError
-from ..models.tiny import IMAGE_PIXELS, TOKENIZER_CORPORA  # module top imports nothing heavy
+from ..models.tiny import IMAGE_PIXELS, MODEL_TYPES, TOKENIZER_CORPORA  # module top imports nothing heavy
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("tiny-model", help="write a tiny random Qwen-VL for offline tests and the demo")
+    p = subparsers.add_parser(
+        "tiny-model", help="write a tiny random vision-language model for offline tests and the demo"
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
         "--model-type",
         default="qwen2_5_vl",
-        choices=["qwen2_5_vl", "qwen2_vl", "qwen3_vl"],
+        choices=MODEL_TYPES,
         help="architecture family; qwen3_vl's random vision tower is the one that can tell where a tile is",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")

@@ -48,14 +48,41 @@ def load_processor(name_or_path: str, model_type: str | None = None, trust_remot
             name_or_path, trust_remote_code=trust_remote_code, **kw
         ).model_type
     cls = processor_class(model_type)
+    fam = family(model_type)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kw)
-    image_processor = _import(family(model_type).image_processor).from_pretrained(name_or_path, **kw)
+    image_processor = _import(fam.image_processor).from_pretrained(name_or_path, **kw)
+    extra = {"video_processor": None} if fam.video_processor else {}
     return cls(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        video_processor=None,
         chat_template=tokenizer.chat_template,
+        **extra,
+        **_processor_settings(name_or_path, cls, kw),
     )
+
+
+def _processor_settings(name_or_path, cls, kw) -> dict:
+    """The processor's own settings saved in its processor_config.json (e.g. Gemma 3's image_seq_length)."""
+    import inspect
+
+    from transformers.utils import cached_file
+
+    from ..io import read_json
+
+    path = cached_file(
+        name_or_path, "processor_config.json", _raise_exceptions_for_missing_entries=False, **kw
+    )
+    if path is None:
+        return {}
+    params = set(inspect.signature(cls.__init__).parameters) - {
+        "self",
+        "image_processor",
+        "tokenizer",
+        "video_processor",
+        "chat_template",
+        "kwargs",
+    }
+    return {k: v for k, v in read_json(path).items() if k in params}
 
 
 # Settings an image processor shares with its family's video processor.

@@ -419,6 +419,11 @@ def build_tiny_model(
         config = tiny_config(model_type, processor.tokenizer, **text_overrides)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=dtype or torch.float32)
+    if (
+        config.model_type == "gemma3"
+    ):  # its projector starts at zero (a checkpoint fills it): image features 0
+        with torch.no_grad():
+            model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.2)
     model.generation_config.eos_token_id = config.text_config.eos_token_id
     model.generation_config.pad_token_id = config.text_config.pad_token_id
     return model.eval(), processor

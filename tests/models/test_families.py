@@ -98,6 +98,7 @@ def reference_stage1(model, batch, rows):
                             "image_grid_thw": grid[i : i + 1],
                         }
                     f = _one_image_features(model, one)
+                    assert f.norm(dim=-1).min() > 0.1  # real features (a zero projector would make cos 0 = 0)
                     g = f.shape[0] // K
                     targets += [f[j * g : (j + 1) * g].mean(0) for j in range(K)]
             for t, target in zip(slots, targets):
@@ -181,3 +182,71 @@ def test_unsupported_family_names_the_supported_ones():
         f"model type 'paligemma' is not a supported vision-language model; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
     )
     assert {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3"} <= set(SUPPORTED_MODEL_TYPES)
+
+
+@pytest.mark.parametrize("model_type", ["gemma3"])
+def test_lora_run_exports_and_reloads_with_identical_greedy_decoding(tmp_path, rows, model_type):
+    """Train a LoRA adapter for two steps, save it as the recipes do, export it as an adapter and merged, load
+    each back and decode the same rows: the same tokens, latent slots and latents (spans forced to open)."""
+    from peft import LoraConfig
+    from transformers import AutoModelForImageTextToText
+
+    from mirage_trl.data.collator import MirageDataCollator
+    from mirage_trl.export import export_model
+    from mirage_trl.generation import generate_with_latents
+    from mirage_trl.models.load import load_model
+    from mirage_trl.models.processors import load_processor
+    from mirage_trl.models.tiny import save_tiny_model
+    from mirage_trl.run import save_outputs
+
+    base = save_tiny_model(tmp_path / "base", model_type=model_type)
+    model = AutoModelForImageTextToText.from_pretrained(str(base))
+    processor = load_processor(str(base))
+    trainer = MirageSFTTrainer(
+        model=model,
+        args=sft_args(
+            tmp_path / "run", per_device_train_batch_size=4, latent_size=K, max_steps=2, learning_rate=1e-2
+        ),
+        train_dataset=_dataset(rows),
+        processing_class=processor,
+        peft_config=LoraConfig(
+            r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"
+        ),
+    )
+    trainer.train()
+
+    def decode(net, proc):
+        batch = MirageDataCollator(proc, trainer.latent_tokens).prompt_batch(rows)
+        return generate_with_latents(
+            net.eval(), proc, batch, max_new_tokens=12, do_sample=False, return_latents=True
+        )
+
+    # Spans open where the model's most frequent greedy token would win: the trained <|latent_start|> row
+    # (a PEFT trainable token; Gemma 3 ties it between the embedding and the LM head) copies that token's row.
+    from mirage_trl.latent.model_utils import unwrap
+
+    adapter = unwrap(trainer.model).get_input_embeddings().token_adapter
+    start = trainer.latent_tokens.start_id
+    with torch.no_grad():
+        common = torch.mode(decode(trainer.model, processor).sequences.flatten()).values.item()
+        row = adapter.token_indices["default"].index(start)
+        merged = adapter.get_merged_weights(["default"])
+        adapter.trainable_tokens_delta["default"][row] = 3.0 * merged[common]
+    save_outputs(trainer, str(tmp_path / "run"), stage=1, base_model=str(base))
+    reference = decode(trainer.model, processor)
+    assert int(reference.num_latent_spans.sum()) > 0, "the test needs latent spans"
+    for merge in (False, True):
+        out_dir = export_model(
+            tmp_path / "run", tmp_path / f"export-{'merged' if merge else 'adapter'}", merge=merge
+        )
+        assert (out_dir / ("model.safetensors" if merge else "adapter_model.safetensors")).is_file()
+        net, proc = load_model(out_dir)
+        assert (
+            type(proc).__name__ == type(processor).__name__
+            and proc.image_seq_length == processor.image_seq_length
+        )
+        got = decode(net, proc)
+        assert torch.equal(got.sequences, reference.sequences), merge
+        assert torch.equal(got.latent_mask, reference.latent_mask)
+        for a, b in zip(got.latents, reference.latents):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
