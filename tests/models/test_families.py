@@ -250,3 +250,108 @@ def test_lora_run_exports_and_reloads_with_identical_greedy_decoding(tmp_path, r
         assert torch.equal(got.latent_mask, reference.latent_mask)
         for a, b in zip(got.latents, reference.latents):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _grpo_row(i, image):
+    content = [{"type": "text", "text": f"Is plan {i} safe? Answer with a letter." + " Think." * i}]
+    content.append({"type": "image", "text": None})
+    return {
+        "messages": [
+            {"role": "user", "content": content},
+            {"role": "assistant", "content": [{"type": "text", "text": "\\boxed{A}"}]},
+        ],
+        "images": [image],
+        "helper_images": [],
+        "benchmark": "vsp_reasoning",
+        "answer": "A",
+        "map_desc": "",
+        "source": f"test:{i + 1}",
+    }
+
+
+def _grpo_reference_logps(model, collator, row, comp, latent_tokens, temperature):
+    """One sample alone, no cache, no slot hook: every slot filled in order from a prefix pass, then one
+    full pass; log-probs of the completion from the model's own LM head (Gemma 3's inputs)."""
+    enc = collator.encode_prompt(row)
+    ids = torch.cat([enc["input_ids"], torch.tensor(comp)])[None]
+    n = enc["input_ids"].shape[0]
+    types = (ids == model.config.image_token_id).long()
+    x = model.get_input_embeddings()(ids)
+    i, slots = 0, []
+    while i < len(comp):  # a span: start, k slots, end
+        if comp[i] == latent_tokens.start_id:
+            slots += [n + j for j in range(i + 1, min(i + 1 + latent_tokens.latent_size, len(comp)))]
+            i += latent_tokens.latent_size + 2
+        else:
+            i += 1
+    for t in slots:
+        h = model.model(
+            inputs_embeds=x[:, :t], token_type_ids=types[:, :t], pixel_values=enc["pixel_values"]
+        ).last_hidden_state
+        x = torch.cat([x[:, :t], h[:, t - 1 : t], x[:, t + 1 :]], dim=1)
+    hidden = model.model(
+        inputs_embeds=x, token_type_ids=types, pixel_values=enc["pixel_values"]
+    ).last_hidden_state
+    logits = model.lm_head(hidden[0, n - 1 : -1]).float() / temperature
+    return logits.log_softmax(-1).gather(-1, torch.tensor(comp)[:, None]).squeeze(-1), set(
+        s - n for s in slots
+    )
+
+
+def test_gemma3_grpo_log_probs_through_trls_rollout_equal_a_per_sample_reference(tmp_path, monkeypatch):
+    """Fixed completions (spans of different counts) through TRL's own `_generate_and_score_completions` and
+    `_compute_loss`: the text tokens' log-probs equal the per-sample reference."""
+    from datasets import Dataset
+    from helpers import noise_image
+
+    from mirage_trl.configs import MirageGRPOConfig
+    from mirage_trl.data.collator import MirageDataCollator
+    from mirage_trl.trainers.grpo import MirageGRPOTrainer
+
+    model, processor = build_tiny_model("gemma3")
+    rows = [_grpo_row(i, noise_image(tmp_path / f"{i}.png", 56 + 28 * (i % 2), 56, seed=i)) for i in range(4)]
+    args = MirageGRPOConfig(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, num_generations=2, max_completion_length=12,
+        max_steps=1, use_cpu=True, bf16=False, report_to="none", save_strategy="no", latent_size=2,
+        temperature=0.7, seed=0,
+    )  # fmt: skip
+    trainer = MirageGRPOTrainer(
+        model, args=args, train_dataset=Dataset.from_list(rows), processing_class=processor
+    )
+    lt, tok = trainer.latent_tokens, processor.tokenizer
+    span = [lt.start_id, lt.pad_id, lt.pad_id, lt.end_id]
+    words = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    eot = [tok.convert_tokens_to_ids("<end_of_turn>")]
+    comps = [
+        words("go") + span + words("\\boxed{A}") + eot,
+        words("hm") + span + words("ice") + span + words("\\boxed{B}") + eot,
+        words("a b \\boxed{A}") + eot,
+        words("no") + span[:2],  # a span cut by the length limit
+    ]
+    monkeypatch.setattr(trainer, "_generate_single_turn", lambda *a, **k: (comps, None))
+    out = trainer._generate_and_score_completions(rows)
+    seen = {}
+    real = trainer._get_per_token_logps_and_entropies
+
+    def spy(*a, **kw):
+        result = real(*a, **kw)
+        seen["logps"] = result[0].detach()
+        return result
+
+    monkeypatch.setattr(trainer, "_get_per_token_logps_and_entropies", spy)
+    monkeypatch.setattr(trainer, "current_gradient_accumulation_steps", 1, raising=False)
+    trainer.model.train()
+    with torch.no_grad():
+        trainer._compute_loss(trainer.model, out)
+    collator = MirageDataCollator(processor, lt)
+    with torch.no_grad():
+        for i, (row, comp) in enumerate(zip(rows, comps)):
+            ref, slots = _grpo_reference_logps(trainer.model, collator, row, comp, lt, 0.7)
+            text = [
+                j
+                for j in range(len(comp))
+                if j not in slots and not (comp[j] == lt.end_id and j - 1 in slots)
+            ]
+            assert len(slots) == 2 * comp.count(lt.start_id) - (i == 3)  # the cut span has one slot
+            torch.testing.assert_close(seen["logps"][i, text], ref[text], rtol=0, atol=1e-5)
+    trainer._train_latents = []
