@@ -177,7 +177,7 @@ def _check_batch_has_ragged_spans(out, lt):
     assert len(set(entered)) >= 2, f"samples should enter latent mode at different steps: {starts}"
 
 
-@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "gemma3"])
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5", "gemma3"])
 def test_batched_greedy_equals_plain_loop(model_type):
     model, processor, lt = new_model(model_type)
     batch = make_batch(processor, PROMPTS)

@@ -27,7 +27,8 @@ Methods (all exact; they differ in cost and in how they live with gradient check
   last pass is exact as a function of the weights and so are its gradients. Works with the
   model's own gradient checkpointing; costs m+1 forwards.
 - ``"auto"``: ``"rounds_checkpointed"`` when the model has gradient checkpointing on, else
-  ``"rounds"``.
+  ``"rounds"``; ``"recompute"`` for models with linear-attention (recurrent) layers such as Qwen3.5,
+  whose per-sample state the packed rounds would mix (the round methods are refused for them).
 
 Forcing ``"rounds"`` while the model has gradient checkpointing on is allowed: the model's
 checkpointing is switched off for that call (a warning is logged once) so the cache path stays
@@ -104,6 +105,16 @@ _warned_forced_rounds = False
 def resolve_method(model, method: str) -> str:
     if method not in METHODS:
         raise MirageError(f"unknown stage-2 method {method!r}; choose one of {', '.join(METHODS)}")
+    fam = family(model)
+    if fam.recurrent_layers(model):  # rounds pack samples in one row: a recurrent state would mix them
+        if method == "auto":
+            return "recompute"
+        if method != "recompute":
+            raise MirageError(
+                f"stage 2: method {method!r} runs samples packed in one row, which the linear-attention layers "
+                f"of a {fam.name} model (a recurrent state per sample) cannot take; use 'recompute' or 'auto' "
+                "(exact; m + 1 full forward passes for a batch whose sample with the most latent slots has m)"
+            )
     if method == "auto":
         return "rounds_checkpointed" if is_checkpointing(model) else "rounds"
     return method
@@ -149,7 +160,7 @@ def self_latent_forward(
 
         feedback = LatentFeedback.from_model(model)
     resolved = resolve_method(model, method)
-    if method == "auto" and checkpoint is not None:
+    if method == "auto" and checkpoint is not None and resolved != "recompute":
         resolved = "rounds_checkpointed" if checkpoint else "rounds"
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)

@@ -28,6 +28,8 @@ import torch
 
 from ..errors import MirageError
 
+RECURRENT_LAYER_TYPES = ("linear_attention", "mamba", "conv")
+
 
 class ModelFamily:
     """What Mirage needs to know about one vision-language architecture (see the module doc)."""
@@ -76,6 +78,15 @@ class ModelFamily:
         """(B, L) ids of the token blocks that attend to each other both ways (an image's tokens, for
         families whose images attend bidirectionally), -1 elsewhere; None where attention is causal."""
         return None
+
+    def recurrent_layers(self, model) -> bool:
+        """Whether the language model has layers with a recurrent state per sample (linear attention, as in
+        Qwen3.5's gated-delta layers): packing samples in one row would mix their states."""
+        from ..latent.model_utils import unwrap
+
+        config = unwrap(model).config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return any(t in RECURRENT_LAYER_TYPES for t in getattr(text, "layer_types", None) or ())
 
     def model_positions(self, positions: torch.Tensor) -> torch.Tensor:
         """`positions` (position_rows, B, L) in the layout the model's forward takes."""
@@ -258,6 +269,9 @@ FAMILIES: dict[str, ModelFamily] = {
         ),
         QwenVLFamily(
             "Qwen3-VL", "qwen3_vl", (_QWEN.format("qwen3_vl"), "Qwen3VLProcessor"), "Qwen3VLVideoProcessor"
+        ),
+        QwenVLFamily(
+            "Qwen3.5", "qwen3_5", (_QWEN.format("qwen3_vl"), "Qwen3VLProcessor"), "Qwen3VLVideoProcessor"
         ),
         Gemma3Family(),
     )

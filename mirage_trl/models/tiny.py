@@ -128,7 +128,7 @@ TINY_MAX_PIXELS = 112 * 112
 VISION_TOKEN_PX = 28
 TILE_MIN_PIXELS = VISION_TOKEN_PX * VISION_TOKEN_PX
 TILE_MAX_PIXELS = (8 * VISION_TOKEN_PX) ** 2
-MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "gemma3")
+MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5", "gemma3")
 
 
 # What a benchmark tokenizer keeps apart (everything else may merge into long pieces): digits, the
@@ -287,7 +287,28 @@ def tiny_config(model_type: str = "qwen2_5_vl", tokenizer=None, spare_rows: int 
         tie_word_embeddings=False,
     )
     out_hidden = text["hidden_size"]
-    if model_type == "qwen3_vl":
+    if model_type == "qwen3_5":  # hybrid: a gated-delta (linear attention) layer, then a full-attention one
+        rotary = head_dim // 2  # partial rotary factor 0.5
+        text.update(
+            head_dim=head_dim,
+            layer_types=[
+                "linear_attention" if i % 2 == 0 else "full_attention"
+                for i in range(text["num_hidden_layers"])
+            ],
+            linear_conv_kernel_dim=4,
+            linear_key_head_dim=16,
+            linear_value_head_dim=16,
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            rope_parameters={
+                "rope_type": "default",
+                "mrope_section": [rotary // 2 - 2 * (rotary // 6), rotary // 6, rotary // 6],
+                "mrope_interleaved": True,
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.5,
+            },
+        )
+    if model_type in ("qwen3_vl", "qwen3_5"):
         text.update(head_dim=head_dim)
         vision = dict(
             TINY_VISION,

@@ -22,7 +22,8 @@ from ..latent.tokens import LATENT_TOKEN_NAMES, LatentTokens, add_latent_tokens
 
 logger = logging.getLogger(__name__)
 
-# Linear layers of the Qwen-VL language model: what "all-linear" means for Mirage (the vision tower stays frozen).
+# Linear layers of the language model (every supported family names them alike): what "all-linear" means
+# for Mirage (the vision tower stays frozen).
 LANGUAGE_MODEL_LINEAR = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 

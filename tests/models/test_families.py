@@ -20,7 +20,10 @@ from mirage_trl.models.families import SUPPORTED_MODEL_TYPES, family
 from mirage_trl.models.tiny import build_tiny_model
 from mirage_trl.trainers.sft import MirageSFTTrainer
 
-FAMILIES = ["qwen2_5_vl", "gemma3"]
+FAMILIES = ["qwen2_5_vl", "qwen3_5", "gemma3"]
+# Qwen3.5's reference PyTorch gated-delta kernel works in chunks of the padded length: its sums run in another
+# order than over one sample alone (float32 rounding, a few 1e-5 on the smallest gradients).
+GRAD_REL = {"qwen3_5": 1e-4}
 K = 4
 GAMMA = 0.3
 
@@ -147,7 +150,7 @@ def test_stage1_loss_and_gradients_equal_a_per_sample_reference(tmp_path, rows, 
     assert got.keys() == want.keys() and len(want) > 0
     for name in want:
         err = (got[name] - want[name]).norm() / want[name].norm().clamp_min(1e-20)
-        assert float(err) <= 1e-5, f"{name}: relative error {float(err):.2e}"
+        assert float(err) <= GRAD_REL.get(model_type, 1e-5), f"{name}: relative error {float(err):.2e}"
     # the vision tower is frozen in training (stage-1 targets and input images pass through it without grad)
     assert not any(n.startswith(("model.visual", "model.vision_tower")) for n in got)
 
@@ -184,7 +187,7 @@ def test_unsupported_family_names_the_supported_ones():
     assert {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3"} <= set(SUPPORTED_MODEL_TYPES)
 
 
-@pytest.mark.parametrize("model_type", ["gemma3"])
+@pytest.mark.parametrize("model_type", ["qwen3_5", "gemma3"])
 def test_lora_run_exports_and_reloads_with_identical_greedy_decoding(tmp_path, rows, model_type):
     """Train a LoRA adapter for two steps, save it as the recipes do, export it as an adapter and merged, load
     each back and decode the same rows: the same tokens, latent slots and latents (spans forced to open)."""
@@ -225,7 +228,9 @@ def test_lora_run_exports_and_reloads_with_identical_greedy_decoding(tmp_path, r
     # (a PEFT trainable token; Gemma 3 ties it between the embedding and the LM head) copies that token's row.
     from mirage_trl.latent.model_utils import unwrap
 
-    adapter = unwrap(trainer.model).get_input_embeddings().token_adapter
+    net = unwrap(trainer.model)
+    head = net.get_output_embeddings()
+    adapter = getattr(head, "token_adapter", None) or net.get_input_embeddings().token_adapter
     start = trainer.latent_tokens.start_id
     with torch.no_grad():
         common = torch.mode(decode(trainer.model, processor).sequences.flatten()).values.item()
@@ -241,10 +246,8 @@ def test_lora_run_exports_and_reloads_with_identical_greedy_decoding(tmp_path, r
         )
         assert (out_dir / ("model.safetensors" if merge else "adapter_model.safetensors")).is_file()
         net, proc = load_model(out_dir)
-        assert (
-            type(proc).__name__ == type(processor).__name__
-            and proc.image_seq_length == processor.image_seq_length
-        )
+        assert type(proc).__name__ == type(processor).__name__
+        assert getattr(proc, "image_seq_length", None) == getattr(processor, "image_seq_length", None)
         got = decode(net, proc)
         assert torch.equal(got.sequences, reference.sequences), merge
         assert torch.equal(got.latent_mask, reference.latent_mask)
@@ -271,12 +274,21 @@ def _grpo_row(i, image):
 
 def _grpo_reference_logps(model, collator, row, comp, latent_tokens, temperature):
     """One sample alone, no cache, no slot hook: every slot filled in order from a prefix pass, then one
-    full pass; log-probs of the completion from the model's own LM head (Gemma 3's inputs)."""
+    full pass; log-probs of the completion from the model's own LM head."""
     enc = collator.encode_prompt(row)
     ids = torch.cat([enc["input_ids"], torch.tensor(comp)])[None]
     n = enc["input_ids"].shape[0]
     types = (ids == model.config.image_token_id).long()
     x = model.get_input_embeddings()(ids)
+
+    def inputs(t=None):  # the first t tokens, as each family's model takes them
+        if model.config.model_type == "gemma3":
+            return dict(inputs_embeds=x[:, :t], token_type_ids=types[:, :t], pixel_values=enc["pixel_values"])
+        vision = {"pixel_values": enc["pixel_values"], "image_grid_thw": enc["image_grid_thw"]}
+        return dict(
+            input_ids=ids[:, :t], inputs_embeds=x[:, :t], mm_token_type_ids=types[:, :t].int(), **vision
+        )
+
     i, slots = 0, []
     while i < len(comp):  # a span: start, k slots, end
         if comp[i] == latent_tokens.start_id:
@@ -285,20 +297,17 @@ def _grpo_reference_logps(model, collator, row, comp, latent_tokens, temperature
         else:
             i += 1
     for t in slots:
-        h = model.model(
-            inputs_embeds=x[:, :t], token_type_ids=types[:, :t], pixel_values=enc["pixel_values"]
-        ).last_hidden_state
+        h = model.model(**inputs(t)).last_hidden_state
         x = torch.cat([x[:, :t], h[:, t - 1 : t], x[:, t + 1 :]], dim=1)
-    hidden = model.model(
-        inputs_embeds=x, token_type_ids=types, pixel_values=enc["pixel_values"]
-    ).last_hidden_state
+    hidden = model.model(**inputs()).last_hidden_state
     logits = model.lm_head(hidden[0, n - 1 : -1]).float() / temperature
     return logits.log_softmax(-1).gather(-1, torch.tensor(comp)[:, None]).squeeze(-1), set(
         s - n for s in slots
     )
 
 
-def test_gemma3_grpo_log_probs_through_trls_rollout_equal_a_per_sample_reference(tmp_path, monkeypatch):
+@pytest.mark.parametrize("model_type", ["qwen3_5", "gemma3"])
+def test_grpo_log_probs_through_trls_rollout_equal_a_per_sample_reference(tmp_path, monkeypatch, model_type):
     """Fixed completions (spans of different counts) through TRL's own `_generate_and_score_completions` and
     `_compute_loss`: the text tokens' log-probs equal the per-sample reference."""
     from datasets import Dataset
@@ -308,7 +317,7 @@ def test_gemma3_grpo_log_probs_through_trls_rollout_equal_a_per_sample_reference
     from mirage_trl.data.collator import MirageDataCollator
     from mirage_trl.trainers.grpo import MirageGRPOTrainer
 
-    model, processor = build_tiny_model("gemma3")
+    model, processor = build_tiny_model(model_type)
     rows = [_grpo_row(i, noise_image(tmp_path / f"{i}.png", 56 + 28 * (i % 2), 56, seed=i)) for i in range(4)]
     args = MirageGRPOConfig(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, num_generations=2, max_completion_length=12,
@@ -321,7 +330,7 @@ def test_gemma3_grpo_log_probs_through_trls_rollout_equal_a_per_sample_reference
     lt, tok = trainer.latent_tokens, processor.tokenizer
     span = [lt.start_id, lt.pad_id, lt.pad_id, lt.end_id]
     words = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    eot = [tok.convert_tokens_to_ids("<end_of_turn>")]
+    eot = [tok.convert_tokens_to_ids(family(model).end_of_turn)]
     comps = [
         words("go") + span + words("\\boxed{A}") + eot,
         words("hm") + span + words("ice") + span + words("\\boxed{B}") + eot,
