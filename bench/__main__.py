@@ -67,6 +67,24 @@ FIGURES = [
     ),
     ("grpo", "Mirage GRPO step / plain TRL GRPO step", ("ratio", "step"), "<= 1.3", lambda v: v <= 1.3),
 ]
+# Per model family (bench/families.py): its ratios relative to Qwen2.5-VL's in the same run (goal: within 10 %).
+for _family in ("qwen2_vl", "qwen3_vl", "qwen3_5", "gemma3"):
+    FIGURES += [
+        (
+            "families",
+            f"{_family}: (stage-2 / stage-1) / Qwen2.5-VL's",
+            ("families", _family, "stage2_vs_qwen2_5_vl"),
+            "<= 1.10",
+            lambda v: v <= 1.10,
+        ),
+        (
+            "families",
+            f"{_family}: (latent decoding / generate) / Qwen2.5-VL's",
+            ("families", _family, "decoding_vs_qwen2_5_vl"),
+            ">= 0.90",
+            lambda v: v >= 0.90,
+        ),
+    ]
 SCRIPTS = list(dict.fromkeys(f[0] for f in FIGURES))
 
 

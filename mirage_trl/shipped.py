@@ -16,6 +16,7 @@ from .errors import MirageError
 KINDS = {"recipes": "recipes", "zero_configs": "zero_configs", "model_configs": "bench/configs"}
 METHODS = ("stage1", "stage2", "grpo", "sft")  # the recipes' <method>_<benchmark>.py and YAML folders
 RECIPE_BENCHMARKS = ("vsp", "jigsaw", "sat", "comt")
+DEFAULT_MODEL = "Qwen2.5-VL-7B-Instruct"  # the paper's model: what a YAML variant alone names
 
 
 def shipped(kind: str) -> Path:
@@ -52,8 +53,9 @@ def recipe_configs(method: str | None = None, benchmark: str | None = None) -> l
 
 def recipe_config(value: str, method: str | None = None, benchmark: str | None = None) -> str:
     """A `--config` value as a file: a path as it is, else a shipped YAML by its name
-    (`Qwen2.5-VL-7B-Instruct/stage1/config_vsp_lora`) or, given the method and benchmark, by its variant
-    (`lora`, `full`, `smoke`, `demo`) when one model folder has it."""
+    (`Qwen2.5-VL-7B-Instruct/stage1/config_vsp_lora`, `gemma-3-4b-it/stage1/config_vsp_lora`) or, given the
+    method and benchmark, by its variant (`lora`, `full`, `smoke`, `demo`): the paper model's
+    (`DEFAULT_MODEL`) where several model folders have it."""
     if Path(value).is_file():
         return value
     root = shipped("recipes")
@@ -62,6 +64,8 @@ def recipe_config(value: str, method: str | None = None, benchmark: str | None =
         return str(root / f"{name}.yaml")
     candidates = recipe_configs(method, benchmark)
     matches = [n for n in candidates if n.endswith(f"_{name}")]
+    if len(matches) > 1:  # a variant alone names the paper model's YAML; other models' by their folder
+        matches = [n for n in matches if n.startswith(f"{DEFAULT_MODEL}/")] or matches
     if len(matches) == 1:
         return str(root / f"{matches[0]}.yaml")
     if len(matches) > 1:

@@ -59,3 +59,16 @@ def test_yaml_list_of_strings_is_checked_element_by_element(tmp_path):
     with pytest.raises(MirageError) as e:
         check_recipe_yaml(scalar, args)
     assert str(e.value) == f"{scalar}:reward_weights: expected a list of float, got float 0.5"
+
+
+def test_a_variant_names_the_paper_models_yaml_and_other_models_go_by_folder():
+    from mirage_trl.shipped import recipe_config
+
+    root = REPO / "recipes"
+    assert recipe_config("lora", "stage1", "vsp") == str(
+        root / "Qwen2.5-VL-7B-Instruct/stage1/config_vsp_lora.yaml"
+    )
+    for model in ("gemma-3-4b-it", "Qwen3.5-9B"):
+        name = f"{model}/stage2/config_vsp_lora"
+        assert recipe_config(name, "stage2", "vsp") == str(root / f"{name}.yaml")
+    assert recipe_config("smoke", "stage1", "vsp") == str(root / "tiny/stage1/config_vsp_smoke.yaml")

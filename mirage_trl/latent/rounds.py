@@ -5,7 +5,9 @@ to a round (round r holds each sample's r-th slot and its text up to the next sl
 those rounds cut into smaller ones, "split", for per-round checkpointing), and each round is laid
 out packed (sample after sample, no padding), with the index tensors that gather its queries and
 keys per sample. `rounds_attention` is the attention implementation that uses them, switched on
-only inside a round (`packed_round`). `latent.stage2` runs the rounds.
+only inside a round (`packed_round`); its mask is causal by rank, opens each image block both ways for
+families whose images attend bidirectionally (Gemma 3, `round_mask`) and applies a sliding-window layer's
+window. `latent.stage2` runs the rounds.
 """
 
 from __future__ import annotations

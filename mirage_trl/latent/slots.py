@@ -1,8 +1,9 @@
 """The one latent-slot mechanism: put given vectors at the latent positions of the input embeddings.
 
 A forward hook on the model's input embedding layer overwrites the embeddings at `slot_mask`
-with `values` (row-major order over the batch). It works for Qwen2-VL, Qwen2.5-VL and Qwen3-VL
-(which refuses `input_ids` and `inputs_embeds` together), under PEFT wrappers and DeepSpeed,
+with `values` (row-major order over the batch). It works for every supported family (`models.families`;
+Qwen3-VL refuses `input_ids` and `inputs_embeds` together, so a hook, not embeddings passed in), under PEFT
+wrappers and DeepSpeed,
 and keeps gradients to both the values and the other embeddings. Stage 1 feeds pooled helper
 features, stage 2 and decoding feed the model's own hidden states, GRPO recomputes them.
 """

@@ -1,9 +1,10 @@
-"""Tiny random Qwen-VL models for tests and the offline demo.
+"""Tiny random vision-language models of every supported family, for tests and the offline demo.
 
 No hub is reachable here, so `build_tiny_model` makes everything from scratch: a byte-level
-BPE tokenizer trained on a few kilobytes of VSP-like text, with the Qwen special tokens and
-chat template; a PIL-backed image processor with small pixel bounds; a Qwen2.5-VL (or
-Qwen2-VL / Qwen3-VL) config of a few hundred thousand parameters with random weights.
+BPE tokenizer trained on a few kilobytes of VSP-like text, with the family's special tokens and
+chat template (Qwen's, or Gemma 3's turn and image tokens); a PIL-backed image processor with small
+pixel bounds; a Qwen2.5-VL (or Qwen2-VL, Qwen3-VL, Qwen3.5, Gemma 3) config of a few hundred thousand
+parameters with random weights.
 `save_tiny_model` writes a folder that `from_pretrained` loads offline, exactly like a real
 checkpoint, so the same loading code serves `Qwen/Qwen2.5-VL-7B-Instruct` and the demo.
 """
@@ -264,7 +265,7 @@ def build_tiny_processor(model_type: str = "qwen2_5_vl", tokenizer=None, image_p
 
 
 def tiny_config(model_type: str = "qwen2_5_vl", tokenizer=None, spare_rows: int = 16, **text_overrides):
-    """Config of a random tiny Qwen-VL whose token ids agree with `tokenizer`."""
+    """Config of a random tiny model of `model_type` whose token ids agree with `tokenizer`."""
     from transformers import AutoConfig
 
     if model_type not in MODEL_TYPES:
@@ -422,7 +423,7 @@ def build_tiny_model(
     image_pixels: str = "demo",
     **text_overrides,
 ):
-    """Return (model, processor): a random tiny Qwen-VL and a matching processor.
+    """Return (model, processor): a random tiny model of `model_type` and a matching processor.
 
     `config_file`: random weights with that config's architecture instead (see `config_from_file`).
     `tokenizer_corpus`, `vocab_size`: see `build_tiny_tokenizer`; `image_pixels`: see
