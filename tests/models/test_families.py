@@ -364,3 +364,43 @@ def test_grpo_log_probs_through_trls_rollout_equal_a_per_sample_reference(tmp_pa
             assert len(slots) == 2 * comp.count(lt.start_id) - (i == 3)  # the cut span has one slot
             torch.testing.assert_close(seen["logps"][i, text], ref[text], rtol=0, atol=1e-5)
     trainer._train_latents = []
+
+
+@pytest.mark.parametrize("model_type", ["gemma3"])
+def test_the_command_line_trains_both_stages_exports_and_evaluates_a_family(tmp_path, model_type):
+    """What a user runs, as subprocesses: `mirage-trl tiny-model --model-type`, the stage-1 and stage-2 recipes
+    (`mirage-trl train`), export and eval; each step reads what the one before wrote."""
+    import json
+    import subprocess
+    import sys
+
+    from mirage_trl.data.vsp import generate_vsp
+
+    def cli(*argv):
+        proc = subprocess.run(
+            [sys.executable, "-m", "mirage_trl", *map(str, argv)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    data = generate_vsp(
+        "planning", [3], 4, split="train", style="cot", seed=0, out_dir=tmp_path / "data", progress=False
+    )
+    cli("tiny-model", "--model-type", model_type, "--out", tmp_path / "tiny")
+    assert json.loads((tmp_path / "tiny" / "config.json").read_text())["model_type"] == model_type
+    common = ["--cpu", "--dataset_name", data, "--max_steps", "2", "--report_to", "none"]
+    cli("train", "stage1", "--benchmark", "vsp", "--config", "smoke", "--model_name_or_path", tmp_path / "tiny",
+        "--output_dir", tmp_path / "s1", *common)  # fmt: skip
+    cli("train", "stage2", "--benchmark", "vsp", "--config", "smoke", "--model_name_or_path", tmp_path / "s1",
+        "--output_dir", tmp_path / "s2", *common)  # fmt: skip
+    assert json.loads((tmp_path / "s2" / "mirage_config.json").read_text())["stages"] == [1, 2]
+    cli("export", "--model", tmp_path / "s2", "--out", tmp_path / "export")
+    cli("eval", "--model", tmp_path / "export", "--benchmark", "vsp_planning", "--data", data, "--greedy",
+        "--max-new-tokens", "4", "--no-progress", "--out", tmp_path / "eval")  # fmt: skip
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["modes"]["model"]["groups"]["all"]["n"] == 4
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "mirage-trl train stage2 --benchmark vsp" in card or "recipes/stage2_vsp.py" in card
