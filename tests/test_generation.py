@@ -96,17 +96,21 @@ def install_trigger(model, processor, lt, batch):
     raise AssertionError("no trigger token found for this model")
 
 
-def _token_key(single) -> str:
-    """The processor's per-token image marks: `mm_token_type_ids` (Qwen-VL) or `token_type_ids` (Gemma 3)."""
-    return "mm_token_type_ids" if "mm_token_type_ids" in single else "token_type_ids"
+def _token_marks(single, n_generated):
+    """The processor's per-token image marks (`mm_token_type_ids`: Qwen-VL, `token_type_ids`: Gemma 3; InternVL
+    has none) extended over `n_generated` new tokens, as model keyword arguments."""
+    out = {}
+    for key in ("mm_token_type_ids", "token_type_ids"):
+        if key in single:
+            marks = single[key][0]
+            out[key] = torch.cat([marks, torch.zeros(n_generated, dtype=marks.dtype)])[None]
+    return out
 
 
 def reference_decode(model, processor, lt, prompt, max_new_tokens, eos=()):
     """Obviously correct: one sample alone, no cache, the full sequence re-run at every step."""
     single = make_batch(processor, [prompt])
     ids = single["input_ids"][0]
-    mm_key = _token_key(single)
-    mm = single[mm_key][0]
     extra = {k: single[k] for k in ("pixel_values", "image_grid_thw") if k in single}
     generated, latents, slots = [], [], []
     remaining, force_end = 0, False
@@ -115,12 +119,11 @@ def reference_decode(model, processor, lt, prompt, max_new_tokens, eos=()):
         slot_mask = torch.zeros(1, len(seq), dtype=torch.bool)
         slot_mask[0, [len(ids) + s for s in slots]] = True
         values = torch.stack(latents) if latents else None
-        mm_full = torch.cat([mm, torch.zeros(len(generated), dtype=mm.dtype)])
         with torch.no_grad(), capture_final_hidden(model) as cap, latent_inputs(model, slot_mask, values):
             out = model(
                 input_ids=seq[None],
                 attention_mask=torch.ones_like(seq)[None],
-                **{mm_key: mm_full[None]},
+                **_token_marks(single, len(generated)),
                 use_cache=False,
                 **extra,
             )
@@ -154,11 +157,9 @@ def full_forward_hidden(model, processor, lt, prompt, generated, latents):
     seq = torch.cat([ids, torch.as_tensor(generated, dtype=torch.long)])
     slot_mask = torch.zeros(1, len(seq), dtype=torch.bool)
     slot_mask[0, len(ids) :] = torch.as_tensor(generated) == lt.pad_id
-    mm_key = _token_key(single)
-    mm = torch.cat([single[mm_key][0], torch.zeros(len(generated), dtype=torch.long)])
     extra = {k: single[k] for k in ("pixel_values", "image_grid_thw") if k in single}
     with torch.no_grad(), capture_final_hidden(model) as cap, latent_inputs(model, slot_mask, latents):
-        model(input_ids=seq[None], use_cache=False, **{mm_key: mm[None]}, **extra)
+        model(input_ids=seq[None], use_cache=False, **_token_marks(single, len(generated)), **extra)
     return cap[-1][0], len(ids)
 
 
@@ -177,7 +178,9 @@ def _check_batch_has_ragged_spans(out, lt):
     assert len(set(entered)) >= 2, f"samples should enter latent mode at different steps: {starts}"
 
 
-@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5", "gemma3"])
+@pytest.mark.parametrize(
+    "model_type", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5", "gemma3", "internvl"]
+)
 def test_batched_greedy_equals_plain_loop(model_type):
     model, processor, lt = new_model(model_type)
     batch = make_batch(processor, PROMPTS)

@@ -38,6 +38,7 @@ class ModelFamily:
     model_type: str = ""  # the config's model_type
     processor: tuple[str, str] = ("", "")  # (module, class) of the stock processor
     image_processor: tuple[str, str] = ("", "")  # (module, class) of its PIL image processor (no torchvision)
+    image_processor_settings: dict = {}  # what Mirage sets on a loaded image processor (see InternVL)
     video_processor: str | None = None  # the video processor class a stock processor_config.json names
     vision_keys: tuple[str, ...] = ("pixel_values",)  # image inputs of the processor and the forward
     token_keys: tuple[str, ...] = ()  # per-token inputs (B, L) that go with the images
@@ -205,17 +206,12 @@ class QwenVLFamily(ModelFamily):
         }
 
 
-class Gemma3Family(ModelFamily):
-    """Gemma 3: a SigLIP tower whose features are pooled to a fixed `mm_tokens_per_image` per image
-    (`pixel_values` only, every image the same size), 1-D positions, and bidirectional attention among
-    an image's tokens (`token_type_ids`, 1 at the image soft tokens), with sliding-window layers."""
+class ProjectorFamily(ModelFamily):
+    """LLaVA-style models: a vision tower, a `multi_modal_projector` and a language model with 1-D positions;
+    `pixel_values` hold one entry per image (or per tile) and the projected features replace the
+    `image_token_id` placeholders."""
 
-    name, model_type = "Gemma 3", "gemma3"
-    processor = ("transformers.models.gemma3.processing_gemma3", "Gemma3Processor")
-    image_processor = ("transformers.models.gemma3.image_processing_pil_gemma3", "Gemma3ImageProcessorPil")
     vision_keys = ("pixel_values",)
-    token_keys = ("token_type_ids",)
-    end_of_turn = "<end_of_turn>"
 
     def inner(self, model):
         from ..latent.model_utils import unwrap
@@ -232,6 +228,34 @@ class Gemma3Family(ModelFamily):
     def image_token_ids(self, config):
         return [config.image_token_id]
 
+    def image_features(self, model, vision):
+        out = self.inner(model).get_image_features(vision["pixel_values"], return_dict=True).pooler_output
+        return list(out)  # (images, tokens, D)
+
+    def select_images(self, vision, images_per_row, start, end):
+        pixels = vision.get("pixel_values")
+        img = torch.tensor([0, *images_per_row]).cumsum(0)
+        if pixels is None or img[end] == img[start]:
+            return {}
+        if pixels.shape[0] != int(img[-1]):
+            raise MirageError(
+                f"{self.name}: {pixels.shape[0]} image tiles for {int(img[-1])} images; Mirage takes one tile per "
+                "image here (set the image processor's crop_to_patches to false)"
+            )
+        return {"pixel_values": pixels[img[start] : img[end]]}
+
+
+class Gemma3Family(ProjectorFamily):
+    """Gemma 3: a SigLIP tower whose features are pooled to a fixed `mm_tokens_per_image` per image
+    (every image the same size), 1-D positions, and bidirectional attention among an image's tokens
+    (`token_type_ids`, 1 at the image soft tokens), with sliding-window layers."""
+
+    name, model_type = "Gemma 3", "gemma3"
+    processor = ("transformers.models.gemma3.processing_gemma3", "Gemma3Processor")
+    image_processor = ("transformers.models.gemma3.image_processing_pil_gemma3", "Gemma3ImageProcessorPil")
+    token_keys = ("token_type_ids",)
+    end_of_turn = "<end_of_turn>"
+
     def token_types(self, model, input_ids):
         # The model's own rule (image soft tokens are type 1); the processor marks only <start_of_image>.
         return {"token_type_ids": self.image_mask(model, input_ids).long()}
@@ -242,16 +266,23 @@ class Gemma3Family(ModelFamily):
         starts = (image & ~before).long().cumsum(1) - 1  # one id per run of image tokens
         return torch.where(image, starts, -1)
 
-    def image_features(self, model, vision):
-        out = self.inner(model).get_image_features(vision["pixel_values"], return_dict=True).pooler_output
-        return list(out)  # (images, tokens, D)
 
-    def select_images(self, vision, images_per_row, start, end):
-        pixels = vision.get("pixel_values")
-        img = torch.tensor([0, *images_per_row]).cumsum(0)
-        if pixels is None or img[end] == img[start]:
-            return {}
-        return {"pixel_values": pixels[img[start] : img[end]]}
+class InternVLFamily(ProjectorFamily):
+    """InternVL (transformers' format, e.g. InternVL3-8B-hf): an InternViT tower, pixel shuffle and an MLP
+    projector, a Qwen2 language model; each image is `<img>`, `image_seq_length` `<IMG_CONTEXT>` tokens per
+    tile, `</img>`. Mirage takes one tile per image (crop_to_patches false)."""
+
+    name, model_type = "InternVL", "internvl"
+    processor = ("transformers.models.internvl.processing_internvl", "InternVLProcessor")
+    image_processor = (
+        "transformers.models.got_ocr2.image_processing_pil_got_ocr2",
+        "GotOcr2ImageProcessorPil",
+    )
+    video_processor = "InternVLVideoProcessor"
+    end_of_turn = "<|im_end|>"
+    # one tile per image: a helper image's features are then its tiles' (the checkpoints' own processors tile
+    # large images, which would give a helper image several feature sets)
+    image_processor_settings = {"crop_to_patches": False}
 
 
 _QWEN = "transformers.models.{0}.processing_{0}"
@@ -274,6 +305,7 @@ FAMILIES: dict[str, ModelFamily] = {
             "Qwen3.5", "qwen3_5", (_QWEN.format("qwen3_vl"), "Qwen3VLProcessor"), "Qwen3VLVideoProcessor"
         ),
         Gemma3Family(),
+        InternVLFamily(),
     )
 }
 

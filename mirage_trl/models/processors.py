@@ -32,10 +32,14 @@ def processor_class(model_type: str):
         def get_attributes(cls):
             return [a for a in base.get_attributes() if a != "video_processor"]
 
+        attributes = {"get_attributes": get_attributes, "__module__": base.__module__}
+        if fam.image_processor_settings:  # the processor's own call defaults too (InternVL's crop_to_patches)
+            attributes["images_kwargs"] = {
+                **getattr(base, "images_kwargs", {}),
+                **fam.image_processor_settings,
+            }
         # Same class name, so a saved processor_config.json names the stock class and loads anywhere.
-        _IMAGE_ONLY[model_type] = type(
-            base.__name__, (base,), {"get_attributes": get_attributes, "__module__": base.__module__}
-        )
+        _IMAGE_ONLY[model_type] = type(base.__name__, (base,), attributes)
     return _IMAGE_ONLY[model_type]
 
 
@@ -51,6 +55,8 @@ def load_processor(name_or_path: str, model_type: str | None = None, trust_remot
     fam = family(model_type)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kw)
     image_processor = _import(fam.image_processor).from_pretrained(name_or_path, **kw)
+    for key, value in fam.image_processor_settings.items():
+        setattr(image_processor, key, value)
     extra = {"video_processor": None} if fam.video_processor else {}
     return cls(
         image_processor=image_processor,

@@ -78,9 +78,30 @@ GEMMA3_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
 
+INTERNVL_SPECIAL_TOKENS = QWEN_SPECIAL_TOKENS + ["<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
+# InternVL's template is Qwen's, with an image written as <IMG_CONTEXT> (the processor expands it to
+# <img>, the context tokens of each tile, </img>).
+INTERNVL_CHAT_TEMPLATE = QWEN_VL_CHAT_TEMPLATE.replace(
+    "<|vision_start|><|image_pad|><|vision_end|>", "<IMG_CONTEXT>\n"
+).replace("<|vision_start|><|video_pad|><|vision_end|>", "<video>\n")
+INTERNVL_TINY_IMAGE_PX = 56  # 4 x 4 patches of 14 px, pixel-shuffled to 2 x 2 = 4 tokens per image
+
 # Per family of tiny model: (special tokens, chat template, eos, pad, bos, extra special token attributes)
 _TINY_CHAT = {
     "qwen": (QWEN_SPECIAL_TOKENS, QWEN_VL_CHAT_TEMPLATE, "<|im_end|>", "<|endoftext|>", None, {}),
+    "internvl": (
+        INTERNVL_SPECIAL_TOKENS,
+        INTERNVL_CHAT_TEMPLATE,
+        "<|im_end|>",
+        "<|endoftext|>",
+        None,
+        {
+            "start_image_token": "<img>",
+            "end_image_token": "</img>",
+            "context_image_token": "<IMG_CONTEXT>",
+            "video_token": "<video>",
+        },
+    ),
     "gemma3": (
         GEMMA3_SPECIAL_TOKENS,
         GEMMA3_CHAT_TEMPLATE,
@@ -95,7 +116,7 @@ GEMMA3_TINY_TOKENS_PER_IMAGE = 4
 
 
 def _chat_family(model_type: str) -> str:
-    return "gemma3" if model_type == "gemma3" else "qwen"
+    return model_type if model_type in ("gemma3", "internvl") else "qwen"
 
 
 _CORPUS = [
@@ -129,7 +150,7 @@ TINY_MAX_PIXELS = 112 * 112
 VISION_TOKEN_PX = 28
 TILE_MIN_PIXELS = VISION_TOKEN_PX * VISION_TOKEN_PX
 TILE_MAX_PIXELS = (8 * VISION_TOKEN_PX) ** 2
-MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5", "gemma3")
+MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5", "gemma3", "internvl")
 
 
 # What a benchmark tokenizer keeps apart (everything else may merge into long pieces): digits, the
@@ -229,6 +250,15 @@ def build_tiny_image_processor(image_pixels: str = "demo", model_type: str = "qw
 
     if image_pixels not in IMAGE_PIXELS:
         raise ValueError(f"unknown image_pixels {image_pixels!r}; choose one of {IMAGE_PIXELS}")
+    if model_type == "internvl":
+        if image_pixels == "tiles":
+            raise ValueError(
+                "image_pixels='tiles' needs a dynamic-resolution family (Qwen); InternVL resizes images"
+            )
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+        size = {"height": INTERNVL_TINY_IMAGE_PX, "width": INTERNVL_TINY_IMAGE_PX}
+        return GotOcr2ImageProcessorPil(size=size, crop_to_patches=False)
     if model_type == "gemma3":
         if image_pixels == "tiles":
             raise ValueError(
@@ -249,6 +279,14 @@ def build_tiny_processor(model_type: str = "qwen2_5_vl", tokenizer=None, image_p
     tokenizer = tokenizer or build_tiny_tokenizer(model_type=model_type)
     cls = processor_class(model_type)
     image_processor = build_tiny_image_processor(image_pixels, model_type)
+    if model_type == "internvl":
+        return cls(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=None,
+            chat_template=INTERNVL_CHAT_TEMPLATE,
+            image_seq_length=4,
+        )
     if model_type == "gemma3":
         return cls(
             image_processor=image_processor,
@@ -273,6 +311,8 @@ def tiny_config(model_type: str = "qwen2_5_vl", tokenizer=None, spare_rows: int 
     tokenizer = tokenizer or build_tiny_tokenizer(model_type=model_type)
     if model_type == "gemma3":
         return _tiny_gemma3_config(tokenizer, spare_rows, **text_overrides)
+    if model_type == "internvl":
+        return _tiny_internvl_config(tokenizer, spare_rows, **text_overrides)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     text = dict(TINY_TEXT, **text_overrides)
     head_dim = text["hidden_size"] // text["num_attention_heads"]
@@ -373,6 +413,39 @@ def _tiny_gemma3_config(tokenizer, spare_rows: int = 16, **text_overrides):
         boi_token_index=ids["<start_of_image>"],
         eoi_token_index=ids["<end_of_image>"],
         image_token_index=ids["<image_soft_token>"],
+    )
+
+
+def _tiny_internvl_config(tokenizer, spare_rows: int = 16, **text_overrides):
+    """A random tiny InternVL: a 2-layer InternViT on 56 px images, pixel shuffle to 4 tokens, a Qwen2 text model."""
+    from transformers import AutoConfig
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in INTERNVL_SPECIAL_TOKENS}
+    text = dict(TINY_TEXT, **text_overrides)
+    text.update(
+        model_type="qwen2",
+        vocab_size=len(tokenizer) + spare_rows,
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=False,
+    )
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=[INTERNVL_TINY_IMAGE_PX, INTERNVL_TINY_IMAGE_PX],
+        patch_size=[14, 14],
+    )
+    return AutoConfig.for_model(
+        "internvl",
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<IMG_CONTEXT>"],
+        image_seq_length=4,
+        downsample_ratio=0.5,
+        tie_word_embeddings=False,
     )
 
 

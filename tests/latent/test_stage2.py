@@ -91,7 +91,11 @@ def make_batch(processor, tokens, padding_side="right", spec=SPEC, images=True):
     processor.tokenizer.padding_side = padding_side
     if type(processor).__name__ == "Gemma3Processor":  # it takes the images per sample
         imgs = [[_image(i)] if has and images else [] for i, (_, _, has) in enumerate(spec)] if imgs else []
-    batch = dict(processor(text=texts, images=imgs or None, padding=True, return_tensors="pt"))
+    batch = dict(
+        processor(
+            text=texts, images=imgs or None, padding=True, padding_side=padding_side, return_tensors="pt"
+        )
+    )
     batch["slot_mask"] = batch["input_ids"] == tokens.pad_id
     for i, (n_spans, _, _) in enumerate(spec):
         assert int(batch["slot_mask"][i].sum()) == n_spans * K
@@ -131,14 +135,14 @@ TOKEN_KEYS = ("mm_token_type_ids", "token_type_ids")  # per-token processor outp
 def _model_inputs(model, single, x, t=None):
     """The inner model's inputs for the first `t` tokens of one processed sample with input embeddings `x`:
     the processor's other outputs as they are (per-token ones cut to `t`). Qwen-VL finds image tokens
-    from the ids given with the embeddings; Gemma 3 takes embeddings alone (it finds them by value)."""
+    from the ids given with the embeddings; Gemma 3 and InternVL take embeddings alone (they find them by value)."""
     ids = single["input_ids"][:, :t]
     kw = {
         k: (v[:, :t] if k in TOKEN_KEYS else v)
         for k, v in single.items()
         if k not in ("input_ids", "attention_mask")
     }
-    if unwrap(model).config.model_type != "gemma3":
+    if unwrap(model).config.model_type not in ("gemma3", "internvl"):  # these take one or the other
         kw["input_ids"] = ids
     return dict(kw, inputs_embeds=x[:, : ids.shape[1]])
 
@@ -225,7 +229,7 @@ def _lora(model):
 @pytest.mark.parametrize("finetune", ["full", "lora"])
 @pytest.mark.parametrize("ckpt", [False, True], ids=["no_ckpt", "ckpt"])
 @pytest.mark.parametrize("padding", ["right", "left"])
-@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "gemma3"])
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "gemma3", "internvl"])
 def test_methods_match_reference(model_type, padding, ckpt, finetune):
     model, processor, tokens = fresh(model_type)
     if finetune == "lora":
