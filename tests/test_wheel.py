@@ -132,6 +132,7 @@ def test_a_wheel_only_install_trains_and_evaluates(wheel_env):
         "mirage-trl train: error: --config huge: no such file or shipped YAML (shipped: "
         "InternVL3-8B-hf/stage1/config_vsp_lora, "
         "Qwen2.5-VL-7B-Instruct/stage1/config_vsp_full, Qwen2.5-VL-7B-Instruct/stage1/config_vsp_lora, "
-        "Qwen3.5-9B/stage1/config_vsp_lora, gemma-3-4b-it/stage1/config_vsp_lora, "
+        "Qwen3.5-9B/stage1/config_vsp_lora, SmolVLM2-2.2B-Instruct/stage1/config_vsp_lora, "
+        "gemma-3-4b-it/stage1/config_vsp_lora, "
         "tiny/stage1/config_vsp_demo, tiny/stage1/config_vsp_smoke)"
     )

@@ -233,7 +233,5 @@ class MirageDataCollator:
         batch["attention_mask"] = (
             ar[None] >= (length - lengths)[:, None] if side == "left" else ar[None] < lengths[:, None]
         ).long()
-        with_images = [s for s in samples if self.family.vision_keys[0] in s]
-        if with_images:  # images of every sample, in batch order (the model finds each one's placeholders)
-            batch.update({k: torch.cat([s[k] for s in with_images]) for k in self.family.vision_keys})
+        batch.update(self.family.collate_images(samples))  # every sample's images, in batch order
         return batch

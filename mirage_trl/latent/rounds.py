@@ -286,10 +286,10 @@ def round_mask(layout: RoundLayout, rank_blocks: torch.Tensor | None = None) -> 
 
 
 @contextlib.contextmanager
-def packed_round(inner, layout: RoundLayout, mask: torch.Tensor):
+def packed_round(language_model, layout: RoundLayout, mask: torch.Tensor):
     """Run the language model with `rounds_attention` for one round, then restore its implementation."""
     _register_rounds_attention()
-    config = inner.language_model.config
+    config = language_model.config
     before = config._attn_implementation_internal
     config._attn_implementation_internal = ROUNDS_ATTENTION
     token = _ACTIVE_ROUND.set((layout, mask))

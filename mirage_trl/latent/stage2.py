@@ -288,7 +288,10 @@ def _rounds(
         if r == 0 and images_in:  # every image lies before its sample's first slot: round 0 takes them all
             extra = {**images_in, **{k: v[layout.src][None] for k, v in flat_tokens.items()}}
         if not checkpointed:
-            with latent_inputs(model, slot_r, values), packed_round(inner, layout, mask_r):
+            with (
+                latent_inputs(model, slot_r, values),
+                packed_round(family(model).language_model(model), layout, mask_r),
+            ):
                 h = _inner_forward(
                     inner, input_ids=ids_r, position_ids=pos_r, cache=cache, use_cache=True, **extra
                 )
@@ -373,7 +376,7 @@ def _checkpointed_round(
     with (
         model_checkpointing_off(model),
         latent_inputs(model, slot_r, values),
-        packed_round(inner, layout, mask_r),
+        packed_round(family(model).language_model(model), layout, mask_r),
     ):
         h = _inner_forward(inner, input_ids=ids_r, position_ids=pos_r, cache=cache, use_cache=True, **extra)
     layers = cache.layers

@@ -29,6 +29,9 @@ import torch
 from ..errors import MirageError
 
 RECURRENT_LAYER_TYPES = ("linear_attention", "mamba", "conv")
+# What the families call their language model's module (`language_model`; SmolVLM: `text_model`): LoRA's
+# "all-linear" targets layers under these names only, never the vision tower's.
+LANGUAGE_MODEL_MODULES = ("language_model", "text_model")
 
 
 class ModelFamily:
@@ -39,6 +42,9 @@ class ModelFamily:
     processor: tuple[str, str] = ("", "")  # (module, class) of the stock processor
     image_processor: tuple[str, str] = ("", "")  # (module, class) of its PIL image processor (no torchvision)
     image_processor_settings: dict = {}  # what Mirage sets on a loaded image processor (see InternVL)
+    # the stock processor's own apply_chat_template reads its video processor (which Mirage leaves out):
+    # the image-only variant renders with transformers' generic one (SmolVLM)
+    generic_chat_template: bool = False
     video_processor: str | None = None  # the video processor class a stock processor_config.json names
     vision_keys: tuple[str, ...] = ("pixel_values",)  # image inputs of the processor and the forward
     token_keys: tuple[str, ...] = ()  # per-token inputs (B, L) that go with the images
@@ -79,6 +85,18 @@ class ModelFamily:
         """(B, L) ids of the token blocks that attend to each other both ways (an image's tokens, for
         families whose images attend bidirectionally), -1 elsewhere; None where attention is causal."""
         return None
+
+    def language_model(self, model) -> torch.nn.Module:
+        """The inner language model (decoder layers and final norm), whose attention the stage-2 rounds replace."""
+        return self.inner(model).language_model
+
+    def collate_images(self, samples: list[dict]) -> dict:
+        """The image inputs of a batch from its samples' (processed one sample at a time): here every image's
+        entries, concatenated in batch order (the model finds each sample's placeholders)."""
+        with_images = [s for s in samples if self.vision_keys[0] in s]
+        if not with_images:
+            return {}
+        return {k: torch.cat([s[k] for s in with_images]) for k in self.vision_keys}
 
     def recurrent_layers(self, model) -> bool:
         """Whether the language model has layers with a recurrent state per sample (linear attention, as in
@@ -285,6 +303,69 @@ class InternVLFamily(ProjectorFamily):
     image_processor_settings = {"crop_to_patches": False}
 
 
+class SmolVLMFamily(ModelFamily):
+    """SmolVLM (Idefics3's architecture): a SigLIP tower, a pixel-shuffle connector, a Llama language model with
+    1-D positions; `pixel_values` are (batch, images, 3, H, W), padded with all-zero images, with a
+    `pixel_attention_mask`. Mirage takes each image whole (no splitting into crops)."""
+
+    name, model_type = "SmolVLM", "smolvlm"
+    processor = ("transformers.models.smolvlm.processing_smolvlm", "SmolVLMProcessor")
+    image_processor = ("transformers.models.smolvlm.image_processing_pil_smolvlm", "SmolVLMImageProcessorPil")
+    video_processor = "SmolVLMVideoProcessor"
+    vision_keys = ("pixel_values", "pixel_attention_mask")
+    end_of_turn = "<end_of_utterance>"
+    # one global image each (no crops): a helper image has one feature set
+    image_processor_settings = {"do_image_splitting": False}
+    generic_chat_template = True
+
+    def inner(self, model):
+        from ..latent.model_utils import unwrap
+
+        top = unwrap(model)
+        for module in top.modules():
+            if hasattr(module, "connector") and hasattr(module, "text_model"):
+                return module
+        raise MirageError(f"{type(top).__name__} is not a {self.name} model with a vision tower")
+
+    def vision_tower(self, model):
+        return self.inner(model).vision_model
+
+    def language_model(self, model):
+        return self.inner(model).text_model
+
+    def image_token_ids(self, config):
+        return [config.image_token_id]
+
+    def image_features(self, model, vision):
+        inner = self.inner(model)
+        per_sample = inner.get_image_features(
+            vision["pixel_values"], vision.get("pixel_attention_mask"), return_dict=True
+        )
+        feats = torch.cat(list(per_sample.pooler_output))
+        cfg = inner.config
+        per_image = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2 // cfg.scale_factor**2
+        return list(feats.split(per_image))
+
+    def collate_images(self, samples):
+        pixels = [s.get("pixel_values") for s in samples]
+        if all(p is None for p in pixels):
+            return {}
+        shape = next(p for p in pixels if p is not None).shape[2:]
+        n = max(p.shape[1] for p in pixels if p is not None)
+        out = torch.zeros(len(samples), n, *shape)  # a sample without images gets all-zero (padding) images
+        mask = torch.zeros(len(samples), n, *shape[1:], dtype=torch.long)
+        for b, s in enumerate(samples):
+            if s.get("pixel_values") is not None:
+                out[b, : s["pixel_values"].shape[1]] = s["pixel_values"][0]
+                mask[b, : s["pixel_values"].shape[1]] = s["pixel_attention_mask"][0]
+        return {"pixel_values": out, "pixel_attention_mask": mask}
+
+    def select_images(self, vision, images_per_row, start, end):
+        if vision.get("pixel_values") is None or sum(images_per_row[start:end]) == 0:
+            return {}
+        return {k: vision[k][start:end] for k in self.vision_keys if vision.get(k) is not None}
+
+
 _QWEN = "transformers.models.{0}.processing_{0}"
 FAMILIES: dict[str, ModelFamily] = {
     f.model_type: f
@@ -306,6 +387,7 @@ FAMILIES: dict[str, ModelFamily] = {
         ),
         Gemma3Family(),
         InternVLFamily(),
+        SmolVLMFamily(),
     )
 }
 

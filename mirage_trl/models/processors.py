@@ -33,6 +33,10 @@ def processor_class(model_type: str):
             return [a for a in base.get_attributes() if a != "video_processor"]
 
         attributes = {"get_attributes": get_attributes, "__module__": base.__module__}
+        if fam.generic_chat_template:
+            from transformers.processing_utils import ProcessorMixin
+
+            attributes["apply_chat_template"] = ProcessorMixin.apply_chat_template
         if fam.image_processor_settings:  # the processor's own call defaults too (InternVL's crop_to_patches)
             attributes["images_kwargs"] = {
                 **getattr(base, "images_kwargs", {}),

@@ -86,6 +86,19 @@ INTERNVL_CHAT_TEMPLATE = QWEN_VL_CHAT_TEMPLATE.replace(
 ).replace("<|vision_start|><|video_pad|><|vision_end|>", "<video>\n")
 INTERNVL_TINY_IMAGE_PX = 56  # 4 x 4 patches of 14 px, pixel-shuffled to 2 x 2 = 4 tokens per image
 
+SMOLVLM_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>",
+                          "<global-img>", "<image>", "<video>"]  # fmt: skip
+# SmolVLM's template: "User:" / "Assistant:" turns closed by <end_of_utterance>, an image as <image> (the
+# processor expands it to <fake_token_around_image><global-img>, its image tokens, <fake_token_around_image>).
+SMOLVLM_CHAT_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'] is string %}: {{ message['content'] }}{% else %}{% if message['content'][0]['type'] == 'image' %}:"
+    "{% else %}: {% endif %}{% for line in message['content'] %}{% if line['type'] == 'text' %}{{ line['text'] }}"
+    "{% elif line['type'] == 'image' %}<image>{% endif %}{% endfor %}{% endif %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+SMOLVLM_TINY_IMAGE_PX = 56  # 4 x 4 patches of 14 px, pixel-shuffled (scale 2) to 4 tokens per image
+
 # Per family of tiny model: (special tokens, chat template, eos, pad, bos, extra special token attributes)
 _TINY_CHAT = {
     "qwen": (QWEN_SPECIAL_TOKENS, QWEN_VL_CHAT_TEMPLATE, "<|im_end|>", "<|endoftext|>", None, {}),
@@ -102,6 +115,14 @@ _TINY_CHAT = {
             "video_token": "<video>",
         },
     ),
+    "smolvlm": (
+        SMOLVLM_SPECIAL_TOKENS,
+        SMOLVLM_CHAT_TEMPLATE,
+        "<end_of_utterance>",
+        "<|endoftext|>",
+        None,
+        {},
+    ),
     "gemma3": (
         GEMMA3_SPECIAL_TOKENS,
         GEMMA3_CHAT_TEMPLATE,
@@ -116,7 +137,7 @@ GEMMA3_TINY_TOKENS_PER_IMAGE = 4
 
 
 def _chat_family(model_type: str) -> str:
-    return model_type if model_type in ("gemma3", "internvl") else "qwen"
+    return model_type if model_type in ("gemma3", "internvl", "smolvlm") else "qwen"
 
 
 _CORPUS = [
@@ -150,7 +171,7 @@ TINY_MAX_PIXELS = 112 * 112
 VISION_TOKEN_PX = 28
 TILE_MIN_PIXELS = VISION_TOKEN_PX * VISION_TOKEN_PX
 TILE_MAX_PIXELS = (8 * VISION_TOKEN_PX) ** 2
-MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5", "gemma3", "internvl")
+MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5", "gemma3", "internvl", "smolvlm")
 
 
 # What a benchmark tokenizer keeps apart (everything else may merge into long pieces): digits, the
@@ -250,6 +271,15 @@ def build_tiny_image_processor(image_pixels: str = "demo", model_type: str = "qw
 
     if image_pixels not in IMAGE_PIXELS:
         raise ValueError(f"unknown image_pixels {image_pixels!r}; choose one of {IMAGE_PIXELS}")
+    if model_type == "smolvlm":
+        if image_pixels == "tiles":
+            raise ValueError(
+                "image_pixels='tiles' needs a dynamic-resolution family (Qwen); SmolVLM resizes images"
+            )
+        from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+        edge = {"longest_edge": SMOLVLM_TINY_IMAGE_PX}
+        return SmolVLMImageProcessorPil(size=edge, max_image_size=edge, do_image_splitting=False)
     if model_type == "internvl":
         if image_pixels == "tiles":
             raise ValueError(
@@ -279,6 +309,14 @@ def build_tiny_processor(model_type: str = "qwen2_5_vl", tokenizer=None, image_p
     tokenizer = tokenizer or build_tiny_tokenizer(model_type=model_type)
     cls = processor_class(model_type)
     image_processor = build_tiny_image_processor(image_pixels, model_type)
+    if model_type == "smolvlm":
+        return cls(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=None,
+            chat_template=SMOLVLM_CHAT_TEMPLATE,
+            image_seq_len=4,
+        )
     if model_type == "internvl":
         return cls(
             image_processor=image_processor,
@@ -313,6 +351,8 @@ def tiny_config(model_type: str = "qwen2_5_vl", tokenizer=None, spare_rows: int 
         return _tiny_gemma3_config(tokenizer, spare_rows, **text_overrides)
     if model_type == "internvl":
         return _tiny_internvl_config(tokenizer, spare_rows, **text_overrides)
+    if model_type == "smolvlm":
+        return _tiny_smolvlm_config(tokenizer, spare_rows, **text_overrides)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     text = dict(TINY_TEXT, **text_overrides)
     head_dim = text["hidden_size"] // text["num_attention_heads"]
@@ -445,6 +485,35 @@ def _tiny_internvl_config(tokenizer, spare_rows: int = 16, **text_overrides):
         image_token_id=ids["<IMG_CONTEXT>"],
         image_seq_length=4,
         downsample_ratio=0.5,
+        tie_word_embeddings=False,
+    )
+
+
+def _tiny_smolvlm_config(tokenizer, spare_rows: int = 16, **text_overrides):
+    """A random tiny SmolVLM: a 2-layer SigLIP tower on 56 px images, pixel shuffle to 4 tokens, a Llama text model."""
+    from transformers import AutoConfig
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SMOLVLM_SPECIAL_TOKENS}
+    text = dict(TINY_TEXT, **text_overrides)
+    text.update(
+        model_type="llama",
+        vocab_size=len(tokenizer) + spare_rows,
+        bos_token_id=ids["<|im_start|>"],
+        eos_token_id=ids["<end_of_utterance>"],
+        pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=False,
+    )
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        image_size=SMOLVLM_TINY_IMAGE_PX, patch_size=14,
+    )  # fmt: skip
+    return AutoConfig.for_model(
+        "smolvlm",
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<image>"],
+        scale_factor=2,
+        pad_token_id=ids["<|endoftext|>"],
         tie_word_embeddings=False,
     )
 

@@ -19,12 +19,14 @@ from ..errors import MirageError
 from ..latent.model_utils import unwrap, vision_tower
 from ..latent.settings import MirageSettings, check_model_latent_size
 from ..latent.tokens import LATENT_TOKEN_NAMES, LatentTokens, add_latent_tokens
+from ..models.families import LANGUAGE_MODEL_MODULES
 
 logger = logging.getLogger(__name__)
 
 # Linear layers of the language model (every supported family names them alike): what "all-linear" means
 # for Mirage (the vision tower stays frozen).
-LANGUAGE_MODEL_LINEAR = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+_LM = "(?:" + "|".join(LANGUAGE_MODEL_MODULES) + ")"
+LANGUAGE_MODEL_LINEAR = rf".*{_LM}.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
 def prepare_model(model, processing_class, latent_size: int, stage: int | None = None) -> LatentTokens:
@@ -98,7 +100,7 @@ def restrict_to_language_model(peft_config):
     elif not isinstance(target, str):
         # Plain names like ["q_proj", "v_proj"] would also hit the vision tower's layers: restrict them.
         names = "|".join(re.escape(t) for t in sorted(target))
-        peft_config.target_modules = rf".*language_model.*\.({names})"
+        peft_config.target_modules = rf".*{_LM}.*\.({names})"
     return peft_config
 
 

@@ -89,7 +89,7 @@ def make_batch(processor, tokens, padding_side="right", spec=SPEC, images=True):
             imgs += img
         singles.append(dict(processor(text=[text], images=img, return_tensors="pt")))
     processor.tokenizer.padding_side = padding_side
-    if type(processor).__name__ == "Gemma3Processor":  # it takes the images per sample
+    if type(processor).__name__ in ("Gemma3Processor", "SmolVLMProcessor"):  # they take the images per sample
         imgs = [[_image(i)] if has and images else [] for i, (_, _, has) in enumerate(spec)] if imgs else []
     batch = dict(
         processor(
@@ -142,7 +142,11 @@ def _model_inputs(model, single, x, t=None):
         for k, v in single.items()
         if k not in ("input_ids", "attention_mask")
     }
-    if unwrap(model).config.model_type not in ("gemma3", "internvl"):  # these take one or the other
+    if unwrap(model).config.model_type not in (
+        "gemma3",
+        "internvl",
+        "smolvlm",
+    ):  # these take one or the other
         kw["input_ids"] = ids
     return dict(kw, inputs_embeds=x[:, : ids.shape[1]])
 
@@ -229,7 +233,7 @@ def _lora(model):
 @pytest.mark.parametrize("finetune", ["full", "lora"])
 @pytest.mark.parametrize("ckpt", [False, True], ids=["no_ckpt", "ckpt"])
 @pytest.mark.parametrize("padding", ["right", "left"])
-@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "gemma3", "internvl"])
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "gemma3", "internvl", "smolvlm"])
 def test_methods_match_reference(model_type, padding, ckpt, finetune):
     model, processor, tokens = fresh(model_type)
     if finetune == "lora":
@@ -258,7 +262,9 @@ def test_methods_match_reference(model_type, padding, ckpt, finetune):
     if finetune == "lora":
         assert all("lora_" in n for n in ref_grads)
     else:
-        assert any("visual" in n or "vision_tower" in n for n in ref_grads)  # the image path is trained too
+        assert any(
+            v in n for v in ("visual", "vision_tower", "vision_model") for n in ref_grads
+        )  # images trained too
     for method, (loss, grads, out, _) in results.items():
         assert loss == pytest.approx(ref_loss, rel=REL), method
         assert_close_grads(grads, ref_grads)

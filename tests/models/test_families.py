@@ -20,7 +20,7 @@ from mirage_trl.models.families import SUPPORTED_MODEL_TYPES, family
 from mirage_trl.models.tiny import build_tiny_model
 from mirage_trl.trainers.sft import MirageSFTTrainer
 
-FAMILIES = ["qwen2_5_vl", "qwen3_5", "gemma3", "internvl"]
+FAMILIES = ["qwen2_5_vl", "qwen3_5", "gemma3", "internvl", "smolvlm"]
 PROJECTOR = ("gemma3", "internvl")  # LLaVA-style: one pixel_values entry per image, embeddings alone
 # Qwen3.5's reference PyTorch gated-delta kernel works in chunks of the padded length: its sums run in another
 # order than over one sample alone (float32 rounding, a few 1e-5 on the smallest gradients).
@@ -44,11 +44,35 @@ def _dataset(rows):
     return Dataset.from_list(rows, features=_features())
 
 
-def _split_images(model, pixel_values, grid, counts):
-    """Per sample, its images' inputs as the model takes them (Qwen: patches and grid rows; Gemma 3: images)."""
+def _split_images(model, batch, prefix, counts):
+    """Per sample, its images' inputs as the model takes them (Qwen: patches and grid rows; Gemma 3, InternVL:
+    images; SmolVLM: a (1, images, 3, H, W) block with its pixel mask). `prefix` "" for the input images,
+    "helper_" for the helper images; `counts`: images per sample."""
+    mt = model.config.model_type
+    pixel_values, grid = batch.get(f"{prefix}pixel_values"), batch.get(f"{prefix}image_grid_thw")
     out, img, patch = [], 0, 0
+    if mt == "smolvlm":  # inputs: one row per sample; helpers: every helper image in one row
+        mask = batch.get(f"{prefix}pixel_attention_mask")
+        flat = pixel_values.flatten(0, 1) if pixel_values is not None else None
+        flat_mask = mask.flatten(0, 1) if mask is not None else None
+        for b, n in enumerate(counts):
+            if not n:
+                out.append({})
+            elif prefix:
+                out.append(
+                    {
+                        "pixel_values": flat[img : img + n][None],
+                        "pixel_attention_mask": flat_mask[img : img + n][None],
+                    }
+                )
+            else:
+                out.append(
+                    {"pixel_values": pixel_values[b : b + 1, :n], "pixel_attention_mask": mask[b : b + 1, :n]}
+                )
+            img += n
+        return out
     for n in counts:
-        if model.config.model_type in PROJECTOR:
+        if mt in PROJECTOR:
             out.append({"pixel_values": pixel_values[img : img + n]} if n else {})
         else:
             p = int(grid[img : img + n].prod(-1).sum()) if n else 0
@@ -70,15 +94,8 @@ def _one_image_features(model, vision):
 def reference_stage1(model, batch, rows):
     cfg = model.config
     image_id = cfg.image_token_id
-    helpers = _split_images(
-        model,
-        batch.get("helper_pixel_values"),
-        batch.get("helper_image_grid_thw"),
-        [len(r["helper_images"]) for r in rows],
-    )
-    inputs = _split_images(
-        model, batch.get("pixel_values"), batch.get("image_grid_thw"), [len(r["images"]) for r in rows]
-    )
+    helpers = _split_images(model, batch, "helper_", [len(r["helper_images"]) for r in rows])
+    inputs = _split_images(model, batch, "", [len(r["images"]) for r in rows])
     ce_sum, n_tokens, one_minus_cos = 0.0, 0, []
     for b, row in enumerate(rows):
         real = batch["attention_mask"][b].bool()
@@ -92,7 +109,9 @@ def reference_stage1(model, batch, rows):
                 vision = helpers[b]
                 n_helpers = len(row["helper_images"])
                 for i in range(n_helpers):
-                    if cfg.model_type in PROJECTOR:
+                    if cfg.model_type == "smolvlm":
+                        one = {k: v[:, i : i + 1] for k, v in vision.items()}
+                    elif cfg.model_type in PROJECTOR:
                         one = {"pixel_values": vision["pixel_values"][i : i + 1]}
                     else:
                         grid = vision["image_grid_thw"]
@@ -112,7 +131,7 @@ def reference_stage1(model, batch, rows):
         types = (ids == image_id).long()
         if cfg.model_type == "gemma3":
             out = model.model(inputs_embeds=x, token_type_ids=types, **inputs[b])
-        elif cfg.model_type == "internvl":
+        elif cfg.model_type in ("internvl", "smolvlm"):
             out = model.model(inputs_embeds=x, **inputs[b])
         else:
             out = model.model(input_ids=ids, inputs_embeds=x, mm_token_type_ids=types.int(), **inputs[b])
@@ -194,7 +213,7 @@ def test_unsupported_family_names_the_supported_ones():
     )
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_5", "gemma3", "internvl"])
+@pytest.mark.parametrize("model_type", ["qwen3_5", "gemma3", "internvl", "smolvlm"])
 def test_lora_run_exports_and_reloads_with_identical_greedy_decoding(tmp_path, rows, model_type):
     """Train a LoRA adapter for two steps, save it as the recipes do, export it as an adapter and merged, load
     each back and decode the same rows: the same tokens, latent slots and latents (spans forced to open)."""
@@ -293,6 +312,12 @@ def _grpo_reference_logps(model, collator, row, comp, latent_tokens, temperature
             return dict(inputs_embeds=x[:, :t], token_type_ids=types[:, :t], pixel_values=enc["pixel_values"])
         if model.config.model_type == "internvl":
             return dict(inputs_embeds=x[:, :t], pixel_values=enc["pixel_values"])
+        if model.config.model_type == "smolvlm":
+            return dict(
+                inputs_embeds=x[:, :t],
+                pixel_values=enc["pixel_values"],
+                pixel_attention_mask=enc["pixel_attention_mask"],
+            )
         vision = {"pixel_values": enc["pixel_values"], "image_grid_thw": enc["image_grid_thw"]}
         return dict(
             input_ids=ids[:, :t], inputs_embeds=x[:, :t], mm_token_type_ids=types[:, :t].int(), **vision
@@ -315,7 +340,7 @@ def _grpo_reference_logps(model, collator, row, comp, latent_tokens, temperature
     )
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_5", "gemma3", "internvl"])
+@pytest.mark.parametrize("model_type", ["qwen3_5", "gemma3", "internvl", "smolvlm"])
 def test_grpo_log_probs_through_trls_rollout_equal_a_per_sample_reference(tmp_path, monkeypatch, model_type):
     """Fixed completions (spans of different counts) through TRL's own `_generate_and_score_completions` and
     `_compute_loss`: the text tokens' log-probs equal the per-sample reference."""
