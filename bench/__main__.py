@@ -68,7 +68,7 @@ FIGURES = [
     ("grpo", "Mirage GRPO step / plain TRL GRPO step", ("ratio", "step"), "<= 1.3", lambda v: v <= 1.3),
 ]
 # Per model family (bench/families.py): its ratios relative to Qwen2.5-VL's in the same run (goal: within 10 %).
-for _family in ("qwen2_vl", "qwen3_vl", "qwen3_5", "gemma3", "internvl", "smolvlm"):
+for _family in ("qwen2_vl", "qwen3_vl", "qwen3_5", "gemma3", "internvl", "smolvlm", "llava_onevision"):
     FIGURES += [
         (
             "families",

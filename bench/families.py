@@ -24,7 +24,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-FAMILIES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5", "gemma3", "internvl", "smolvlm")
+FAMILIES = (
+    "qwen2_5_vl",
+    "qwen2_vl",
+    "qwen3_vl",
+    "qwen3_5",
+    "gemma3",
+    "internvl",
+    "smolvlm",
+    "llava_onevision",
+)
 BASELINE = "qwen2_5_vl"
 K = 4
 

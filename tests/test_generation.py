@@ -111,7 +111,11 @@ def reference_decode(model, processor, lt, prompt, max_new_tokens, eos=()):
     """Obviously correct: one sample alone, no cache, the full sequence re-run at every step."""
     single = make_batch(processor, [prompt])
     ids = single["input_ids"][0]
-    extra = {k: single[k] for k in ("pixel_values", "image_grid_thw", "pixel_attention_mask") if k in single}
+    extra = {
+        k: single[k]
+        for k in ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "batch_num_images")
+        if k in single
+    }
     generated, latents, slots = [], [], []
     remaining, force_end = 0, False
     for _ in range(max_new_tokens):
@@ -157,7 +161,11 @@ def full_forward_hidden(model, processor, lt, prompt, generated, latents):
     seq = torch.cat([ids, torch.as_tensor(generated, dtype=torch.long)])
     slot_mask = torch.zeros(1, len(seq), dtype=torch.bool)
     slot_mask[0, len(ids) :] = torch.as_tensor(generated) == lt.pad_id
-    extra = {k: single[k] for k in ("pixel_values", "image_grid_thw", "pixel_attention_mask") if k in single}
+    extra = {
+        k: single[k]
+        for k in ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "batch_num_images")
+        if k in single
+    }
     with torch.no_grad(), capture_final_hidden(model) as cap, latent_inputs(model, slot_mask, latents):
         model(input_ids=seq[None], use_cache=False, **_token_marks(single, len(generated)), **extra)
     return cap[-1][0], len(ids)
@@ -179,7 +187,8 @@ def _check_batch_has_ragged_spans(out, lt):
 
 
 @pytest.mark.parametrize(
-    "model_type", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5", "gemma3", "internvl", "smolvlm"]
+    "model_type",
+    ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5", "gemma3", "internvl", "smolvlm", "llava_onevision"],
 )
 def test_batched_greedy_equals_plain_loop(model_type):
     model, processor, lt = new_model(model_type)

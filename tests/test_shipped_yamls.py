@@ -68,7 +68,13 @@ def test_a_variant_names_the_paper_models_yaml_and_other_models_go_by_folder():
     assert recipe_config("lora", "stage1", "vsp") == str(
         root / "Qwen2.5-VL-7B-Instruct/stage1/config_vsp_lora.yaml"
     )
-    for model in ("gemma-3-4b-it", "Qwen3.5-9B", "InternVL3-8B-hf", "SmolVLM2-2.2B-Instruct"):
+    for model in (
+        "gemma-3-4b-it",
+        "Qwen3.5-9B",
+        "InternVL3-8B-hf",
+        "SmolVLM2-2.2B-Instruct",
+        "llava-onevision-qwen2-7b-ov-hf",
+    ):
         name = f"{model}/stage2/config_vsp_lora"
         assert recipe_config(name, "stage2", "vsp") == str(root / f"{name}.yaml")
     assert recipe_config("smoke", "stage1", "vsp") == str(root / "tiny/stage1/config_vsp_smoke.yaml")

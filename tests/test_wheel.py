@@ -133,6 +133,6 @@ def test_a_wheel_only_install_trains_and_evaluates(wheel_env):
         "InternVL3-8B-hf/stage1/config_vsp_lora, "
         "Qwen2.5-VL-7B-Instruct/stage1/config_vsp_full, Qwen2.5-VL-7B-Instruct/stage1/config_vsp_lora, "
         "Qwen3.5-9B/stage1/config_vsp_lora, SmolVLM2-2.2B-Instruct/stage1/config_vsp_lora, "
-        "gemma-3-4b-it/stage1/config_vsp_lora, "
+        "gemma-3-4b-it/stage1/config_vsp_lora, llava-onevision-qwen2-7b-ov-hf/stage1/config_vsp_lora, "
         "tiny/stage1/config_vsp_demo, tiny/stage1/config_vsp_smoke)"
     )

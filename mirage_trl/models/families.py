@@ -52,9 +52,17 @@ class ModelFamily:
     end_of_turn: str | None = None  # the token that closes a chat turn (trained after each answer)
 
     # -------------------------------------------------------------- parts
+    inner_attributes: tuple[str, ...] = ()  # what the inner vision-language module has (how it is found)
+
     def inner(self, model) -> torch.nn.Module:
         """The inner vision-language module (vision tower + language model, no LM head)."""
-        raise NotImplementedError
+        from ..latent.model_utils import unwrap
+
+        top = unwrap(model)
+        for module in top.modules():
+            if all(hasattr(module, a) for a in self.inner_attributes):
+                return module
+        raise MirageError(f"{type(top).__name__} is not a {self.name} model with a vision tower")
 
     def vision_tower(self, model) -> torch.nn.Module:
         raise NotImplementedError
@@ -151,14 +159,7 @@ class QwenVLFamily(ModelFamily):
             video_processor,
         )
 
-    def inner(self, model):
-        from ..latent.model_utils import unwrap
-
-        top = unwrap(model)
-        for module in top.modules():
-            if hasattr(module, "get_rope_index") and hasattr(module, "language_model"):
-                return module
-        raise MirageError(f"{type(top).__name__} is not a {self.name} model with a vision tower")
+    inner_attributes = ("get_rope_index", "language_model")
 
     def vision_tower(self, model):
         return self.inner(model).visual
@@ -231,14 +232,7 @@ class ProjectorFamily(ModelFamily):
 
     vision_keys = ("pixel_values",)
 
-    def inner(self, model):
-        from ..latent.model_utils import unwrap
-
-        top = unwrap(model)
-        for module in top.modules():
-            if hasattr(module, "multi_modal_projector") and hasattr(module, "language_model"):
-                return module
-        raise MirageError(f"{type(top).__name__} is not a {self.name} model with a vision tower")
+    inner_attributes = ("multi_modal_projector", "language_model")
 
     def vision_tower(self, model):
         return self.inner(model).vision_tower
@@ -318,14 +312,7 @@ class SmolVLMFamily(ModelFamily):
     image_processor_settings = {"do_image_splitting": False}
     generic_chat_template = True
 
-    def inner(self, model):
-        from ..latent.model_utils import unwrap
-
-        top = unwrap(model)
-        for module in top.modules():
-            if hasattr(module, "connector") and hasattr(module, "text_model"):
-                return module
-        raise MirageError(f"{type(top).__name__} is not a {self.name} model with a vision tower")
+    inner_attributes = ("connector", "text_model")
 
     def vision_tower(self, model):
         return self.inner(model).vision_model
@@ -366,6 +353,62 @@ class SmolVLMFamily(ModelFamily):
         return {k: vision[k][start:end] for k in self.vision_keys if vision.get(k) is not None}
 
 
+class LlavaOnevisionFamily(ProjectorFamily):
+    """LLaVA-OneVision: a SigLIP tower and an MLP projector over any-resolution crops (a base view plus the
+    crops of a grid chosen for the image size; one newline feature per row), a Qwen2 language model with 1-D
+    positions. `pixel_values` are (images, crops, 3, H, W) padded to the most crops, with `image_sizes` and
+    `batch_num_images` (a sample with several images gets no crops)."""
+
+    name, model_type = "LLaVA-OneVision", "llava_onevision"
+    processor = ("transformers.models.llava_onevision.processing_llava_onevision", "LlavaOnevisionProcessor")
+    image_processor = (
+        "transformers.models.llava_onevision.image_processing_pil_llava_onevision",
+        "LlavaOnevisionImageProcessorPil",
+    )
+    video_processor = "LlavaOnevisionVideoProcessor"
+    vision_keys = ("pixel_values", "image_sizes", "batch_num_images")
+    end_of_turn = "<|im_end|>"
+
+    def image_features(self, model, vision):
+        out = self.inner(model).get_image_features(
+            vision["pixel_values"],
+            vision["image_sizes"],
+            batch_num_images=vision.get("batch_num_images"),
+            return_dict=True,
+        )
+        return list(out.pooler_output)  # one (tokens, D) per image, its size's own token count
+
+    def collate_images(self, samples):
+        with_images = [s for s in samples if s.get("pixel_values") is not None]
+        if not with_images:
+            return {}
+        crops = max(s["pixel_values"].shape[1] for s in with_images)
+        pixels = [
+            torch.nn.functional.pad(
+                s["pixel_values"], (0, 0, 0, 0, 0, 0, 0, crops - s["pixel_values"].shape[1])
+            )
+            for s in with_images
+        ]
+        return {
+            "pixel_values": torch.cat(pixels),
+            "image_sizes": torch.cat([s["image_sizes"] for s in with_images]),
+            "batch_num_images": torch.cat(
+                [torch.as_tensor(s["batch_num_images"]).reshape(-1) for s in with_images]
+            ),
+        }
+
+    def select_images(self, vision, images_per_row, start, end):
+        img = torch.tensor([0, *images_per_row]).cumsum(0)
+        if vision.get("pixel_values") is None or img[end] == img[start]:
+            return {}
+        counts = [n for n in images_per_row[start:end] if n]
+        return {
+            "pixel_values": vision["pixel_values"][img[start] : img[end]],
+            "image_sizes": vision["image_sizes"][img[start] : img[end]],
+            "batch_num_images": torch.tensor(counts, device=vision["pixel_values"].device),
+        }
+
+
 _QWEN = "transformers.models.{0}.processing_{0}"
 FAMILIES: dict[str, ModelFamily] = {
     f.model_type: f
@@ -388,6 +431,7 @@ FAMILIES: dict[str, ModelFamily] = {
         Gemma3Family(),
         InternVLFamily(),
         SmolVLMFamily(),
+        LlavaOnevisionFamily(),
     )
 }
 

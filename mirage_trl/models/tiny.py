@@ -99,6 +99,13 @@ SMOLVLM_CHAT_TEMPLATE = (
 )
 SMOLVLM_TINY_IMAGE_PX = 56  # 4 x 4 patches of 14 px, pixel-shuffled (scale 2) to 4 tokens per image
 
+LLAVA_OV_SPECIAL_TOKENS = QWEN_SPECIAL_TOKENS + ["<image>", "<video>"]
+LLAVA_OV_CHAT_TEMPLATE = QWEN_VL_CHAT_TEMPLATE.replace(
+    "<|vision_start|><|image_pad|><|vision_end|>", "<image>\n"
+).replace("<|vision_start|><|video_pad|><|vision_end|>", "<video>\n")
+LLAVA_OV_TINY_IMAGE_PX = 56  # a 56 px base view of 4 x 4 patches; crops on a grid of up to 2 x 2 views
+LLAVA_OV_TINY_PINPOINTS = [[56, 56], [56, 112], [112, 56], [112, 112]]
+
 # Per family of tiny model: (special tokens, chat template, eos, pad, bos, extra special token attributes)
 _TINY_CHAT = {
     "qwen": (QWEN_SPECIAL_TOKENS, QWEN_VL_CHAT_TEMPLATE, "<|im_end|>", "<|endoftext|>", None, {}),
@@ -123,6 +130,14 @@ _TINY_CHAT = {
         None,
         {},
     ),
+    "llava_onevision": (
+        LLAVA_OV_SPECIAL_TOKENS,
+        LLAVA_OV_CHAT_TEMPLATE,
+        "<|im_end|>",
+        "<|endoftext|>",
+        None,
+        {"image_token": "<image>", "video_token": "<video>"},
+    ),  # fmt: skip
     "gemma3": (
         GEMMA3_SPECIAL_TOKENS,
         GEMMA3_CHAT_TEMPLATE,
@@ -137,7 +152,7 @@ GEMMA3_TINY_TOKENS_PER_IMAGE = 4
 
 
 def _chat_family(model_type: str) -> str:
-    return model_type if model_type in ("gemma3", "internvl", "smolvlm") else "qwen"
+    return model_type if model_type in ("gemma3", "internvl", "smolvlm", "llava_onevision") else "qwen"
 
 
 _CORPUS = [
@@ -171,7 +186,16 @@ TINY_MAX_PIXELS = 112 * 112
 VISION_TOKEN_PX = 28
 TILE_MIN_PIXELS = VISION_TOKEN_PX * VISION_TOKEN_PX
 TILE_MAX_PIXELS = (8 * VISION_TOKEN_PX) ** 2
-MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5", "gemma3", "internvl", "smolvlm")
+MODEL_TYPES = (
+    "qwen2_5_vl",
+    "qwen2_vl",
+    "qwen3_vl",
+    "qwen3_5",
+    "gemma3",
+    "internvl",
+    "smolvlm",
+    "llava_onevision",
+)
 
 
 # What a benchmark tokenizer keeps apart (everything else may merge into long pieces): digits, the
@@ -271,6 +295,17 @@ def build_tiny_image_processor(image_pixels: str = "demo", model_type: str = "qw
 
     if image_pixels not in IMAGE_PIXELS:
         raise ValueError(f"unknown image_pixels {image_pixels!r}; choose one of {IMAGE_PIXELS}")
+    if model_type == "llava_onevision":
+        if image_pixels == "tiles":
+            raise ValueError(
+                "image_pixels='tiles' needs a dynamic-resolution family (Qwen); LLaVA-OneVision crops"
+            )
+        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+            LlavaOnevisionImageProcessorPil,
+        )
+
+        size = {"height": LLAVA_OV_TINY_IMAGE_PX, "width": LLAVA_OV_TINY_IMAGE_PX}
+        return LlavaOnevisionImageProcessorPil(size=size, image_grid_pinpoints=LLAVA_OV_TINY_PINPOINTS)
     if model_type == "smolvlm":
         if image_pixels == "tiles":
             raise ValueError(
@@ -309,6 +344,15 @@ def build_tiny_processor(model_type: str = "qwen2_5_vl", tokenizer=None, image_p
     tokenizer = tokenizer or build_tiny_tokenizer(model_type=model_type)
     cls = processor_class(model_type)
     image_processor = build_tiny_image_processor(image_pixels, model_type)
+    if model_type == "llava_onevision":
+        return cls(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=None,
+            chat_template=LLAVA_OV_CHAT_TEMPLATE,
+            num_image_tokens=(LLAVA_OV_TINY_IMAGE_PX // 14) ** 2,
+            vision_feature_select_strategy="full",
+        )
     if model_type == "smolvlm":
         return cls(
             image_processor=image_processor,
@@ -353,6 +397,8 @@ def tiny_config(model_type: str = "qwen2_5_vl", tokenizer=None, spare_rows: int 
         return _tiny_internvl_config(tokenizer, spare_rows, **text_overrides)
     if model_type == "smolvlm":
         return _tiny_smolvlm_config(tokenizer, spare_rows, **text_overrides)
+    if model_type == "llava_onevision":
+        return _tiny_llava_onevision_config(tokenizer, spare_rows, **text_overrides)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     text = dict(TINY_TEXT, **text_overrides)
     head_dim = text["hidden_size"] // text["num_attention_heads"]
@@ -456,28 +502,36 @@ def _tiny_gemma3_config(tokenizer, spare_rows: int = 16, **text_overrides):
     )
 
 
+TINY_VIT = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=14
+)
+
+
+def _tiny_text(tokenizer, specials, model_type, bos, eos, pad, spare_rows, text_overrides):
+    """(special-token ids, text config) of a tiny LLaVA-style model: `TINY_TEXT` with the tokenizer's ids."""
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in specials}
+    text = dict(TINY_TEXT, **text_overrides)
+    text.update(
+        model_type=model_type,
+        vocab_size=len(tokenizer) + spare_rows,
+        bos_token_id=ids[bos],
+        eos_token_id=ids[eos],
+        pad_token_id=ids[pad],
+        tie_word_embeddings=False,
+    )
+    return ids, text
+
+
 def _tiny_internvl_config(tokenizer, spare_rows: int = 16, **text_overrides):
     """A random tiny InternVL: a 2-layer InternViT on 56 px images, pixel shuffle to 4 tokens, a Qwen2 text model."""
     from transformers import AutoConfig
 
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in INTERNVL_SPECIAL_TOKENS}
-    text = dict(TINY_TEXT, **text_overrides)
-    text.update(
-        model_type="qwen2",
-        vocab_size=len(tokenizer) + spare_rows,
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
-        tie_word_embeddings=False,
-    )
-    vision = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=[INTERNVL_TINY_IMAGE_PX, INTERNVL_TINY_IMAGE_PX],
-        patch_size=[14, 14],
-    )
+    ids, text = _tiny_text(
+        tokenizer, INTERNVL_SPECIAL_TOKENS, "qwen2", "<|endoftext|>", "<|im_end|>", "<|endoftext|>", spare_rows,
+        text_overrides,
+    )  # fmt: skip
+    px = INTERNVL_TINY_IMAGE_PX
+    vision = dict(TINY_VIT, image_size=[px, px], patch_size=[14, 14])
     return AutoConfig.for_model(
         "internvl",
         text_config=text,
@@ -493,20 +547,11 @@ def _tiny_smolvlm_config(tokenizer, spare_rows: int = 16, **text_overrides):
     """A random tiny SmolVLM: a 2-layer SigLIP tower on 56 px images, pixel shuffle to 4 tokens, a Llama text model."""
     from transformers import AutoConfig
 
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SMOLVLM_SPECIAL_TOKENS}
-    text = dict(TINY_TEXT, **text_overrides)
-    text.update(
-        model_type="llama",
-        vocab_size=len(tokenizer) + spare_rows,
-        bos_token_id=ids["<|im_start|>"],
-        eos_token_id=ids["<end_of_utterance>"],
-        pad_token_id=ids["<|endoftext|>"],
-        tie_word_embeddings=False,
-    )
-    vision = dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        image_size=SMOLVLM_TINY_IMAGE_PX, patch_size=14,
+    ids, text = _tiny_text(
+        tokenizer, SMOLVLM_SPECIAL_TOKENS, "llama", "<|im_start|>", "<end_of_utterance>", "<|endoftext|>",
+        spare_rows, text_overrides,
     )  # fmt: skip
+    vision = dict(TINY_VIT, image_size=SMOLVLM_TINY_IMAGE_PX)
     return AutoConfig.for_model(
         "smolvlm",
         text_config=text,
@@ -514,6 +559,31 @@ def _tiny_smolvlm_config(tokenizer, spare_rows: int = 16, **text_overrides):
         image_token_id=ids["<image>"],
         scale_factor=2,
         pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=False,
+    )
+
+
+def _tiny_llava_onevision_config(tokenizer, spare_rows: int = 16, **text_overrides):
+    """A random tiny LLaVA-OneVision: a 2-layer SigLIP tower on 56 px views, any-resolution crops on a grid of up
+    to 2 x 2 views, a Qwen2 text model."""
+    from transformers import AutoConfig
+
+    ids, text = _tiny_text(
+        tokenizer, LLAVA_OV_SPECIAL_TOKENS, "qwen2", "<|endoftext|>", "<|im_end|>", "<|endoftext|>", spare_rows,
+        text_overrides,
+    )  # fmt: skip
+    vision = dict(
+        TINY_VIT, model_type="siglip_vision_model", image_size=LLAVA_OV_TINY_IMAGE_PX, vision_use_head=False
+    )
+    return AutoConfig.for_model(
+        "llava_onevision",
+        text_config=text,
+        vision_config=vision,
+        image_token_index=ids["<image>"],
+        video_token_index=ids["<video>"],
+        image_grid_pinpoints=LLAVA_OV_TINY_PINPOINTS,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
         tie_word_embeddings=False,
     )
 

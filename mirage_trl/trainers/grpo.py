@@ -310,7 +310,9 @@ class MirageGRPOTrainer(MirageTrainerMixin, GRPOTrainer):
             end = min(start + batch_size, input_ids.size(0))
             ids, attn = input_ids[start:end], attention_mask[start:end]
             vision = {}
-            if len(images) == len(fam.vision_keys):
+            if (
+                fam.vision_keys[0] in images
+            ):  # select_images rebuilds what TRL does not pass (batch_num_images)
                 counts = num_images if num_images is not None else [1] * input_ids.size(0)
                 vision = fam.select_images(images, list(counts), start, end)
             # TRL builds mm_token_type_ids on the tokenizer's padding side while it left-pads the prompt

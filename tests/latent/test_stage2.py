@@ -135,18 +135,19 @@ TOKEN_KEYS = ("mm_token_type_ids", "token_type_ids")  # per-token processor outp
 def _model_inputs(model, single, x, t=None):
     """The inner model's inputs for the first `t` tokens of one processed sample with input embeddings `x`:
     the processor's other outputs as they are (per-token ones cut to `t`). Qwen-VL finds image tokens
-    from the ids given with the embeddings; Gemma 3 and InternVL take embeddings alone (they find them by value)."""
+    from the ids given with the embeddings; the other families take embeddings alone (they find them by value)."""
     ids = single["input_ids"][:, :t]
     kw = {
         k: (v[:, :t] if k in TOKEN_KEYS else v)
         for k, v in single.items()
         if k not in ("input_ids", "attention_mask")
     }
-    if unwrap(model).config.model_type not in (
-        "gemma3",
-        "internvl",
-        "smolvlm",
-    ):  # these take one or the other
+    if unwrap(model).config.model_type in (
+        "qwen2_vl",
+        "qwen2_5_vl",
+        "qwen3_vl",
+        "qwen3_5",
+    ):  # the others: one
         kw["input_ids"] = ids
     return dict(kw, inputs_embeds=x[:, : ids.shape[1]])
 
@@ -233,7 +234,7 @@ def _lora(model):
 @pytest.mark.parametrize("finetune", ["full", "lora"])
 @pytest.mark.parametrize("ckpt", [False, True], ids=["no_ckpt", "ckpt"])
 @pytest.mark.parametrize("padding", ["right", "left"])
-@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "gemma3", "internvl", "smolvlm"])
+@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "gemma3", "internvl", "smolvlm", "llava_onevision"])
 def test_methods_match_reference(model_type, padding, ckpt, finetune):
     model, processor, tokens = fresh(model_type)
     if finetune == "lora":

@@ -20,7 +20,7 @@ from mirage_trl.models.families import SUPPORTED_MODEL_TYPES, family
 from mirage_trl.models.tiny import build_tiny_model
 from mirage_trl.trainers.sft import MirageSFTTrainer
 
-FAMILIES = ["qwen2_5_vl", "qwen3_5", "gemma3", "internvl", "smolvlm"]
+FAMILIES = ["qwen2_5_vl", "qwen3_5", "gemma3", "internvl", "smolvlm", "llava_onevision"]
 PROJECTOR = ("gemma3", "internvl")  # LLaVA-style: one pixel_values entry per image, embeddings alone
 # Qwen3.5's reference PyTorch gated-delta kernel works in chunks of the padded length: its sums run in another
 # order than over one sample alone (float32 rounding, a few 1e-5 on the smallest gradients).
@@ -71,6 +71,13 @@ def _split_images(model, batch, prefix, counts):
                 )
             img += n
         return out
+    if mt == "llava_onevision":  # images, their sizes, and how many a sample has (several: no crops)
+        sizes, per_image = batch.get(f"{prefix}image_sizes"), batch.get(f"{prefix}batch_num_images")
+        for n in counts:  # the processor saw a sample's images one by one ([1, 1]): each one is cropped
+            one = {"pixel_values": pixel_values[img : img + n], "image_sizes": sizes[img : img + n]}
+            out.append({**one, "batch_num_images": per_image[img : img + n]} if n else {})
+            img += n
+        return out
     for n in counts:
         if mt in PROJECTOR:
             out.append({"pixel_values": pixel_values[img : img + n]} if n else {})
@@ -111,6 +118,11 @@ def reference_stage1(model, batch, rows):
                 for i in range(n_helpers):
                     if cfg.model_type == "smolvlm":
                         one = {k: v[:, i : i + 1] for k, v in vision.items()}
+                    elif cfg.model_type == "llava_onevision":  # alone: cropped as a one-image prompt is
+                        one = {
+                            "pixel_values": vision["pixel_values"][i : i + 1],
+                            "image_sizes": vision["image_sizes"][i : i + 1],
+                        }
                     elif cfg.model_type in PROJECTOR:
                         one = {"pixel_values": vision["pixel_values"][i : i + 1]}
                     else:
@@ -131,7 +143,7 @@ def reference_stage1(model, batch, rows):
         types = (ids == image_id).long()
         if cfg.model_type == "gemma3":
             out = model.model(inputs_embeds=x, token_type_ids=types, **inputs[b])
-        elif cfg.model_type in ("internvl", "smolvlm"):
+        elif cfg.model_type in ("internvl", "smolvlm", "llava_onevision"):
             out = model.model(inputs_embeds=x, **inputs[b])
         else:
             out = model.model(input_ids=ids, inputs_embeds=x, mm_token_type_ids=types.int(), **inputs[b])
@@ -213,7 +225,7 @@ def test_unsupported_family_names_the_supported_ones():
     )
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_5", "gemma3", "internvl", "smolvlm"])
+@pytest.mark.parametrize("model_type", ["qwen3_5", "gemma3", "internvl", "smolvlm", "llava_onevision"])
 def test_lora_run_exports_and_reloads_with_identical_greedy_decoding(tmp_path, rows, model_type):
     """Train a LoRA adapter for two steps, save it as the recipes do, export it as an adapter and merged, load
     each back and decode the same rows: the same tokens, latent slots and latents (spans forced to open)."""
@@ -312,6 +324,9 @@ def _grpo_reference_logps(model, collator, row, comp, latent_tokens, temperature
             return dict(inputs_embeds=x[:, :t], token_type_ids=types[:, :t], pixel_values=enc["pixel_values"])
         if model.config.model_type == "internvl":
             return dict(inputs_embeds=x[:, :t], pixel_values=enc["pixel_values"])
+        if model.config.model_type == "llava_onevision":
+            vision = {k: enc[k] for k in ("pixel_values", "image_sizes", "batch_num_images")}
+            return dict(inputs_embeds=x[:, :t], **vision)
         if model.config.model_type == "smolvlm":
             return dict(
                 inputs_embeds=x[:, :t],
@@ -340,7 +355,7 @@ def _grpo_reference_logps(model, collator, row, comp, latent_tokens, temperature
     )
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_5", "gemma3", "internvl", "smolvlm"])
+@pytest.mark.parametrize("model_type", ["qwen3_5", "gemma3", "internvl", "smolvlm", "llava_onevision"])
 def test_grpo_log_probs_through_trls_rollout_equal_a_per_sample_reference(tmp_path, monkeypatch, model_type):
     """Fixed completions (spans of different counts) through TRL's own `_generate_and_score_completions` and
     `_compute_loss`: the text tokens' log-probs equal the per-sample reference."""
