@@ -142,13 +142,14 @@ def _model_inputs(model, single, x, t=None):
         for k, v in single.items()
         if k not in ("input_ids", "attention_mask")
     }
-    if unwrap(model).config.model_type in (
-        "qwen2_vl",
-        "qwen2_5_vl",
-        "qwen3_vl",
-        "qwen3_5",
-    ):  # the others: one
+    mt = unwrap(model).config.model_type
+    if mt in ("qwen2_vl", "qwen2_5_vl", "qwen3_5"):  # the others take embeddings or ids, not both
         kw["input_ids"] = ids
+    elif mt == "qwen3_vl":  # embeddings alone: the model's own M-RoPE positions, from the ids
+        kw["position_ids"] = multimodal_model(model).get_rope_index(
+            ids, mm_token_type_ids=kw["mm_token_type_ids"], image_grid_thw=kw.get("image_grid_thw"),
+            attention_mask=torch.ones_like(ids),
+        )[0]  # fmt: skip
     return dict(kw, inputs_embeds=x[:, : ids.shape[1]])
 
 
@@ -234,7 +235,9 @@ def _lora(model):
 @pytest.mark.parametrize("finetune", ["full", "lora"])
 @pytest.mark.parametrize("ckpt", [False, True], ids=["no_ckpt", "ckpt"])
 @pytest.mark.parametrize("padding", ["right", "left"])
-@pytest.mark.parametrize("model_type", ["qwen2_5_vl", "gemma3", "internvl", "smolvlm", "llava_onevision"])
+@pytest.mark.parametrize(
+    "model_type", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "gemma3", "internvl", "smolvlm", "llava_onevision"]
+)
 def test_methods_match_reference(model_type, padding, ckpt, finetune):
     model, processor, tokens = fresh(model_type)
     if finetune == "lora":

@@ -20,7 +20,16 @@ from mirage_trl.models.families import SUPPORTED_MODEL_TYPES, family
 from mirage_trl.models.tiny import build_tiny_model
 from mirage_trl.trainers.sft import MirageSFTTrainer
 
-FAMILIES = ["qwen2_5_vl", "qwen3_5", "gemma3", "internvl", "smolvlm", "llava_onevision"]
+FAMILIES = [
+    "qwen2_5_vl",
+    "qwen2_vl",
+    "qwen3_vl",
+    "qwen3_5",
+    "gemma3",
+    "internvl",
+    "smolvlm",
+    "llava_onevision",
+]
 PROJECTOR = ("gemma3", "internvl")  # LLaVA-style: one pixel_values entry per image, embeddings alone
 # Qwen3.5's reference PyTorch gated-delta kernel works in chunks of the padded length: its sums run in another
 # order than over one sample alone (float32 rounding, a few 1e-5 on the smallest gradients).
@@ -93,6 +102,21 @@ def _split_images(model, batch, prefix, counts):
     return out
 
 
+def _qwen_inputs(model, ids, x, types, vision):
+    """A Qwen-family sample's inputs with embeddings `x`: the ids too (the model finds its images and positions
+    from them); Qwen3-VL takes one or the other, so it gets its own M-RoPE positions from `get_rope_index`."""
+    kw = dict(inputs_embeds=x, mm_token_type_ids=types.int(), **vision)
+    if model.config.model_type != "qwen3_vl":
+        return dict(kw, input_ids=ids)
+    positions = model.model.get_rope_index(
+        ids,
+        mm_token_type_ids=types.int(),
+        image_grid_thw=vision.get("image_grid_thw"),
+        attention_mask=torch.ones_like(ids),
+    )[0]
+    return dict(kw, position_ids=positions)
+
+
 def _one_image_features(model, vision):
     feats = model.model.get_image_features(**vision, return_dict=True).pooler_output
     return feats[0]
@@ -146,7 +170,7 @@ def reference_stage1(model, batch, rows):
         elif cfg.model_type in ("internvl", "smolvlm", "llava_onevision"):
             out = model.model(inputs_embeds=x, **inputs[b])
         else:
-            out = model.model(input_ids=ids, inputs_embeds=x, mm_token_type_ids=types.int(), **inputs[b])
+            out = model.model(**_qwen_inputs(model, ids, x, types, inputs[b]))
         h = out.last_hidden_state[0]
         logits = model.lm_head(h).float()
         ce_sum = ce_sum + F.cross_entropy(logits[:-1], labels[1:], ignore_index=IGNORE, reduction="sum")
@@ -160,35 +184,57 @@ def _grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("variant", ["full", "lora_ckpt"])
 @pytest.mark.parametrize("padding", ["right", "left"])
 @pytest.mark.parametrize("model_type", FAMILIES)
-def test_stage1_loss_and_gradients_equal_a_per_sample_reference(tmp_path, rows, model_type, padding):
+def test_stage1_loss_and_gradients_equal_a_per_sample_reference(tmp_path, rows, model_type, padding, variant):
+    """Through the trainer's compute_loss, full fine-tuning without checkpointing or LoRA (q, v and the latent
+    token rows) with the model's gradient checkpointing on."""
+    from peft import LoraConfig
+
+    from mirage_trl.latent.model_utils import unwrap
+
     model, processor = build_tiny_model(model_type)
+    lora = variant == "lora_ckpt"
     trainer = MirageSFTTrainer(
         model=model,
-        args=sft_args(tmp_path / "out", per_device_train_batch_size=4, latent_size=K, text_loss_weight=GAMMA),
+        args=sft_args(
+            tmp_path / "out",
+            per_device_train_batch_size=4,
+            latent_size=K,
+            text_loss_weight=GAMMA,
+            gradient_checkpointing=lora,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        ),  # fmt: skip
         train_dataset=_dataset(rows),
         processing_class=processor,
+        peft_config=LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+        )
+        if lora
+        else None,
     )
     trainer.data_collator.padding_side = padding
     batch = trainer.data_collator(rows)
     assert batch["attention_mask"][:, 0 if padding == "left" else -1].min() == 0  # really padded
-    model.train()
+    model = trainer.model.train()
     model.zero_grad(set_to_none=True)
     loss = trainer.compute_loss(model, batch)
     loss.backward()
     got = _grads(model)
     model.zero_grad(set_to_none=True)
-    ref = reference_stage1(model, batch, rows)
+    ref = reference_stage1(unwrap(model), batch, rows)
     ref.backward()
     want = _grads(model)
     torch.testing.assert_close(loss, ref, rtol=2e-5, atol=2e-6)
     assert got.keys() == want.keys() and len(want) > 0
+    if lora:
+        assert all("lora_" in n or "trainable_tokens" in n for n in want), sorted(want)[:4]
     for name in want:
         err = (got[name] - want[name]).norm() / want[name].norm().clamp_min(1e-20)
         assert float(err) <= GRAD_REL.get(model_type, 1e-5), f"{name}: relative error {float(err):.2e}"
     # the vision tower is frozen in training (stage-1 targets and input images pass through it without grad)
-    assert not any(n.startswith(("model.visual", "model.vision_tower")) for n in got)
+    assert not any(v in n for v in ("visual", "vision_tower", "vision_model") for n in got)
 
 
 def test_gemma3_image_blocks_and_token_types_come_from_the_ids():
@@ -225,7 +271,9 @@ def test_unsupported_family_names_the_supported_ones():
     )
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_5", "gemma3", "internvl", "smolvlm", "llava_onevision"])
+@pytest.mark.parametrize(
+    "model_type", FAMILIES[1:]
+)  # Qwen2.5-VL: tests/trainers/test_grpo.py, test_export.py
 def test_lora_run_exports_and_reloads_with_identical_greedy_decoding(tmp_path, rows, model_type):
     """Train a LoRA adapter for two steps, save it as the recipes do, export it as an adapter and merged, load
     each back and decode the same rows: the same tokens, latent slots and latents (spans forced to open)."""
@@ -334,9 +382,7 @@ def _grpo_reference_logps(model, collator, row, comp, latent_tokens, temperature
                 pixel_attention_mask=enc["pixel_attention_mask"],
             )
         vision = {"pixel_values": enc["pixel_values"], "image_grid_thw": enc["image_grid_thw"]}
-        return dict(
-            input_ids=ids[:, :t], inputs_embeds=x[:, :t], mm_token_type_ids=types[:, :t].int(), **vision
-        )
+        return _qwen_inputs(model, ids[:, :t], x[:, :t], types[:, :t], vision)
 
     i, slots = 0, []
     while i < len(comp):  # a span: start, k slots, end
@@ -355,7 +401,9 @@ def _grpo_reference_logps(model, collator, row, comp, latent_tokens, temperature
     )
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_5", "gemma3", "internvl", "smolvlm", "llava_onevision"])
+@pytest.mark.parametrize(
+    "model_type", FAMILIES[1:]
+)  # Qwen2.5-VL: tests/trainers/test_grpo.py, test_export.py
 def test_grpo_log_probs_through_trls_rollout_equal_a_per_sample_reference(tmp_path, monkeypatch, model_type):
     """Fixed completions (spans of different counts) through TRL's own `_generate_and_score_completions` and
     `_compute_loss`: the text tokens' log-probs equal the per-sample reference."""
