@@ -147,6 +147,11 @@ class MirageDataCollator:
         if cached:
             batch["latent_targets"] = torch.cat(cached)
         if self.with_helpers and helpers:
+            if getattr(self.processor, "image_processor", None) is None:
+                raise MirageError(
+                    f"{helpers[0][1]}: {type(self.processor).__name__} has no image processor, so the helper images "
+                    "cannot be encoded into stage-1 targets; pass the model's processor (AutoProcessor), not its tokenizer"
+                )
             images = [load_image(p, source=src) for p, src in helpers]
             enc = self.processor.image_processor(images=images, return_tensors="pt")
             batch.update({f"helper_{key}": enc[key] for key in self.family.vision_keys})

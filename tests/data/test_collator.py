@@ -233,3 +233,15 @@ def test_bad_settings(setup):
         MirageDataCollator(processor, tokens, truncation="cut")
     with pytest.raises(MirageError, match="padding_side='middle'"):
         MirageDataCollator(processor, tokens, padding_side="middle")
+
+
+def test_helper_images_without_an_image_processor_are_one_clear_line(setup):
+    """A tokenizer passed where the processor belongs cannot encode the helper images: one line naming the row."""
+    processor, tokens, images = setup
+    row = four_rows(images)[3]  # no input image, two helper images
+    with pytest.raises(MirageError) as e:
+        MirageDataCollator(processor.tokenizer, tokens)([row])
+    assert str(e.value) == (
+        f"{row['source']}:helper_images: {type(processor.tokenizer).__name__} has no image processor, so the helper "
+        "images cannot be encoded into stage-1 targets; pass the model's processor (AutoProcessor), not its tokenizer"
+    )
