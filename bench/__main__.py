@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from mirage_trl.models.tiny import MODEL_TYPES  # noqa: E402  (light: the module top imports nothing heavy)
 
 
 def _get(d, *keys):
@@ -68,7 +70,7 @@ FIGURES = [
     ("grpo", "Mirage GRPO step / plain TRL GRPO step", ("ratio", "step"), "<= 1.3", lambda v: v <= 1.3),
 ]
 # Per model family (bench/families.py): its ratios relative to Qwen2.5-VL's in the same run (goal: within 10 %).
-for _family in ("qwen2_vl", "qwen3_vl", "qwen3_5", "gemma3", "internvl", "smolvlm", "llava_onevision"):
+for _family in MODEL_TYPES[1:]:
     FIGURES += [
         (
             "families",

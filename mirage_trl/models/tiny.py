@@ -337,51 +337,31 @@ def build_tiny_image_processor(image_pixels: str = "demo", model_type: str = "qw
     return Qwen2VLImageProcessorPil(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
 
 
+# What each family's tiny processor is told beyond its parts: how many tokens an image becomes.
+_TINY_PROCESSOR_SETTINGS = {
+    "llava_onevision": {
+        "num_image_tokens": (LLAVA_OV_TINY_IMAGE_PX // 14) ** 2,
+        "vision_feature_select_strategy": "full",
+    },
+    "smolvlm": {"image_seq_len": 4},
+    "internvl": {"image_seq_length": 4},
+    "gemma3": {"image_seq_length": GEMMA3_TINY_TOKENS_PER_IMAGE},
+}
+
+
 def build_tiny_processor(model_type: str = "qwen2_5_vl", tokenizer=None, image_pixels: str = "demo"):
     """A processor without a video processor (torchvision is not installed here)."""
+    from .families import family
     from .processors import processor_class
 
     tokenizer = tokenizer or build_tiny_tokenizer(model_type=model_type)
     cls = processor_class(model_type)
     image_processor = build_tiny_image_processor(image_pixels, model_type)
-    if model_type == "llava_onevision":
-        return cls(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            video_processor=None,
-            chat_template=LLAVA_OV_CHAT_TEMPLATE,
-            num_image_tokens=(LLAVA_OV_TINY_IMAGE_PX // 14) ** 2,
-            vision_feature_select_strategy="full",
-        )
-    if model_type == "smolvlm":
-        return cls(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            video_processor=None,
-            chat_template=SMOLVLM_CHAT_TEMPLATE,
-            image_seq_len=4,
-        )
-    if model_type == "internvl":
-        return cls(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            video_processor=None,
-            chat_template=INTERNVL_CHAT_TEMPLATE,
-            image_seq_length=4,
-        )
-    if model_type == "gemma3":
-        return cls(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            chat_template=GEMMA3_CHAT_TEMPLATE,
-            image_seq_length=GEMMA3_TINY_TOKENS_PER_IMAGE,
-        )
-    return cls(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        video_processor=None,
-        chat_template=QWEN_VL_CHAT_TEMPLATE,
-    )
+    kw = dict(_TINY_PROCESSOR_SETTINGS.get(model_type, {}))
+    if family(model_type).video_processor:  # the image-only processor still takes the argument
+        kw["video_processor"] = None
+    chat_template = _TINY_CHAT[_chat_family(model_type)][1]
+    return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **kw)
 
 
 def tiny_config(model_type: str = "qwen2_5_vl", tokenizer=None, spare_rows: int = 16, **text_overrides):

@@ -17,19 +17,10 @@ from helpers import IGNORE, four_rows, make_images, sft_args
 
 from mirage_trl.errors import MirageError
 from mirage_trl.models.families import SUPPORTED_MODEL_TYPES, family
-from mirage_trl.models.tiny import build_tiny_model
+from mirage_trl.models.tiny import MODEL_TYPES, build_tiny_model
 from mirage_trl.trainers.sft import MirageSFTTrainer
 
-FAMILIES = [
-    "qwen2_5_vl",
-    "qwen2_vl",
-    "qwen3_vl",
-    "qwen3_5",
-    "gemma3",
-    "internvl",
-    "smolvlm",
-    "llava_onevision",
-]
+FAMILIES = list(MODEL_TYPES)  # every family with a tiny factory (Qwen2.5-VL first)
 PROJECTOR = ("gemma3", "internvl")  # LLaVA-style: one pixel_values entry per image, embeddings alone
 # Qwen3.5's reference PyTorch gated-delta kernel works in chunks of the padded length: its sums run in another
 # order than over one sample alone (float32 rounding, a few 1e-5 on the smallest gradients).
