@@ -16,10 +16,15 @@ config's `model_type` (`family`):
   `position_rows` rows: 3 for the Qwen families' M-RoPE, 1 for 1-D positions; `model_positions` gives
   the model the layout its forward takes);
 - the helper images' features in the language model's embedding space, one tensor per image, for the
-  stage-1 targets (`image_features`).
+  stage-1 targets (`image_features`), and how samples' image inputs make a batch (`collate_images`);
+- what the stage-2 rounds must reproduce: the language model they run (`language_model`), token blocks
+  that attend both ways (`attention_blocks`: Gemma 3's images), and whether per-sample recurrent states
+  forbid packing samples in one row (`recurrent_layers`: Qwen3.5);
+- the chat turn's closing token and the processor settings Mirage needs (`end_of_turn`,
+  `image_processor_settings`).
 
 Everything else (collator, slots, stage 1, stage 2, decoding, GRPO, eval, export) asks the family; no
-code outside this module tests a model type.
+library code outside this module tests a model type (the tiny factories of `models.tiny` build one of each).
 """
 
 from __future__ import annotations
