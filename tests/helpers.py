@@ -358,3 +358,23 @@ def expected_layout(
         slots.extend(range(s + 1, s + 1 + latent_size))
         assert seq[s + 1 + latent_size] == end
     return torch.tensor(labels), slots, span_starts
+
+
+def trl_loss_logps(trainer, scored, monkeypatch):
+    """Run TRL's own `_compute_loss` on a scored generation batch (no gradient) and return the per-token
+    log-probs it computed through the trainer's `_get_per_token_logps_and_entropies`."""
+    import torch
+
+    seen = {}
+    real = trainer._get_per_token_logps_and_entropies
+
+    def spy(*a, **kw):
+        result = real(*a, **kw)
+        seen["logps"] = result[0].detach()
+        return result
+
+    monkeypatch.setattr(trainer, "_get_per_token_logps_and_entropies", spy)
+    monkeypatch.setattr(trainer, "current_gradient_accumulation_steps", 1, raising=False)
+    with torch.no_grad():
+        trainer._compute_loss(trainer.model, scored)
+    return seen["logps"]

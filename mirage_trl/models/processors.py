@@ -15,7 +15,8 @@ __all__ = ["SUPPORTED_MODEL_TYPES", "load_processor", "processor_class", "save_p
 _IMAGE_ONLY: dict[str, type] = {}
 
 
-def _import(spec: tuple[str, str]):
+def import_class(spec: tuple[str, str]):
+    """The class named by a (module, class name) pair, imported when first needed."""
     import importlib
 
     module, name = spec
@@ -26,7 +27,7 @@ def processor_class(model_type: str):
     """The stock processor class of `model_type`'s family, in an image-only variant (no video processor)."""
     fam = family(model_type)
     if model_type not in _IMAGE_ONLY:
-        base = _import(fam.processor)
+        base = import_class(fam.processor)
 
         @classmethod
         def get_attributes(cls):
@@ -58,7 +59,7 @@ def load_processor(name_or_path: str, model_type: str | None = None, trust_remot
     cls = processor_class(model_type)
     fam = family(model_type)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kw)
-    image_processor = _import(fam.image_processor).from_pretrained(name_or_path, **kw)
+    image_processor = import_class(fam.image_processor).from_pretrained(name_or_path, **kw)
     for key, value in fam.image_processor_settings.items():
         setattr(image_processor, key, value)
     extra = {"video_processor": None} if fam.video_processor else {}

@@ -290,53 +290,43 @@ IMAGE_PIXELS = ("demo", "tiles")
 
 def build_tiny_image_processor(image_pixels: str = "demo", model_type: str = "qwen2_5_vl"):
     """image_pixels="demo": small bounds (few tokens per image); "tiles": keep 28 px-tile maps as drawn
-    (the Qwen families; Gemma 3 resizes every image to one size)."""
+    (the Qwen families; the others resize every image to one size)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     if image_pixels not in IMAGE_PIXELS:
         raise ValueError(f"unknown image_pixels {image_pixels!r}; choose one of {IMAGE_PIXELS}")
-    if model_type == "llava_onevision":
+    if model_type in _TINY_IMAGE_SETTINGS:  # fixed-size families: the family's own PIL image processor
+        from .families import family
+        from .processors import import_class
+
+        fam = family(model_type)
         if image_pixels == "tiles":
             raise ValueError(
-                "image_pixels='tiles' needs a dynamic-resolution family (Qwen); LLaVA-OneVision crops"
+                f"image_pixels='tiles' needs a dynamic-resolution family (Qwen); {fam.name} resizes images"
             )
-        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
-            LlavaOnevisionImageProcessorPil,
-        )
-
-        size = {"height": LLAVA_OV_TINY_IMAGE_PX, "width": LLAVA_OV_TINY_IMAGE_PX}
-        return LlavaOnevisionImageProcessorPil(size=size, image_grid_pinpoints=LLAVA_OV_TINY_PINPOINTS)
-    if model_type == "smolvlm":
-        if image_pixels == "tiles":
-            raise ValueError(
-                "image_pixels='tiles' needs a dynamic-resolution family (Qwen); SmolVLM resizes images"
-            )
-        from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
-
-        edge = {"longest_edge": SMOLVLM_TINY_IMAGE_PX}
-        return SmolVLMImageProcessorPil(size=edge, max_image_size=edge, do_image_splitting=False)
-    if model_type == "internvl":
-        if image_pixels == "tiles":
-            raise ValueError(
-                "image_pixels='tiles' needs a dynamic-resolution family (Qwen); InternVL resizes images"
-            )
-        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
-
-        size = {"height": INTERNVL_TINY_IMAGE_PX, "width": INTERNVL_TINY_IMAGE_PX}
-        return GotOcr2ImageProcessorPil(size=size, crop_to_patches=False)
-    if model_type == "gemma3":
-        if image_pixels == "tiles":
-            raise ValueError(
-                "image_pixels='tiles' needs a dynamic-resolution family (Qwen); Gemma 3 resizes images"
-            )
-        from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
-
-        return Gemma3ImageProcessorPil(size={"height": GEMMA3_TINY_IMAGE_PX, "width": GEMMA3_TINY_IMAGE_PX})
+        return import_class(fam.image_processor)(**_TINY_IMAGE_SETTINGS[model_type])
     if image_pixels == "tiles":
         return Qwen2VLImageProcessorPil(min_pixels=TILE_MIN_PIXELS, max_pixels=TILE_MAX_PIXELS)
     return Qwen2VLImageProcessorPil(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
 
 
+# The tiny image processors of the families that resize every image to one size (Qwen's keep the size).
+_TINY_IMAGE_SETTINGS = {
+    "llava_onevision": {
+        "size": {"height": LLAVA_OV_TINY_IMAGE_PX, "width": LLAVA_OV_TINY_IMAGE_PX},
+        "image_grid_pinpoints": LLAVA_OV_TINY_PINPOINTS,
+    },
+    "smolvlm": {
+        "size": {"longest_edge": SMOLVLM_TINY_IMAGE_PX},
+        "max_image_size": {"longest_edge": SMOLVLM_TINY_IMAGE_PX},
+        "do_image_splitting": False,
+    },
+    "internvl": {
+        "size": {"height": INTERNVL_TINY_IMAGE_PX, "width": INTERNVL_TINY_IMAGE_PX},
+        "crop_to_patches": False,
+    },
+    "gemma3": {"size": {"height": GEMMA3_TINY_IMAGE_PX, "width": GEMMA3_TINY_IMAGE_PX}},
+}
 # What each family's tiny processor is told beyond its parts: how many tokens an image becomes.
 _TINY_PROCESSOR_SETTINGS = {
     "llava_onevision": {

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import IGNORE, four_rows, make_images, sft_args
+from helpers import IGNORE, four_rows, make_images, sft_args, trl_loss_logps
 
 from mirage_trl.errors import MirageError
 from mirage_trl.models.families import SUPPORTED_MODEL_TYPES, family
@@ -427,19 +427,8 @@ def test_grpo_log_probs_through_trls_rollout_equal_a_per_sample_reference(tmp_pa
     ]
     monkeypatch.setattr(trainer, "_generate_single_turn", lambda *a, **k: (comps, None))
     out = trainer._generate_and_score_completions(rows)
-    seen = {}
-    real = trainer._get_per_token_logps_and_entropies
-
-    def spy(*a, **kw):
-        result = real(*a, **kw)
-        seen["logps"] = result[0].detach()
-        return result
-
-    monkeypatch.setattr(trainer, "_get_per_token_logps_and_entropies", spy)
-    monkeypatch.setattr(trainer, "current_gradient_accumulation_steps", 1, raising=False)
     trainer.model.train()
-    with torch.no_grad():
-        trainer._compute_loss(trainer.model, out)
+    seen = {"logps": trl_loss_logps(trainer, out, monkeypatch)}
     collator = MirageDataCollator(processor, lt)
     with torch.no_grad():
         for i, (row, comp) in enumerate(zip(rows, comps)):

@@ -16,6 +16,7 @@ import functools
 import numpy as np
 import pytest
 import torch
+from helpers import trl_loss_logps
 
 from mirage_trl.configs import MirageGRPOConfig
 from mirage_trl.data.collator import MirageDataCollator
@@ -461,18 +462,7 @@ def test_trl_rollout_and_scoring_match_reference_whatever_the_padding_side(
     out = trainer._generate_and_score_completions(batch)
     assert len(set(out["prompt_mask"].sum(1).tolist())) == 3  # three prompt lengths (text and image tokens)
 
-    seen = {}
-    real = trainer._get_per_token_logps_and_entropies
-
-    def spy(*a, **kw):
-        result = real(*a, **kw)
-        seen["logps"] = result[0].detach()
-        return result
-
-    monkeypatch.setattr(trainer, "_get_per_token_logps_and_entropies", spy)
-    monkeypatch.setattr(trainer, "current_gradient_accumulation_steps", 1, raising=False)
-    with torch.no_grad():
-        trainer._compute_loss(trainer.model, out)
+    seen = {"logps": trl_loss_logps(trainer, out, monkeypatch)}
     collator = MirageDataCollator(trainer.processing_class, tokens)
     with torch.no_grad():
         for i, (row, c) in enumerate(zip(batch, comps)):
