@@ -39,7 +39,7 @@ demo: install
 		$(if $(wildcard $(SHARED_TEST)),$(SHARED_TEST))
 	rm -rf $(DEMO)/grounded $(DEMO)/stage1 $(DEMO)/stage2  # a previous run's files must not mix with this one's
 	# 1. grounding warm-up: the random model learns to read a map (text SFT), then 2. Mirage stage 1 and 3. stage 2
-	$(LAUNCH) recipes/sft_vsp.py --config recipes/tiny/sft/config_vsp_grounding_demo.yaml
+	$(LAUNCH) recipes/text_sft_vsp.py --config recipes/tiny/text_sft/config_vsp_grounding_demo.yaml
 	$(LAUNCH) recipes/stage1_vsp.py --config recipes/tiny/stage1/config_vsp_demo.yaml
 	$(LAUNCH) recipes/stage2_vsp.py --config recipes/tiny/stage2/config_vsp_demo.yaml
 	@if [ -n "$(GRPO)" ]; then $(LAUNCH) recipes/grpo_vsp.py --config recipes/tiny/grpo/config_vsp_smoke.yaml; fi

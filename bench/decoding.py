@@ -34,7 +34,7 @@ GOAL = 0.95
 def build(batch: int, prompt_len: int):
     import torch
 
-    from mirage_trl.latent.tokens import add_latent_tokens
+    from mirage_trl.models.prepare import add_latent_tokens
     from mirage_trl.models.tiny import build_tiny_model
 
     model, processor = build_tiny_model(

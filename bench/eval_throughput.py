@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     from mirage_trl.data.vsp import generate_vsp
     from mirage_trl.evaluation import evaluate
     from mirage_trl.generation import generate_with_latents
-    from mirage_trl.latent.tokens import add_latent_tokens
+    from mirage_trl.models.prepare import add_latent_tokens
     from mirage_trl.models.tiny import build_tiny_model
 
     overrides = (

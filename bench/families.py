@@ -24,12 +24,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-BASELINE = "qwen2_5_vl"  # every tiny family (mirage_trl.models.tiny.MODEL_TYPES) is measured against it
+BASELINE = (
+    "qwen2_5_vl"  # every family (mirage_trl.models.families.SUPPORTED_MODEL_TYPES) is measured against it
+)
 K = 4
 
 
 def build(model_type: str, quick: bool):
-    from mirage_trl.latent.tokens import add_latent_tokens
+    from mirage_trl.models.prepare import add_latent_tokens
     from mirage_trl.models.tiny import build_tiny_model
 
     size = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2) if quick else {}
@@ -72,10 +74,9 @@ def batches(processor, lt, batch: int, length: int):
 def steps(model, train):
     import torch
 
-    from mirage_trl.latent.model_utils import capture_final_hidden
     from mirage_trl.latent.slots import latent_inputs
     from mirage_trl.latent.stage2 import self_latent_forward
-    from mirage_trl.models.families import family
+    from mirage_trl.models.families import capture_final_hidden, family
     from mirage_trl.trainers.sft import text_cross_entropy
 
     fam = family(model)
@@ -174,9 +175,9 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     repeats = args.repeats or (2 if args.quick else 5)
-    from mirage_trl.models.tiny import MODEL_TYPES
+    from mirage_trl.models.families import SUPPORTED_MODEL_TYPES
 
-    results = {mt: measure(mt, args.quick, repeats) for mt in MODEL_TYPES}
+    results = {mt: measure(mt, args.quick, repeats) for mt in SUPPORTED_MODEL_TYPES}
     base = results[BASELINE]
     for r in results.values():
         r["stage2_vs_qwen2_5_vl"] = r["stage2_over_stage1"] / base["stage2_over_stage1"]

@@ -124,10 +124,9 @@ def step_fns(model, batch, n_img, k_hidden):
     import torch
     import torch.nn.functional as F
 
-    from mirage_trl.latent.model_utils import capture_final_hidden
     from mirage_trl.latent.slots import latent_inputs
     from mirage_trl.latent.stage2 import self_latent_forward
-    from mirage_trl.models.families import family
+    from mirage_trl.models.families import capture_final_hidden, family
     from mirage_trl.trainers.sft import text_cross_entropy
 
     fam = family(model)
@@ -177,7 +176,7 @@ def decoding(model, config, batch: int, prompt_len: int, new_tokens: int, repeat
     import torch
 
     from mirage_trl.generation import generate_with_latents
-    from mirage_trl.latent.tokens import LatentTokens
+    from mirage_trl.models.tokens import LatentTokens
 
     vocab = config.text_config.vocab_size
     lt = LatentTokens(start_id=vocab - 3, pad_id=vocab - 2, end_id=vocab - 1, latent_size=K)

@@ -37,7 +37,7 @@ GOAL = 1.3
 def build(quick: bool, start_bias: float):
     import torch
 
-    from mirage_trl.latent.tokens import add_latent_tokens
+    from mirage_trl.models.prepare import add_latent_tokens
     from mirage_trl.models.tiny import build_tiny_model
 
     size = (
@@ -73,7 +73,7 @@ def build(quick: bool, start_bias: float):
 def bias_logits(trainer, bias) -> None:
     """Add `bias` to the LM head's output of the trainer's model (after PEFT wrapped it: a head with
     trainable latent rows computes its own output, so the hook goes on the outermost head)."""
-    from mirage_trl.latent.model_utils import unwrap
+    from mirage_trl.models.families import unwrap
 
     head = unwrap(trainer.model).get_output_embeddings()
     head.register_forward_hook(lambda m, a, out: out + bias.to(out.dtype))

@@ -42,7 +42,7 @@ QUICK = dict(batch=4, length=96, hidden=64, layers=2, heads=4, kv_heads=2, inter
 def setup(cfg, seed=0):
     import torch
 
-    from mirage_trl.latent.tokens import add_latent_tokens
+    from mirage_trl.models.prepare import add_latent_tokens
     from mirage_trl.models.tiny import build_tiny_model
 
     model, processor = build_tiny_model(
@@ -82,7 +82,7 @@ def setup(cfg, seed=0):
 def _ce(model, hidden, labels):
     import torch
 
-    from mirage_trl.latent.model_utils import unwrap
+    from mirage_trl.models.families import unwrap
 
     logits = unwrap(model).lm_head(hidden)
     return torch.nn.functional.cross_entropy(
@@ -93,10 +93,9 @@ def _ce(model, hidden, labels):
 def make_steps(model, tokens, batch):
     import torch
 
-    from mirage_trl.latent.model_utils import multimodal_model
     from mirage_trl.latent.slots import latent_inputs
     from mirage_trl.latent.stage2 import self_latent_forward
-    from mirage_trl.models.families import family
+    from mirage_trl.models.families import family, multimodal_model
 
     inner = multimodal_model(model)
     ids, attn, slot, labels = batch["input_ids"], batch["attention_mask"], batch["slot_mask"], batch["labels"]

@@ -21,7 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .data.images import load_image
 from .errors import MirageError
+from .evaluation import _model_device, _progress, _prompt_encoder
+from .generation import generate_with_latents
+from .models.families import family, text_model
 
 COLORS = {"text embeddings": (150, 150, 150), "image features": (31, 119, 180), "latents": (214, 39, 40)}
 
@@ -107,8 +111,6 @@ class LatentAnalysis:
 @torch.no_grad()
 def image_features(model, processor, paths: list[str], batch_size: int = 16) -> torch.Tensor:
     """Vision tower + merger features (one row per visual token) of the images at `paths`."""
-    from .data.images import load_image
-    from .models.families import family
 
     fam = family(model)
     dtype = next(fam.vision_tower(model).parameters()).dtype
@@ -137,9 +139,6 @@ def analyze_latents(
     max_text_points: int = 2000,
     progress: bool = False,
 ) -> LatentAnalysis:
-    from .evaluation import _model_device, _progress, _prompt_encoder
-    from .generation import generate_with_latents
-    from .latent.model_utils import text_model
 
     rows = list(rows)
     if not rows:

@@ -10,11 +10,14 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig, ScriptArguments, SFTConfig
 
-from .data.collator import TRUNCATION_POLICIES
 from .errors import MirageError
-from .latent.settings import FEEDBACK_NORM_CHOICES, SFT_STAGES
+from .grading import BENCHMARKS, one_of
+from .latent.collator import TRUNCATION_POLICIES
 from .latent.stage2 import METHODS as STAGE2_METHODS
 from .latent.targets import POOLINGS
+from .models.settings import FEEDBACK_NORM_CHOICES
+from .rewards import DEFAULT_REWARD_WEIGHTS, get_reward_funcs
+from .stages import SFT_STAGES
 
 # Bounds checked at start: far past what any run needs, short of what would exhaust memory or time first.
 MAX_LATENT_SIZE = 64  # the paper's best k is 4-6; k = 8 already hurts
@@ -39,9 +42,7 @@ class MirageScriptArguments(ScriptArguments):
     )
     benchmark: str | None = field(
         default=None,
-        metadata={
-            "help": "vsp_planning, vsp_reasoning, vsp_grounding, jigsaw, sat or comt (inferred for VSP)"
-        },
+        metadata={"help": f"{one_of(BENCHMARKS)} (inferred for VSP)"},
     )
     eval_dataset_name: str | None = field(
         default=None, metadata={"help": "optional eval data, as dataset_name (its split: dataset_test_split)"}
@@ -164,7 +165,6 @@ class MirageGRPOConfig(_MirageLatentArgs, GRPOConfig):
     remove_unused_columns: bool = False
 
     def __post_init__(self):
-        from .rewards import DEFAULT_REWARD_WEIGHTS, get_reward_funcs
 
         if isinstance(self.reward_names, str):
             self.reward_names = [self.reward_names]

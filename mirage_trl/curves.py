@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .checkpoints import newest_complete_checkpoint
 from .errors import MirageError
 from .io import read_json
 
@@ -21,7 +22,6 @@ _NOT_CURVES = {
 
 def find_state(folder) -> Path:
     """`trainer_state.json` of a training output: its own, or else the newest complete checkpoint's."""
-    from .checkpoints import newest_complete_checkpoint
 
     folder = Path(folder)
     if not folder.is_dir():

@@ -26,7 +26,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .errors import MirageError
+from .generation import LATENT_MODES, generate_with_latents
 from .grading import BENCHMARKS, CHOICE_BENCHMARKS, GRID_BENCHMARKS, extract_choice, grade, summarize
+from .latent.collator import MirageDataCollator
+from .latent.health import collapse_reason, latent_health
+from .models.settings import MirageSettings
+from .models.tokens import LatentTokens
+from .stats import wilson_interval
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +135,6 @@ def check_rows(benchmark: str, rows: Sequence) -> None:
 
 def check_latent_modes(modes: Sequence[str]) -> list[str]:
     """Validate and order the modes: unique, "model" first (added when "mean" needs it)."""
-    from .generation import LATENT_MODES
 
     modes = list(dict.fromkeys(modes))
     if not modes:
@@ -149,8 +154,6 @@ def check_latent_modes(modes: Sequence[str]) -> list[str]:
 
 
 def _prompt_encoder(processor):
-    from .data.collator import MirageDataCollator
-    from .latent.tokens import LatentTokens
 
     try:
         lt = LatentTokens.from_tokenizer(processor, 1)
@@ -197,21 +200,10 @@ def evaluate(
     """
     import torch
 
-    from .generation import generate_with_latents
-
-    if batch_size < 1:
-        raise MirageError(f"--batch-size must be >= 1, got {batch_size}")
-    if num_samples is not None and num_samples < 1:
-        raise MirageError(f"--num-samples must be >= 1, got {num_samples}")
+    # 1. Check the arguments and the rows before anything is decoded.
     modes = check_latent_modes(latent_modes)
-    rows = [dataset[i] for i in range(len(dataset))] if not isinstance(dataset, list) else list(dataset)
-    if num_samples is not None:
-        rows = rows[:num_samples]
-    if not rows:
-        raise MirageError("the eval data has no rows")
-    check_rows(benchmark, rows)
+    rows = _eval_rows(dataset, benchmark, batch_size, num_samples)
     generate_fn = generate_fn or generate_with_latents
-
     settings = {
         "batch_size": batch_size,
         "num_samples": num_samples,
@@ -229,7 +221,7 @@ def evaluate(
             "'mean' needs the eval set's mean latent: the 'model' run was added to compute it"
         )
 
-    # Encode every prompt once; sort by length (longest first) to cut padding.
+    # 2. Encode every prompt once; sort by length (longest first) to cut padding.
     encoder = _prompt_encoder(processor)
     t0 = time.perf_counter()
     encoded = [encoder.encode_prompt(r) for r in _progress(rows, progress, "encoding prompts")]
@@ -239,6 +231,7 @@ def evaluate(
     device = _model_device(model)
     groups = [row_group(benchmark, r) for r in rows]
 
+    # 3. Decode and grade once per latent mode ("model" first: "mean" feeds its mean latent).
     sampling = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p)
     latent_mean = None
     for mode in modes:
@@ -262,26 +255,46 @@ def evaluate(
             _warn_collapse(health, result)
         table = summarize(grades, groups)
         _add_spans(table, groups, spans)
-        completions = [
-            {
-                "index": i,
-                "source": rows[i].get("source", ""),
-                "benchmark": benchmark,
-                "level": rows[i].get("level"),
-                "group": groups[i],
-                "mode": mode,
-                "completion": texts[i],
-                "answer": grades[i].answer,
-                "reference": rows[i].get("answer") or None,
-                "correct": grades[i].correct,
-                "invalid": grades[i].invalid,
-                "num_latent_spans": spans[i],
-                "num_generated_tokens": ntok[i],
-            }
-            for i in range(len(rows))
-        ]
+        completions = _completions(rows, benchmark, groups, mode, texts, grades, spans, ntok)
         result.modes[mode] = ModeResult(mode, table, completions, seconds, sum(ntok), health)
     return result
+
+
+def _eval_rows(dataset, benchmark: str, batch_size: int, num_samples: int | None) -> list[dict]:
+    """The rows to decode (the first `num_samples`), each checked for what its grader needs."""
+    if batch_size < 1:
+        raise MirageError(f"--batch-size must be >= 1, got {batch_size}")
+    if num_samples is not None and num_samples < 1:
+        raise MirageError(f"--num-samples must be >= 1, got {num_samples}")
+    rows = [dataset[i] for i in range(len(dataset))] if not isinstance(dataset, list) else list(dataset)
+    if num_samples is not None:
+        rows = rows[:num_samples]
+    if not rows:
+        raise MirageError("the eval data has no rows")
+    check_rows(benchmark, rows)
+    return rows
+
+
+def _completions(rows, benchmark, groups, mode, texts, grades, spans, ntok) -> list[dict]:
+    """One record per row of a mode's decoding: what was written, how it was graded."""
+    return [
+        {
+            "index": i,
+            "source": rows[i].get("source", ""),
+            "benchmark": benchmark,
+            "level": rows[i].get("level"),
+            "group": groups[i],
+            "mode": mode,
+            "completion": texts[i],
+            "answer": grades[i].answer,
+            "reference": rows[i].get("answer") or None,
+            "correct": grades[i].correct,
+            "invalid": grades[i].invalid,
+            "num_latent_spans": spans[i],
+            "num_generated_tokens": ntok[i],
+        }
+        for i in range(len(rows))
+    ]
 
 
 def _decode_mode(generate_fn, model, processor, encoder, encoded, batches, rows, mode, *, generator, latent_mean,
@@ -332,9 +345,6 @@ def decoding_health(collected, model, spans: list[int]) -> dict:
     spans), with the trigger rate (share of answers that open a span) and spans per answer."""
     import torch
 
-    from .latent.health import latent_health
-    from .latent.settings import MirageSettings
-
     settings = MirageSettings.of_model(model)
     target_norm = settings.latent_target_norm if settings else None
     out = {
@@ -353,7 +363,6 @@ def decoding_health(collected, model, spans: list[int]) -> dict:
 
 
 def _warn_collapse(health: dict, result: EvalResult) -> None:
-    from .latent.health import collapse_reason
 
     reason = collapse_reason(health)
     if reason:
@@ -460,7 +469,6 @@ def health_line(health: dict) -> str:
 
 def accuracy_bars(result: EvalResult) -> dict[str, list[tuple[object, float, float, float]]]:
     """Per latent mode, (group, accuracy %, 95 % Wilson low %, high %) for every group: what the plot draws."""
-    from .stats import wilson_interval
 
     out = {}
     for mode, run in result.modes.items():

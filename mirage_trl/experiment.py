@@ -33,7 +33,20 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .configs import MirageSFTConfig
+from .data.reference import helper_as_input, load_reference_jsonl
+from .data.vsp import generate_vsp
 from .errors import MirageError
+from .evaluation import evaluate
+from .io import write_json
+from .models.families import SUPPORTED_MODEL_TYPES, vision_tower
+from .models.load import load_for_training
+from .models.tiny import save_tiny_model
+from .report import summarize_results, write_plots, write_report
+from .run import save_outputs
+from .trainers.callbacks import GenerationEvalCallback
+from .trainers.sft import MirageSFTTrainer
+from .trainers.text_sft import TextSFTTrainer, build_sft_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -195,11 +208,10 @@ def check_config(cfg: ExperimentConfig, where: str) -> None:
         raise MirageError(
             f"{where}: data.train_rows ({d.train_rows}) must exceed data.val_rows ({d.val_rows})"
         )
-    from .models.tiny import MODEL_TYPES
 
-    if cfg.model.model_type not in MODEL_TYPES:
+    if cfg.model.model_type not in SUPPORTED_MODEL_TYPES:
         raise MirageError(
-            f"{where}: model.model_type {cfg.model.model_type!r}: choose from {', '.join(MODEL_TYPES)}"
+            f"{where}: model.model_type {cfg.model.model_type!r}: choose from {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     if not d.levels or any(type(v) is not int or not 3 <= v <= 8 for v in d.levels):
         raise MirageError(f"{where}: data.levels must be grid sides from 3 to 8")
@@ -210,8 +222,6 @@ def check_config(cfg: ExperimentConfig, where: str) -> None:
 
 def prepare_data(cfg: ExperimentConfig, out: Path, progress: bool = False) -> dict:
     """Test maps first, then training maps that exclude them; the last val_rows training maps are held out."""
-    from .data.reference import load_reference_jsonl
-    from .data.vsp import generate_vsp
 
     d = cfg.data
     paths = {}
@@ -260,8 +270,6 @@ def prepare_data(cfg: ExperimentConfig, out: Path, progress: bool = False) -> di
 
 def _grounding_data(cfg: ExperimentConfig, out: Path, paths: dict, progress: bool) -> dict:
     """Warm-up maps (none of them a test map), a validation slice of them, and held-out maps to report on."""
-    from .data.reference import load_reference_jsonl
-    from .data.vsp import generate_vsp
 
     d = cfg.data
     common = dict(levels=d.levels, overwrite=True, progress=progress, tile_px=d.tile_px)
@@ -381,7 +389,6 @@ def _common_args(cfg: ExperimentConfig, out: Path, seed: int, steps: int) -> dic
 
 
 def _val_callback(cfg, rows, prepare_row=None, benchmark=BENCHMARK):
-    from .trainers.callbacks import GenerationEvalCallback
 
     return GenerationEvalCallback(
         rows,
@@ -413,10 +420,6 @@ def _train_text(cfg, rows, model_dir: Path, out: Path, seed: int, steps: int, pr
     """Text SFT of `rows` from `model_dir` with the text-only baseline trainer: (trainer, val callback)."""
     from trl import SFTConfig
 
-    from .latent.model_utils import vision_tower
-    from .models.load import load_for_training
-    from .trainers.text_sft import TextSFTTrainer, build_sft_dataset
-
     model, processor = load_for_training(str(model_dir))
     vision_tower(model).requires_grad_(train_tower)  # frozen in every arm, as the Mirage trainers keep it
     callback = _val_callback(cfg, val_rows, prepare_row, benchmark=benchmark)
@@ -435,7 +438,6 @@ def _train_text(cfg, rows, model_dir: Path, out: Path, seed: int, steps: int, pr
 
 def train_grounding(cfg, data, model_dir: Path, out: Path, seed: int, progress: _Progress) -> dict:
     """The warm-up: text SFT on map descriptions; saves the grounded model to `out / "model"`."""
-    from .evaluation import evaluate
 
     start = time.perf_counter()
     trainer, callback = _train_text(
@@ -463,7 +465,6 @@ def train_grounding(cfg, data, model_dir: Path, out: Path, seed: int, progress: 
 
 
 def train_text_arm(cfg, data, arm: str, model_dir: Path, out: Path, seed: int, progress: _Progress):
-    from .data.reference import helper_as_input
 
     helper = arm == "helper_input"
     rows = data["direct" if arm == "text_direct" else "cot"]
@@ -475,10 +476,6 @@ def train_text_arm(cfg, data, arm: str, model_dir: Path, out: Path, seed: int, p
 
 
 def train_mirage_arm(cfg, data, arm: str, model_dir: Path, out: Path, seed: int, progress: _Progress):
-    from .configs import MirageSFTConfig
-    from .models.load import load_for_training
-    from .run import save_outputs
-    from .trainers.sft import MirageSFTTrainer
 
     rows = data["direct" if arm == "mirage_direct" else "cot"]
     t = cfg.train
@@ -518,8 +515,6 @@ def train_mirage_arm(cfg, data, arm: str, model_dir: Path, out: Path, seed: int,
 
 def evaluate_arm(cfg, model, processor, data, arm: str) -> dict:
     """Greedy decoding of the test rows; Mirage arms once per latent mode (the model's own latents first)."""
-    from .data.reference import helper_as_input
-    from .evaluation import evaluate
 
     rows = [data["test"][i] for i in range(len(data["test"]))]
     if arm == "helper_input":
@@ -662,10 +657,6 @@ def run_experiment(
     import platform
 
     import torch
-
-    from .io import write_json
-    from .models.tiny import save_tiny_model
-    from .report import summarize_results, write_plots, write_report
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ Timeline of one span for a sample (k = 2), step by step:
 i.e. the j-th latent is the final hidden state at the position just before its slot.
 Latent steps count toward `max_new_tokens`.
 
-Latent ablations (`latent_mode`, the issue's `--latents`) replace what is fed at the slots:
+Latent ablations (`latent_mode`, `mirage-trl eval --latents`) replace what is fed at the slots:
 
 * ``model``   the model's own hidden state (Mirage);
 * ``zero``    zeros;
@@ -49,18 +49,19 @@ the marker of the training data.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 
 from .errors import MirageError
+from .latent.feedback import LatentFeedback
 from .latent.layout import advance_spans, spans_to_markers
-from .latent.model_utils import capture_final_hidden, unwrap
-from .latent.settings import MirageSettings
 from .latent.slots import latent_inputs
-from .latent.tokens import LATENT_TOKEN_NAMES, LatentTokens
-from .models.families import ModelFamily, family
+from .models.families import ModelFamily, capture_final_hidden, family, unwrap
+from .models.settings import MirageSettings
+from .models.tokens import LATENT_TOKEN_NAMES, LatentTokens
 
 LATENT_MODES = ("model", "zero", "noise", "mean", "shuffle", "remove")
 DEFAULT_LATENT_SIZE = 4
@@ -176,134 +177,199 @@ def generate_with_latents(
     _check_decoding_args(latent_mode, max_new_tokens, do_sample, temperature, top_p, latent_mean)
     net = unwrap(model)
     tok = _tokenizer(processor)
-    if tok is None and (latent_tokens is None or eos_token_ids is None or pad_token_id is None):
-        raise MirageError(
-            "generate_with_latents without a processor needs latent_tokens, eos_token_ids and pad_token_id"
-        )
-    lt = latent_tokens if latent_tokens is not None else _resolve_latent_tokens(net, processor)
-    if feedback is None:
-        from .latent.feedback import LatentFeedback
-
-        feedback = LatentFeedback.from_model(net)
-    eos = _default_eos(net, tok) if eos_token_ids is None else [int(i) for i in eos_token_ids]
-    pad_id = _pad_id(net, tok, eos) if pad_token_id is None else int(pad_token_id)
-
+    ids = _Ids.resolve(net, processor, tok, latent_tokens, eos_token_ids, pad_token_id)
+    feedback = LatentFeedback.from_model(net) if feedback is None else feedback
     prompt = _Prompt.of(net, inputs, max_new_tokens)
-    device, batch, full_mask = prompt.device, prompt.batch, prompt.full_mask
-    prompt_len, next_pos = prompt.input_ids.shape[1], prompt.next_pos
-    rows = prompt.positions.shape[0]  # the family's position rows (3 for M-RoPE)
-    if latent_mode == "shuffle" and batch == 1 and lt is not None:
+    if latent_mode == "shuffle" and prompt.batch == 1 and ids.latent is not None:
         warnings.warn("latent_mode='shuffle' with a batch of one sample feeds its own latents", stacklevel=2)
-
-    from transformers import DynamicCache
-
-    text_config = getattr(net.config, "text_config", net.config)
-    cache = DynamicCache(config=text_config)
-    forward_kw = dict(use_cache=True, logits_to_keep=1)
-
-    # Per-sample state, all tensors.
-    start_id = lt.start_id if lt is not None else -1
-    latent_pad = lt.pad_id if lt is not None else pad_id
-    end_id = lt.end_id if lt is not None else pad_id
-    k = lt.latent_size if lt is not None else 0
-    remaining = torch.zeros(batch, dtype=torch.long, device=device)  # latent steps still to feed
-    force_end = torch.zeros(batch, dtype=torch.bool, device=device)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    spans = torch.zeros(batch, dtype=torch.long, device=device)
-    n_gen = torch.zeros(batch, dtype=torch.long, device=device)
-    sequences = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    latent_mask = torch.zeros(batch, max_new_tokens, dtype=torch.bool, device=device)
-    eos_t = torch.tensor(eos, dtype=torch.long, device=device)
-    arange_b = torch.arange(batch, device=device)
-    mean_vec = None
+    state = _State.start(prompt, max_new_tokens, ids)
+    pick = functools.partial(
+        _pick, do_sample=do_sample, temperature=temperature, top_p=top_p, generator=generator
+    )
     stored: list[tuple[int, torch.Tensor]] = []
 
     with capture_final_hidden(net) as captured:
-        out = net(
-            input_ids=prompt.input_ids,
-            attention_mask=prompt.attention_mask,
-            position_ids=prompt.family.model_positions(prompt.positions),
-            cache=cache,
-            **prompt.vision,
-            **forward_kw,
-        )
-        logits = out.logits[:, -1]
-        hidden = captured.pop()[:, -1]
-        captured.clear()
-        if latent_mode == "mean":
-            mean_vec = latent_mean.to(device=device, dtype=hidden.dtype).reshape(-1)
-            if mean_vec.shape[0] != hidden.shape[-1]:
-                raise MirageError(
-                    f"latent_mean has {mean_vec.shape[0]} values; the model's hidden size is {hidden.shape[-1]}"
-                )
-
-        steps = max_new_tokens
+        forward = _Forward(net, prompt, captured)
+        logits, hidden = forward.prefill()
+        mean_vec = _mean_vector(latent_mode, latent_mean, hidden)
         for t in range(max_new_tokens):
-            in_latent = remaining > 0
-            text_step = ~(in_latent | force_end | done)
-            if latent_mode == "remove" and lt is not None:
-                logits = logits.clone()
-                logits[:, start_id] = float("-inf")  # the span cannot open: the answer goes without it
-            picked = _pick(logits, do_sample, temperature, top_p, generator)
-            token = torch.where(text_step, picked, pad_id)
-            token = torch.where(force_end, end_id, token)
-            token = torch.where(in_latent, latent_pad, token)
-            sequences[:, t] = token
-            latent_mask[:, t] = in_latent
-            n_gen += (~done).long()
-
-            # State for the next step.
-            started, force_end, remaining = advance_spans(token, text_step, remaining, start_id, k)
-            spans += started.long()
-            done = done | (text_step & torch.isin(token, eos_t))
-
-            all_done, any_latent = torch.stack(
-                (done.all(), in_latent.any())
-            ).tolist()  # one host sync per step
+            # 1. Each sample's token: picked (text), the latent pad (latent), the forced end, or pad (finished).
+            in_latent = state.remaining > 0
+            token, text_step = state.record(t, pick(_without_spans(logits, latent_mode, ids)), in_latent, ids)
+            # 2. What the latent samples feed at this step (ablations replace the model's own hidden state).
+            all_done, any_latent = torch.stack((state.done.all(), in_latent.any())).tolist()  # one host sync
             values = None
             if any_latent:
-                # What the latent slots get at this step (ablations replace the model's own hidden state).
                 fed_back = hidden if feedback.is_identity else feedback(hidden)
-                values = _latent_values(latent_mode, fed_back, in_latent, arange_b, generator, mean_vec)
+                values = _latent_values(latent_mode, fed_back, in_latent, state.arange, generator, mean_vec)
                 if return_latents:
                     stored.append((t, values))
-            if t == max_new_tokens - 1:
+            if t == max_new_tokens - 1 or all_done:
+                state.steps = t + 1
                 break
-            if all_done:
-                steps = t + 1
-                break
+            # 3. One cached forward for the whole batch.
+            logits, hidden = forward.step(token, t, in_latent if any_latent else None, values)
 
-            step_inputs = dict(
-                input_ids=token.view(batch, 1),
-                attention_mask=full_mask[:, : prompt_len + t + 1],
-                position_ids=prompt.family.model_positions(next_pos.view(1, batch, 1).expand(rows, batch, 1)),
-                cache=cache,
-                **forward_kw,
-            )
-            if any_latent:
-                # Latent samples first, in batch order: masked_scatter takes source rows in order.
-                order = torch.argsort((~in_latent).to(torch.int8), stable=True)
-                with latent_inputs(net, in_latent.view(batch, 1), values[order]):
-                    out = net(**step_inputs)
-            else:
-                out = net(**step_inputs)
-            logits = out.logits[:, -1]
-            hidden = captured.pop()[:, -1]
-            next_pos = next_pos + 1
-
-    sequences = sequences[:, :steps]
-    latent_mask = latent_mask[:, :steps]
-    latents = _latents_per_sample(stored, latent_mask, hidden) if return_latents else None
-    texts, raw_texts = _texts(tok, lt, sequences, n_gen)
+    sequences, latent_mask = state.sequences[:, : state.steps], state.latent_mask[:, : state.steps]
+    texts, raw_texts = _texts(tok, ids.latent, sequences, state.n_gen)
     return LatentGenerationOutput(
         sequences=sequences,
         latent_mask=latent_mask,
         texts=texts,
         raw_texts=raw_texts,
-        num_latent_spans=spans,
-        num_generated_tokens=n_gen,
-        latents=latents,
+        num_latent_spans=state.spans,
+        num_generated_tokens=state.n_gen,
+        latents=_latents_per_sample(stored, latent_mask, hidden) if return_latents else None,
     )
+
+
+@dataclass
+class _Ids:
+    """The ids decoding needs: the latent tokens (None: a plain model), the stop tokens and the pad token."""
+
+    latent: LatentTokens | None
+    eos: list[int]
+    pad: int
+
+    @classmethod
+    def resolve(cls, net, processor, tok, latent_tokens, eos_token_ids, pad_token_id) -> _Ids:
+        if tok is None and (latent_tokens is None or eos_token_ids is None or pad_token_id is None):
+            raise MirageError(
+                "generate_with_latents without a processor needs latent_tokens, eos_token_ids and pad_token_id"
+            )
+        latent = latent_tokens if latent_tokens is not None else _resolve_latent_tokens(net, processor)
+        eos = _default_eos(net, tok) if eos_token_ids is None else [int(i) for i in eos_token_ids]
+        pad = _pad_id(net, tok, eos) if pad_token_id is None else int(pad_token_id)
+        return cls(latent, eos, pad)
+
+    @property
+    def start(self) -> int:
+        return self.latent.start_id if self.latent is not None else -1
+
+    @property
+    def size(self) -> int:
+        return self.latent.latent_size if self.latent is not None else 0
+
+
+@dataclass
+class _State:
+    """Per-sample decoding state, all tensors: latent steps still to feed, a forced `<|latent_end|>`, finished
+    samples, spans opened, tokens generated, and what was recorded at each step."""
+
+    remaining: torch.Tensor
+    force_end: torch.Tensor
+    done: torch.Tensor
+    spans: torch.Tensor
+    n_gen: torch.Tensor
+    sequences: torch.Tensor  # (B, max_new_tokens)
+    latent_mask: torch.Tensor  # (B, max_new_tokens)
+    arange: torch.Tensor
+    eos: torch.Tensor  # the stop tokens' ids
+    steps: int
+
+    @classmethod
+    def start(cls, prompt: _Prompt, max_new_tokens: int, ids: _Ids) -> _State:
+        batch, device = prompt.batch, prompt.device
+        zeros = functools.partial(torch.zeros, batch, device=device)
+        return cls(
+            remaining=zeros(dtype=torch.long),
+            force_end=zeros(dtype=torch.bool),
+            done=zeros(dtype=torch.bool),
+            spans=zeros(dtype=torch.long),
+            n_gen=zeros(dtype=torch.long),
+            sequences=torch.full((batch, max_new_tokens), ids.pad, dtype=torch.long, device=device),
+            latent_mask=torch.zeros(batch, max_new_tokens, dtype=torch.bool, device=device),
+            arange=torch.arange(batch, device=device),
+            eos=torch.tensor(ids.eos, dtype=torch.long, device=device),
+            steps=max_new_tokens,
+        )
+
+    def record(self, t: int, picked: torch.Tensor, in_latent: torch.Tensor, ids: _Ids):
+        """Record step t's tokens and advance every sample's mode; returns (tokens, which samples wrote text)."""
+        text_step = ~(in_latent | self.force_end | self.done)
+        latent = ids.latent
+        token = torch.where(text_step, picked, ids.pad)
+        token = torch.where(self.force_end, latent.end_id if latent is not None else ids.pad, token)
+        token = torch.where(in_latent, latent.pad_id if latent is not None else ids.pad, token)
+        self.sequences[:, t] = token
+        self.latent_mask[:, t] = in_latent
+        self.n_gen += (~self.done).long()
+        started, self.force_end, self.remaining = advance_spans(
+            token, text_step, self.remaining, ids.start, ids.size
+        )
+        self.spans += started.long()
+        self.done = self.done | (text_step & torch.isin(token, self.eos))
+        return token, text_step
+
+
+class _Forward:
+    """The model's forwards during decoding: one prefill of the prompt, then one cached step per token, latent
+    samples fed through the slot mechanism."""
+
+    def __init__(self, net, prompt: _Prompt, captured: list):
+        from transformers import DynamicCache  # decoding only: the module stays importable without it loaded
+
+        self.net, self.prompt, self.captured = net, prompt, captured
+        self.cache = DynamicCache(config=getattr(net.config, "text_config", net.config))
+        self.next_pos = prompt.next_pos
+        self.kw = dict(use_cache=True, logits_to_keep=1)
+
+    def _out(self, out) -> tuple[torch.Tensor, torch.Tensor]:
+        """(last logits, last final-norm hidden state) of a forward."""
+        hidden = self.captured.pop()[:, -1]
+        self.captured.clear()
+        return out.logits[:, -1], hidden
+
+    def prefill(self):
+        p = self.prompt
+        out = self.net(
+            input_ids=p.input_ids,
+            attention_mask=p.attention_mask,
+            position_ids=p.family.model_positions(p.positions),
+            cache=self.cache,
+            **p.vision,
+            **self.kw,
+        )
+        return self._out(out)
+
+    def step(self, token: torch.Tensor, t: int, in_latent: torch.Tensor | None, values: torch.Tensor | None):
+        p, batch = self.prompt, self.prompt.batch
+        rows = p.positions.shape[0]  # the family's position rows (3 for M-RoPE)
+        step_inputs = dict(
+            input_ids=token.view(batch, 1),
+            attention_mask=p.full_mask[:, : p.input_ids.shape[1] + t + 1],
+            position_ids=p.family.model_positions(self.next_pos.view(1, batch, 1).expand(rows, batch, 1)),
+            cache=self.cache,
+            **self.kw,
+        )
+        self.next_pos = self.next_pos + 1
+        if in_latent is None:
+            return self._out(self.net(**step_inputs))
+        # Latent samples first, in batch order: masked_scatter takes source rows in order.
+        order = torch.argsort((~in_latent).to(torch.int8), stable=True)
+        with latent_inputs(self.net, in_latent.view(batch, 1), values[order]):
+            return self._out(self.net(**step_inputs))
+
+
+def _without_spans(logits: torch.Tensor, latent_mode: str, ids: _Ids) -> torch.Tensor:
+    """latent_mode="remove": the span cannot open (its start's logit is -inf), so the answer goes without it."""
+    if latent_mode != "remove" or ids.latent is None:
+        return logits
+    logits = logits.clone()
+    logits[:, ids.start] = float("-inf")
+    return logits
+
+
+def _mean_vector(latent_mode: str, latent_mean, hidden: torch.Tensor) -> torch.Tensor | None:
+    """latent_mode="mean": `latent_mean` on the model's device and dtype, checked against its hidden size."""
+    if latent_mode != "mean":
+        return None
+    mean_vec = latent_mean.to(device=hidden.device, dtype=hidden.dtype).reshape(-1)
+    if mean_vec.shape[0] != hidden.shape[-1]:
+        raise MirageError(
+            f"latent_mean has {mean_vec.shape[0]} values; the model's hidden size is {hidden.shape[-1]}"
+        )
+    return mean_vec
 
 
 @dataclass

@@ -22,6 +22,13 @@ BENCHMARKS = ("vsp_planning", "vsp_reasoning", "vsp_grounding", "jigsaw", "sat",
 GRID_BENCHMARKS = ("vsp_planning", "vsp_grounding")  # graded against the row's map_desc
 CHOICE_BENCHMARKS = ("vsp_reasoning", "jigsaw", "sat", "comt")
 
+
+def one_of(names) -> str:
+    """`a, b or c`: how help texts list choices."""
+    names = list(names)
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
 _BOXED = re.compile(r"\\boxed\s*\{")
 _MOVES = {"U": (-1, 0), "D": (1, 0), "L": (0, -1), "R": (0, 1)}
 _WRAPPER = re.compile(r"^\\[A-Za-z]+\s*\{(.*)\}$", re.S)  # \text{A}, \mathrm{A}

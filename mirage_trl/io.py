@@ -1,7 +1,8 @@
 """Atomic writes: a crash never leaves a half-written file or folder where a good one would be.
 
 Everything mirage-trl writes (generated data, caches, exports, eval results) goes through
-these helpers: write under a temporary name in the same folder, then `os.replace`.
+these helpers: write under a temporary name in the same folder, then `os.replace`. And whether a name is a
+local path or a Hub id (`looks_like_hub_name`).
 """
 
 from __future__ import annotations
@@ -182,3 +183,17 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False, flag: str = "--
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def looks_like_hub_name(name: str) -> bool:
+    """`org/name` that is not a path: never absolute, never `./...`, and its first part is not a local
+    folder, so `outputs/exprot` (a typo under an existing `outputs/`) fails at once instead of waiting on
+    the Hub."""
+    return (
+        not os.path.isabs(name)
+        and not name.startswith(".")
+        and name.count("/") == 1
+        and not name.endswith("/")
+        and not Path(name).exists()
+        and not Path(name.split("/", 1)[0]).is_dir()
+    )

@@ -12,8 +12,11 @@ import types
 import typing
 from pathlib import Path
 
+from .checkpoints import check_resume_checkpoint
 from .errors import MirageError
+from .io import check_writable_dir, looks_like_hub_name, read_json
 from .models.families import SUPPORTED_MODEL_TYPES
+from .models.settings import CONFIG_KEY, MirageSettings
 
 
 def _fields(types) -> dict[str, dataclasses.Field]:
@@ -124,8 +127,6 @@ def parse_recipe_args(types, argv: list[str] | None = None):
 def check_model_source(name, flag: str = "--model_name_or_path") -> None:
     """A local model folder: a readable config.json of a supported vision-language model with well-typed Mirage
     settings and readable safetensors, or a PEFT adapter whose files are readable and whose base exists."""
-    from .io import read_json
-    from .models.resolve import looks_like_hub_name
 
     path = Path(str(name))
     if not path.exists():
@@ -153,13 +154,14 @@ def check_model_source(name, flag: str = "--model_name_or_path") -> None:
             f"{path / 'config.json'}: model type {model_type!r} is not a supported vision-language model; "
             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
-    mirage = config.get("mirage")
-    if mirage is not None:
-        size = mirage.get("latent_size") if isinstance(mirage, dict) else None
-        if not isinstance(mirage, dict) or type(size) is not int or size < 1:
+    mirage = config.get(CONFIG_KEY)
+    if mirage is not None:  # read as the loader will read it: a bad value fails here, before anything loads
+        where = f"{path / 'config.json'}:{CONFIG_KEY}"
+        if not isinstance(mirage, dict):
             raise MirageError(
-                f"{path / 'config.json'}:mirage: expected {{'latent_size': <int >= 1>, ...}}, got {json.dumps(mirage)[:60]}"
+                f"{where}: expected the Mirage settings (an object), got {json.dumps(mirage)[:60]}"
             )
+        MirageSettings.from_dict(mirage, where)
     _check_safetensors(path)
 
 
@@ -211,8 +213,6 @@ def check_report_to(report_to) -> None:
 
 def preflight(script_args, training_args, model_args) -> None:
     """What a recipe checks after parsing and before loading anything heavy."""
-    from .checkpoints import check_resume_checkpoint
-    from .io import check_writable_dir
 
     check_report_to(getattr(training_args, "report_to", None))
     check_writable_dir(training_args.output_dir, "--output_dir")

@@ -114,10 +114,20 @@ def _p(p: float) -> str:
 
 
 def write_report(results: dict, path: Path) -> None:
+    """The experiment's report.md: how it ran, then one section per finding."""
     s = results["summary"]
+    levels = [str(v) for v in results["data"]["levels"]]
+    lines = _header(results) + _accuracy(s, levels) + _grounding(s, levels) + _comparisons(s) + _ablations(s)
+    lines += _health_table(s)
+    if results.get("plots"):
+        lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in results["plots"]]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _header(results: dict) -> list[str]:
     cfg = results["config"]
     levels = [str(v) for v in results["data"]["levels"]]
-    lines = [
+    return [
         f"# Experiment: {cfg['name']}",
         "",
         f"- date: {results['date']}; wall time {results['wall_seconds'] / 60:.1f} min",
@@ -141,22 +151,30 @@ def write_report(results: dict, path: Path) -> None:
         "- decoding: greedy; accuracy = the plan reaches the goal without a hole (docs/method.md, grading)",
         "- statistics: Wilson 95 % intervals (rows pooled over seeds); paired differences on the same rows with a "
         "paired bootstrap 95 % interval (2000 resamples) and McNemar's exact test",
-        "",
-        "## Accuracy per arm and level (%, 95 % interval)",
-        "",
-        "| arm | " + " | ".join(f"level {v}" for v in levels) + " | all | invalid % |",
-        "|---|" + "---|" * (len(levels) + 2),
     ]
 
-    def row(label, g):
-        cells = [f"{_pct(g[v]['accuracy'])} {_ci(g[v]['ci95'])}" if v in g else "-" for v in levels]
-        return (
-            f"| {label} | "
-            + " | ".join(cells)
-            + f" | {_pct(g['all']['accuracy'])} {_ci(g['all']['ci95'])} | {_pct(g['all']['invalid_rate'])} |"
-        )
 
-    lines += [row(a["label"], a["groups"]) for a in s["arms"].values()]
+def _level_row(label: str, groups: dict, levels: list[str]) -> str:
+    """One table row: accuracy with its interval per level and over all levels, and the invalid rate."""
+    cells = [
+        f"{_pct(groups[v]['accuracy'])} {_ci(groups[v]['ci95'])}" if v in groups else "-" for v in levels
+    ]
+    every = groups["all"]
+    return (
+        f"| {label} | "
+        + " | ".join(cells)
+        + f" | {_pct(every['accuracy'])} {_ci(every['ci95'])} | {_pct(every['invalid_rate'])} |"
+    )
+
+
+def _level_table(first: str, levels: list[str]) -> list[str]:
+    return [f"| {first} | " + " | ".join(f"level {v}" for v in levels) + " | all | invalid % |",
+            "|---|" + "---|" * (len(levels) + 2)]  # fmt: skip
+
+
+def _accuracy(s: dict, levels: list[str]) -> list[str]:
+    lines = ["", "## Accuracy per arm and level (%, 95 % interval)", "", *_level_table("arm", levels)]
+    lines += [_level_row(a["label"], a["groups"], levels) for a in s["arms"].values()]
     best = s["best_arm_level3"]
     if "accuracy" in best:
         lines += [
@@ -164,70 +182,83 @@ def write_report(results: dict, path: Path) -> None:
             f"Best arm on held-out level-3 maps: **{LABELS.get(best['arm'], best['arm'])}**, "
             f"{_pct(best['accuracy'])} % {_ci(best['ci95'])}.",
         ]
-    if "grounding" in s:
-        lines += [
-            "",
-            "## Grounding warm-up: describing held-out maps (%, 95 % interval)",
-            "",
-            "Correct = the first description names exactly the map's start, goal and holes; the maps are new to "
-            "every stage of every arm.",
-            "",
-            "| model | " + " | ".join(f"level {v}" for v in levels) + " | all | invalid % |",
-            "|---|" + "---|" * (len(levels) + 2),
-            row("grounded model (the arms' starting point)", s["grounding"]["groups"]),
-        ]
-    if s["comparisons"]:
-        lines += [
-            "",
-            "## Arm against arm (same test rows)",
-            "",
-            "| b against a | accuracy b - a (points) | 95 % interval | b right only | a right only | McNemar p |",
-            "|---|---|---|---|---|---|",
-        ]
-        for c in s["comparisons"]:
-            lines.append(
-                f"| {LABELS[c['b']]} vs {LABELS[c['a']]} | {100 * c['delta']:+.1f} | "
-                f"[{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}] | {c['b_only']} | {c['a_only']} | "
-                f"{_p(c['p_value'])} |"
-            )
-    if s["ablations"]:
-        lines += [
-            "",
-            "## Latent ablations (decoding the same model; change against its own latents)",
-            "",
-            "| arm | ablation | accuracy % | change (points) | 95 % interval | McNemar p |",
-            "|---|---|---|---|---|---|",
-        ]
-        for arm, modes in s["ablations"].items():
-            for mode, m in modes.items():
-                lines.append(
-                    f"| {LABELS[arm]} | {mode} | {_pct(m['groups']['all']['accuracy'])} | {100 * m['delta']:+.1f} | "
-                    f"[{100 * m['ci95'][0]:+.1f}, {100 * m['ci95'][1]:+.1f}] | {_p(m['p_value'])} |"
-                )
-    health = {arm: a["latent_health"] for arm, a in s["arms"].items() if "latent_health" in a}
-    if health:
-        lines += [
-            "",
-            "## Latent health (test decoding, model's own latents; mean over seeds)",
-            "",
-            "| arm | trigger % | spans/answer | cross-sample cos | consecutive cos | norm | norm / target | "
-            "effective rank |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for arm, h in health.items():
-            e = h["eval"]
+    return lines
 
-            def f(key, e=e):
-                return f"{e[key]:.3f}" if key in e else "-"
 
+def _grounding(s: dict, levels: list[str]) -> list[str]:
+    if "grounding" not in s:
+        return []
+    return [
+        "",
+        "## Grounding warm-up: describing held-out maps (%, 95 % interval)",
+        "",
+        "Correct = the first description names exactly the map's start, goal and holes; the maps are new to "
+        "every stage of every arm.",
+        "",
+        *_level_table("model", levels),
+        _level_row("grounded model (the arms' starting point)", s["grounding"]["groups"], levels),
+    ]
+
+
+def _comparisons(s: dict) -> list[str]:
+    if not s["comparisons"]:
+        return []
+    lines = [
+        "",
+        "## Arm against arm (same test rows)",
+        "",
+        "| b against a | accuracy b - a (points) | 95 % interval | b right only | a right only | McNemar p |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in s["comparisons"]:
+        lines.append(
+            f"| {LABELS[c['b']]} vs {LABELS[c['a']]} | {100 * c['delta']:+.1f} | "
+            f"[{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}] | {c['b_only']} | {c['a_only']} | "
+            f"{_p(c['p_value'])} |"
+        )
+    return lines
+
+
+def _ablations(s: dict) -> list[str]:
+    if not s["ablations"]:
+        return []
+    lines = [
+        "",
+        "## Latent ablations (decoding the same model; change against its own latents)",
+        "",
+        "| arm | ablation | accuracy % | change (points) | 95 % interval | McNemar p |",
+        "|---|---|---|---|---|---|",
+    ]
+    for arm, modes in s["ablations"].items():
+        for mode, m in modes.items():
             lines.append(
-                f"| {LABELS[arm]} | {_pct(e.get('trigger_rate', 0.0))} | {e.get('spans_per_answer', 0.0):.2f} | "
-                f"{f('cross_sample_cos')} | {f('consecutive_cos')} | {f('norm')} | {f('norm_ratio')} | "
-                f"{f('effective_rank')} |"
+                f"| {LABELS[arm]} | {mode} | {_pct(m['groups']['all']['accuracy'])} | {100 * m['delta']:+.1f} | "
+                f"[{100 * m['ci95'][0]:+.1f}, {100 * m['ci95'][1]:+.1f}] | {_p(m['p_value'])} |"
             )
-    if results.get("plots"):
-        lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in results["plots"]]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return lines
+
+
+def _health_table(s: dict) -> list[str]:
+    health = {arm: a["latent_health"]["eval"] for arm, a in s["arms"].items() if "latent_health" in a}
+    if not health:
+        return []
+    lines = [
+        "",
+        "## Latent health (test decoding, model's own latents; mean over seeds)",
+        "",
+        "| arm | trigger % | spans/answer | cross-sample cos | consecutive cos | norm | norm / target | "
+        "effective rank |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for arm, e in health.items():
+        f = {k: f"{e[k]:.3f}" if k in e else "-" for k in ("cross_sample_cos", "consecutive_cos", "norm",
+                                                            "norm_ratio", "effective_rank")}  # fmt: skip
+        lines.append(
+            f"| {LABELS[arm]} | {_pct(e.get('trigger_rate', 0.0))} | {e.get('spans_per_answer', 0.0):.2f} | "
+            f"{f['cross_sample_cos']} | {f['consecutive_cos']} | {f['norm']} | {f['norm_ratio']} | "
+            f"{f['effective_rank']} |"
+        )
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------ plots

@@ -21,7 +21,16 @@ import os
 import sys
 from pathlib import Path
 
+from .card import launch_line
+from .checkpoints import newest_complete_checkpoint
+from .data.sources import load_data
 from .errors import MirageError
+from .io import read_json, write_json
+from .models.families import unwrap
+from .models.processors import save_processor
+from .models.resolve import portable_model_ref
+from .models.settings import MirageSettings
+from .preflight import parse_recipe_args
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +52,13 @@ def run_recipe(main_fn, prog: str | None = None):
         raise SystemExit(2) from None
 
 
+def launch(main_fn, arg_classes, **fixed):
+    """Run a recipe's `main(script_args, training_args, model_args, **fixed)` on the command line's YAML and
+    flags (`TrlParser` over `arg_classes`), errors in one line (`run_recipe`). `fixed`: what the recipe script
+    names (its stage, its benchmark)."""
+    return run_recipe(lambda: main_fn(*parse_recipe_args(arg_classes), **fixed))
+
+
 def check_stage(training_args, stage: int, recipe: str) -> None:
     """The recipe runs `stage`: a different `--stage` is refused, never overwritten; unset, it is set."""
     given = getattr(training_args, "stage", None)
@@ -59,7 +75,6 @@ def load_train_data(script_args, benchmark: str | None = None):
     `--dataset_name` is a reference JSONL, a local dataset folder or a dataset id (`data.sources`), read
     with TRL's `--dataset_config` and `--dataset_train_split`; `--eval_dataset_name` is read the same way
     with `--dataset_test_split`."""
-    from .data.sources import load_data
 
     if not script_args.dataset_name:
         raise MirageError(
@@ -97,7 +112,6 @@ def peft_config_for(model, model_args):
 def train(trainer, training_args):
     """Train (resuming from `--resume_from_checkpoint`, or else from the newest complete checkpoint in
     `output_dir`), then log and save the train metrics and the trainer state. Returns the metrics."""
-    from .checkpoints import newest_complete_checkpoint
 
     checkpoint = training_args.resume_from_checkpoint
     if checkpoint is None:
@@ -118,15 +132,10 @@ def save_outputs(
     """Save the model or adapter, the processor with the latent tokens, the Mirage settings (with the
     stages run so far) and TRL's model card. A text-only baseline has no Mirage settings (its trainer
     says so) and writes only the rest."""
-    from .export import launch_line
-    from .latent.settings import MirageSettings
-    from .models.resolve import portable_model_ref
 
     trainer.save_model(output_dir)
     if not trainer.accelerator.is_main_process:
         return
-    from .latent.model_utils import unwrap
-    from .models.processors import save_processor
 
     save_processor(trainer.processing_class, output_dir, unwrap(trainer.model).config.model_type)
     settings = trainer.mirage_checkpoint_settings()
@@ -151,8 +160,6 @@ def save_outputs(
 
 def make_adapter_portable(folder) -> None:
     """PEFT records the base as it was given (often a path relative to where training ran): make it absolute."""
-    from .io import read_json, write_json
-    from .models.resolve import portable_model_ref
 
     path = Path(folder) / "adapter_config.json"
     if path.is_file():

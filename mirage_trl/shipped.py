@@ -11,11 +11,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import MirageError
+from .grading import BENCHMARKS
 
 # kind -> the folder in a clone (the wheel's folder is mirage_trl/<kind>)
 KINDS = {"recipes": "recipes", "zero_configs": "zero_configs", "model_configs": "bench/configs"}
-METHODS = ("stage1", "stage2", "grpo", "sft")  # the recipes' <method>_<benchmark>.py and YAML folders
-RECIPE_BENCHMARKS = ("vsp", "jigsaw", "sat", "comt")
+METHODS = ("stage1", "stage2", "grpo", "text_sft")  # the recipes' <method>_<benchmark>.py and YAML folders
+# Older names still accepted: `sft` was the text-only baseline's name beside the Mirage SFT stages 1 and 2.
+METHOD_ALIASES = {"sft": "text_sft"}
+# One recipe per benchmark family: the VSP tasks (vsp_planning, vsp_reasoning, ...) share recipes/<method>_vsp.py.
+RECIPE_BENCHMARKS = tuple(dict.fromkeys(b.split("_", 1)[0] for b in BENCHMARKS))
 DEFAULT_MODEL = "Qwen2.5-VL-7B-Instruct"  # the paper's model: what a YAML variant alone names
 
 

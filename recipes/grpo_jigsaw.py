@@ -9,19 +9,15 @@ Usage:
 Any YAML key can be overridden on the command line, e.g. `--num_generations 8`.
 """
 
+import functools
+
 from mirage_grpo import ARGS
-from mirage_grpo import main as run
+from mirage_grpo import main as steps
 
-from mirage_trl.preflight import parse_recipe_args
-from mirage_trl.run import run_recipe
+from mirage_trl.run import launch
 
-BENCHMARK = "jigsaw"  # the rows' grader (--benchmark wins)
-
-
-def main(script_args, training_args, model_args):
-    """The steps are recipes/mirage_grpo.py's: check, data, model, trainer, train (auto-resume), save, card, push."""
-    return run(script_args, training_args, model_args, benchmark=BENCHMARK)
-
+# The steps are recipes/mirage_grpo.py's; this script names its benchmark (a --benchmark flag wins).
+main = functools.partial(steps, benchmark="jigsaw")
 
 if __name__ == "__main__":
-    run_recipe(lambda: main(*parse_recipe_args(ARGS)))
+    launch(main, ARGS)

@@ -6,10 +6,10 @@ GRPO with latent rollouts from a stage-2 output; reward 0.9 x accuracy + 0.1 x f
 from trl import ModelConfig
 
 from mirage_trl.configs import MirageGRPOConfig, MirageScriptArguments
-from mirage_trl.latent.settings import GRPO_STAGE
 from mirage_trl.models.load import load_for_training
-from mirage_trl.preflight import parse_recipe_args, preflight
-from mirage_trl.run import load_train_data, peft_config_for, push_outputs, run_recipe, save_outputs, train
+from mirage_trl.preflight import preflight
+from mirage_trl.run import launch, load_train_data, peft_config_for, push_outputs, save_outputs, train
+from mirage_trl.stages import GRPO_STAGE
 from mirage_trl.trainers.grpo import MirageGRPOTrainer
 
 ARGS = (MirageScriptArguments, MirageGRPOConfig, ModelConfig)
@@ -55,4 +55,4 @@ def main(script_args, training_args, model_args, *, benchmark: str | None):
 
 
 if __name__ == "__main__":
-    run_recipe(lambda: main(*parse_recipe_args(ARGS), benchmark=None))
+    launch(main, ARGS, benchmark=None)

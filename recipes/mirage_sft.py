@@ -11,13 +11,13 @@ from trl import ModelConfig
 
 from mirage_trl.configs import MirageScriptArguments, MirageSFTConfig
 from mirage_trl.models.load import load_for_training
-from mirage_trl.preflight import parse_recipe_args, preflight
+from mirage_trl.preflight import preflight
 from mirage_trl.run import (
     check_stage,
+    launch,
     load_train_data,
     peft_config_for,
     push_outputs,
-    run_recipe,
     save_outputs,
     train,
 )
@@ -67,4 +67,4 @@ def main(script_args, training_args, model_args, *, stage: int, benchmark: str |
 if (
     __name__ == "__main__"
 ):  # direct use: the stage is --stage (default 1), the benchmark --benchmark or inferred
-    run_recipe(lambda: main(*parse_recipe_args(ARGS), stage=None, benchmark=None, recipe=__file__))
+    launch(main, ARGS, stage=None, benchmark=None, recipe=__file__)

@@ -10,22 +10,15 @@ Usage:
 Any YAML key can be overridden on the command line, e.g. `--per_device_train_batch_size 4`.
 """
 
+import functools
+
 from mirage_sft import ARGS
-from mirage_sft import main as train_stage
+from mirage_sft import main as steps
 
-from mirage_trl.preflight import parse_recipe_args
-from mirage_trl.run import run_recipe
+from mirage_trl.run import launch
 
-STAGE = 1
-BENCHMARK = "comt"  # the rows' grader (--benchmark wins)
-
-
-def main(script_args, training_args, model_args):
-    """The steps are recipes/mirage_sft.py's: check, data, model, trainer, train (auto-resume), save, card, push."""
-    return train_stage(
-        script_args, training_args, model_args, stage=STAGE, benchmark=BENCHMARK, recipe=__file__
-    )
-
+# The steps are recipes/mirage_sft.py's; this script names its stage and its benchmark (a --benchmark flag wins).
+main = functools.partial(steps, stage=1, benchmark="comt", recipe=__file__)
 
 if __name__ == "__main__":
-    run_recipe(lambda: main(*parse_recipe_args(ARGS)))
+    launch(main, ARGS)

@@ -1,14 +1,14 @@
 """The text-only SFT baseline (and the helper-as-input upper bound), step by step: what every
-`recipes/sft_<benchmark>.py` runs, with TRL's `SFTTrainer`.
+`recipes/text_text_sft_<benchmark>.py` runs, with TRL's `SFTTrainer`.
 """
 
 from trl import ModelConfig, SFTConfig
 
 from mirage_trl.configs import BaselineScriptArguments
-from mirage_trl.latent.model_utils import vision_tower
+from mirage_trl.models.families import vision_tower
 from mirage_trl.models.load import load_for_training
-from mirage_trl.preflight import parse_recipe_args, preflight
-from mirage_trl.run import load_train_data, push_outputs, run_recipe, save_outputs, train
+from mirage_trl.preflight import preflight
+from mirage_trl.run import launch, load_train_data, push_outputs, save_outputs, train
 from mirage_trl.trainers.text_sft import (
     TextSFTTrainer,
     baseline_peft_config,
@@ -65,4 +65,4 @@ def main(script_args, training_args, model_args, *, benchmark: str | None):
 
 
 if __name__ == "__main__":
-    run_recipe(lambda: main(*parse_recipe_args(ARGS), benchmark=None))
+    launch(main, ARGS, benchmark=None)

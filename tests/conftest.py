@@ -59,7 +59,7 @@ def env(tmp_path_factory):
     """Tiny models on disk (plain VL, Mirage k=2, text-only), 4 generated VSP rows with their images."""
 
     from mirage_trl.data.vsp import generate_vsp
-    from mirage_trl.latent.tokens import add_latent_tokens
+    from mirage_trl.models.prepare import add_latent_tokens
     from mirage_trl.models.tiny import build_tiny_model, save_tiny_model
 
     root = tmp_path_factory.mktemp("reliability")

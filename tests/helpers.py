@@ -179,7 +179,7 @@ def _params(model):
 
 
 def _nan_final_norm(trainer):
-    from mirage_trl.latent.model_utils import unwrap
+    from mirage_trl.models.families import unwrap
 
     norm = unwrap(trainer.model).model.language_model.norm
     return norm.register_forward_hook(lambda m, i, o: o * float("nan"))

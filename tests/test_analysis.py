@@ -34,7 +34,7 @@ def test_space_stats_by_hand():
 def triggered_model(tmp_path):
     """A tiny Mirage model that emits <|latent_start|> where its greedy pick for row 0's first step would be."""
     from mirage_trl.evaluation import _prompt_encoder
-    from mirage_trl.latent.tokens import add_latent_tokens
+    from mirage_trl.models.prepare import add_latent_tokens
     from mirage_trl.models.tiny import build_tiny_model
 
     for name, seed in (("in.png", 0), ("help.png", 1)):

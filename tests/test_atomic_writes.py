@@ -64,7 +64,7 @@ def test_killed_data_generation_leaves_no_output(tmp_path):
 def test_interrupted_latent_target_cache_leaves_no_cache_file(env, rows, tmp_path, monkeypatch):
     import mirage_trl.data.images as images
     from mirage_trl.latent.targets import precompute_latent_targets
-    from mirage_trl.latent.tokens import add_latent_tokens
+    from mirage_trl.models.prepare import add_latent_tokens
     from mirage_trl.models.tiny import build_tiny_model
 
     model, processor = build_tiny_model(seed=0)

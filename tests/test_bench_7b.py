@@ -84,5 +84,5 @@ def test_config_file_model_takes_the_local_tokenizer_ids(tmp_path):
     bad.write_text(json.dumps({**d, "model_type": "llama"}))
     import pytest
 
-    with pytest.raises(MirageError, match="model_type 'llama' is not one of"):
+    with pytest.raises(MirageError, match="model type 'llama' is not a supported vision-language model"):
         config_from_file(bad, tok)

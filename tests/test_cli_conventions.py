@@ -86,3 +86,20 @@ def test_dashed_and_underscore_flags_are_one_option():
         ["data", "vsp", "--task", "grounding", "--num_samples", "4", "--out", "x", "--tile_px", "28"]
     )
     assert (data.num_samples, data.tile_px) == (4, 28)
+
+
+def test_train_names_the_text_baseline_text_sft_and_still_takes_sft(capsys):
+    """`mirage-trl train text_sft` runs the text-only baseline's recipe; the older `sft` is the same, with a note."""
+    import argparse
+
+    from mirage_trl.cli.train import _recipe
+
+    new = _recipe(argparse.Namespace(recipe="text_sft", benchmark="vsp_reasoning"))
+    assert (new[0].name, new[1:]) == (
+        "text_sft_vsp.py",
+        ("text_sft", "vsp", ["--benchmark", "vsp_reasoning"]),
+    )
+    assert capsys.readouterr().err == ""
+    old = _recipe(argparse.Namespace(recipe="sft", benchmark="vsp_reasoning"))
+    assert old == new
+    assert "`mirage-trl train sft` is now `mirage-trl train text_sft`" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Outputs of the CLI (issue: security and data safety), through `python -m mirage_trl` subprocesses:
+"""Outputs of the CLI, through `python -m mirage_trl` subprocesses:
 
 * every `--out` is checked creatable and writable before any work (a file, under a file, a name too long);
 * an export never deletes what it reads (`--out` equal to, inside or a parent of `--model` or of the base),
@@ -36,7 +36,7 @@ def cli(*argv, timeout=300, **kw):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     from mirage_trl.data.vsp import generate_vsp
-    from mirage_trl.latent.tokens import add_latent_tokens
+    from mirage_trl.models.prepare import add_latent_tokens
     from mirage_trl.models.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("cli_outputs")
@@ -130,7 +130,7 @@ def test_export_refuses_out_that_holds_the_adapters_base(tmp_path):
     """An adapter export whose --out (with --overwrite) is a parent of the base model the adapter names."""
     from peft import LoraConfig, get_peft_model
 
-    from mirage_trl.latent.tokens import add_latent_tokens
+    from mirage_trl.models.prepare import add_latent_tokens
     from mirage_trl.models.tiny import build_tiny_model
 
     holder, adapter = tmp_path / "holder", tmp_path / "adapter"

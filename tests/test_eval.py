@@ -202,7 +202,7 @@ def test_num_samples_and_bad_modes(processor, vsp_rows):
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    from mirage_trl.latent.tokens import add_latent_tokens
+    from mirage_trl.models.prepare import add_latent_tokens
     from mirage_trl.models.tiny import build_tiny_model
 
     out = tmp_path_factory.mktemp("tiny") / "model"

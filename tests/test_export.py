@@ -26,9 +26,9 @@ from mirage_trl.cli import main as cli_main
 from mirage_trl.errors import MirageError
 from mirage_trl.export import export_model
 from mirage_trl.generation import generate_with_latents
-from mirage_trl.latent.model_utils import unwrap
-from mirage_trl.latent.tokens import LATENT_START, LATENT_TOKEN_NAMES
+from mirage_trl.models.families import unwrap
 from mirage_trl.models.load import load_model, resolve_model_dir
+from mirage_trl.models.tokens import LATENT_START, LATENT_TOKEN_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_NEW = 24
@@ -108,7 +108,7 @@ def trained(tmp_path_factory):
 
 
 def _decode(model, processor, latent_tokens, rows):
-    from mirage_trl.data.collator import MirageDataCollator
+    from mirage_trl.latent.collator import MirageDataCollator
 
     batch = MirageDataCollator(processor, latent_tokens).prompt_batch(rows)
     return generate_with_latents(
@@ -239,7 +239,7 @@ def test_merged_export_round_trip_and_rows(trained, reference, merged_export):
 
     # Merged logits equal base + adapter (the adapter export loaded over its base).
     adapter_model, _ = load_model(trained["root"] / "export-adapter")
-    from mirage_trl.data.collator import MirageDataCollator
+    from mirage_trl.latent.collator import MirageDataCollator
 
     batch = MirageDataCollator(processor, trained["trainer"].latent_tokens).prompt_batch(trained["rows"])
     kw = {
@@ -279,8 +279,8 @@ def test_resized_base_adapter_round_trip(tmp_path):
     from transformers import AutoModelForImageTextToText
 
     from mirage_trl.configs import MirageSFTConfig
-    from mirage_trl.data.collator import MirageDataCollator
     from mirage_trl.data.reference import _features
+    from mirage_trl.latent.collator import MirageDataCollator
     from mirage_trl.models.processors import load_processor
     from mirage_trl.models.tiny import save_tiny_model
     from mirage_trl.run import save_outputs
@@ -515,7 +515,7 @@ def test_card_from_eval_results_has_the_accuracy_table_and_model_index():
     """A `mirage-trl eval` results.json becomes a per-mode, per-level table and the card's model-index."""
     from huggingface_hub import ModelCard
 
-    from mirage_trl.export import build_model_card
+    from mirage_trl.card import build_model_card
 
     def groups(a3, a4, invalid=0.0):
         g = {"3": {"accuracy": a3, "invalid_rate": 0.0}, "4": {"accuracy": a4, "invalid_rate": 0.0}}
@@ -615,7 +615,7 @@ def test_adapter_loads_with_plain_peft_over_its_base(trained, adapter_export):
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
-    from mirage_trl.latent.settings import MirageSettings
+    from mirage_trl.models.settings import MirageSettings
 
     tok = AutoTokenizer.from_pretrained(str(adapter_export))
     _check_tokens(type("P", (), {"tokenizer": tok}))
@@ -641,7 +641,7 @@ def test_adapter_loads_with_plain_peft_over_its_base(trained, adapter_export):
 def test_launch_lines_name_what_the_user_ran(monkeypatch):
     """Cards and settings show `accelerate launch recipes/<script> ...` for a recipe and `mirage-trl ...` for
     the command, credentials redacted."""
-    from mirage_trl.export import launch_line
+    from mirage_trl.card import launch_line
     from mirage_trl.shipped import shipped
 
     recipe = [str(shipped("recipes") / "stage2_vsp.py"), "--config", "x.yaml", "--hub_token", "hf_secret"]
@@ -710,8 +710,8 @@ def test_card_command_puts_eval_results_into_any_model_folder(trained, tmp_path,
 def test_a_latent_size_disagreement_names_the_adapter_and_its_file(trained):
     """Continuing a LoRA adapter with another latent size names the adapter's folder and its settings file,
     not the base model the weights were loaded from."""
-    from mirage_trl.latent.settings import check_model_latent_size
     from mirage_trl.models.load import load_for_training
+    from mirage_trl.models.settings import MirageSettings
 
     model, _ = load_for_training(trained["run"])
     run = trained["run"]
@@ -719,5 +719,5 @@ def test_a_latent_size_disagreement_names_the_adapter_and_its_file(trained):
         MirageError,
         match=rf"^latent_size=3 disagrees with {run}, which was trained with latent_size=4 \({run / 'mirage_config.json'}\)",
     ):
-        check_model_latent_size(model, 3)
-    check_model_latent_size(model, 4)  # the trained size passes
+        MirageSettings.adopt(model, 3)
+    assert MirageSettings.adopt(model, 4).latent_size == 4  # the trained size passes

@@ -11,9 +11,9 @@ from PIL import Image
 
 from mirage_trl.errors import MirageError
 from mirage_trl.generation import LATENT_MODES, generate_with_latents
-from mirage_trl.latent.model_utils import capture_final_hidden
 from mirage_trl.latent.slots import latent_inputs
-from mirage_trl.latent.tokens import add_latent_tokens
+from mirage_trl.models.families import SUPPORTED_MODEL_TYPES, capture_final_hidden
+from mirage_trl.models.prepare import add_latent_tokens
 from mirage_trl.models.tiny import build_tiny_model
 
 K = 3
@@ -186,10 +186,7 @@ def _check_batch_has_ragged_spans(out, lt):
     assert len(set(entered)) >= 2, f"samples should enter latent mode at different steps: {starts}"
 
 
-@pytest.mark.parametrize(
-    "model_type",
-    ["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_5", "gemma3", "internvl", "smolvlm", "llava_onevision"],
-)
+@pytest.mark.parametrize("model_type", SUPPORTED_MODEL_TYPES)
 def test_batched_greedy_equals_plain_loop(model_type):
     model, processor, lt = new_model(model_type)
     batch = make_batch(processor, PROMPTS)
@@ -543,7 +540,7 @@ def test_load_model_errors_and_plain_model_warning(tmp_path):
 def test_slot_settings_apply_at_decoding(setup, slots):
     """The model's saved slot settings reach decoding: each fed latent is the hidden state before its
     slot rescaled to the saved norm (feedback-norm matching), or zeros (markers-only control)."""
-    from mirage_trl.latent.settings import MirageSettings
+    from mirage_trl.models.settings import MirageSettings
 
     model, processor, lt, batch = setup
     saved = model.config.mirage

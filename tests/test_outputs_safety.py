@@ -1,4 +1,4 @@
-"""What training runs and exports write (issue: security and data safety), through the real entry points:
+"""What training runs and exports write, through the real entry points:
 the stage-1 recipe under `accelerate launch` and `mirage-trl export` as subprocesses.
 
 * no credential anywhere: a `--hub_token` on the command line and tokens in the environment are grepped for

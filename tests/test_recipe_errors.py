@@ -1,5 +1,4 @@
-"""Every recipe error path is one line and exit 2, found before the model loads (issue: security and data
-safety), through `python recipes/stage1_vsp.py` subprocesses, and once through `mirage-trl train` over
+"""Every recipe error path is one line and exit 2, found before the model loads, through `python recipes/stage1_vsp.py` subprocesses, and once through `mirage-trl train` over
 `accelerate launch`, where that line is the last one on screen."""
 
 from __future__ import annotations
@@ -94,7 +93,7 @@ CASES = {
     "adapter_base_missing": (_adapter("/nowhere/base-model"), r"adapter_config\.json: base model /nowhere/base-model: no such model folder"),
     "corrupt_adapter": (lambda t, e: _adapter(str(e[0]))(t, e), r"adapter_model\.safetensors: not a readable safetensors file, corrupt or truncated"),
     "report_to_missing": (lambda t, e: ["--report_to", "wandb"], r"--report_to wandb: the wandb package is not installed \(pip install 'mirage-trl\[wandb\]', or --report_to none\)"),
-    "mirage_settings_wrong_type": (lambda t, e: _model(t, e, _config_edit(mirage={"latent_size": "four"})), r"config\.json:mirage: expected \{'latent_size': <int >= 1>"),
+    "mirage_settings_wrong_type": (lambda t, e: _model(t, e, _config_edit(mirage={"latent_size": "four"})), r"config\.json:mirage: latent_size must be an integer >= 1, got 'four'"),
 }  # fmt: skip
 
 

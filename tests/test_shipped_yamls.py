@@ -11,7 +11,12 @@ from mirage_trl.errors import MirageError
 from mirage_trl.preflight import check_recipe_yaml, parse_recipe_args
 
 # the recipe module whose ARGS parse a YAML of each method folder
-RECIPE_MODULES = {"stage1": "mirage_sft", "stage2": "mirage_sft", "grpo": "mirage_grpo", "sft": "text_sft"}
+RECIPE_MODULES = {
+    "stage1": "mirage_sft",
+    "stage2": "mirage_sft",
+    "grpo": "mirage_grpo",
+    "text_sft": "text_sft",
+}
 YAMLS = sorted((REPO / "recipes").glob("*/*/config_*.yaml"))
 
 
@@ -78,3 +83,13 @@ def test_a_variant_names_the_paper_models_yaml_and_other_models_go_by_folder():
         name = f"{model}/stage2/config_vsp_lora"
         assert recipe_config(name, "stage2", "vsp") == str(root / f"{name}.yaml")
     assert recipe_config("smoke", "stage1", "vsp") == str(root / "tiny/stage1/config_vsp_smoke.yaml")
+
+
+def test_every_yaml_is_laid_out_in_sections():
+    """open-r1's layout: `# Model arguments`, `# Data`, `# Mirage`, `# Training` headers, in that order (a section
+    a YAML has no keys for is left out)."""
+    order = ["# Model arguments", "# Data", "# Mirage", "# Training"]
+    for path in sorted((REPO / "recipes").rglob("*.yaml")):
+        headers = [line for line in path.read_text().splitlines() if line in order]
+        assert headers == [h for h in order if h in headers], path
+        assert headers[0] == "# Model arguments" and headers[-1] == "# Training", path

@@ -23,7 +23,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..export import add_eval_results
+    from ..card import add_eval_results
 
     print(f"wrote {add_eval_results(args.folder, args.eval_json)}")
     return 0

@@ -216,7 +216,7 @@ def _version() -> str:
 
 
 def _latent_size(model) -> int | None:
-    from ..latent.settings import MirageSettings
+    from ..models.settings import MirageSettings
 
     settings = MirageSettings.of_model(model)
     return settings.latent_size if settings else None

@@ -49,8 +49,9 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from ..card import launch_line
     from ..errors import MirageError
-    from ..export import export_model, launch_line
+    from ..export import export_model
 
     if (args.private or args.revision) and not args.push_to_hub:
         raise MirageError("--private/--revision: only with --push-to-hub REPO")

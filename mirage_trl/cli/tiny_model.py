@@ -6,7 +6,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import MirageError
-from ..models.tiny import IMAGE_PIXELS, MODEL_TYPES, TOKENIZER_CORPORA  # module top imports nothing heavy
+from ..models.tiny import IMAGE_PIXELS, TOKENIZER_CORPORA  # module top imports nothing heavy
+
+
+class _ModelTypes:
+    """The supported model types, read from the model families when argparse first needs them (to check a
+    value or to print --help): the families import torch, which `mirage-trl --help` must not wait for."""
+
+    def __iter__(self):
+        from ..models.families import SUPPORTED_MODEL_TYPES
+
+        return iter(SUPPORTED_MODEL_TYPES)
+
+    def __contains__(self, value) -> bool:
+        return value in list(self)
 
 
 def register(subparsers) -> None:
@@ -17,8 +30,9 @@ def register(subparsers) -> None:
     p.add_argument(
         "--model-type",
         default="qwen2_5_vl",
-        choices=MODEL_TYPES,
-        help="architecture family; qwen3_vl's random vision tower is the one that can tell where a tile is",
+        choices=_ModelTypes(),
+        metavar="MODEL_TYPE",
+        help="architecture family, one of: %(choices)s; qwen3_vl's random vision tower is the one that can tell where a tile is",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
@@ -52,8 +66,6 @@ def register(subparsers) -> None:
 
 
 def tiny_model_kwargs(args) -> dict:
-    from ..errors import MirageError
-
     kw = dict(
         tokenizer_corpus=args.tokenizer_corpus, vocab_size=args.vocab_size, image_pixels=args.image_pixels
     )

@@ -1,8 +1,8 @@
 """`mirage-trl train METHOD --benchmark NAME --config YAML [flags]` (or `mirage-trl train RECIPE.py ...`): run a
 recipe through `accelerate launch`, as `trl sft --config ...` runs TRL's, with a bad setting the last line on screen.
 
-METHOD is stage1, stage2, grpo or sft (the text-only baseline), run on the shipped recipe of `--benchmark`
-(vsp, jigsaw, sat, comt); `--config` takes a YAML path, a shipped YAML by name
+METHOD is stage1, stage2, grpo or text_sft (the text-only baseline; `sft` is accepted for it), run on the shipped recipe of `--benchmark`
+(`shipped.RECIPE_BENCHMARKS`); `--config` takes a YAML path, a shipped YAML by name
 (`Qwen2.5-VL-7B-Instruct/stage1/config_vsp_lora`) or by its variant for that method and benchmark
 (`lora`, `full`, `smoke`, `demo`). The shipped recipes and YAMLs travel in the wheel, so this works
 from `pip install mirage-trl` alone.
@@ -22,6 +22,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..errors import MirageError
+from ..shipped import METHOD_ALIASES, METHODS, RECIPE_BENCHMARKS, recipe_config, recipe_script, shipped
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -33,12 +36,12 @@ def register(sub) -> None:
     p.add_argument(
         "recipe",
         metavar="METHOD_OR_RECIPE",
-        help="stage1, stage2, grpo or sft (with --benchmark), or a recipe script such as recipes/stage1_vsp.py",
+        help=f"{', '.join(METHODS)} (with --benchmark), or a recipe script such as recipes/stage1_vsp.py",
     )
     p.add_argument(
         "--benchmark",
         default=None,
-        help="with a METHOD: the benchmark whose recipe runs (vsp, jigsaw, sat, comt); passed on as the "
+        help=f"with a METHOD: the benchmark whose recipe runs ({', '.join(RECIPE_BENCHMARKS)}); passed on as the "
         "recipe's --benchmark when it is a full benchmark name (vsp_reasoning)",
     )
     p.add_argument(
@@ -57,9 +60,6 @@ def register(sub) -> None:
 
 
 def _accelerate_config(value: str) -> str:
-    from ..errors import MirageError
-    from ..shipped import shipped
-
     path = Path(value)
     if not path.is_file():
         path = shipped("zero_configs") / f"{value}.yaml"
@@ -71,16 +71,22 @@ def _accelerate_config(value: str) -> str:
 
 def _recipe(args):
     """(script, method or None, recipe benchmark or None, flags for the recipe) from METHOD_OR_RECIPE."""
-    from ..errors import MirageError
-    from ..shipped import METHODS, recipe_script
-
+    if args.recipe in METHOD_ALIASES:
+        print(
+            f"note: `mirage-trl train {args.recipe}` is now `mirage-trl train {METHOD_ALIASES[args.recipe]}` "
+            "(the text-only baseline); the old name stays accepted",
+            file=sys.stderr,
+        )
+        args.recipe = METHOD_ALIASES[args.recipe]
     if args.recipe not in METHODS:
         recipe = Path(args.recipe)
         if not recipe.is_file():
             raise MirageError(f"{args.recipe}: no such recipe script, nor a method ({', '.join(METHODS)})")
         return recipe, None, None, ([] if args.benchmark is None else ["--benchmark", args.benchmark])
     if args.benchmark is None:
-        raise MirageError(f"{args.recipe}: give --benchmark (vsp, jigsaw, sat, comt) to pick its recipe")
+        raise MirageError(
+            f"{args.recipe}: give --benchmark ({', '.join(RECIPE_BENCHMARKS)}) to pick its recipe"
+        )
     # vsp_reasoning runs the vsp recipe with --benchmark vsp_reasoning; vsp picks the recipe only
     family = args.benchmark.split("_", 1)[0]
     extra = [] if args.benchmark == family else ["--benchmark", args.benchmark]
@@ -88,12 +94,8 @@ def _recipe(args):
 
 
 def run(args) -> int:
-    from ..errors import MirageError
-
     recipe, method, family, extra = _recipe(args)
     if args.config is not None:
-        from ..shipped import recipe_config
-
         extra += ["--config", recipe_config(args.config, method, family)]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--quiet"]
     if args.accelerate_config:

@@ -23,9 +23,11 @@ from pathlib import Path
 
 from ..errors import MirageError, where
 from ..grading import BENCHMARKS, GRID_BENCHMARKS, check_benchmark, extract_boxed
-from ..latent.tokens import OUTPUT_IMAGE_MARKER
+from ..stages import STAGE1, STAGES
 from .images import check_image_header
 from .vsp import GROUNDING_QUESTION
+
+OUTPUT_IMAGE_MARKER = "<output_image>"  # where a row puts a helper image; the collator makes it a latent span
 
 IMAGE_MARKER = "<image>"
 
@@ -174,6 +176,47 @@ def parse_row(
             field = fields.get(head, head) + (f"[{rest}" if rest else "")
         return where(path, line, field)
 
+    # 1. The texts and the image paths, their markers counted against the paths.
+    text_input, text_output = _texts(obj, loc)
+    inputs = _paths(obj, "image_input", loc)
+    helpers = _paths(obj, "image_output", loc)
+    _check_markers(text_input, text_output, inputs, helpers, loc)
+    # 2. The images, resolved against the dataset root (and checked on disk).
+    images = [
+        _resolve_image(obj, "image_input", i, p, path, root, check_images, loc) for i, p in enumerate(inputs)
+    ]
+    helper_images = [
+        _resolve_image(obj, "image_output", i, p, path, root, check_images, loc)
+        for i, p in enumerate(helpers)
+    ]
+    # 3. What grading needs: the benchmark, the map, the answer, the level.
+    grid = _parse_map(obj["map_desc"], loc) if obj.get("map_desc") is not None else None
+    if benchmark is None:
+        benchmark = _infer_benchmark(text_input, grid is not None, loc)
+    if benchmark in GRID_BENCHMARKS and grid is None and not text_output:
+        raise MirageError(f"{loc('map_desc')}: {benchmark} test rows need map_desc (the grid) for grading")
+    answer, map_id, level = _grading_fields(obj, text_output, grid, benchmark, inputs, loc)
+
+    messages = [{"role": "user", "content": _user_content(text_input)}]
+    if text_output is not None:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": text_output}]})
+    return {
+        "messages": messages,
+        "images": images,
+        "helper_images": helper_images,
+        "prompt_text": text_input,
+        "completion_text": text_output or "",
+        "benchmark": benchmark,
+        "answer": answer,
+        "map_desc": json.dumps(grid) if grid is not None else "",
+        "map_id": map_id,
+        "level": level,
+        "source": where(path, line),
+    }
+
+
+def _texts(obj, loc) -> tuple[str, str | None]:
+    """(text_input, text_output or None) of a row, both checked."""
     if not isinstance(obj, dict):
         raise MirageError(f"{loc(None)}: expected a JSON object, got {type(obj).__name__}")
     for field in ("text_input", "image_input"):
@@ -188,9 +231,11 @@ def parse_row(
     check_text(text_input, loc("text_input"))
     if text_output is not None:
         check_text(text_output, loc("text_output"))
-    inputs = _paths(obj, "image_input", loc)
-    helpers = _paths(obj, "image_output", loc)
+    return text_input, text_output
 
+
+def _check_markers(text_input: str, text_output: str | None, inputs: list, helpers: list, loc) -> None:
+    """One input image per `<image>`, one helper image per `<output_image>`."""
     n_markers = text_input.count(IMAGE_MARKER)
     if n_markers != len(inputs):
         raise MirageError(
@@ -202,34 +247,25 @@ def parse_row(
             f"{loc('image_output')}: {n_out} <output_image> marker(s) in text_output but {len(helpers)} helper image(s)"
         )
 
-    def resolve(field, paths):
-        out = []
-        for i, p in enumerate(paths):
-            base = Path(root) if root is not None else _default_root(Path(path), p)
-            full = Path(p) if os.path.isabs(p) else (base / p)
-            full = Path(os.path.normpath(full.absolute()))
-            name = field if isinstance(obj[field], str) else f"{field}[{i}]"
-            if any(len(os.fsencode(part)) > 255 for part in full.parts):
-                raise MirageError(
-                    f"{loc(name)}: a name in the image path is longer than the file system allows"
-                )
-            check_unicode(p, loc(name))
-            if check_images:
-                if not full.is_file():
-                    raise MirageError(f"{loc(name)}: image not found: {full}")
-                check_image_header(full, loc(name))
-            out.append(str(full))
-        return out
 
-    images = resolve("image_input", inputs)
-    helper_images = resolve("image_output", helpers)
+def _resolve_image(obj, field: str, i: int, p: str, path, root, check_images: bool, loc) -> str:
+    """The absolute path of image `i` of `field` (relative paths against `root` or the reference layout)."""
+    base = Path(root) if root is not None else _default_root(Path(path), p)
+    full = Path(p) if os.path.isabs(p) else (base / p)
+    full = Path(os.path.normpath(full.absolute()))
+    name = field if isinstance(obj[field], str) else f"{field}[{i}]"
+    if any(len(os.fsencode(part)) > 255 for part in full.parts):
+        raise MirageError(f"{loc(name)}: a name in the image path is longer than the file system allows")
+    check_unicode(p, loc(name))
+    if check_images:
+        if not full.is_file():
+            raise MirageError(f"{loc(name)}: image not found: {full}")
+        check_image_header(full, loc(name))
+    return str(full)
 
-    grid = _parse_map(obj["map_desc"], loc) if obj.get("map_desc") is not None else None
-    if benchmark is None:
-        benchmark = _infer_benchmark(text_input, grid is not None, loc)
-    if benchmark in GRID_BENCHMARKS and grid is None and not text_output:
-        raise MirageError(f"{loc('map_desc')}: {benchmark} test rows need map_desc (the grid) for grading")
 
+def _grading_fields(obj, text_output, grid, benchmark: str, inputs: list, loc) -> tuple[str, str, int]:
+    """(answer, map_id, level) of a row: given, or the boxed answer of its output and the grid's side."""
     answer = obj.get("answer")
     if answer is None:
         answer = extract_boxed(text_output or "") or ""
@@ -247,23 +283,7 @@ def parse_row(
         # VSP training rows carry no grid; the reference image folders are named level_<n>.
         m = _LEVEL_IN_PATH.search(inputs[0]) if benchmark.startswith("vsp") and inputs else None
         level = int(m.group(1)) if m else 0
-
-    messages = [{"role": "user", "content": _user_content(text_input)}]
-    if text_output is not None:
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": text_output}]})
-    return {
-        "messages": messages,
-        "images": images,
-        "helper_images": helper_images,
-        "prompt_text": text_input,
-        "completion_text": text_output or "",
-        "benchmark": benchmark,
-        "answer": str(answer).strip(),
-        "map_desc": json.dumps(grid) if grid is not None else "",
-        "map_id": str(map_id),
-        "level": level,
-        "source": where(path, line),
-    }
+    return str(answer).strip(), str(map_id), level
 
 
 def load_rows(
@@ -337,8 +357,6 @@ def load_reference_jsonl(
 
 def require_helper_images(dataset, stage: int) -> None:
     """Raise naming the first row without helper images when `stage` needs them (stage 1)."""
-    from ..latent.settings import STAGE1, STAGES
-
     if stage not in STAGES:
         raise MirageError(f"unknown stage {stage!r}; valid: {', '.join(map(str, STAGES))}")
     if stage != STAGE1:  # stage 1 supervises latents with helper-image features; later stages feed their own

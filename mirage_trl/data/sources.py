@@ -30,7 +30,8 @@ import os
 from pathlib import Path
 
 from ..errors import MirageError, where
-from .reference import _features, load_reference_jsonl, parse_row
+from ..io import looks_like_hub_name
+from .reference import OUTPUT_IMAGE_MARKER, _features, load_reference_jsonl, parse_row
 
 # Where a conversational row's parts land in the reference schema, so that parse_row's errors name the
 # column the user wrote.
@@ -70,7 +71,6 @@ def load_data(
     if path.is_dir():
         dataset = _load_folder(path, split, config, flag)
         return _convert(dataset, f"{path}[{split}]", root or path.resolve(), benchmark)
-    from ..models.resolve import looks_like_hub_name
 
     if not looks_like_hub_name(name):
         raise MirageError(f"{flag} {name}: no such file or folder")
@@ -189,8 +189,6 @@ def _from_messages(messages, loc: str) -> tuple[dict, str | None]:
         )
     obj = {"text_input": _text_of(messages[0], f"{loc}:messages[user]", image_marker="<image>")}
     if len(messages) == 2:
-        from ..latent.tokens import OUTPUT_IMAGE_MARKER
-
         obj["text_output"] = _text_of(
             messages[1], f"{loc}:messages[assistant]", image_marker=OUTPUT_IMAGE_MARKER
         )

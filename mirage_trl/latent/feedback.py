@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .settings import SLOT_INPUTS, MirageSettings
+from ..models.settings import SLOT_INPUTS, MirageSettings
 
 
 @dataclass(frozen=True)

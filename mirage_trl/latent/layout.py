@@ -21,7 +21,8 @@ from collections.abc import Callable
 
 import torch
 
-from .tokens import LATENT_END, LATENT_PAD, LATENT_START, OUTPUT_IMAGE_MARKER, LatentTokens
+from ..data.reference import OUTPUT_IMAGE_MARKER
+from ..models.tokens import LATENT_END, LATENT_PAD, LATENT_START, LatentTokens
 
 
 def span_ids(tokens: LatentTokens) -> list[int]:

@@ -14,6 +14,8 @@ import contextlib
 
 import torch
 
+from ..models.families import unwrap
+
 
 def fill_latent_slots(embeds: torch.Tensor, slot_mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """`embeds` (B, L, D) with `values` (n, D) written at the n True positions of `slot_mask` (B, L)."""
@@ -29,7 +31,6 @@ def latent_inputs(model, slot_mask: torch.Tensor | None, values: torch.Tensor | 
     if slot_mask is None or values is None or values.shape[0] == 0:
         yield
         return
-    from .model_utils import unwrap
 
     embedding = unwrap(model).get_input_embeddings()  # DDP wrappers do not forward this method
 

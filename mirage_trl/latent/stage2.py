@@ -48,8 +48,8 @@ import torch
 import torch.utils.checkpoint
 
 from ..errors import MirageError
-from ..models.families import family
-from .model_utils import multimodal_model, unwrap
+from ..models.families import family, multimodal_model, unwrap
+from .feedback import LatentFeedback
 from .rounds import packed_round, plan_rounds, round_mask
 from .slots import latent_inputs
 
@@ -156,8 +156,6 @@ def self_latent_forward(
     (default: the model's saved slot settings); `latents` are the vectors actually fed.
     """
     if feedback is None:
-        from .feedback import LatentFeedback
-
         feedback = LatentFeedback.from_model(model)
     resolved = resolve_method(model, method)
     if method == "auto" and checkpoint is not None and resolved != "recompute":
@@ -234,33 +232,22 @@ def _rounds(
 ) -> SelfLatentOutput:
     input_ids, attention_mask, slot_mask, position_ids, vision = batch
 
+    # 1. Plan the rounds: which tokens of which sample each round runs, images kept whole in round 0.
     fam = family(model)
     per_token = {k: v for k, v in vision.items() if k in fam.token_keys}
     images_in = {k: v for k, v in vision.items() if k in fam.vision_keys}
     images = fam.image_mask(model, input_ids) if images_in else None
     plan = plan_rounds(attention_mask, slot_mask, schedule, max_round_tokens, keep_together=images)
     blocks = fam.attention_blocks(model, input_ids) if images_in else None
-    rank_blocks = None
-    if blocks is not None:  # (B, n) block of each sample's token by rank (padding dropped), -1 past its end
-        real = attention_mask.bool()
-        rank = real.long().cumsum(1) - 1
-        rank_blocks = torch.full(
-            (input_ids.shape[0], max(int(real.sum(1).max()), 1)),
-            -1,
-            dtype=torch.long,
-            device=input_ids.device,
-        )
-        rank_blocks[real.nonzero(as_tuple=True)[0], rank[real]] = blocks[real]
+    rank_blocks = _rank_blocks(attention_mask, blocks) if blocks is not None else None
     inner = multimodal_model(model)
-    config = unwrap(model).config
     dev = input_ids.device
     flat_ids = input_ids.reshape(-1)
     flat_pos = position_ids.reshape(position_ids.shape[0], -1)
     flat_tokens = {k: v.reshape(-1) for k, v in per_token.items()}
 
-    cache = None if checkpointed else _round_cache(config)
-    past_k: list[list[torch.Tensor]] = []  # per layer: chunks, one per round (checkpointed path)
-    past_v: list[list[torch.Tensor]] = []
+    # 2. Run them in order: round r's latent slots take the hidden states rounds before it computed.
+    run_round = _CheckpointedRounds(model, inner) if checkpointed else _CachedRounds(model, inner)
     hiddens: list[torch.Tensor] = []  # per round: (T_r, D) packed
     latents_round_order: list[torch.Tensor] = []
     # Every round's index tensors go to the device before any round runs: a copy from pageable host
@@ -270,63 +257,15 @@ def _rounds(
         ids_r = flat_ids[layout.src][None]
         pos_r = fam.model_positions(flat_pos[:, layout.src][:, None])
         mask_r = round_mask(layout, rank_blocks if r == 0 else None)
-        slot_r = None
-        values = None
-        if len(layout.slot_local):
-            slot_r = torch.zeros_like(ids_r, dtype=torch.bool)
-            slot_r[0, layout.slot_local] = True
-            parts = [hiddens[rp][col] for rp, _, col in layout.sources]
-            values = torch.cat(parts) if len(parts) > 1 else parts[0]
-            if len(parts) > 1:  # back to sample order
-                values = values[torch.argsort(torch.cat([w for _, w, _ in layout.sources]))]
-            if not feedback.is_identity:
-                values = feedback(values)
-            if detach_latents:
-                values = values.detach()
+        slot_r, values = _slot_values(layout, ids_r, hiddens, feedback, detach_latents)
+        if values is not None:
             latents_round_order.append(values)
         extra = {}
         if r == 0 and images_in:  # every image lies before its sample's first slot: round 0 takes them all
             extra = {**images_in, **{k: v[layout.src][None] for k, v in flat_tokens.items()}}
-        if not checkpointed:
-            with (
-                latent_inputs(model, slot_r, values),
-                packed_round(family(model).language_model(model), layout, mask_r),
-            ):
-                h = _inner_forward(
-                    inner, input_ids=ids_r, position_ids=pos_r, cache=cache, use_cache=True, **extra
-                )
-        else:
-            n_past = sum(c.shape[2] for c in past_k[0]) if past_k else 0
-            flat_past = [c for layer in past_k for c in layer] + [c for layer in past_v for c in layer]
-            n_chunks = len(past_k[0]) if past_k else 0
-            out = torch.utils.checkpoint.checkpoint(
-                _checkpointed_round,
-                model,
-                inner,
-                config,
-                layout,
-                mask_r,
-                ids_r,
-                pos_r,
-                slot_r,
-                values,
-                extra,
-                n_past,
-                n_chunks,
-                *flat_past,
-                use_reentrant=False,
-            )
-            h = out[0]
-            n_layers = (len(out) - 1) // 2
-            new_k, new_v = out[1 : 1 + n_layers], out[1 + n_layers :]
-            if not past_k:
-                past_k = [[] for _ in range(n_layers)]
-                past_v = [[] for _ in range(n_layers)]
-            for i in range(n_layers):
-                past_k[i].append(new_k[i])
-                past_v[i].append(new_v[i])
-        hiddens.append(h[0])
+        hiddens.append(run_round(layout, mask_r, ids_r, pos_r, slot_r, values, extra)[0])
 
+    # 3. Back to the batch's layout: (B, L, D) hidden states and the latents in slot order.
     all_h = torch.cat(hiddens) if len(hiddens) > 1 else hiddens[0]
     hidden = all_h[plan.back.to(dev)]
     hidden = hidden * attention_mask.to(hidden.dtype)[..., None]
@@ -342,6 +281,93 @@ def _rounds(
         plan.computed_tokens,
         plan.schedule,
     )
+
+
+def _rank_blocks(attention_mask: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """(B, n): the attention block of each sample's token by rank (padding dropped), -1 past its end."""
+    real = attention_mask.bool()
+    rank = real.long().cumsum(1) - 1
+    out = torch.full(
+        (attention_mask.shape[0], max(int(real.sum(1).max()), 1)), -1, dtype=torch.long, device=blocks.device
+    )
+    out[real.nonzero(as_tuple=True)[0], rank[real]] = blocks[real]
+    return out
+
+
+def _slot_values(layout, ids_r, hiddens, feedback, detach_latents):
+    """(slot mask of the round, the vectors its latent slots take): each slot's sample's hidden state at the
+    position before it, from the round that computed it, through the slot settings (`feedback`)."""
+    if not len(layout.slot_local):
+        return None, None
+    slot_r = torch.zeros_like(ids_r, dtype=torch.bool)
+    slot_r[0, layout.slot_local] = True
+    parts = [hiddens[rp][col] for rp, _, col in layout.sources]
+    values = torch.cat(parts) if len(parts) > 1 else parts[0]
+    if len(parts) > 1:  # back to sample order
+        values = values[torch.argsort(torch.cat([w for _, w, _ in layout.sources]))]
+    if not feedback.is_identity:
+        values = feedback(values)
+    if detach_latents:
+        values = values.detach()
+    return slot_r, values
+
+
+class _CachedRounds:
+    """Rounds through one grad-carrying cache that grows a round at a time."""
+
+    def __init__(self, model, inner):
+        self.model, self.inner = model, inner
+        self.cache = _round_cache(unwrap(model).config)
+
+    def __call__(self, layout, mask_r, ids_r, pos_r, slot_r, values, extra):
+        with (
+            latent_inputs(self.model, slot_r, values),
+            packed_round(family(self.model).language_model(self.model), layout, mask_r),
+        ):
+            return _inner_forward(
+                self.inner, input_ids=ids_r, position_ids=pos_r, cache=self.cache, use_cache=True, **extra
+            )
+
+
+class _CheckpointedRounds:
+    """Rounds as checkpointed pure functions of (round inputs, past keys/values): each returns its hidden states
+    and its new keys/values, kept here as one chunk per round and layer."""
+
+    def __init__(self, model, inner):
+        self.model, self.inner, self.config = model, inner, unwrap(model).config
+        self.past_k: list[list[torch.Tensor]] = []  # per layer: chunks, one per round
+        self.past_v: list[list[torch.Tensor]] = []
+
+    def __call__(self, layout, mask_r, ids_r, pos_r, slot_r, values, extra):
+        past_k, past_v = self.past_k, self.past_v
+        n_past = sum(c.shape[2] for c in past_k[0]) if past_k else 0
+        flat_past = [c for layer in past_k for c in layer] + [c for layer in past_v for c in layer]
+        n_chunks = len(past_k[0]) if past_k else 0
+        out = torch.utils.checkpoint.checkpoint(
+            _checkpointed_round,
+            self.model,
+            self.inner,
+            self.config,
+            layout,
+            mask_r,
+            ids_r,
+            pos_r,
+            slot_r,
+            values,
+            extra,
+            n_past,
+            n_chunks,
+            *flat_past,
+            use_reentrant=False,
+        )
+        n_layers = (len(out) - 1) // 2
+        if not past_k:
+            self.past_k = [[] for _ in range(n_layers)]
+            self.past_v = [[] for _ in range(n_layers)]
+        for i in range(n_layers):
+            self.past_k[i].append(out[1 + i])
+            self.past_v[i].append(out[1 + n_layers + i])
+        return out[0]
 
 
 def _round_cache(config, data=None):

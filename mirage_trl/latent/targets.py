@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from ..data.images import load_image
 from ..errors import MirageError
-from ..models.families import family
+from ..models.families import family, vision_tower
 
 POOLINGS = ("drop_remainder", "even")
 
@@ -62,8 +63,6 @@ def _vision_fingerprint(model) -> str:
     """A cheap identity of the vision tower's weights (name, shapes, a few sums): cache key material."""
     import hashlib
 
-    from .model_utils import vision_tower
-
     h = hashlib.sha256()
     h.update(str(getattr(getattr(model, "config", None), "_name_or_path", "")).encode())
     for name, p in vision_tower(model).named_parameters():
@@ -93,8 +92,6 @@ def precompute_latent_targets(
     from pathlib import Path
 
     import datasets
-
-    from ..data.images import load_image
 
     check_pooling(pooling)
     h = hashlib.sha256(f"{_vision_fingerprint(model)}-{latent_size}-{pooling}".encode())

@@ -16,10 +16,12 @@ import warnings
 from pathlib import Path
 
 from ..errors import MirageError
-from ..latent.settings import MirageSettings, check_model_latent_size
-from ..latent.tokens import LATENT_TOKEN_NAMES
+from ..io import looks_like_hub_name
+from .families import unwrap
 from .processors import load_processor, processor_class
-from .resolve import ModelSource, is_adapter_dir, looks_like_hub_name, resolve_model_dir
+from .resolve import ModelSource, is_adapter_dir, resolve_model_dir
+from .settings import MirageSettings
+from .tokens import LATENT_TOKEN_NAMES, make_room
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +81,6 @@ def restore_latent_rows(model, tokenizer, base, trust_remote_code: bool = False)
     without one, all of them unless the base config already records Mirage settings.
     Call it before the adapter's Mirage settings are put on `model`. Returns the rows set.
     """
-    from ..latent.tokens import _make_room
-
     vocab = tokenizer.get_vocab()
     if any(t not in vocab for t in LATENT_TOKEN_NAMES):
         return []
@@ -90,7 +90,7 @@ def restore_latent_rows(model, tokenizer, base, trust_remote_code: bool = False)
     else:
         new_ids = [vocab[t] for t in LATENT_TOKEN_NAMES if t not in base_vocab]
     new_ids = sorted(set(new_ids))
-    _make_room(model, tokenizer, new_ids)  # resizes when needed; mean init of the new rows
+    make_room(model, tokenizer, new_ids)  # resizes when needed; mean init of the new rows
     return new_ids
 
 
@@ -243,8 +243,7 @@ def _load_hub(name, *, dtype, latent_size=None, trust_remote_code=False):
             f"{name}: the tokenizer has no latent tokens; it decodes as a plain model", stacklevel=3
         )
     elif latent_size is not None:
-        check_model_latent_size(model, latent_size)
-        MirageSettings.update(model, latent_size)
+        MirageSettings.adopt(model, latent_size)
     return model.eval(), processor
 
 
@@ -256,7 +255,6 @@ def load_checkpoint_weights(model, checkpoint_dir) -> bool:
     strict=False, so on resume every weight is silently left as initialised. Returns False (nothing done)
     for adapter checkpoints and folders without full weights, which the Trainer's own loader handles.
     """
-    from ..latent.model_utils import unwrap
 
     folder = Path(checkpoint_dir)
     if is_adapter_dir(folder) or not (

@@ -8,19 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .families import SUPPORTED_MODEL_TYPES, family
+from ..io import read_json, write_json
+from .families import SUPPORTED_MODEL_TYPES, family, import_class
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "load_processor", "processor_class", "save_processor"]
 
 _IMAGE_ONLY: dict[str, type] = {}
-
-
-def import_class(spec: tuple[str, str]):
-    """The class named by a (module, class name) pair, imported when first needed."""
-    import importlib
-
-    module, name = spec
-    return getattr(importlib.import_module(module), name)
 
 
 def processor_class(model_type: str):
@@ -78,8 +71,6 @@ def _processor_settings(name_or_path, cls, kw) -> dict:
 
     from transformers.utils import cached_file
 
-    from ..io import read_json
-
     path = cached_file(
         name_or_path, "processor_config.json", _raise_exceptions_for_missing_entries=False, **kw
     )
@@ -108,8 +99,6 @@ def save_processor(processor, folder, model_type: str) -> None:
     `AutoProcessor.from_pretrained(folder)` builds the stock processor where torchvision is installed
     (without torchvision transformers cannot build any Qwen-VL video processor; `load_processor` still
     loads the folder)."""
-    from ..io import read_json, write_json
-
     processor.save_pretrained(str(folder))
     path = Path(folder) / "processor_config.json"
     video_processor = family(model_type).video_processor

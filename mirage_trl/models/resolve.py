@@ -11,15 +11,15 @@ as it is.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..checkpoints import check_resume_checkpoint
 from ..errors import MirageError
-from ..io import read_json
-from ..latent.settings import CONFIG_KEY, SETTINGS_FILE, MirageSettings
-from ..latent.tokens import LATENT_TOKEN_NAMES
+from ..io import looks_like_hub_name, read_json
+from .settings import CONFIG_KEY, SETTINGS_FILE, MirageSettings
+from .tokens import LATENT_TOKEN_NAMES
 
 
 @dataclass
@@ -100,8 +100,6 @@ def resolve_model_dir(path, latent_size: int | None = None, require_mirage: bool
         )
     checkpoint = _is_checkpoint(p)
     if checkpoint and not (p / "trainer_state.json").is_file():
-        from ..checkpoints import check_resume_checkpoint
-
         check_resume_checkpoint(str(p), flag="--model")  # a partial checkpoint: names the newest complete one
 
     own = MirageSettings.read(p)
@@ -174,17 +172,3 @@ def portable_model_ref(name) -> str:
     """How a saved file names another model: an absolute path for a local folder (valid from any working
     directory), a Hub id as it is."""
     return str(Path(name).resolve()) if Path(str(name)).exists() else str(name)
-
-
-def looks_like_hub_name(name: str) -> bool:
-    """`org/name` that is not a path: never absolute, never `./...`, and its first part is not a local
-    folder, so `outputs/exprot` (a typo under an existing `outputs/`) fails at once instead of waiting on
-    the Hub."""
-    return (
-        not os.path.isabs(name)
-        and not name.startswith(".")
-        and name.count("/") == 1
-        and not name.endswith("/")
-        and not Path(name).exists()
-        and not Path(name.split("/", 1)[0]).is_dir()
-    )

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from transformers import TrainerCallback
 
+from ..evaluation import evaluate
+
 
 class GenerationEvalCallback(TrainerCallback):
     """Grade `rows` (loaded reference rows, never the test rows) every `eval_every` steps."""
@@ -41,7 +43,6 @@ class GenerationEvalCallback(TrainerCallback):
         return self
 
     def evaluate_now(self, step: int) -> dict:
-        from ..evaluation import evaluate
 
         trainer = self.trainer
         model = trainer.model

@@ -15,11 +15,18 @@ import shutil
 import torch
 from transformers import TrainerCallback
 
+from ..card import build_model_card, write_card
+from ..checkpoints import check_resume_checkpoint
 from ..errors import MirageError
-from ..latent.model_utils import unwrap, vision_tower
-from ..latent.settings import MirageSettings, check_model_latent_size
-from ..latent.tokens import LATENT_TOKEN_NAMES, LatentTokens, add_latent_tokens
-from ..models.families import LANGUAGE_MODEL_MODULES
+from ..io import honour_umask_tree
+from ..latent.health import collapse_reason
+from ..models.families import LANGUAGE_MODEL_MODULES, unwrap
+from ..models.load import load_checkpoint_weights, load_for_training
+from ..models.prepare import prepare_model
+from ..models.processors import load_processor
+from ..models.settings import MirageSettings, check_checkpoint_latent_size
+from ..models.tokens import LatentTokens
+from ..redact import redacted_args
 
 logger = logging.getLogger(__name__)
 
@@ -29,36 +36,14 @@ _LM = "(?:" + "|".join(LANGUAGE_MODEL_MODULES) + ")"
 LANGUAGE_MODEL_LINEAR = rf".*{_LM}.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
-def prepare_model(model, processing_class, latent_size: int, stage: int | None = None) -> LatentTokens:
-    """Add the latent tokens, check the latent size against the checkpoint, freeze the vision tower."""
-    vision = vision_tower(model)  # a clear error for a model without one
-    tokenizer = getattr(processing_class, "tokenizer", processing_class)
-    had_tokens = all(t in tokenizer.get_vocab() for t in LATENT_TOKEN_NAMES)
-    check_model_latent_size(model, latent_size)
-    tokens = add_latent_tokens(processing_class, None if had_tokens else unwrap(model), latent_size)
-    if had_tokens:
-        MirageSettings.update(model, latent_size)
-    if stage == 2 and not had_tokens:
-        logger.warning(
-            "stage 2 starts from a model without latent tokens: they are new and untrained "
-            "(this is the paper's no-stage-1 ablation)"
-        )
-    vision.requires_grad_(False)
-    return tokens
-
-
 def setup_model(model, processing_class, peft_config, args, stage: int | None = None):
     """What both Mirage trainers do before TRL's `__init__`: load a model given by name, find its
     processor, add the latent tokens, freeze the vision tower, adapt the PEFT config.
 
     Returns (model, processing_class, peft_config, latent_tokens)."""
     if isinstance(model, str):
-        from ..models.load import load_for_training
-
         model, processing_class = load_for_training(model, args)
     if processing_class is None:
-        from ..models.processors import load_processor
-
         processing_class = load_processor(unwrap(model).config._name_or_path)
     tokens = prepare_model(model, processing_class, args.latent_size, stage=stage)
     apply_slot_settings(model, args, stage)
@@ -68,7 +53,7 @@ def setup_model(model, processing_class, peft_config, args, stage: int | None = 
 def apply_slot_settings(model, args, stage: int | None) -> None:
     """The run's markers-only / feedback-norm flags, merged with what the model was trained with,
     written into its Mirage settings (so checkpoints, outputs and exports carry them)."""
-    current = MirageSettings.of_model(model) or MirageSettings(latent_size=args.latent_size)
+    current = MirageSettings.of_model(model)  # recorded by `prepare_model`
     current.for_run(args.markers_only, args.latent_feedback_norm, stage).save_to(model)
 
 
@@ -162,12 +147,9 @@ def load_from_checkpoint(trainer, resume_from_checkpoint, model, fallback) -> No
     initialised. Full-model checkpoints are read the way `from_pretrained` reads them; adapters go
     through the Trainer's own loader (`fallback`).
     """
-    from ..checkpoints import check_resume_checkpoint
-    from ..latent.settings import check_checkpoint_latent_size
-    from ..models.load import load_checkpoint_weights
 
     check_resume_checkpoint(resume_from_checkpoint)
-    check_checkpoint_latent_size(resume_from_checkpoint, trainer.args.latent_size)
+    check_checkpoint_latent_size(resume_from_checkpoint, trainer.mirage_settings.latent_size)
     if not load_checkpoint_weights(model if model is not None else trainer.model, resume_from_checkpoint):
         fallback(resume_from_checkpoint, model)
 
@@ -235,6 +217,12 @@ class MirageTrainerMixin:
     _checkpoint_staging: str | None = None
     num_skipped_steps = 0
 
+    @property
+    def mirage_settings(self) -> MirageSettings:
+        """The model's Mirage settings, the one holder of the latent size k and the slot settings (recorded
+        when the model was prepared, `models.prepare`): what the trainer reads them from."""
+        return MirageSettings.of_model(self.model)
+
     def _init_mirage_trainer(self):
         self.add_callback(DivergenceCallback())
         self._window = [0, 0]  # micro-batches since the last log, and how many of them were skipped
@@ -277,7 +265,6 @@ class MirageTrainerMixin:
 
     def _check_latent_health(self, logs) -> None:
         """Warn (naming the step) when the logged latents collapse, and again when they recover."""
-        from ..latent.health import collapse_reason
 
         stats = {k[len("latent/") :]: v for k, v in logs.items() if k.startswith("latent/")}
         if "cross_sample_cos" not in stats:
@@ -339,8 +326,6 @@ class MirageTrainerMixin:
 
     # ------------------------------------------------------------------ saving
     def save_model(self, output_dir=None, _internal_call=False):
-        from ..io import honour_umask_tree
-        from ..redact import redacted_args
 
         with redacted_args(self.args):
             super().save_model(output_dir, _internal_call=True)
@@ -361,7 +346,6 @@ class MirageTrainerMixin:
             return super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
         if not self.is_world_process_zero():
             return None
-        from ..export import build_model_card, write_card
 
         saved = MirageSettings.read(self.args.output_dir)  # what save_outputs recorded: stages, base, launch
         if saved is not None:

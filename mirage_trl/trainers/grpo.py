@@ -43,12 +43,15 @@ from trl.trainer import grpo_trainer as _trl_grpo
 from ..configs import MirageGRPOConfig
 from ..data.images import load_image
 from ..errors import MirageError
+from ..generation import generate_with_latents
 from ..grading import BENCHMARKS
+from ..latent.health import HEALTH_KEYS, latent_health
 from ..latent.layout import count_spans, slot_masks
-from ..latent.model_utils import output_logits
-from ..latent.settings import GRPO_STAGE, MirageSettings
-from ..models.families import family
+from ..latent.stage2 import self_latent_forward
+from ..models.families import family, output_logits
+from ..models.settings import MirageSettings
 from ..rewards import accuracy_reward, get_reward_funcs
+from ..stages import GRPO_STAGE
 from .common import (
     MirageTrainerMixin,
     check_distributed_support,
@@ -197,7 +200,6 @@ class MirageGRPOTrainer(MirageTrainerMixin, GRPOTrainer):
     def _generate_single_turn(
         self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False
     ):
-        from ..generation import generate_with_latents
 
         if self.use_vllm or self.use_transformers_continuous_batching:
             raise MirageError(
@@ -291,7 +293,6 @@ class MirageGRPOTrainer(MirageTrainerMixin, GRPOTrainer):
         **inputs,
     ):
         """Per-token log-probs (B, C) of the completion's text tokens with the latents recomputed by `model`."""
-        from ..latent.stage2 import self_latent_forward
 
         if compute_aux_loss:
             raise MirageError("MoE router auxiliary losses are not supported by Mirage GRPO")
@@ -355,11 +356,10 @@ class MirageGRPOTrainer(MirageTrainerMixin, GRPOTrainer):
     # ------------------------------------------------------------------ loss + guard
     def _log_latent_health(self, mode: str, latents: torch.Tensor) -> None:
         """`latent/...` health of the recomputed latents (the SFT trainer's names); one gather, one sync."""
-        from ..latent.health import HEALTH_KEYS, latent_health
 
         settings = MirageSettings.of_model(self.model)
         reference = settings.latent_target_norm if settings else None
-        stats = latent_health(latents, self.latent_tokens.latent_size, reference)
+        stats = latent_health(latents, self.mirage_settings.latent_size, reference)
         nan = latents.new_tensor(float("nan"), dtype=torch.float32)
         values = torch.stack([stats.get(k, nan).float().reshape(()) for k in HEALTH_KEYS])
         gathered = self.accelerator.gather(values[None]).nanmean(dim=0).tolist()

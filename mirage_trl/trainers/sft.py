@@ -17,16 +17,19 @@ import logging
 import math
 
 import torch
-import torch.nn.functional as F
 from trl import SFTTrainer
 
 from ..configs import MirageSFTConfig
-from ..data.collator import IGNORE_INDEX, MirageDataCollator
 from ..data.reference import require_helper_images
-from ..latent.model_utils import capture_final_hidden, output_logits, unwrap
+from ..latent.collator import MirageDataCollator
+from ..latent.feedback import LatentFeedback
+from ..latent.health import HEALTH_KEYS, latent_health
+from ..latent.losses import cosine, cosine_loss, text_cross_entropy
 from ..latent.slots import latent_inputs
-from ..latent.targets import helper_inputs, helper_latent_targets
-from ..models.families import family
+from ..latent.stage2 import self_latent_forward
+from ..latent.targets import helper_inputs, helper_latent_targets, precompute_latent_targets
+from ..models.families import capture_final_hidden, family, unwrap
+from ..models.settings import MirageSettings
 from .common import (
     MirageTrainerMixin,
     check_distributed_support,
@@ -37,27 +40,6 @@ from .common import (
 logger = logging.getLogger(__name__)
 
 
-def text_cross_entropy(
-    model, hidden: torch.Tensor, labels: torch.Tensor, stats: dict | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of next-token CE over trained positions, and their count (logits only where needed).
-
-    `stats`: filled with the sums TRL's SFTTrainer logs from the same logits (top-1 hits and entropy over
-    the trained positions), so Mirage runs keep `mean_token_accuracy` and `entropy`."""
-    mask = labels[:, 1:] != IGNORE_INDEX
-    h = hidden[:, :-1][mask]
-    logits = output_logits(model, h).float()
-    target = labels[:, 1:][mask]
-    ce_sum = F.cross_entropy(logits, target, reduction="sum")
-    if stats is not None:
-        from trl.trainer.utils import entropy_from_logits  # TRL's own, chunked: no second vocab-size copy
-
-        with torch.no_grad():
-            stats["correct"] = (logits.detach().argmax(-1) == target).sum()
-            stats["entropy"] = entropy_from_logits(logits.detach()).sum()
-    return ce_sum, mask.sum()
-
-
 def _has_helpers(dataset) -> bool:
     column = (
         dataset["helper_images"]
@@ -65,10 +47,6 @@ def _has_helpers(dataset) -> bool:
         else [r.get("helper_images") for r in dataset]
     )
     return any(column)
-
-
-def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return F.cosine_similarity(a.float(), b.float(), dim=-1)
 
 
 class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
@@ -99,10 +77,12 @@ class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
             # Rows without spans are fine in a mix; a stage-1 dataset with no helper image at all is a mistake.
             require_helper_images(train_dataset, stage=1)
         if args.cache_latent_targets and args.stage == 1 and train_dataset is not None:
-            from ..latent.targets import precompute_latent_targets
-
             train_dataset = precompute_latent_targets(
-                train_dataset, unwrap(model), processing_class, args.latent_size, args.latent_pooling
+                train_dataset,
+                unwrap(model),
+                processing_class,
+                MirageSettings.of_model(model).latent_size,
+                args.latent_pooling,
             )
         if data_collator is None:
             data_collator = MirageDataCollator(
@@ -146,7 +126,9 @@ class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
         helpers = helper_inputs(model, inputs)
         if helpers is None:
             return None
-        return helper_latent_targets(model, helpers, self.args.latent_size, self.args.latent_pooling)
+        return helper_latent_targets(
+            model, helpers, self.mirage_settings.latent_size, self.args.latent_pooling
+        )
 
     def stage1_forward(self, model, inputs, targets):
         """One forward with the targets at the slots; returns final-norm hidden states (B, L, D)."""
@@ -169,7 +151,6 @@ class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
         return captured[-1]
 
     def stage2_forward(self, model, inputs):
-        from ..latent.stage2 import self_latent_forward
 
         return self_latent_forward(
             model,
@@ -184,7 +165,6 @@ class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
 
     @property
     def latent_feedback(self):
-        from ..latent.feedback import LatentFeedback
 
         return LatentFeedback.from_model(self.model)
 
@@ -224,8 +204,7 @@ class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
             loss = ce if markers_only else self.args.text_loss_weight * ce
             if has_slots:
                 predicted = hidden[:, :-1][slot_mask[:, 1:]]  # h[t-1] for every slot t
-                cos = _cos(predicted, targets)
-                latent_loss = (1.0 - cos).mean()
+                latent_loss, cos = cosine_loss(predicted, targets)
                 metrics["latent_cos"] = cos.detach().mean()
                 metrics["latent_loss"] = latent_loss.detach()
                 # A per-micro-batch mean: average it over the accumulation steps when CE already is.
@@ -263,10 +242,8 @@ class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
     def _latent_metrics(self, latents, targets) -> dict:
         """`latent/...` health of the latents (stage 1: the predictions h[t-1]; stage 2: the fed vectors)
         and of the stage-1 targets; every key present on every rank (NaN where not measurable)."""
-        from ..latent.health import HEALTH_KEYS, latent_health
-        from ..latent.settings import MirageSettings
 
-        k = self.args.latent_size
+        k = self.mirage_settings.latent_size
         reference = None
         if targets is not None:
             reference = targets.detach().float().norm(dim=-1).mean()
@@ -283,13 +260,12 @@ class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
             out["latent/target_cross_sample_cos"] = target_stats.get(
                 "cross_sample_cos", latents.new_tensor(float("nan"))
             )
-            out["latent/target_cos"] = _cos(latents.detach(), targets).mean()
+            out["latent/target_cos"] = cosine(latents.detach(), targets).mean()
         return out
 
     def _record_target_norm(self, model, value: float) -> None:
         """Running mean of the stage-1 target norm, kept in the Mirage settings (and so in every checkpoint
         and output): what `--latent_feedback_norm target` rescales to in later stages."""
-        from ..latent.settings import MirageSettings
 
         total, count = self._target_norm_sum
         self._target_norm_sum = (total + value, count + 1)
@@ -297,7 +273,7 @@ class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
         changes = {"latent_target_norm": mean}
         if self.args.latent_feedback_norm == "target":
             changes["latent_feedback_norm"] = mean
-        MirageSettings.update(model, self.args.latent_size, **changes)
+        MirageSettings.of_model(model).replace(**changes).save_to(model)
 
     def mirage_checkpoint_settings(self):
         return super().mirage_checkpoint_settings().replace(stage=self.args.stage)

@@ -18,14 +18,17 @@ from pathlib import Path
 
 from trl import SFTTrainer
 
+from ..data.images import load_image
+from ..data.reference import helper_as_input as _helper_as_input
+from ..data.reference import strip_latent_markers
 from ..errors import MirageError
-from .common import MirageTrainerMixin
+from ..io import write_json
+from ..models.resolve import portable_model_ref
+from .common import MirageTrainerMixin, restrict_to_language_model
 
 
 def to_sft_row(row: dict, helper_as_input: bool = False) -> dict:
     """A loaded reference row -> TRL prompt-completion row (`images` still paths)."""
-    from ..data.reference import helper_as_input as _helper_as_input
-    from ..data.reference import strip_latent_markers
 
     source = row.get("source", "<row>")
     if not any(m["role"] == "assistant" for m in row["messages"]) or not row.get("completion_text"):
@@ -41,7 +44,6 @@ def to_sft_row(row: dict, helper_as_input: bool = False) -> dict:
 
 
 def _decode_images(batch: dict) -> dict:
-    from ..data.images import load_image
 
     batch = dict(batch)
     batch["images"] = [[load_image(p, source="images") for p in paths] for paths in batch["images"]]
@@ -70,8 +72,6 @@ class TextSFTTrainer(MirageTrainerMixin, SFTTrainer):
 
 def write_baseline_config(output_dir, helper_as_input: bool, data: str, base_model: str) -> None:
     """What a baseline output is, in place of the Mirage settings (`baseline_config.json`)."""
-    from ..io import write_json
-    from ..models.resolve import portable_model_ref
 
     write_json(
         Path(output_dir) / "baseline_config.json",
@@ -86,7 +86,5 @@ def write_baseline_config(output_dir, helper_as_input: bool, data: str, base_mod
 def baseline_peft_config(model_args):
     """TRL's PEFT config from the flags, its LoRA targets restricted to the language model (as for Mirage)."""
     from trl import get_peft_config
-
-    from .common import restrict_to_language_model
 
     return restrict_to_language_model(get_peft_config(model_args))

@@ -79,9 +79,9 @@ def test_broken_image(env, tmp_path, capsys, kind, field, entry):
         assert_cli_error(rc, err, "data", rf"bad\.jsonl:2:{field}: {reason}:? .*{kind}\.png")
         assert "all valid" not in stdout
     elif entry == "collator":
-        from mirage_trl.data.collator import MirageDataCollator
         from mirage_trl.data.reference import load_reference_jsonl
-        from mirage_trl.latent.tokens import LatentTokens
+        from mirage_trl.latent.collator import MirageDataCollator
+        from mirage_trl.models.tokens import LatentTokens
 
         ds = load_reference_jsonl(
             path, check_images=False

@@ -1,4 +1,4 @@
-"""Text and images that cannot be trained on as they are (issue: security and data safety): reserved tokens
+"""Text and images that cannot be trained on as they are: reserved tokens
 written literally, other encodings, lone surrogates, over-long path names, images the processor cannot take.
 Each gives one line naming file, line and field in the loader, `mirage-trl data check` (a subprocess) and the
 collator, before any model work."""
@@ -84,9 +84,9 @@ def test_reserved_token_in_text_names_file_line_field(good, tmp_path, token, fie
 
 
 def test_reserved_token_in_a_hand_built_row_reaches_the_collator_as_one_line(good, tmp_path):
-    from mirage_trl.data.collator import MirageDataCollator
     from mirage_trl.data.reference import load_rows
-    from mirage_trl.latent.tokens import add_latent_tokens
+    from mirage_trl.latent.collator import MirageDataCollator
+    from mirage_trl.models.prepare import add_latent_tokens
     from mirage_trl.models.tiny import build_tiny_model
 
     model, processor = build_tiny_model(seed=0)

@@ -15,7 +15,7 @@ from mirage_trl.latent.layout import (
     span_text,
     spans_to_markers,
 )
-from mirage_trl.latent.tokens import LatentTokens
+from mirage_trl.models.tokens import LatentTokens
 
 K = 3
 TOKENS = LatentTokens(start_id=90, pad_id=91, end_id=92, latent_size=K)

@@ -3,9 +3,9 @@ reuses the Arrow cache instead of running the vision tower."""
 
 import torch
 
-from mirage_trl.data.collator import MirageDataCollator
+from mirage_trl.latent.collator import MirageDataCollator
 from mirage_trl.latent.targets import helper_latent_targets, precompute_latent_targets
-from mirage_trl.latent.tokens import add_latent_tokens
+from mirage_trl.models.prepare import add_latent_tokens
 from mirage_trl.models.tiny import build_tiny_model
 
 

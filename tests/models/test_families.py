@@ -17,10 +17,10 @@ from helpers import IGNORE, four_rows, make_images, sft_args, trl_loss_logps
 
 from mirage_trl.errors import MirageError
 from mirage_trl.models.families import SUPPORTED_MODEL_TYPES, family
-from mirage_trl.models.tiny import MODEL_TYPES, build_tiny_model
+from mirage_trl.models.tiny import build_tiny_model
 from mirage_trl.trainers.sft import MirageSFTTrainer
 
-FAMILIES = list(MODEL_TYPES)  # every family with a tiny factory (Qwen2.5-VL first)
+FAMILIES = list(SUPPORTED_MODEL_TYPES)  # every family (each has a tiny factory; Qwen2.5-VL first)
 PROJECTOR = ("gemma3", "internvl")  # LLaVA-style: one pixel_values entry per image, embeddings alone
 # Qwen3.5's reference PyTorch gated-delta kernel works in chunks of the padded length: its sums run in another
 # order than over one sample alone (float32 rounding, a few 1e-5 on the smallest gradients).
@@ -183,7 +183,7 @@ def test_stage1_loss_and_gradients_equal_a_per_sample_reference(tmp_path, rows, 
     token rows) with the model's gradient checkpointing on."""
     from peft import LoraConfig
 
-    from mirage_trl.latent.model_utils import unwrap
+    from mirage_trl.models.families import unwrap
 
     model, processor = build_tiny_model(model_type)
     lora = variant == "lora_ckpt"
@@ -271,9 +271,9 @@ def test_lora_run_exports_and_reloads_with_identical_greedy_decoding(tmp_path, r
     from peft import LoraConfig
     from transformers import AutoModelForImageTextToText
 
-    from mirage_trl.data.collator import MirageDataCollator
     from mirage_trl.export import export_model
     from mirage_trl.generation import generate_with_latents
+    from mirage_trl.latent.collator import MirageDataCollator
     from mirage_trl.models.load import load_model
     from mirage_trl.models.processors import load_processor
     from mirage_trl.models.tiny import save_tiny_model
@@ -303,7 +303,7 @@ def test_lora_run_exports_and_reloads_with_identical_greedy_decoding(tmp_path, r
 
     # Spans open where the model's most frequent greedy token would win: the trained <|latent_start|> row
     # (a PEFT trainable token; Gemma 3 ties it between the embedding and the LM head) copies that token's row.
-    from mirage_trl.latent.model_utils import unwrap
+    from mirage_trl.models.families import unwrap
 
     net = unwrap(trainer.model)
     head = net.get_output_embeddings()
@@ -402,7 +402,7 @@ def test_grpo_log_probs_through_trls_rollout_equal_a_per_sample_reference(tmp_pa
     from helpers import noise_image
 
     from mirage_trl.configs import MirageGRPOConfig
-    from mirage_trl.data.collator import MirageDataCollator
+    from mirage_trl.latent.collator import MirageDataCollator
     from mirage_trl.trainers.grpo import MirageGRPOTrainer
 
     model, processor = build_tiny_model(model_type)

@@ -29,7 +29,7 @@ def test_a_mistyped_local_path_is_never_tried_on_the_hub(tmp_path):
 
 
 def test_hub_names_and_paths_are_told_apart(tmp_path, monkeypatch):
-    from mirage_trl.models.resolve import looks_like_hub_name
+    from mirage_trl.io import looks_like_hub_name
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "outputs").mkdir()

@@ -51,7 +51,7 @@ def test_needs_the_latent_size_and_then_loads_with_the_ids_by_name(official):
     assert resolve_model_dir(folder, latent_size=4).latent_size == 4
     model, processor = load_model(folder, latent_size=4)
     assert model.config.mirage["latent_size"] == 4
-    from mirage_trl.latent.tokens import LatentTokens
+    from mirage_trl.models.tokens import LatentTokens
 
     tokens = LatentTokens.from_tokenizer(
         processor, 4

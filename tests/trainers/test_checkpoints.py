@@ -1,4 +1,4 @@
-"""Checkpoints are atomic (issue: security and data safety): a `checkpoint-N` folder is complete or absent.
+"""Checkpoints are atomic: a `checkpoint-N` folder is complete or absent.
 A save killed midway leaves only a hidden staging folder (removed by the next save); resuming from, exporting
 or evaluating a partial checkpoint is one line naming the newest complete one."""
 

@@ -19,11 +19,11 @@ import torch
 from helpers import trl_loss_logps
 
 from mirage_trl.configs import MirageGRPOConfig
-from mirage_trl.data.collator import MirageDataCollator
 from mirage_trl.errors import MirageError
+from mirage_trl.latent.collator import MirageDataCollator
 from mirage_trl.latent.layout import slot_masks
-from mirage_trl.latent.model_utils import multimodal_model, unwrap
-from mirage_trl.latent.tokens import add_latent_tokens
+from mirage_trl.models.families import multimodal_model, unwrap
+from mirage_trl.models.prepare import add_latent_tokens
 from mirage_trl.models.tiny import build_tiny_model
 from mirage_trl.rewards import REWARD_FUNCS
 from mirage_trl.trainers.grpo import MirageGRPOTrainer

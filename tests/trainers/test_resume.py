@@ -1,4 +1,4 @@
-"""Resume (issue 10): a stage-1 and a stage-2 run stopped after N steps and resumed with
+"""Resume: a stage-1 and a stage-2 run stopped after N steps and resumed with
 `trainer.train(resume_from_checkpoint=...)` give the same loss at every later step as the run that
 was never stopped (tiny model, CPU, float32, same seed, save_strategy="steps").
 
@@ -18,8 +18,9 @@ from transformers import TrainerCallback
 
 from mirage_trl.configs import MirageSFTConfig
 from mirage_trl.errors import MirageError
-from mirage_trl.latent.tokens import LATENT_TOKEN_NAMES, add_latent_tokens
+from mirage_trl.models.prepare import add_latent_tokens
 from mirage_trl.models.tiny import build_tiny_model
+from mirage_trl.models.tokens import LATENT_TOKEN_NAMES
 from mirage_trl.trainers.sft import MirageSFTTrainer
 
 K = 2
@@ -173,8 +174,8 @@ def test_resume_with_another_latent_size_is_refused(dataset, tmp_path):
 
 
 def test_checkpoint_latent_size_check(dataset, tmp_path):
-    """The check the trainer should call on resume (mirage_trl.latent.settings.check_checkpoint_latent_size)."""
-    from mirage_trl.latent.settings import check_checkpoint_latent_size
+    """The check the trainer should call on resume (mirage_trl.models.settings.check_checkpoint_latent_size)."""
+    from mirage_trl.models.settings import check_checkpoint_latent_size
 
     ckpt = tmp_path / "checkpoint-2"
     ckpt.mkdir()

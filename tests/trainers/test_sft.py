@@ -442,7 +442,7 @@ def test_model_without_vision_tower_is_a_clear_error(tmp_path):
 def test_latent_size_disagreeing_with_saved_checkpoint(tmp_path):
     from transformers import AutoModelForImageTextToText
 
-    from mirage_trl.latent.tokens import add_latent_tokens
+    from mirage_trl.models.prepare import add_latent_tokens
 
     model, processor = build_tiny_model()
     add_latent_tokens(processor, model, 4)
@@ -534,7 +534,7 @@ def test_gradient_accumulation_matches_one_batch(tmp_path, rows):
 def test_mixed_precision_reaches_the_stage2_rounds_and_the_logits(tmp_path, rows, stage):
     """accelerate autocasts only the top-level forward; stage 2 calls the inner model per round and the
     logits are computed in compute_loss, so both must still run under the configured bf16 autocast."""
-    from mirage_trl.latent.model_utils import text_model
+    from mirage_trl.models.families import text_model
 
     seen = {}
     for bf16 in (False, True):

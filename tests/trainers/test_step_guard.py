@@ -1,4 +1,4 @@
-"""The step guard (issue: no non-finite weight is ever written): a skipped step changes no weight and no
+"""The step guard: a skipped step changes no weight and no
 optimizer state and is not logged as loss 0.0; a non-finite gradient stops before the optimizer step with
 the last checkpoint intact; bad learning rates are refused at start; divergence with finite numbers is warned."""
 
@@ -64,7 +64,7 @@ def _equal(a, b):
 
 
 def _nan_hidden_at(trainer, step):
-    from mirage_trl.latent.model_utils import text_model
+    from mirage_trl.models.families import text_model
 
     return text_model(trainer.model).norm.register_forward_hook(
         lambda m, i, o: o * float("nan") if trainer.state.global_step == step else o

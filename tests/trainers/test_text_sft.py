@@ -72,7 +72,7 @@ def test_one_sft_step_on_tiny_model(train_jsonl, tmp_path):
         logging_steps=1,
         dataloader_num_workers=0,
     )
-    trainer = recipe_main("sft_vsp")(script, args, ModelConfig(model_name_or_path=str(model_dir)))
+    trainer = recipe_main("text_sft_vsp")(script, args, ModelConfig(model_name_or_path=str(model_dir)))
     assert trainer.state.global_step == 1
     assert np.isfinite(trainer.state.log_history[0]["loss"])
     saved = json.loads((tmp_path / "out" / "baseline_config.json").read_text())
@@ -96,7 +96,7 @@ def test_vision_tower_trains_only_when_asked(train_jsonl, tmp_path, train_tower)
         report_to="none", save_strategy="no", learning_rate=1e-2, max_length=None, dataloader_num_workers=0,
         bf16=False, gradient_checkpointing=False,
     )  # fmt: skip
-    recipe_main("sft_vsp")(script, args, ModelConfig(model_name_or_path=str(model_dir)))
+    recipe_main("text_sft_vsp")(script, args, ModelConfig(model_name_or_path=str(model_dir)))
     before = load_file(model_dir / "model.safetensors")
     after = load_file(tmp_path / "out" / "model.safetensors")
     tower = [k for k in before if "visual" in k]

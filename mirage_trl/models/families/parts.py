@@ -1,5 +1,6 @@
-"""Plumbing shared by the trainers and generation: find the parts of a (PEFT- or DeepSpeed-wrapped) model
-(through its family, `models.families`) and capture the final-norm hidden states."""
+"""Parts of a model that every family has alike: the bare model under its wrappers, its language model, LM-head
+logits and the final-norm hidden states of a forward. Family-specific parts (the inner vision-language module,
+the vision tower) are `ModelFamily` methods."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import contextlib
 
 import torch
 
-from ..errors import MirageError
+from ...errors import MirageError
 
 
 def unwrap(model):
@@ -27,19 +28,6 @@ def text_model(model) -> torch.nn.Module:
         if hasattr(module, "layers") and hasattr(module, "norm") and hasattr(module, "embed_tokens"):
             return module
     raise MirageError(f"{type(unwrap(model)).__name__} has no language model with layers and a final norm")
-
-
-def multimodal_model(model) -> torch.nn.Module:
-    """The inner vision-language module (vision tower + language model), as its family finds it."""
-    from ..models.families import family
-
-    return family(model).inner(model)
-
-
-def vision_tower(model) -> torch.nn.Module:
-    from ..models.families import family
-
-    return family(model).vision_tower(model)
 
 
 def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:

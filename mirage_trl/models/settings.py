@@ -23,14 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import MirageError
+from ..io import write_json
+from .families import unwrap
 from .tokens import LATENT_TOKEN_NAMES
 
 CONFIG_KEY = "mirage"  # config.json
 SETTINGS_FILE = "mirage_config.json"
 
-STAGE1, STAGE2, GRPO_STAGE = 1, 2, 3  # what `stage` holds; the SFT trainer runs 1 and 2
-SFT_STAGES = (STAGE1, STAGE2)
-STAGES = (STAGE1, STAGE2, GRPO_STAGE)
 SLOT_INPUTS = ("latent", "zeros")  # "zeros": the markers-only control
 FEEDBACK_NORM_CHOICES = ("none", "target")  # the training flag; the saved value is a float or None
 _TYPED = (
@@ -117,8 +116,6 @@ class MirageSettings:
     @classmethod
     def of_model(cls, model) -> MirageSettings | None:
         """The settings in `model.config` (a model, a config, or a PEFT wrapper of one), None if none."""
-        from .model_utils import unwrap
-
         config = getattr(unwrap(model), "config", model)
         value = getattr(config, CONFIG_KEY, None)
         return cls.from_dict(value, f"config '{CONFIG_KEY}'") if isinstance(value, dict) else None
@@ -126,11 +123,23 @@ class MirageSettings:
     def save_to(self, model) -> MirageSettings:
         """Write these settings into `model.config` (what `save_pretrained` saves): the model's part,
         not the stage or the provenance, which only the folder's file keeps. Returns them."""
-        from .model_utils import unwrap
-
         config = getattr(unwrap(model), "config", model)
         setattr(config, CONFIG_KEY, self.to_dict(provenance=False))
         return self
+
+    @classmethod
+    def adopt(cls, model, latent_size: int) -> MirageSettings:
+        """Give `model` the latent size k: the one check of k against a model. A model whose settings name
+        another latent size is refused in one line naming the folder it was loaded from and the file its
+        settings came from; otherwise k is recorded (settings created when it has none)."""
+        saved = cls.of_model(model)
+        if saved is not None:
+            inner = unwrap(model)
+            name = getattr(getattr(inner, "config", None), "_name_or_path", "") or "the model"
+            # set by models.load: the folder loaded (an adapter's, not its base's) and the file read
+            name, source = getattr(inner, "mirage_settings_source", (name, f"config.json '{CONFIG_KEY}'"))
+            saved.check_latent_size(latent_size, name, source)
+        return cls.update(model, latent_size)
 
     @classmethod
     def update(cls, model, latent_size: int, **changes) -> MirageSettings:
@@ -155,8 +164,6 @@ class MirageSettings:
 
     def write(self, folder) -> Path:
         """Write `mirage_config.json` into `folder` (atomically: a good file is never half-replaced)."""
-        from ..io import write_json
-
         path = Path(folder) / SETTINGS_FILE
         write_json(path, self.to_dict())
         return path
@@ -190,19 +197,6 @@ class MirageSettings:
                 )
             norm = self.latent_target_norm  # stage 1: set once measured
         return self.replace(latent_slot_input=slot_input, latent_feedback_norm=norm)
-
-
-def check_model_latent_size(model, latent_size: int) -> None:
-    """A model whose settings name another latent size is refused (nothing to check without settings)."""
-    saved = MirageSettings.of_model(model)
-    if saved is not None:
-        from .model_utils import unwrap
-
-        inner = unwrap(model)
-        name = getattr(getattr(inner, "config", None), "_name_or_path", "") or "the model"
-        # set by models.load: the folder loaded (an adapter's, not its base's) and the file read
-        name, source = getattr(inner, "mirage_settings_source", (name, f"config.json '{CONFIG_KEY}'"))
-        saved.check_latent_size(latent_size, name, source)
 
 
 def check_checkpoint_latent_size(checkpoint_dir, latent_size: int) -> None:

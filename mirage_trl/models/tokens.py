@@ -1,8 +1,11 @@
-"""The three latent tokens, added to a tokenizer/processor and a model by name; ids are always looked up."""
+"""The three latent tokens, added to a tokenizer/processor and given rows in a model by name; ids are always
+looked up. `models.prepare.add_latent_tokens` does both and records the latent size."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
 
 from ..errors import MirageError
 
@@ -10,10 +13,10 @@ LATENT_START = "<|latent_start|>"
 LATENT_PAD = "<|latent_pad|>"
 LATENT_END = "<|latent_end|>"
 LATENT_TOKEN_NAMES = (LATENT_START, LATENT_PAD, LATENT_END)
-OUTPUT_IMAGE_MARKER = "<output_image>"  # where the data puts a helper image; the collator makes it a span
 
 
-def _tokenizer(processing_class):
+def tokenizer_of(processing_class):
+    """The tokenizer of a processor (or the tokenizer itself)."""
     return getattr(processing_class, "tokenizer", processing_class)
 
 
@@ -28,7 +31,7 @@ class LatentTokens:
 
     @classmethod
     def from_tokenizer(cls, processing_class, latent_size: int) -> LatentTokens:
-        tok = _tokenizer(processing_class)
+        tok = tokenizer_of(processing_class)
         vocab = tok.get_vocab()
         missing = [t for t in LATENT_TOKEN_NAMES if t not in vocab]
         if missing:
@@ -38,35 +41,21 @@ class LatentTokens:
         return cls(vocab[LATENT_START], vocab[LATENT_PAD], vocab[LATENT_END], int(latent_size))
 
 
-def add_latent_tokens(processing_class, model=None, latent_size: int = 4) -> LatentTokens:
-    """Add the latent tokens to a tokenizer/processor (and make room for them in `model`).
-
-    The embedding is resized only when it has no spare rows (Qwen checkpoints have some); rows of
-    new tokens start from the mean of the existing rows, in the input embedding and in the LM head
-    (so the model can learn to emit start/end). The latent size is recorded in the model's Mirage settings.
-    A model that already carries another latent size is refused.
-    """
-    if latent_size < 1:
-        raise MirageError(f"latent_size must be >= 1, got {latent_size}")
-    tok = _tokenizer(processing_class)
+def add_tokens(processing_class) -> list[int]:
+    """Add the latent tokens to a tokenizer/processor's tokenizer; returns the ids that are new to it."""
+    tok = tokenizer_of(processing_class)
     before = len(tok)
     tok.add_special_tokens(
         {"additional_special_tokens": list(LATENT_TOKEN_NAMES)}, replace_extra_special_tokens=False
     )
-    tokens = LatentTokens.from_tokenizer(tok, latent_size)
-    if model is not None:
-        from .settings import MirageSettings, check_model_latent_size
-
-        check_model_latent_size(model, latent_size)
-        new_ids = [i for i in (tokens.start_id, tokens.pad_id, tokens.end_id) if i >= before]
-        _make_room(model, tok, new_ids)
-        MirageSettings.update(model, latent_size)
-    return tokens
+    vocab = tok.get_vocab()
+    return sorted(vocab[t] for t in LATENT_TOKEN_NAMES if vocab[t] >= before)
 
 
-def _make_room(model, tok, new_ids: list[int]) -> None:
-    import torch
-
+def make_room(model, tok, new_ids: list[int]) -> None:
+    """Give the new tokens rows in `model`: the embedding is resized only when it has no spare rows (Qwen
+    checkpoints have some); rows of new tokens start from the mean of the rows below them, in the input
+    embedding and in the LM head (so the model can learn to emit start/end)."""
     emb = model.get_input_embeddings()
     rows = emb.weight.shape[0]
     if len(tok) > rows:

@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..data.images import load_image
+from ..data.reference import check_text
 from ..errors import MirageError
-from ..latent.layout import expand_markers, slot_masks
-from ..latent.tokens import LatentTokens
 from ..models.families import processor_family
-from .images import load_image
+from ..models.tokens import LatentTokens
+from .layout import expand_markers, slot_masks
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +36,6 @@ TRUNCATION_POLICIES = ("error", "drop")
 def check_row_text(row, source: str) -> None:
     """Rows built by hand (not by the loader) get the loader's text checks: no reserved token written
     literally, no invalid Unicode."""
-    from .reference import check_text
-
     for m in row["messages"]:
         content = m["content"]
         parts = [content] if isinstance(content, str) else [c.get("text") or "" for c in content]

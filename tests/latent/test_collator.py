@@ -11,9 +11,9 @@ import pytest
 import torch
 from helpers import IGNORE, expected_layout, four_rows, make_images, make_row
 
-from mirage_trl.data.collator import MirageDataCollator
 from mirage_trl.errors import MirageError
-from mirage_trl.latent.tokens import add_latent_tokens
+from mirage_trl.latent.collator import MirageDataCollator
+from mirage_trl.models.prepare import add_latent_tokens
 
 K = 4
 
