@@ -62,14 +62,14 @@ def test_killed_data_generation_leaves_no_output(tmp_path):
 
 
 def test_interrupted_latent_target_cache_leaves_no_cache_file(env, rows, tmp_path, monkeypatch):
-    import mirage_trl.data.images as images
+    import mirage_trl.latent.targets as targets  # the module whose image loads fail
     from mirage_trl.latent.targets import precompute_latent_targets
     from mirage_trl.models.prepare import add_latent_tokens
     from mirage_trl.models.tiny import build_tiny_model
 
     model, processor = build_tiny_model(seed=0)
     add_latent_tokens(processor, model, 2)
-    real, calls = images.load_image, []
+    real, calls = targets.load_image, []
 
     def flaky(*a, **k):
         calls.append(1)
@@ -78,11 +78,11 @@ def test_interrupted_latent_target_cache_leaves_no_cache_file(env, rows, tmp_pat
         return real(*a, **k)
 
     cache = tmp_path / "cache"
-    monkeypatch.setattr(images, "load_image", flaky)
+    monkeypatch.setattr(targets, "load_image", flaky)
     with pytest.raises(KeyboardInterrupt):
         precompute_latent_targets(rows, model, processor, 2, batch_size=2, cache_dir=cache)
     assert not [p.name for p in cache.iterdir() if p.name.startswith("latent_targets")], list(cache.iterdir())
-    monkeypatch.setattr(images, "load_image", real)
+    monkeypatch.setattr(targets, "load_image", real)
     done = precompute_latent_targets(rows, model, processor, 2, batch_size=2, cache_dir=cache)
     assert len(done["latent_targets"]) == len(rows) and all(len(t) == 1 for t in done["latent_targets"])
 

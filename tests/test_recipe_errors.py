@@ -88,7 +88,7 @@ CASES = {
     "resume_is_file": (lambda t, e: ["--resume_from_checkpoint", _file(t)], r"--resume_from_checkpoint \S+blocker: is a file"),
     "resume_not_checkpoint": (lambda t, e: (t / "c").mkdir() or ["--resume_from_checkpoint", t / "c"], r"--resume_from_checkpoint \S+: not a complete checkpoint"),
     "model_without_config": (lambda t, e: (t / "m").mkdir() or ["--model_name_or_path", t / "m"], r"--model_name_or_path \S+: no config\.json"),
-    "text_only_model": (lambda t, e: _model(t, e, _config_edit(model_type="qwen2")), r"config\.json: model type 'qwen2' is not a supported vision-language model; supported: qwen2_vl"),
+    "text_only_model": (lambda t, e: _model(t, e, _config_edit(model_type="qwen2")), r"config\.json: model type 'qwen2' is not a supported vision-language model; supported: qwen2_5_vl, qwen2_vl"),
     "truncated_safetensors": (lambda t, e: _model(t, e, _truncate), r"model\.safetensors: not a readable safetensors file, corrupt or truncated"),
     "adapter_base_missing": (_adapter("/nowhere/base-model"), r"adapter_config\.json: base model /nowhere/base-model: no such model folder"),
     "corrupt_adapter": (lambda t, e: _adapter(str(e[0]))(t, e), r"adapter_model\.safetensors: not a readable safetensors file, corrupt or truncated"),

@@ -498,3 +498,24 @@ def test_internvl_takes_one_tile_per_image():
         "InternVL: 3 image tiles for 2 images; Mirage takes one tile per image here "
         "(set the image processor's crop_to_patches to false)"
     )
+
+
+def test_a_new_family_is_one_module(tmp_path):
+    """A module that defines and registers a family is all the registry needs: `family()` then finds it."""
+    from mirage_trl.models.families import FAMILIES, import_family_modules
+
+    (tmp_path / "idefics3.py").write_text(
+        "from mirage_trl.models.families.base import register\n"
+        "from mirage_trl.models.families.smolvlm import SmolVLMFamily\n\n\n"
+        "class Idefics3Family(SmolVLMFamily):\n"
+        "    name, model_type = 'Idefics3', 'idefics3'\n\n\n"
+        "register(Idefics3Family())\n"
+    )
+    try:
+        import_family_modules([str(tmp_path)])
+        assert family("idefics3").name == "Idefics3"
+        assert list(FAMILIES)[: len(SUPPORTED_MODEL_TYPES)] == list(SUPPORTED_MODEL_TYPES)
+    finally:
+        FAMILIES.pop("idefics3", None)
+    with pytest.raises(MirageError, match="model type 'idefics3' is not a supported"):
+        family("idefics3")

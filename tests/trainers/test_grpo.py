@@ -475,12 +475,12 @@ def test_trl_rollout_and_scoring_match_reference_whatever_the_padding_side(
 
 def test_grpo_honours_stage2_method(trainer, rows, monkeypatch):
     """`stage2_method` reaches the GRPO training forward as it reaches SFT's."""
-    from mirage_trl.latent import stage2
+    from mirage_trl.trainers import grpo
 
     methods = []
-    real = stage2.self_latent_forward
+    real = grpo.self_latent_forward
     monkeypatch.setattr(
-        stage2, "self_latent_forward", lambda *a, **kw: methods.append(kw.get("method")) or real(*a, **kw)
+        grpo, "self_latent_forward", lambda *a, **kw: methods.append(kw.get("method")) or real(*a, **kw)
     )
     monkeypatch.setattr(trainer.args, "stage2_method", "recompute")
     comps = completions(trainer.latent_tokens, trainer.processing_class.tokenizer)
@@ -496,7 +496,7 @@ def test_rollout_inputs_have_types_aligned_with_left_padded_ids(rows, tmp_path, 
     """With a right-padding tokenizer TRL hands over types padded on the right; the rollout derives them."""
     from datasets import Dataset
 
-    from mirage_trl import generation
+    from mirage_trl.trainers import grpo
 
     model, processor, _ = fresh()
     trainer = MirageGRPOTrainer(
@@ -508,13 +508,13 @@ def test_rollout_inputs_have_types_aligned_with_left_padded_ids(rows, tmp_path, 
     long_row = _row(9, rows[1]["images"])
     long_row["messages"][0]["content"][0]["text"] = "A much longer prompt than the others. " * 3
     seen = {}
-    real = generation.generate_with_latents
+    real = grpo.generate_with_latents
 
     def spy(model, processor, inputs, **kw):
         seen.update(inputs)
         return real(model, processor, inputs, **kw)
 
-    monkeypatch.setattr(generation, "generate_with_latents", spy)
+    monkeypatch.setattr(grpo, "generate_with_latents", spy)
     trainer._generate_and_score_completions([rows[0], long_row, rows[2], rows[3]])
     image_id = unwrap(trainer.model).config.image_token_id
     assert (seen["input_ids"][:, 0] == tok.pad_token_id).any()  # left-padded ids of different lengths

@@ -34,6 +34,7 @@ model has alike (`unwrap`, `text_model`, `output_logits`, `capture_final_hidden`
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import pkgutil
 
 from .base import (
@@ -51,9 +52,19 @@ from .base import (
 )
 from .parts import capture_final_hidden, output_logits, text_model, unwrap
 
-# Every family module registers its families when imported; the Qwen families (the paper's) come first.
-for _module in sorted(pkgutil.iter_modules(__path__), key=lambda m: (m.name != "qwen_vl", m.name)):
-    importlib.import_module(f"{__name__}.{_module.name}")
+
+def import_family_modules(path=None) -> None:
+    """Import every module of this package (or of the folders `path`), each registering its families; the Qwen
+    families (the paper's) come first."""
+    for module in sorted(pkgutil.iter_modules(path or __path__), key=lambda m: (m.name != "qwen_vl", m.name)):
+        if path is None:
+            importlib.import_module(f"{__name__}.{module.name}")
+        else:
+            spec = module.module_finder.find_spec(module.name)
+            spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
+import_family_modules()
 
 # The vision-language model types Mirage trains, in the registry's order.
 SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
