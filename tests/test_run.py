@@ -76,9 +76,23 @@ def test_run_recipe_debug_env_shows_trace(monkeypatch, capsys):
     assert run_recipe(lambda: 7) == 7
 
 
-def test_every_recipe_runs_under_run_recipe():
+def test_every_recipe_runs_under_run_recipe(monkeypatch, capsys):
+    """Every recipe's `__main__` is `launch(main, ARGS)`, which runs its main under `run_recipe`: the parsed
+    arguments and the script's fixed ones reach `main`, and an error in it is one line and exit 2."""
     recipes = sorted((REPO / "recipes").glob("*.py"))
-    assert recipes and all("run_recipe(" in p.read_text() for p in recipes)
+    assert recipes and all("launch(main, ARGS" in p.read_text() for p in recipes)
+    from mirage_trl import run
+
+    monkeypatch.setattr(run, "parse_recipe_args", lambda classes: tuple(c.__name__ for c in classes))
+    monkeypatch.setattr(sys, "argv", ["recipes/stage1_vsp.py"])
+
+    def main(*args, **fixed):
+        raise MirageError(f"bad {args} {fixed}")
+
+    with pytest.raises(SystemExit) as stop:
+        run.launch(main, (int, str), stage=1)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == "stage1_vsp.py: error: bad ('int', 'str') {'stage': 1}\n"
 
 
 def test_recipe_honours_or_refuses_stage(env, tmp_path):
