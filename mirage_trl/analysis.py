@@ -111,7 +111,6 @@ class LatentAnalysis:
 @torch.no_grad()
 def image_features(model, processor, paths: list[str], batch_size: int = 16) -> torch.Tensor:
     """Vision tower + merger features (one row per visual token) of the images at `paths`."""
-
     fam = family(model)
     dtype = next(fam.vision_tower(model).parameters()).dtype
     device = next(model.parameters()).device
@@ -139,7 +138,6 @@ def analyze_latents(
     max_text_points: int = 2000,
     progress: bool = False,
 ) -> LatentAnalysis:
-
     rows = list(rows)
     if not rows:
         raise MirageError("latent analysis needs at least one row")

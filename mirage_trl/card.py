@@ -317,7 +317,6 @@ def add_eval_results(folder, eval_json) -> Path:
 
 def write_card(folder, text: str) -> None:
     """README.md of a model folder, every credential-looking value scrubbed."""
-
     (Path(folder) / "README.md").write_text(scrub(text), encoding="utf-8")
 
 
@@ -325,7 +324,6 @@ def launch_line(argv: list[str] | None = None) -> str:
     """The command line that ran this process, for the settings file and the model card, credentials redacted:
     `accelerate launch recipes/stage1_vsp.py --config ...` for a recipe (accelerate's own flags are not
     visible to its worker), `mirage-trl export ...` for the command."""
-
     argv = list(sys.argv if argv is None else argv)
     argv[0] = _program(argv[0])
     # accelerate launch sets these in its workers' environment (one process or many)
@@ -336,7 +334,6 @@ def launch_line(argv: list[str] | None = None) -> str:
 def _program(path: str) -> str:
     """How a user names the program: `recipes/<script>` for a shipped recipe (in a clone or a wheel),
     `mirage-trl` for the command (`python -m mirage_trl` included), otherwise the file's name."""
-
     script = Path(path).resolve()
     try:
         return f"recipes/{script.relative_to(shipped('recipes')).as_posix()}"

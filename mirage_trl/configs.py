@@ -165,7 +165,6 @@ class MirageGRPOConfig(_MirageLatentArgs, GRPOConfig):
     remove_unused_columns: bool = False
 
     def __post_init__(self):
-
         if isinstance(self.reward_names, str):
             self.reward_names = [self.reward_names]
         get_reward_funcs(self.reward_names)  # an unknown name: one clear line

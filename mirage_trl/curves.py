@@ -22,7 +22,6 @@ _NOT_CURVES = {
 
 def find_state(folder) -> Path:
     """`trainer_state.json` of a training output: its own, or else the newest complete checkpoint's."""
-
     folder = Path(folder)
     if not folder.is_dir():
         raise MirageError(f"{folder}: no such training output folder")

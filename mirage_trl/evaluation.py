@@ -135,7 +135,6 @@ def check_rows(benchmark: str, rows: Sequence) -> None:
 
 def check_latent_modes(modes: Sequence[str]) -> list[str]:
     """Validate and order the modes: unique, "model" first (added when "mean" needs it)."""
-
     modes = list(dict.fromkeys(modes))
     if not modes:
         raise MirageError(f"no latent mode given; valid modes: {', '.join(LATENT_MODES)}")
@@ -154,7 +153,6 @@ def check_latent_modes(modes: Sequence[str]) -> list[str]:
 
 
 def _prompt_encoder(processor):
-
     try:
         lt = LatentTokens.from_tokenizer(processor, 1)
     except MirageError:  # a plain model: prompts do not use the latent tokens
@@ -363,7 +361,6 @@ def decoding_health(collected, model, spans: list[int]) -> dict:
 
 
 def _warn_collapse(health: dict, result: EvalResult) -> None:
-
     reason = collapse_reason(health)
     if reason:
         msg = f"eval: {reason}"
@@ -469,7 +466,6 @@ def health_line(health: dict) -> str:
 
 def accuracy_bars(result: EvalResult) -> dict[str, list[tuple[object, float, float, float]]]:
     """Per latent mode, (group, accuracy %, 95 % Wilson low %, high %) for every group: what the plot draws."""
-
     out = {}
     for mode, run in result.modes.items():
         rows = []

@@ -222,7 +222,6 @@ def check_config(cfg: ExperimentConfig, where: str) -> None:
 
 def prepare_data(cfg: ExperimentConfig, out: Path, progress: bool = False) -> dict:
     """Test maps first, then training maps that exclude them; the last val_rows training maps are held out."""
-
     d = cfg.data
     paths = {}
     # The test split is drawn like a training split (with helper images, needed by the upper bound's
@@ -270,7 +269,6 @@ def prepare_data(cfg: ExperimentConfig, out: Path, progress: bool = False) -> di
 
 def _grounding_data(cfg: ExperimentConfig, out: Path, paths: dict, progress: bool) -> dict:
     """Warm-up maps (none of them a test map), a validation slice of them, and held-out maps to report on."""
-
     d = cfg.data
     common = dict(levels=d.levels, overwrite=True, progress=progress, tile_px=d.tile_px)
     common["max_hole_frac"] = d.grounding_max_hole_frac
@@ -389,7 +387,6 @@ def _common_args(cfg: ExperimentConfig, out: Path, seed: int, steps: int) -> dic
 
 
 def _val_callback(cfg, rows, prepare_row=None, benchmark=BENCHMARK):
-
     return GenerationEvalCallback(
         rows,
         benchmark,
@@ -438,7 +435,6 @@ def _train_text(cfg, rows, model_dir: Path, out: Path, seed: int, steps: int, pr
 
 def train_grounding(cfg, data, model_dir: Path, out: Path, seed: int, progress: _Progress) -> dict:
     """The warm-up: text SFT on map descriptions; saves the grounded model to `out / "model"`."""
-
     start = time.perf_counter()
     trainer, callback = _train_text(
         cfg, data["grounding"], model_dir, out, seed, cfg.train.grounding_steps, progress, "grounding warm-up",
@@ -465,7 +461,6 @@ def train_grounding(cfg, data, model_dir: Path, out: Path, seed: int, progress: 
 
 
 def train_text_arm(cfg, data, arm: str, model_dir: Path, out: Path, seed: int, progress: _Progress):
-
     helper = arm == "helper_input"
     rows = data["direct" if arm == "text_direct" else "cot"]
     trainer, callback = _train_text(
@@ -476,7 +471,6 @@ def train_text_arm(cfg, data, arm: str, model_dir: Path, out: Path, seed: int, p
 
 
 def train_mirage_arm(cfg, data, arm: str, model_dir: Path, out: Path, seed: int, progress: _Progress):
-
     rows = data["direct" if arm == "mirage_direct" else "cot"]
     t = cfg.train
     markers = arm == "markers_cot"
@@ -515,7 +509,6 @@ def train_mirage_arm(cfg, data, arm: str, model_dir: Path, out: Path, seed: int,
 
 def evaluate_arm(cfg, model, processor, data, arm: str) -> dict:
     """Greedy decoding of the test rows; Mirage arms once per latent mode (the model's own latents first)."""
-
     rows = [data["test"][i] for i in range(len(data["test"]))]
     if arm == "helper_input":
         rows = [helper_as_input(r) for r in rows]

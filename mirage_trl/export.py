@@ -67,7 +67,6 @@ def export_model(
     Full input: re-saved. Then, with `push_to_hub`, the folder is uploaded; a failed upload raises
     `MirageError` after the local export is complete.
     """
-
     out = check_output_dir(out, overwrite, "--out")  # before any work
     src = resolve_model_dir(model_path, latent_size=latent_size)
     check_out_apart(out, src.path, "--model")

@@ -127,7 +127,6 @@ def parse_recipe_args(types, argv: list[str] | None = None):
 def check_model_source(name, flag: str = "--model_name_or_path") -> None:
     """A local model folder: a readable config.json of a supported vision-language model with well-typed Mirage
     settings and readable safetensors, or a PEFT adapter whose files are readable and whose base exists."""
-
     path = Path(str(name))
     if not path.exists():
         if looks_like_hub_name(str(name)):
@@ -213,7 +212,6 @@ def check_report_to(report_to) -> None:
 
 def preflight(script_args, training_args, model_args) -> None:
     """What a recipe checks after parsing and before loading anything heavy."""
-
     check_report_to(getattr(training_args, "report_to", None))
     check_writable_dir(training_args.output_dir, "--output_dir")
     check_resume_checkpoint(getattr(training_args, "resume_from_checkpoint", None))

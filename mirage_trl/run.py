@@ -75,7 +75,6 @@ def load_train_data(script_args, benchmark: str | None = None):
     `--dataset_name` is a reference JSONL, a local dataset folder or a dataset id (`data.sources`), read
     with TRL's `--dataset_config` and `--dataset_train_split`; `--eval_dataset_name` is read the same way
     with `--dataset_test_split`."""
-
     if not script_args.dataset_name:
         raise MirageError(
             "--dataset_name: give the data to train on (a JSONL file, a dataset folder or a dataset id)"
@@ -112,7 +111,6 @@ def peft_config_for(model, model_args):
 def train(trainer, training_args):
     """Train (resuming from `--resume_from_checkpoint`, or else from the newest complete checkpoint in
     `output_dir`), then log and save the train metrics and the trainer state. Returns the metrics."""
-
     checkpoint = training_args.resume_from_checkpoint
     if checkpoint is None:
         checkpoint = newest_complete_checkpoint(training_args.output_dir)
@@ -132,7 +130,6 @@ def save_outputs(
     """Save the model or adapter, the processor with the latent tokens, the Mirage settings (with the
     stages run so far) and TRL's model card. A text-only baseline has no Mirage settings (its trainer
     says so) and writes only the rest."""
-
     trainer.save_model(output_dir)
     if not trainer.accelerator.is_main_process:
         return
@@ -160,7 +157,6 @@ def save_outputs(
 
 def make_adapter_portable(folder) -> None:
     """PEFT records the base as it was given (often a path relative to where training ran): make it absolute."""
-
     path = Path(folder) / "adapter_config.json"
     if path.is_file():
         config = read_json(path)

@@ -385,7 +385,6 @@ def _checkpointed_round(
     model, inner, config, layout, mask_r, ids_r, pos_r, slot_r, values, extra, n_past, n_chunks, *flat_past
 ):
     """One round as a pure function: past key/value chunks in, (hidden, new keys..., new values...) out."""
-
     if n_chunks:
         n_layers = len(flat_past) // (2 * n_chunks)
         ks = [torch.cat(flat_past[i * n_chunks : (i + 1) * n_chunks], dim=2) for i in range(n_layers)]

@@ -255,7 +255,6 @@ def load_checkpoint_weights(model, checkpoint_dir) -> bool:
     strict=False, so on resume every weight is silently left as initialised. Returns False (nothing done)
     for adapter checkpoints and folders without full weights, which the Trainer's own loader handles.
     """
-
     folder = Path(checkpoint_dir)
     if is_adapter_dir(folder) or not (
         (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()

@@ -43,7 +43,6 @@ class GenerationEvalCallback(TrainerCallback):
         return self
 
     def evaluate_now(self, step: int) -> dict:
-
         trainer = self.trainer
         model = trainer.model
         was_training = model.training

@@ -147,7 +147,6 @@ def load_from_checkpoint(trainer, resume_from_checkpoint, model, fallback) -> No
     initialised. Full-model checkpoints are read the way `from_pretrained` reads them; adapters go
     through the Trainer's own loader (`fallback`).
     """
-
     check_resume_checkpoint(resume_from_checkpoint)
     check_checkpoint_latent_size(resume_from_checkpoint, trainer.mirage_settings.latent_size)
     if not load_checkpoint_weights(model if model is not None else trainer.model, resume_from_checkpoint):
@@ -265,7 +264,6 @@ class MirageTrainerMixin:
 
     def _check_latent_health(self, logs) -> None:
         """Warn (naming the step) when the logged latents collapse, and again when they recover."""
-
         stats = {k[len("latent/") :]: v for k, v in logs.items() if k.startswith("latent/")}
         if "cross_sample_cos" not in stats:
             return
@@ -326,7 +324,6 @@ class MirageTrainerMixin:
 
     # ------------------------------------------------------------------ saving
     def save_model(self, output_dir=None, _internal_call=False):
-
         with redacted_args(self.args):
             super().save_model(output_dir, _internal_call=True)
         if self.args.should_save:

@@ -200,7 +200,6 @@ class MirageGRPOTrainer(MirageTrainerMixin, GRPOTrainer):
     def _generate_single_turn(
         self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False
     ):
-
         if self.use_vllm or self.use_transformers_continuous_batching:
             raise MirageError(
                 "latent rollouts need per-step hidden-state feedback: use the transformers generation path"
@@ -293,7 +292,6 @@ class MirageGRPOTrainer(MirageTrainerMixin, GRPOTrainer):
         **inputs,
     ):
         """Per-token log-probs (B, C) of the completion's text tokens with the latents recomputed by `model`."""
-
         if compute_aux_loss:
             raise MirageError("MoE router auxiliary losses are not supported by Mirage GRPO")
         fam = family(model)
@@ -356,7 +354,6 @@ class MirageGRPOTrainer(MirageTrainerMixin, GRPOTrainer):
     # ------------------------------------------------------------------ loss + guard
     def _log_latent_health(self, mode: str, latents: torch.Tensor) -> None:
         """`latent/...` health of the recomputed latents (the SFT trainer's names); one gather, one sync."""
-
         settings = MirageSettings.of_model(self.model)
         reference = settings.latent_target_norm if settings else None
         stats = latent_health(latents, self.mirage_settings.latent_size, reference)

@@ -151,7 +151,6 @@ class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
         return captured[-1]
 
     def stage2_forward(self, model, inputs):
-
         return self_latent_forward(
             model,
             inputs["input_ids"],
@@ -165,7 +164,6 @@ class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
 
     @property
     def latent_feedback(self):
-
         return LatentFeedback.from_model(self.model)
 
     # ------------------------------------------------------------------ loss
@@ -242,7 +240,6 @@ class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
     def _latent_metrics(self, latents, targets) -> dict:
         """`latent/...` health of the latents (stage 1: the predictions h[t-1]; stage 2: the fed vectors)
         and of the stage-1 targets; every key present on every rank (NaN where not measurable)."""
-
         k = self.mirage_settings.latent_size
         reference = None
         if targets is not None:
@@ -266,7 +263,6 @@ class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
     def _record_target_norm(self, model, value: float) -> None:
         """Running mean of the stage-1 target norm, kept in the Mirage settings (and so in every checkpoint
         and output): what `--latent_feedback_norm target` rescales to in later stages."""
-
         total, count = self._target_norm_sum
         self._target_norm_sum = (total + value, count + 1)
         mean = (total + value) / (count + 1)

@@ -29,7 +29,6 @@ from .common import MirageTrainerMixin, restrict_to_language_model
 
 def to_sft_row(row: dict, helper_as_input: bool = False) -> dict:
     """A loaded reference row -> TRL prompt-completion row (`images` still paths)."""
-
     source = row.get("source", "<row>")
     if not any(m["role"] == "assistant" for m in row["messages"]) or not row.get("completion_text"):
         raise MirageError(f"{source}:text_output: a training row needs text_output (the answer to learn)")
@@ -44,7 +43,6 @@ def to_sft_row(row: dict, helper_as_input: bool = False) -> dict:
 
 
 def _decode_images(batch: dict) -> dict:
-
     batch = dict(batch)
     batch["images"] = [[load_image(p, source="images") for p in paths] for paths in batch["images"]]
     return batch
@@ -72,7 +70,6 @@ class TextSFTTrainer(MirageTrainerMixin, SFTTrainer):
 
 def write_baseline_config(output_dir, helper_as_input: bool, data: str, base_model: str) -> None:
     """What a baseline output is, in place of the Mirage settings (`baseline_config.json`)."""
-
     write_json(
         Path(output_dir) / "baseline_config.json",
         {
