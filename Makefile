@@ -13,7 +13,7 @@ DEMO ?= outputs/demo
 SHARED_TEST ?= ../shared/data/mirage_official/data/vsp_spatial_planning/test_direct.jsonl
 LAUNCH := $(BIN)/accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
 
-.PHONY: install demo experiment test quality style bench clean
+.PHONY: install demo experiment screen-latents test quality style bench clean
 
 install: $(VENV)/.installed
 
@@ -53,6 +53,26 @@ demo: install
 
 experiment: install
 	$(BIN)/mirage-trl experiment --out outputs/experiment --overwrite
+
+# A screen of a stage-1 option (docs/experiments.md, "Screens"), after `make demo`: Mirage direct stages 1 and 2 from
+# the demo's grounded model with FLAGS, greedy evaluation of 100 validation maps (neither the demo's training nor its
+# test maps) with the latent ablations. make screen-latents ARM=contrastive_vc FLAGS="--latent_loss contrastive
+# --latent_variance_weight 1.0"
+ARM ?= cosine
+FLAGS ?=
+SCREEN := outputs/screen
+screen-latents: install
+	test -d $(DEMO)/grounded || { echo "run make demo first (the screens start from its grounded model)"; exit 2; }
+	test -f $(SCREEN)/val/planning_test_direct.jsonl || $(BIN)/mirage-trl data vsp --task planning --split test \
+		--style direct --levels 3 --num-samples 100 --seed 11 --tile-px 28 --out $(SCREEN)/val --overwrite \
+		--exclude $(DEMO)/data/planning_train_direct.jsonl $(DEMO)/test-data/planning_test_direct.jsonl
+	rm -rf $(SCREEN)/$(ARM)
+	$(LAUNCH) recipes/stage1_vsp.py --config recipes/tiny/stage1/config_vsp_demo.yaml --output_dir $(SCREEN)/$(ARM)/stage1 $(FLAGS)
+	$(LAUNCH) recipes/stage2_vsp.py --config recipes/tiny/stage2/config_vsp_demo.yaml \
+		--model_name_or_path $(SCREEN)/$(ARM)/stage1 --output_dir $(SCREEN)/$(ARM)/stage2
+	$(BIN)/mirage-trl eval --model $(SCREEN)/$(ARM)/stage2 --benchmark vsp_planning \
+		--data $(SCREEN)/val/planning_test_direct.jsonl --max-new-tokens 24 --batch-size 50 --greedy \
+		--latents model zero shuffle remove --out $(SCREEN)/$(ARM)/eval --overwrite --no-progress
 
 # The tests also cover DeepSpeed ZeRO-2 (2 processes on CPU): the `deepspeed` extra, built against the torch above.
 $(VENV)/.installed-test: $(VENV)/.installed

@@ -13,6 +13,7 @@ from trl import GRPOConfig, ScriptArguments, SFTConfig
 from .errors import MirageError
 from .grading import BENCHMARKS, one_of
 from .latent.collator import TRUNCATION_POLICIES
+from .latent.losses import LATENT_LOSSES
 from .latent.stage2 import METHODS as STAGE2_METHODS
 from .latent.targets import POOLINGS
 from .models.settings import FEEDBACK_NORM_CHOICES
@@ -128,6 +129,17 @@ class MirageSFTConfig(_MirageLatentArgs, SFTConfig):
     text_loss_weight: float = field(
         default=0.1, metadata={"help": "gamma: weight of the text CE in stage 1 (paper 0.1)"}
     )
+    latent_loss: str = field(
+        default="cosine",
+        metadata={"help": f"stage 1's latent loss: {', '.join(LATENT_LOSSES)} (cosine: the paper's)"},
+    )
+    latent_temperature: float = field(
+        default=0.1, metadata={"help": "temperature of the contrastive latent loss"}
+    )
+    latent_variance_weight: float = field(
+        default=0.0,
+        metadata={"help": "weight of the variance-covariance regulariser on stage 1's predictions (0: off)"},
+    )
     stage2_target_metric: bool = field(
         default=False,
         metadata={
@@ -149,6 +161,14 @@ class MirageSFTConfig(_MirageLatentArgs, SFTConfig):
         validate_latent_args(self)
         if not (math.isfinite(self.text_loss_weight) and self.text_loss_weight >= 0):
             raise MirageError(f"--text_loss_weight {self.text_loss_weight}: must be a finite number >= 0")
+        if self.latent_loss not in LATENT_LOSSES:
+            raise MirageError(f"--latent_loss {self.latent_loss!r}: choose one of {', '.join(LATENT_LOSSES)}")
+        if not (math.isfinite(self.latent_temperature) and self.latent_temperature > 0):
+            raise MirageError(f"--latent_temperature {self.latent_temperature}: must be a finite number > 0")
+        if not (math.isfinite(self.latent_variance_weight) and self.latent_variance_weight >= 0):
+            raise MirageError(
+                f"--latent_variance_weight {self.latent_variance_weight}: must be a finite number >= 0"
+            )
         if self.stage not in (None, *SFT_STAGES):
             raise MirageError(f"--stage {self.stage}: must be 1 or 2")
 
@@ -269,6 +289,18 @@ MirageSFTConfig.__doc__ = f"""Configuration class for `MirageSFTTrainer`: TRL's 
         text_loss_weight (`float`, *optional*, defaults to `0.1`):
             gamma, the weight of the text loss in stage 1 (the paper's 0.1 suits a pretrained model that
             already writes well; a model trained from scratch needs ~1).
+        latent_loss (`str`, *optional*, defaults to `"cosine"`):
+            Stage 1's latent loss (`mirage_trl.latent.losses`): `"cosine"`, the paper's 1 - cos(h[t-1], e[t]);
+            `"contrastive"`, InfoNCE in which each prediction must pick its own target against the other
+            rows' targets. Why: targets that differ little between images are met by their mean direction
+            under the cosine loss, so the latents can carry nothing about the image; the contrastive loss
+            can only be lowered by what tells one image's targets from another's.
+        latent_temperature (`float`, *optional*, defaults to `0.1`):
+            Temperature of the contrastive latent loss (lower: harder negatives).
+        latent_variance_weight (`float`, *optional*, defaults to `0.0`):
+            Weight of a VICReg-style variance-covariance regulariser on stage 1's predictions across the batch
+            (each dimension's standard deviation held at 1 or more, covariances pushed to 0): a guard against
+            latents that collapse into one vector. 0: off.
         stage2_target_metric (`bool`, *optional*, defaults to `False`):
             Stage 2: also encode the helper images every step to log `latent/target_cos` (one vision-tower
             pass per step, so off by default).

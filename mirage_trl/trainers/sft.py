@@ -24,7 +24,7 @@ from ..data.reference import require_helper_images
 from ..latent.collator import MirageDataCollator
 from ..latent.feedback import LatentFeedback
 from ..latent.health import HEALTH_KEYS, latent_health
-from ..latent.losses import cosine, cosine_loss, text_cross_entropy
+from ..latent.losses import LATENT_LOSSES, cosine, text_cross_entropy, variance_covariance
 from ..latent.slots import latent_inputs
 from ..latent.stage2 import self_latent_forward
 from ..latent.targets import helper_inputs, helper_latent_targets, precompute_latent_targets
@@ -202,8 +202,14 @@ class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
             loss = ce if markers_only else self.args.text_loss_weight * ce
             if has_slots:
                 predicted = hidden[:, :-1][slot_mask[:, 1:]]  # h[t-1] for every slot t
-                latent_loss, cos = cosine_loss(predicted, targets)
+                rows = slot_mask[:, 1:].nonzero(as_tuple=True)[0]  # the batch row of each slot, in slot order
+                loss_fn = LATENT_LOSSES[self.args.latent_loss]
+                latent_loss, cos = loss_fn(predicted, targets, rows, self.args.latent_temperature)
                 metrics["latent_cos"] = cos.detach().mean()
+                if self.args.latent_variance_weight:
+                    regulariser = variance_covariance(predicted)
+                    metrics["latent_variance_covariance"] = regulariser.detach()
+                    latent_loss = latent_loss + self.args.latent_variance_weight * regulariser
                 metrics["latent_loss"] = latent_loss.detach()
                 # A per-micro-batch mean: average it over the accumulation steps when CE already is.
                 steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1

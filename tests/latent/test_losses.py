@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from mirage_trl.errors import MirageError
-from mirage_trl.latent.losses import LATENT_LOSSES, cosine_loss, latent_loss_fn, text_cross_entropy
+from mirage_trl.latent.losses import (
+    LATENT_LOSSES,
+    contrastive_loss,
+    cosine_loss,
+    latent_loss_fn,
+    text_cross_entropy,
+    variance_covariance,
+)
 from mirage_trl.models.tiny import build_tiny_model
 
 
@@ -31,8 +38,9 @@ def test_cosine_loss_is_the_mean_of_one_minus_cos_per_slot_with_its_gradient():
 
 def test_latent_losses_are_found_by_name_and_an_unknown_one_is_refused():
     assert latent_loss_fn("cosine") is cosine_loss
-    assert list(LATENT_LOSSES) == ["cosine"]
-    with pytest.raises(MirageError, match=r"^unknown latent loss 'l2'; choose one of cosine$"):
+    assert latent_loss_fn("contrastive") is contrastive_loss
+    assert list(LATENT_LOSSES) == ["cosine", "contrastive"]
+    with pytest.raises(MirageError, match=r"^unknown latent loss 'l2'; choose one of cosine, contrastive$"):
         latent_loss_fn("l2")
 
 
@@ -55,3 +63,45 @@ def test_text_cross_entropy_sums_the_trained_positions():
     assert ce_sum.item() == pytest.approx(total, rel=1e-5)
     assert int(stats["correct"]) == hits
     assert math.isfinite(float(stats["entropy"]))
+
+
+def test_contrastive_loss_picks_each_target_against_the_other_rows_with_its_gradient():
+    """Per slot, by hand: -log softmax over {its own target} + {the targets of other rows}, cos / T."""
+    torch.manual_seed(0)
+    rows = torch.tensor([0, 0, 1, 1, 1, 3])  # row 2 has no slot; rows 0 and 1 have several
+    predicted = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    targets = torch.randn(6, 8, dtype=torch.float64)
+    loss, cos = contrastive_loss(predicted, targets, rows, temperature=0.2)
+    loss.backward()
+    ref_pred = predicted.detach().clone().requires_grad_(True)
+    terms = []
+    for i in range(6):
+        p = ref_pred[i] / ref_pred[i].norm()
+        candidates = [j for j in range(6) if j == i or rows[j] != rows[i]]
+        scores = torch.stack([(p * targets[j] / targets[j].norm()).sum() / 0.2 for j in candidates])
+        terms.append(-(scores[candidates.index(i)] - torch.logsumexp(scores, 0)))
+    ref = torch.stack(terms).mean()
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert torch.allclose(predicted.grad, ref_pred.grad, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(cos.double(), torch.nn.functional.cosine_similarity(predicted, targets), atol=1e-6)
+    one_row, _ = contrastive_loss(predicted[:2], targets[:2], rows[:2], temperature=0.2)
+    assert one_row.item() == 0.0  # no other row: nothing to tell apart
+
+
+def test_variance_covariance_by_hand():
+    torch.manual_seed(1)
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    value = variance_covariance(x)
+    value.backward()
+    ref_x = x.detach().clone().requires_grad_(True)
+    mean = [sum(ref_x[i, d] for i in range(5)) / 5 for d in range(3)]
+    c = [[sum((ref_x[i, a] - mean[a]) * (ref_x[i, b] - mean[b]) for i in range(5)) / 4 for b in range(3)]
+         for a in range(3)]  # fmt: skip
+    hinge = sum(torch.clamp(1 - torch.sqrt(c[d][d] + 1e-4), min=0) for d in range(3)) / 3
+    off = sum(c[a][b] ** 2 for a in range(3) for b in range(3) if a != b) / 3
+    ref = hinge + off
+    ref.backward()
+    assert value.item() == pytest.approx(ref.item(), rel=1e-6)  # computed in float32, as in training
+    assert torch.allclose(x.grad, ref_x.grad, rtol=1e-5, atol=1e-7)
+    assert variance_covariance(x[:1]).item() == 0.0

@@ -666,3 +666,49 @@ def test_markers_only_stage1_feeds_zeros_and_learns_text_only(tmp_path, rows):
 def test_stage2_feedback_norm_target_needs_a_measured_norm(tmp_path):
     with pytest.raises(MirageError, match="no measured stage-1 target norm"):
         make_trainer(tmp_path, stage=2, latent_feedback_norm="target")
+
+
+def _contrastive_by_hand(predictions, targets, rows, temperature):
+    """Per slot: -log softmax of its own target among its own and the other rows' targets (cos / T)."""
+    terms = []
+    for i in range(len(rows)):
+        p = predictions[i] / predictions[i].norm()
+        pool = [j for j in range(len(rows)) if j == i or rows[j] != rows[i]]
+        scores = torch.stack([(p * targets[j]).sum() / targets[j].norm() / temperature for j in pool])
+        terms.append(torch.logsumexp(scores, 0) - scores[pool.index(i)])
+    return torch.stack(terms).mean()
+
+
+def test_contrastive_latent_loss_and_regulariser_match_the_manual_computation(tmp_path, rows):
+    """--latent_loss contrastive and --latent_variance_weight: the stage-1 loss and its gradient equal
+    gamma x CE + InfoNCE (by hand, slot by slot) + weight x the variance-covariance term."""
+    from mirage_trl.latent.losses import variance_covariance
+
+    trainer = make_trainer(
+        tmp_path, latent_loss="contrastive", latent_temperature=0.5, latent_variance_weight=0.3
+    )
+    batch = trainer.data_collator(rows)
+    model = trainer.model
+    loss = trainer.compute_loss(model, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    ref = manual_stage1(model, batch, k=4, gamma=0.1)
+    slot_rows = batch["latent_mask"].nonzero()[:, 0].tolist()
+    assert len(set(slot_rows)) == 3  # three rows with spans: negatives exist
+    expected = (
+        0.1 * ref["ce"]
+        + _contrastive_by_hand(ref["predictions"], ref["targets"], slot_rows, 0.5)
+        + 0.3 * variance_covariance(ref["predictions"])
+    )
+    torch.testing.assert_close(loss, expected, **TOL)
+    expected.backward()
+    assert grads and all(
+        torch.allclose(grads[n], p.grad, rtol=1e-4, atol=1e-6)
+        for n, p in model.named_parameters()
+        if n in grads
+    )
+    with pytest.raises(MirageError, match=r"^--latent_loss 'l2': choose one of cosine, contrastive$"):
+        make_args(tmp_path, latent_loss="l2")
+    with pytest.raises(MirageError, match=r"^--latent_temperature 0\.0: must be a finite number > 0$"):
+        make_args(tmp_path, latent_temperature=0.0)
