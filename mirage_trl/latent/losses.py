@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from trl.trainer.utils import entropy_from_logits  # TRL's own, chunked: no second vocab-size copy
 
-from ..errors import MirageError
 from ..models.families import output_logits
 from .collator import IGNORE_INDEX
 
@@ -84,10 +83,3 @@ def variance_covariance(predicted: torch.Tensor, eps: float = 1e-4) -> torch.Ten
 
 
 LATENT_LOSSES = {"cosine": cosine_loss, "contrastive": contrastive_loss}
-
-
-def latent_loss_fn(name: str):
-    """The latent loss called `name`; an unknown name is one line listing the known ones."""
-    if name not in LATENT_LOSSES:
-        raise MirageError(f"unknown latent loss {name!r}; choose one of {', '.join(LATENT_LOSSES)}")
-    return LATENT_LOSSES[name]
