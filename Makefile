@@ -13,7 +13,7 @@ DEMO ?= outputs/demo
 SHARED_TEST ?= ../shared/data/mirage_official/data/vsp_spatial_planning/test_direct.jsonl
 LAUNCH := $(BIN)/accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
 
-.PHONY: install demo experiment screen-latents test quality style bench clean
+.PHONY: install demo experiment experiment-latents screen-latents test quality style bench clean
 
 install: $(VENV)/.installed
 
@@ -53,6 +53,11 @@ demo: install
 
 experiment: install
 	$(BIN)/mirage-trl experiment --out outputs/experiment --overwrite
+
+# Do the latents carry the map? Each latent option against today's Mirage, markers-only and text-only, three seeds,
+# every ablation and the bottleneck probe (docs/experiments.md; under an hour on a 2-core CPU)
+experiment-latents: install
+	$(BIN)/mirage-trl experiment --config vsp_planning_latents --out outputs/experiment-latents --overwrite
 
 # A screen of a stage-1 option (docs/experiments.md, "Screens"), after `make demo`: Mirage direct stages 1 and 2 from
 # the demo's grounded model with FLAGS, greedy evaluation of 100 validation maps (neither the demo's training nor its

@@ -16,7 +16,7 @@ from .latent.collator import TRUNCATION_POLICIES
 from .latent.losses import LATENT_LOSSES
 from .latent.stage2 import METHODS as STAGE2_METHODS
 from .latent.targets import POOLINGS
-from .models.settings import FEEDBACK_NORM_CHOICES
+from .models.settings import BOTTLENECKS, FEEDBACK_NORM_CHOICES
 from .rewards import DEFAULT_REWARD_WEIGHTS, get_reward_funcs
 from .stages import SFT_STAGES
 
@@ -107,6 +107,21 @@ class _MirageLatentArgs:
             "at decoding (no latent loss in stage 1); saved with the model"
         },
     )
+    latent_bottleneck: str | None = field(
+        default=None,
+        metadata={
+            "help": "visual bottleneck: 'image' stops text after a latent span's start from attending to the "
+            "input image (only the latents carry it), 'strict' every text token after the image (the prompt's "
+            "too), 'none' off; default: as the model was trained; saved with the model, decoding applies it too"
+        },
+    )
+    latent_bottleneck_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "with --latent_bottleneck image or strict: keep it for this run's first N optimizer steps, then train "
+            "(and save) without it; default: the whole run"
+        },
+    )
     skip_nonfinite_steps: bool = field(
         default=False,
         metadata={
@@ -188,6 +203,11 @@ class MirageGRPOConfig(_MirageLatentArgs, GRPOConfig):
         if isinstance(self.reward_names, str):
             self.reward_names = [self.reward_names]
         get_reward_funcs(self.reward_names)  # an unknown name: one clear line
+        if self.latent_bottleneck not in (None, "none"):
+            raise MirageError(
+                f"--latent_bottleneck {self.latent_bottleneck}: GRPO's rollouts and recomputed latents do not apply the visual "
+                "bottleneck yet; train GRPO with --latent_bottleneck none"
+            )
         if self.reward_weights is None and set(self.reward_names) <= set(DEFAULT_REWARD_WEIGHTS):
             self.reward_weights = [DEFAULT_REWARD_WEIGHTS[n] for n in self.reward_names]
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_names):
@@ -252,6 +272,18 @@ _LATENT_PARAMS = """
             The control arm: spans, markers and slots stay but every stage and every decoding step feeds
             zeros at the slots (stage 1 has no latent loss). Saved with the model, so whatever such a model
             gains comes from the span format, not from latent content.
+        latent_bottleneck (`str` or `None`, *optional*, defaults to `None`):
+            `"image"`: the visual bottleneck (LIVR's mask): text tokens after a latent span's start cannot
+            attend to the input image's tokens; the span's start and slots still can, so what the answer
+            learns about the image must pass through the latents. `"strict"`: every text token after the
+            image is blind, the rest of the prompt included (under `"image"` the answer can still read the
+            prompt's text that read the image). `"none"`: off. `None`: as the model was
+            trained (stage 2 of a bottlenecked stage 1 keeps it). Saved with the model; decoding applies
+            it too. Refused for models with recurrent layers (Qwen3.5: their state reads the image past any
+            mask) and by GRPO.
+        latent_bottleneck_steps (`int` or `None`, *optional*, defaults to `None`):
+            A schedule: the bottleneck for the run's first N optimizer steps, then off (the saved model has
+            it off). `None`: the whole run.
 
         > Parameters of the data and the forward
 
@@ -358,6 +390,15 @@ def validate_latent_args(args) -> None:
     if args.latent_feedback_norm not in (None, *FEEDBACK_NORM_CHOICES):
         raise MirageError(
             f"--latent_feedback_norm {args.latent_feedback_norm!r}: choose one of {', '.join(FEEDBACK_NORM_CHOICES)}"
+        )
+    if args.latent_bottleneck not in (None, *BOTTLENECKS):
+        raise MirageError(
+            f"--latent_bottleneck {args.latent_bottleneck!r}: choose one of {', '.join(BOTTLENECKS)}"
+        )
+    _check_int(args, "latent_bottleneck_steps", 0, 1 << 40, optional=True)
+    if args.latent_bottleneck_steps is not None and args.latent_bottleneck != "image":
+        raise MirageError(
+            "--latent_bottleneck_steps schedules the bottleneck: give --latent_bottleneck image too"
         )
     if args.stage2_method not in STAGE2_METHODS:
         raise MirageError(

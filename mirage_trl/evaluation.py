@@ -113,6 +113,23 @@ def row_group(benchmark: str, row) -> object:
     return str(task) if task else benchmark
 
 
+def best_fixed_answer(benchmark: str, rows: Sequence) -> dict:
+    """Accuracy per group (and over all rows) of the best single answer given to every row, the answers tried
+    being the rows' own reference answers: the most a model that ignores its input can score (for VSP, the best
+    fixed plan). What the visual-bottleneck probe is measured against."""
+    rows = list(rows)
+    candidates = sorted({f"\\boxed{{{r['answer']}}}" for r in rows if r.get("answer")})
+    solved = {c: [grade(benchmark, c, r).correct for r in rows] for c in candidates}
+    groups = [row_group(benchmark, r) for r in rows]
+    out = {}
+    for key in [*dict.fromkeys(groups), GROUP_ALL]:
+        idx = [i for i, g in enumerate(groups) if key == GROUP_ALL or g == key]
+        best = max(candidates, key=lambda c: sum(solved[c][i] for i in idx), default=None)
+        hits = sum(solved[best][i] for i in idx) if best else 0
+        out[str(key)] = {"answer": best, "accuracy": hits / len(idx) if idx else 0.0, "n": len(idx)}
+    return out
+
+
 def check_rows(benchmark: str, rows: Sequence) -> None:
     """Every row carries what grading its benchmark needs; a one-line `MirageError` names the field."""
     if benchmark not in BENCHMARKS:
@@ -189,12 +206,15 @@ def evaluate(
     progress: bool = True,
     generate_fn: Callable | None = None,
     on_decoded: Callable[[list[dict]], None] | None = None,
+    bottleneck: str | None = None,
 ) -> EvalResult:
     """Decode, grade and summarise `dataset` (rows of `load_reference_jsonl`) once per latent mode.
 
     `num_samples`: the first N rows. `generate_fn`: defaults to `generation.generate_with_latents`
     (tests inject a fake with the same signature and output fields). `on_decoded`: called after every
     batch with its decoded rows (mode, index, source, completion), so a caller can keep them as they come.
+    `bottleneck`: decode every mode under this visual bottleneck ("image" or "strict": LIVR's probe; "none":
+    without; None: as the model was last trained).
     """
     import torch
 
@@ -212,6 +232,7 @@ def evaluate(
         "top_p": top_p if do_sample else None,
         "seed": seed,
         "latent_modes": modes,
+        "bottleneck": _bottleneck(model) if bottleneck is None else bottleneck,
     }
     result = EvalResult(benchmark=benchmark, settings=settings)
     if "mean" in latent_modes and "model" not in latent_modes:
@@ -231,6 +252,7 @@ def evaluate(
 
     # 3. Decode and grade once per latent mode ("model" first: "mean" feeds its mean latent).
     sampling = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p)
+    sampling["bottleneck"] = settings["bottleneck"]
     latent_mean = None
     for mode in modes:
         want_latents = mode == "model"  # for the health statistics, and for "mean"
@@ -256,6 +278,12 @@ def evaluate(
         completions = _completions(rows, benchmark, groups, mode, texts, grades, spans, ntok)
         result.modes[mode] = ModeResult(mode, table, completions, seconds, sum(ntok), health)
     return result
+
+
+def _bottleneck(model) -> str:
+    """The visual bottleneck the model was last trained under (what its decoding applies by default)."""
+    saved = MirageSettings.of_model(model)
+    return saved.latent_bottleneck if saved is not None else "none"
 
 
 def _eval_rows(dataset, benchmark: str, batch_size: int, num_samples: int | None) -> list[dict]:
@@ -402,9 +430,11 @@ def print_tables(result: EvalResult, console=None) -> None:
 
     console = console or Console()
     group_name = "level" if result.benchmark.startswith("vsp") else "task"
+    mode = result.settings.get("bottleneck", "none")
+    under = f" | visual bottleneck ({mode})" if mode != "none" else ""
     for mode, res in result.modes.items():
         table = Table(
-            title=f"{result.benchmark} | latents: {mode}",
+            title=f"{result.benchmark} | latents: {mode}{under}",
             caption=f"{res.tokens_per_s:.1f} tok/s, {res.rows_per_s:.2f} rows/s",
         )
         table.add_column(group_name)

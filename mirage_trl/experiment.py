@@ -3,24 +3,34 @@
 One command, offline, on a CPU: generate VSP planning data (the test maps excluded from training,
 a validation slice held out from the training maps for the curves), build a small model from the
 configuration, train every arm in this one harness with the same rows and seeds, evaluate all of
-them greedily per level, and write `results.json`, `report.md` and plots. Arms:
+them greedily per level, and write `results.json`, `report.md` and plots.
 
-* ``text_direct`` / ``text_cot``: text-only SFT (TRL's `SFTTrainer`, markers and helper images
-  removed) on direct answers / chains of thought;
-* ``mirage_direct`` / ``mirage_cot``: stage 1 then stage 2 (`MirageSFTTrainer`);
-* ``markers_cot``: the markers-only control, stage 1 then stage 2 with zeros at every slot
-  (`markers_only`), so its gain over text-only is the span format's, not the latents';
-* ``helper_input``: the upper bound, text SFT with the helper image given as an input image
-  (at test time too);
-* ``mirage_cot_fnorm`` (not in the default list): Mirage CoT with feedback-norm matching
-  (`--latent_feedback_norm target`), to measure what rescaling the fed-back latents does.
+Arms are data (`Arm`, one table of built-in arms: `BUILTIN_ARMS`): each names its method (text-only
+SFT, Mirage, markers-only, helper image as input), its answer style (direct or CoT) and any Mirage
+training setting it overrides, so a YAML compares options without code:
+
+    arms:
+      - text_direct                      # a built-in arm
+      - name: contrastive                # an arm described in place
+        method: mirage
+        style: direct
+        settings: {latent_loss: contrastive, latent_variance_weight: 1.0}
+        stage2: {latent_bottleneck_steps: 50}   # stage 2 only
+
+Built in: ``text_direct`` / ``text_cot`` (TRL's `SFTTrainer`, markers and helper images removed),
+``mirage_direct`` / ``mirage_cot`` (stage 1 then stage 2, `MirageSFTTrainer`), ``markers_direct`` /
+``markers_cot`` (the markers-only control: zeros at every slot, so its gain over text-only is the span
+format's), ``helper_input`` (the upper bound: the helper image as an input image, at test time too) and
+``mirage_cot_fnorm`` (feedback-norm matching). The comparisons follow from the arms
+(`planned_comparisons`); the report prints each arm's settings.
 
 With `train.grounding_steps` > 0 every arm starts from the same *grounded* model: the random model
 first learns to describe maps (the VSP grounding task, on maps of its own drawn without the test
 maps) with text SFT, so that a model trained from scratch can read the images at all; the warm-up's
 accuracy on held-out maps is reported beside the arms.
 
-Mirage arms are also decoded with each latent ablation (zero, noise, mean, shuffle, remove); every
+Mirage arms are also decoded with each latent ablation (zero, noise, mean, shuffle, remove) and, with
+`probe: true`, again under the visual bottleneck (LIVR's probe, against the best fixed answer); every
 difference is tested on the paired rows (`mirage_trl.stats`). Nothing is tuned on the test rows:
 the configuration is fixed before the run and the validation slice is what the curves show.
 """
@@ -28,6 +38,7 @@ the configuration is fixed before the run and the validation slice is what the c
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,7 +48,7 @@ from .configs import MirageSFTConfig
 from .data.reference import helper_as_input, load_reference_jsonl
 from .data.vsp import generate_vsp
 from .errors import MirageError
-from .evaluation import evaluate
+from .evaluation import best_fixed_answer, evaluate
 from .io import write_json
 from .models.families import SUPPORTED_MODEL_TYPES, vision_tower
 from .models.load import load_for_training
@@ -50,21 +61,65 @@ from .trainers.text_sft import TextSFTTrainer, build_sft_dataset
 
 logger = logging.getLogger(__name__)
 
-ARMS = (
-    "text_direct",
-    "text_cot",
-    "mirage_direct",
-    "mirage_cot",
-    "markers_cot",
-    "helper_input",
-    "mirage_cot_fnorm",
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm of the experiment, as data: how it trains (`method`), on which answers (`style`), and any Mirage
+    training setting it overrides (`settings`: both stages; `stage2`: stage 2 only), by `MirageSFTConfig` name."""
+
+    name: str
+    method: str  # one of ARM_METHODS
+    style: str  # "direct" or "cot": the answers it trains on (and is compared within)
+    label: str = ""
+    settings: dict = field(default_factory=dict)
+    stage2: dict = field(default_factory=dict)
+
+    @property
+    def is_mirage(self) -> bool:
+        """Trained with Mirage's stages (markers-only included), so decoded with the latent ablations."""
+        return self.method in ("mirage", "markers")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# text: text-only SFT (markers and helper images removed); mirage: stage 1 then stage 2; markers: the same with
+# zeros at every slot (the span format without latent content); helper_input: text SFT with the helper image
+# given as an input image, at test time too (the upper bound)
+ARM_METHODS = ("text", "mirage", "markers", "helper_input")
+STYLES = ("direct", "cot")
+# Mirage training settings an arm may override (fields of MirageSFTConfig)
+ARM_SETTINGS = (
+    "latent_loss",
+    "latent_temperature",
+    "latent_variance_weight",
+    "latent_bottleneck",
+    "latent_bottleneck_steps",
+    "latent_feedback_norm",
+    "latent_pooling",
+    "text_loss_weight",
 )
-MIRAGE_ARMS = ("mirage_direct", "mirage_cot", "markers_cot", "mirage_cot_fnorm")
-DEFAULT_ARMS = ARMS[:6]
+# The arms an experiment names without describing them: the one table of them.
+BUILTIN_ARMS = {
+    arm.name: arm
+    for arm in (
+        Arm("text_direct", "text", "direct", "text-only SFT, direct"),
+        Arm("text_cot", "text", "cot", "text-only SFT, CoT"),
+        Arm("mirage_direct", "mirage", "direct", "Mirage, direct"),
+        Arm("mirage_cot", "mirage", "cot", "Mirage, CoT"),
+        Arm("markers_direct", "markers", "direct", "markers only, direct"),
+        Arm("markers_cot", "markers", "cot", "markers only, CoT"),
+        Arm("helper_input", "helper_input", "cot", "helper image as input (upper bound)"),
+        Arm("mirage_cot_fnorm", "mirage", "cot", "Mirage, CoT, feedback norm matched",
+            {"latent_feedback_norm": "target"}),
+    )
+}  # fmt: skip
+DEFAULT_ARMS = ("text_direct", "text_cot", "mirage_direct", "mirage_cot", "markers_cot", "helper_input")
 ABLATIONS = ("zero", "noise", "mean", "shuffle", "remove")
 BENCHMARK = "vsp_planning"
 GROUNDING = "vsp_grounding"
-DEFAULT_CONFIG = Path(__file__).parent / "experiments" / "vsp_planning.yaml"
+SHIPPED = Path(__file__).parent / "experiments"  # the shipped experiments, by name: vsp_planning, ...
+DEFAULT_CONFIG = SHIPPED / "vsp_planning.yaml"
 
 
 @dataclass
@@ -115,8 +170,12 @@ class ExperimentConfig:
 
     name: str = "vsp_planning"
     seeds: list[int] = field(default_factory=lambda: [0])
-    arms: list[str] = field(default_factory=lambda: list(DEFAULT_ARMS))
+    # a built-in arm's name (BUILTIN_ARMS), or a mapping {name, method, style, label, settings, stage2}
+    arms: list = field(default_factory=lambda: list(DEFAULT_ARMS))
     ablations: list[str] = field(default_factory=lambda: list(ABLATIONS))
+    # also decode every Mirage arm under this visual bottleneck ("image": text after a span's start cannot see the
+    # image; "strict": no text after the image can; true means "image"), LIVR's probe; false: not
+    probe: bool | str = False
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataSpec = field(default_factory=DataSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
@@ -127,13 +186,49 @@ class ExperimentConfig:
         out.pop("quick")
         return out
 
+    @property
+    def arm_specs(self) -> list[Arm]:
+        """The arms as `Arm`s (checked by `check_config`)."""
+        return [resolve_arm(a, "arms") for a in self.arms]
+
+
+def resolve_arm(value, where: str) -> Arm:
+    """A built-in arm's name, or a mapping describing an arm: the `Arm`, or one line saying what is wrong."""
+    if isinstance(value, str):
+        if value not in BUILTIN_ARMS:
+            raise MirageError(
+                f"{where}: arms [{value!r}]: choose from {', '.join(BUILTIN_ARMS)}, or describe the arm"
+            )
+        return BUILTIN_ARMS[value]
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        raise MirageError(f"{where}: an arm is a built-in name or a mapping with a name, got {value!r}")
+    name = value["name"]
+    unknown = set(value) - {f.name for f in dataclasses.fields(Arm)}
+    if unknown:
+        raise MirageError(f"{where}: arm {name}: {', '.join(sorted(unknown))} is not a field of an arm")
+    if value.get("method") not in ARM_METHODS:
+        raise MirageError(
+            f"{where}: arm {name}: method {value.get('method')!r}: choose one of {', '.join(ARM_METHODS)}"
+        )
+    if value.get("style") not in STYLES:
+        raise MirageError(
+            f"{where}: arm {name}: style {value.get('style')!r}: choose one of {', '.join(STYLES)}"
+        )
+    for part in ("settings", "stage2"):
+        settings = value.get(part) or {}
+        bad = [k for k in settings if k not in ARM_SETTINGS] if isinstance(settings, dict) else [settings]
+        if bad:
+            raise MirageError(f"{where}: arm {name}: {part} {bad}: an arm may set {', '.join(ARM_SETTINGS)}")
+        if settings and value["method"] not in ("mirage", "markers"):
+            raise MirageError(f"{where}: arm {name}: Mirage settings need method mirage or markers")
+    return Arm(**{**value, "label": value.get("label") or name, "settings": dict(value.get("settings") or {}),
+                  "stage2": dict(value.get("stage2") or {})})  # fmt: skip
+
 
 _SECTIONS = {"model": ModelSpec, "data": DataSpec, "train": TrainSpec}
 
 
 def _merge(cfg: ExperimentConfig, values: dict, where: str) -> ExperimentConfig:
-    import dataclasses
-
     cfg = copy.deepcopy(cfg)
     for key, value in values.items():
         if key in _SECTIONS:
@@ -155,10 +250,13 @@ def _merge(cfg: ExperimentConfig, values: dict, where: str) -> ExperimentConfig:
 
 
 def load_config(path: str | Path | None = None, quick: bool = False) -> ExperimentConfig:
-    """Read an experiment YAML (default: the shipped one) and check it; `quick` applies its `quick` section."""
+    """Read an experiment YAML (a path, or a shipped experiment's name; default: vsp_planning) and check it;
+    `quick` applies its `quick` section."""
     import yaml
 
     path = Path(path) if path else DEFAULT_CONFIG
+    if not path.exists() and (SHIPPED / f"{path}.yaml").is_file():
+        path = SHIPPED / f"{path}.yaml"
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except OSError as e:
@@ -175,9 +273,18 @@ def load_config(path: str | Path | None = None, quick: bool = False) -> Experime
 
 
 def check_config(cfg: ExperimentConfig, where: str) -> None:
-    bad = [a for a in cfg.arms if a not in ARMS]
-    if bad or not cfg.arms:
-        raise MirageError(f"{where}: arms {bad or '[]'}: choose from {', '.join(ARMS)}")
+    if not isinstance(cfg.arms, list) or not cfg.arms:
+        raise MirageError(f"{where}: arms: a list of at least one arm")
+    arms = [resolve_arm(a, where) for a in cfg.arms]
+    for arm in arms:
+        _check_arm_settings(arm, where)
+    names = [a.name for a in arms]
+    if len(set(names)) != len(names):
+        raise MirageError(
+            f"{where}: arms: a name appears twice ({', '.join(sorted({n for n in names if names.count(n) > 1}))})"
+        )
+    if cfg.probe not in (True, False, "image", "strict"):
+        raise MirageError(f"{where}: probe {cfg.probe!r}: false, true (image), image or strict")
     bad = [a for a in cfg.ablations if a not in ABLATIONS]
     if bad:
         raise MirageError(f"{where}: ablations {bad}: choose from {', '.join(ABLATIONS)}")
@@ -215,6 +322,21 @@ def check_config(cfg: ExperimentConfig, where: str) -> None:
         )
     if not d.levels or any(type(v) is not int or not 3 <= v <= 8 for v in d.levels):
         raise MirageError(f"{where}: data.levels must be grid sides from 3 to 8")
+
+
+def _check_arm_settings(arm: Arm, where: str) -> None:
+    """An arm's Mirage settings go through the trainer's own checks now, not after an hour of other arms."""
+    import warnings
+
+    for part in (arm.settings, {**arm.settings, **arm.stage2}) if arm.settings or arm.stage2 else ():
+        try:
+            with (
+                warnings.catch_warnings()
+            ):  # TRL's own deprecation notices about its defaults: not the user's
+                warnings.simplefilter("ignore")
+                MirageSFTConfig(output_dir="unused", report_to="none", use_cpu=True, **part)
+        except (MirageError, TypeError, ValueError) as exc:
+            raise MirageError(f"{where}: arm {arm.name}: {exc}") from None
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -460,33 +582,31 @@ def train_grounding(cfg, data, model_dir: Path, out: Path, seed: int, progress: 
     }
 
 
-def train_text_arm(cfg, data, arm: str, model_dir: Path, out: Path, seed: int, progress: _Progress):
-    helper = arm == "helper_input"
-    rows = data["direct" if arm == "text_direct" else "cot"]
+def train_text_arm(cfg, data, arm: Arm, model_dir: Path, out: Path, seed: int, progress: _Progress):
+    helper = arm.method == "helper_input"
     trainer, callback = _train_text(
-        cfg, rows, model_dir, out, seed, cfg.train.text_steps, progress, f"{arm} | text SFT",
+        cfg, data[arm.style], model_dir, out, seed, cfg.train.text_steps, progress, f"{arm.name} | text SFT",
         val_rows=data["val"], prepare_row=helper_as_input if helper else None, helper_as_input=helper,
     )  # fmt: skip
     return trainer.model.eval(), trainer.processing_class, [_curve(trainer, callback, "sft")]
 
 
-def train_mirage_arm(cfg, data, arm: str, model_dir: Path, out: Path, seed: int, progress: _Progress):
-    rows = data["direct" if arm == "mirage_direct" else "cot"]
+def train_mirage_arm(cfg, data, arm: Arm, model_dir: Path, out: Path, seed: int, progress: _Progress):
+    rows = data[arm.style]
     t = cfg.train
-    markers = arm == "markers_cot"
-    feedback_norm = "target" if arm == "mirage_cot_fnorm" else t.latent_feedback_norm
     curves = []
     source = str(model_dir)
     for stage, steps in ((1, t.stage1_steps), (2, t.stage2_steps)):
         model, processor = load_for_training(source)
         callback = _val_callback(cfg, data["val"])
+        settings = dict(text_loss_weight=t.text_loss_weight, latent_feedback_norm=t.latent_feedback_norm)
+        settings |= arm.settings | (arm.stage2 if stage == 2 else {})
         args = MirageSFTConfig(
             **_common_args(cfg, out / f"stage{stage}", seed, steps),
             stage=stage,
             latent_size=t.latent_size,
-            text_loss_weight=t.text_loss_weight,
-            markers_only=markers,
-            latent_feedback_norm=feedback_norm,
+            markers_only=arm.method == "markers",
+            **settings,
         )
         trainer = MirageSFTTrainer(
             model=model,
@@ -496,7 +616,7 @@ def train_mirage_arm(cfg, data, arm: str, model_dir: Path, out: Path, seed: int,
             callbacks=[callback, progress.callback()],
         )
         callback.bind(_without_printer(trainer))
-        progress.describe(f"seed {seed} | {arm} | stage {stage}")
+        progress.describe(f"seed {seed} | {arm.name} | stage {stage}")
         trainer.train()
         curves.append(_curve(trainer, callback, f"stage{stage}"))
         save_outputs(trainer, str(out / f"stage{stage}"), stage=stage, base_model=source)
@@ -507,35 +627,35 @@ def train_mirage_arm(cfg, data, arm: str, model_dir: Path, out: Path, seed: int,
 # ------------------------------------------------------------------------------------------------ evaluation
 
 
-def evaluate_arm(cfg, model, processor, data, arm: str) -> dict:
-    """Greedy decoding of the test rows; Mirage arms once per latent mode (the model's own latents first)."""
+def evaluate_arm(cfg, model, processor, data, arm: Arm) -> dict:
+    """Greedy decoding of the test rows; Mirage arms once per latent mode (the model's own latents first) and,
+    with `probe`, again under the visual bottleneck (modes "probe", "probe_zero", ...)."""
     rows = [data["test"][i] for i in range(len(data["test"]))]
-    if arm == "helper_input":
+    if arm.method == "helper_input":
         rows = [helper_as_input(r) for r in rows]
     modes = ["model"]
-    if arm in MIRAGE_ARMS:
+    if arm.is_mirage:
         # markers-only feeds zeros whatever the mode: only removing the span changes what it decodes
-        modes += [m for m in cfg.ablations if arm != "markers_cot" or m == "remove"]
-    result = evaluate(
-        model,
-        processor,
-        rows,
-        BENCHMARK,
-        batch_size=64,
-        max_new_tokens=cfg.train.max_new_tokens,
-        do_sample=False,
-        latent_modes=modes,
-        progress=False,
-    )
-    out = {}
-    for mode, res in result.modes.items():
-        out[mode] = {
-            "groups": {str(k): v for k, v in res.groups.items()},
-            "correct": [bool(c["correct"]) for c in res.completions],
-            "latent_health": res.latent_health,
-            "examples": [c["completion"] for c in res.completions[:3]],
-        }
-    out["notes"] = result.notes
+        modes += [m for m in cfg.ablations if arm.method != "markers" or m == "remove"]
+    runs = [("", modes, None)]
+    if cfg.probe and arm.is_mirage:
+        # under the probe, removing the span leaves nothing blind: that mode would be the plain one again
+        runs.append(("probe", [m for m in modes if m != "remove"], probe_mode(cfg)))
+    out = {"notes": []}
+    for prefix, run_modes, bottleneck in runs:  # bottleneck None: as the arm's model was trained
+        result = evaluate(
+            model, processor, rows, BENCHMARK, batch_size=64, max_new_tokens=cfg.train.max_new_tokens,
+            do_sample=False, latent_modes=run_modes, progress=False, bottleneck=bottleneck,
+        )  # fmt: skip
+        for mode, res in result.modes.items():
+            key = mode if not prefix else (prefix if mode == "model" else f"{prefix}_{mode}")
+            out[key] = {
+                "groups": {str(k): v for k, v in res.groups.items()},
+                "correct": [bool(c["correct"]) for c in res.completions],
+                "latent_health": res.latent_health,
+                "examples": [c["completion"] for c in res.completions[:3]],
+            }
+        out["notes"] += result.notes
     return out
 
 
@@ -562,20 +682,25 @@ def _without_printer(trainer):
 
 
 def total_steps(cfg: ExperimentConfig) -> int:
-    per_seed = cfg.train.grounding_steps + sum(arm_steps(cfg, arm) for arm in cfg.arms)
+    per_seed = cfg.train.grounding_steps + sum(arm_steps(cfg, arm) for arm in cfg.arm_specs)
     return per_seed * len(cfg.seeds)
 
 
-def run_arm(cfg, data, arm: str, model_dir: Path, out: Path, seed: int, bar: _Progress) -> dict:
+def probe_mode(cfg: ExperimentConfig) -> str:
+    """The visual bottleneck the probe decodes under ("none" without a probe)."""
+    return "image" if cfg.probe is True else (cfg.probe or "none")
+
+
+def run_arm(cfg, data, arm: Arm, model_dir: Path, out: Path, seed: int, bar: _Progress) -> dict:
     """Train one arm from `model_dir` and evaluate it on the test rows: one entry of results["runs"]."""
     start = time.perf_counter()
-    train = train_mirage_arm if arm in MIRAGE_ARMS else train_text_arm
+    train = train_mirage_arm if arm.is_mirage else train_text_arm
     model, processor, curves = train(cfg, data, arm, model_dir, out, seed, bar)
-    bar.describe(f"seed {seed} | {arm} | evaluating")
+    bar.describe(f"seed {seed} | {arm.name} | evaluating")
     evaluation = evaluate_arm(cfg, model, processor, data, arm)
     return {
         "seed": seed,
-        "arm": arm,
+        "arm": arm.name,
         "curves": curves,
         "eval": evaluation,
         "seconds": time.perf_counter() - start,
@@ -609,24 +734,25 @@ def _run_parallel(jobs: list[tuple], workers: int, bar: _Progress) -> list[dict]
         futures = {pool.submit(_arm_worker, job, threads): job[2] for job in order}
         for future in as_completed(futures):
             arm = futures[future]
-            results[arm] = future.result()
+            results[arm.name] = future.result()
+            line = f"{arm.name} done ({results[arm.name]['seconds'] / 60:.1f} min)"
             if bar.bar:
                 bar.bar.advance(bar.task, arm_steps(jobs[0][0], arm))
-                bar.bar.console.print(f"{arm} done ({results[arm]['seconds'] / 60:.1f} min)")
+                bar.bar.console.print(line)
             else:
-                print(f"{arm} done ({results[arm]['seconds'] / 60:.1f} min)", flush=True)
-    return [results[job[2]] for job in jobs]
+                print(line, flush=True)
+    return [results[job[2].name] for job in jobs]
 
 
-def arm_steps(cfg: ExperimentConfig, arm: str) -> int:
+def arm_steps(cfg: ExperimentConfig, arm: Arm) -> int:
     """Optimizer steps of one arm: stage 1 + stage 2 for Mirage arms, text SFT otherwise."""
     t = cfg.train
-    return t.stage1_steps + t.stage2_steps if arm in MIRAGE_ARMS else t.text_steps
+    return t.stage1_steps + t.stage2_steps if arm.is_mirage else t.text_steps
 
 
-def _arm_cost(cfg: ExperimentConfig, arm: str) -> float:
+def _arm_cost(cfg: ExperimentConfig, arm: Arm) -> float:
     """Relative training + evaluation time of an arm (measured: a CoT step costs about twice a direct one)."""
-    return arm_steps(cfg, arm) * (1.0 if arm in ("text_direct", "mirage_direct") else 2.0)
+    return arm_steps(cfg, arm) * (1.0 if arm.style == "direct" else 2.0)
 
 
 def default_workers(cfg: ExperimentConfig) -> int:
@@ -634,6 +760,29 @@ def default_workers(cfg: ExperimentConfig) -> int:
     import os
 
     return max(1, min(2, os.cpu_count() or 1, len(cfg.arms)))
+
+
+def planned_comparisons(arms: list[Arm]) -> list[list[str]]:
+    """The paired comparisons [b, a] ("b against a") the report makes, from the arms themselves: every
+    Mirage-trained or upper-bound arm against text-only in its answer style, every Mirage arm against
+    markers-only in its style, every Mirage arm with settings of its own against plain Mirage in its style,
+    and the upper bound against plain Mirage CoT."""
+
+    def first(method: str, style: str, plain: bool = False) -> str | None:
+        return next((a.name for a in arms if a.method == method and a.style == style
+                     and not (plain and (a.settings or a.stage2))), None)  # fmt: skip
+
+    pairs = []
+    for arm in arms:
+        if arm.method != "text":
+            pairs.append((arm.name, first("text", arm.style)))
+        if arm.method == "mirage":
+            pairs.append((arm.name, first("markers", arm.style)))
+            if arm.settings or arm.stage2:
+                pairs.append((arm.name, first("mirage", arm.style, plain=True)))
+        if arm.method == "helper_input":
+            pairs.append((arm.name, first("mirage", "cot", plain=True)))
+    return [[b, a] for b, a in pairs if a is not None and a != b]
 
 
 def run_experiment(
@@ -677,7 +826,9 @@ def run_experiment(
                     train_grounding(cfg, data, model_dir, out / f"seed{seed}" / "grounding", seed, bar)
                 )
                 model_dir = out / f"seed{seed}" / "grounding" / "model"
-            jobs = [(cfg, data, arm, model_dir, out / f"seed{seed}" / arm, seed) for arm in cfg.arms]
+            jobs = [
+                (cfg, data, arm, model_dir, out / f"seed{seed}" / arm.name, seed) for arm in cfg.arm_specs
+            ]
             if workers > 1:
                 runs += _run_parallel(jobs, workers, bar)
             else:
@@ -705,6 +856,12 @@ def run_experiment(
         },
         "warmups": warmups,
         "runs": runs,
+        "arms": {arm.name: arm.to_dict() for arm in cfg.arm_specs},
+        "comparisons": planned_comparisons(cfg.arm_specs),
+        # what a model that ignores the image reaches at best: the bar for the bottleneck probe
+        "best_fixed_answer": best_fixed_answer(
+            BENCHMARK, [data["test"][i] for i in range(len(data["test"]))]
+        ),
     }
     results["summary"] = summarize_results(results)
     results["wall_seconds"] = time.perf_counter() - start

@@ -36,6 +36,11 @@ Latent ablations (`latent_mode`, `mirage-trl eval --latents`) replace what is fe
 * ``remove``  no latent span at all: `<|latent_start|>` cannot be picked (its logit is -inf), so
   the model writes its answer without a span (no span, no latent step, no marker in the text).
 
+The visual bottleneck (`bottleneck="image"` or `"strict"`, default: as the model was trained, `latent.bottleneck`)
+hides the prompt's image from every step after a sample's first span start ("strict": every step) that feeds
+neither a start nor a latent: that step's key mask has zeros at the image columns (the cache keeps their keys;
+only this query skips them). Under "strict" the prefill runs with the prompt's text after the image blind too.
+
 Before any ablation, the model's hidden state passes through its slot settings
 (`latent.feedback.LatentFeedback`: feedback-norm matching, markers-only zeros), exactly as in
 stage 2; the ablations then replace that vector. The returned `latents` are the vectors actually
@@ -56,11 +61,12 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import MirageError
+from .latent.bottleneck import check_bottleneck_support, visual_bottleneck
 from .latent.feedback import LatentFeedback
 from .latent.layout import advance_spans, spans_to_markers
 from .latent.slots import latent_inputs
 from .models.families import ModelFamily, capture_final_hidden, family, unwrap
-from .models.settings import MirageSettings
+from .models.settings import BOTTLENECKS, MirageSettings
 from .models.tokens import LATENT_TOKEN_NAMES, LatentTokens
 
 LATENT_MODES = ("model", "zero", "noise", "mean", "shuffle", "remove")
@@ -163,6 +169,7 @@ def generate_with_latents(
     eos_token_ids: list[int] | None = None,
     pad_token_id: int | None = None,
     feedback=None,
+    bottleneck: str | None = None,
 ) -> LatentGenerationOutput:
     """Decode a left-padded processor batch with per-sample latent mode (see the module doc).
 
@@ -172,14 +179,22 @@ def generate_with_latents(
     decodes as a plain model (with a warning). `eos_token_ids=None` means the tokenizer's EOS,
     `<|im_end|>` and the generation config's EOS ids; `[]` never stops early. `processor=None`
     decodes ids only (texts are empty), given latent_tokens, eos_token_ids and pad_token_id.
-    `feedback`: a `LatentFeedback` (default: the model's saved slot settings).
+    `feedback`: a `LatentFeedback` (default: the model's saved slot settings). `bottleneck`: decode under this
+    visual bottleneck, "none", "image" or "strict" (None: as the model was last trained, its `latent_bottleneck`).
     """
     _check_decoding_args(latent_mode, max_new_tokens, do_sample, temperature, top_p, latent_mean)
     net = unwrap(model)
     tok = _tokenizer(processor)
     ids = _Ids.resolve(net, processor, tok, latent_tokens, eos_token_ids, pad_token_id)
     feedback = LatentFeedback.from_model(net) if feedback is None else feedback
-    prompt = _Prompt.of(net, inputs, max_new_tokens)
+    if bottleneck is None:
+        settings = MirageSettings.of_model(net)
+        bottleneck = settings.latent_bottleneck if settings is not None else "none"
+    if bottleneck not in BOTTLENECKS:
+        raise MirageError(f"bottleneck {bottleneck!r}: choose one of {', '.join(BOTTLENECKS)}")
+    if bottleneck != "none":
+        check_bottleneck_support(net)
+    prompt = _Prompt.of(net, inputs, max_new_tokens, bottleneck)
     if latent_mode == "shuffle" and prompt.batch == 1 and ids.latent is not None:
         warnings.warn("latent_mode='shuffle' with a batch of one sample feeds its own latents", stacklevel=2)
     state = _State.start(prompt, max_new_tokens, ids)
@@ -190,7 +205,7 @@ def generate_with_latents(
 
     with capture_final_hidden(net) as captured:
         forward = _Forward(net, prompt, captured)
-        logits, hidden = forward.prefill()
+        logits, hidden = forward.prefill(bottleneck)
         mean_vec = _mean_vector(latent_mode, latent_mean, hidden)
         for t in range(max_new_tokens):
             # 1. Each sample's token: picked (text), the latent pad (latent), the forced end, or pad (finished).
@@ -207,8 +222,13 @@ def generate_with_latents(
             if t == max_new_tokens - 1 or all_done:
                 state.steps = t + 1
                 break
-            # 3. One cached forward for the whole batch.
-            logits, hidden = forward.step(token, t, in_latent if any_latent else None, values)
+            # 3. One cached forward for the whole batch (under the bottleneck: who may not see the image).
+            blind = None
+            if prompt.images is not None:
+                blind = ~in_latent & (token != ids.start)
+                if bottleneck == "image":  # only after the sample's first span start
+                    blind = blind & (state.spans > 0)
+            logits, hidden = forward.step(token, t, in_latent if any_latent else None, values, blind)
 
     sequences, latent_mask = state.sequences[:, : state.steps], state.latent_mask[:, : state.steps]
     texts, raw_texts = _texts(tok, ids.latent, sequences, state.n_gen)
@@ -320,24 +340,33 @@ class _Forward:
         self.captured.clear()
         return out.logits[:, -1], hidden
 
-    def prefill(self):
+    def prefill(self, bottleneck: str = "none"):
         p = self.prompt
-        out = self.net(
-            input_ids=p.input_ids,
-            attention_mask=p.attention_mask,
-            position_ids=p.family.model_positions(p.positions),
-            cache=self.cache,
-            **p.vision,
-            **self.kw,
-        )
+        # under "strict" the prompt's own text after its image is blind already (no span in a prompt)
+        mode = "strict" if bottleneck == "strict" and p.images is not None else "none"
+        no_slots = torch.zeros_like(p.input_ids, dtype=torch.bool)
+        with visual_bottleneck(self.net, p.input_ids, no_slots, mode):
+            out = self.net(
+                input_ids=p.input_ids,
+                attention_mask=p.attention_mask,
+                position_ids=p.family.model_positions(p.positions),
+                cache=self.cache,
+                **p.vision,
+                **self.kw,
+            )
         return self._out(out)
 
-    def step(self, token: torch.Tensor, t: int, in_latent: torch.Tensor | None, values: torch.Tensor | None):
+    def step(self, token, t: int, in_latent: torch.Tensor | None, values: torch.Tensor | None, blind=None):
         p, batch = self.prompt, self.prompt.batch
         rows = p.positions.shape[0]  # the family's position rows (3 for M-RoPE)
+        mask = p.full_mask[:, : p.input_ids.shape[1] + t + 1]
+        if blind is not None:  # the visual bottleneck: a blind sample's query skips the prompt's image keys
+            mask = mask.clone()
+            prompt_len = p.input_ids.shape[1]
+            mask[:, :prompt_len] *= ~(blind[:, None] & p.images)
         step_inputs = dict(
             input_ids=token.view(batch, 1),
-            attention_mask=p.full_mask[:, : p.input_ids.shape[1] + t + 1],
+            attention_mask=mask,
             position_ids=p.family.model_positions(self.next_pos.view(1, batch, 1).expand(rows, batch, 1)),
             cache=self.cache,
             **self.kw,
@@ -383,6 +412,7 @@ class _Prompt:
     full_mask: torch.Tensor  # (B, P + max_new_tokens): grows one column a step, passed as views
     vision: dict  # the image inputs given with the prompt (family.image_inputs)
     family: ModelFamily
+    images: torch.Tensor | None = None  # (B, P) the prompt's image positions, kept under the bottleneck
 
     @property
     def device(self):
@@ -393,7 +423,7 @@ class _Prompt:
         return self.input_ids.shape[0]
 
     @classmethod
-    def of(cls, net, inputs, max_new_tokens: int) -> _Prompt:
+    def of(cls, net, inputs, max_new_tokens: int, bottleneck: str = "none") -> _Prompt:
         param = next(net.parameters(), None)
         device = param.device if param is not None else inputs["input_ids"].device
         inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
@@ -411,9 +441,17 @@ class _Prompt:
         batch, prompt_len = input_ids.shape
         full_mask = torch.ones(batch, prompt_len + max_new_tokens, dtype=attention_mask.dtype, device=device)
         full_mask[:, :prompt_len] = attention_mask
+        images = fam.image_mask(net, input_ids) if bottleneck != "none" and vision else None
         # Next position of each sample: one past the largest of its position coordinates (what generate does).
         return cls(
-            input_ids, attention_mask, positions, positions.amax(dim=(0, 2)) + 1, full_mask, vision, fam
+            input_ids,
+            attention_mask,
+            positions,
+            positions.amax(dim=(0, 2)) + 1,
+            full_mask,
+            vision,
+            fam,
+            images,
         )
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from .stats import compare, wilson_interval
 
-# (b, a): "b against a" comparisons the report always makes when both arms ran
-COMPARISONS = (
+# the comparisons of results written before arms were data (results.json without "comparisons")
+LEGACY_COMPARISONS = (
     ("mirage_cot", "text_cot"),
     ("mirage_direct", "text_direct"),
     ("mirage_cot", "markers_cot"),
@@ -21,15 +21,41 @@ COMPARISONS = (
     ("helper_input", "mirage_cot"),
     ("mirage_cot_fnorm", "mirage_cot"),
 )
-LABELS = {
-    "text_direct": "text-only SFT, direct",
-    "text_cot": "text-only SFT, CoT",
-    "mirage_direct": "Mirage, direct",
-    "mirage_cot": "Mirage, CoT",
-    "markers_cot": "markers only, CoT",
-    "helper_input": "helper image as input (upper bound)",
-    "mirage_cot_fnorm": "Mirage, CoT, feedback norm matched",
+PROBE = "probe"  # the model's own latents decoded under the visual bottleneck; "probe_<ablation>" beside it
+_PROBE_RULES = {
+    True: "text after a span's start cannot see the image",
+    "image": "text after a span's start cannot see the image",
+    "strict": "no text after the image can see it, the prompt's included",
 }
+
+
+def _label(results: dict, arm: str) -> str:
+    return results.get("arms", {}).get(arm, {}).get("label") or arm
+
+
+def _is_mirage(results: dict, arm: str, runs) -> bool:
+    spec = results.get("arms", {}).get(arm)
+    if spec is not None:
+        return spec["method"] in ("mirage", "markers")
+    return any(len(r["curves"]) == 2 for r in runs if r["arm"] == arm)  # stage 1 and stage 2
+
+
+def _by_seed(runs, a: tuple[str, str], b: tuple[str, str]) -> list[dict]:
+    """b against a within each seed (its own test rows): the difference and McNemar's p, seed by seed."""
+    out = []
+    for seed in sorted({r["seed"] for r in runs}):
+        ra = next((r for r in runs if r["seed"] == seed and r["arm"] == a[0]), None)
+        rb = next((r for r in runs if r["seed"] == seed and r["arm"] == b[0]), None)
+        if ra is None or rb is None or a[1] not in ra["eval"] or b[1] not in rb["eval"]:
+            continue
+        c = compare(ra["eval"][a[1]]["correct"], rb["eval"][b[1]]["correct"])
+        out.append({"seed": seed, "delta": c["delta"], "p_value": c["p_value"]})
+    return out
+
+
+def _paired(runs, a: tuple[str, str], b: tuple[str, str]) -> dict:
+    """b against a on the rows pooled over seeds, and seed by seed."""
+    return {**compare(_pooled(runs, *a), _pooled(runs, *b)), "per_seed": _by_seed(runs, a, b)}
 
 
 def _pooled(runs, arm: str, mode: str = "model") -> list[bool]:
@@ -71,21 +97,32 @@ def _health(runs, arm: str) -> dict:
 def summarize_results(results: dict) -> dict:
     runs = results["runs"]
     arms = list(dict.fromkeys(r["arm"] for r in runs))
-    summary: dict = {"arms": {}, "ablations": {}, "comparisons": [], "chance": {}}
+    summary: dict = {"arms": {}, "ablations": {}, "probe": {}, "comparisons": []}
     for arm in arms:
-        summary["arms"][arm] = {"label": LABELS.get(arm, arm), "groups": _groups(runs, arm)}
-        if arm in ("mirage_direct", "mirage_cot", "markers_cot", "mirage_cot_fnorm"):
+        summary["arms"][arm] = {"label": _label(results, arm), "groups": _groups(runs, arm)}
+        if _is_mirage(results, arm, runs):
             summary["arms"][arm]["latent_health"] = _health(runs, arm)
         modes = [m for m in next(r for r in runs if r["arm"] == arm)["eval"] if m not in ("model", "notes")]
-        if modes:
-            base = _pooled(runs, arm)
+        ablations = [m for m in modes if not m.startswith(PROBE)]
+        if ablations:
             summary["ablations"][arm] = {
-                mode: {"groups": _groups(runs, arm, mode), **compare(base, _pooled(runs, arm, mode))}
-                for mode in modes
+                mode: {"groups": _groups(runs, arm, mode), **_paired(runs, (arm, "model"), (arm, mode))}
+                for mode in ablations
             }
-    for b, a in COMPARISONS:
+        if PROBE in modes:  # hiding the image from the answer: against the open model, then its own ablations
+            summary["probe"][arm] = {
+                "groups": _groups(runs, arm, PROBE),
+                "vs_model": _paired(runs, (arm, "model"), (arm, PROBE)),
+                "ablations": {
+                    mode: {"groups": _groups(runs, arm, mode), **_paired(runs, (arm, PROBE), (arm, mode))}
+                    for mode in modes
+                    if mode.startswith(PROBE + "_")
+                },
+            }
+    planned = results.get("comparisons", LEGACY_COMPARISONS)
+    for b, a in planned:
         if b in arms and a in arms:
-            summary["comparisons"].append({"b": b, "a": a, **compare(_pooled(runs, a), _pooled(runs, b))})
+            summary["comparisons"].append({"b": b, "a": a, **_paired(runs, (a, "model"), (b, "model"))})
     best = max(arms, key=lambda arm: summary["arms"][arm]["groups"].get("3", {}).get("accuracy", -1.0))
     summary["best_arm_level3"] = {"arm": best, **summary["arms"][best]["groups"].get("3", {})}
     if results.get("warmups"):
@@ -117,8 +154,8 @@ def write_report(results: dict, path: Path) -> None:
     """The experiment's report.md: how it ran, then one section per finding."""
     s = results["summary"]
     levels = [str(v) for v in results["data"]["levels"]]
-    lines = _header(results) + _accuracy(s, levels) + _grounding(s, levels) + _comparisons(s) + _ablations(s)
-    lines += _health_table(s)
+    lines = _header(results) + _arm_settings(results) + _accuracy(s, levels) + _grounding(s, levels)
+    lines += _comparisons(s) + _ablations(s) + _probe(results, levels) + _health_table(s)
     if results.get("plots"):
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in results["plots"]]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -179,7 +216,7 @@ def _accuracy(s: dict, levels: list[str]) -> list[str]:
     if "accuracy" in best:
         lines += [
             "",
-            f"Best arm on held-out level-3 maps: **{LABELS.get(best['arm'], best['arm'])}**, "
+            f"Best arm on held-out level-3 maps: **{s['arms'][best['arm']]['label']}**, "
             f"{_pct(best['accuracy'])} % {_ci(best['ci95'])}.",
         ]
     return lines
@@ -207,14 +244,15 @@ def _comparisons(s: dict) -> list[str]:
         "",
         "## Arm against arm (same test rows)",
         "",
-        "| b against a | accuracy b - a (points) | 95 % interval | b right only | a right only | McNemar p |",
-        "|---|---|---|---|---|---|",
+        "| b against a | accuracy b - a (points) | 95 % interval | b right only | a right only | McNemar p | "
+        "per seed |",
+        "|---|---|---|---|---|---|---|",
     ]
     for c in s["comparisons"]:
         lines.append(
-            f"| {LABELS[c['b']]} vs {LABELS[c['a']]} | {100 * c['delta']:+.1f} | "
+            f"| {s['arms'][c['b']]['label']} vs {s['arms'][c['a']]['label']} | {100 * c['delta']:+.1f} | "
             f"[{100 * c['ci95'][0]:+.1f}, {100 * c['ci95'][1]:+.1f}] | {c['b_only']} | {c['a_only']} | "
-            f"{_p(c['p_value'])} |"
+            f"{_p(c['p_value'])} | {_seeds(c)} |"
         )
     return lines
 
@@ -226,14 +264,72 @@ def _ablations(s: dict) -> list[str]:
         "",
         "## Latent ablations (decoding the same model; change against its own latents)",
         "",
-        "| arm | ablation | accuracy % | change (points) | 95 % interval | McNemar p |",
-        "|---|---|---|---|---|---|",
+        "| arm | ablation | accuracy % | change (points) | 95 % interval | McNemar p | per seed |",
+        "|---|---|---|---|---|---|---|",
     ]
     for arm, modes in s["ablations"].items():
         for mode, m in modes.items():
             lines.append(
-                f"| {LABELS[arm]} | {mode} | {_pct(m['groups']['all']['accuracy'])} | {100 * m['delta']:+.1f} | "
-                f"[{100 * m['ci95'][0]:+.1f}, {100 * m['ci95'][1]:+.1f}] | {_p(m['p_value'])} |"
+                f"| {s['arms'][arm]['label']} | {mode} | {_pct(m['groups']['all']['accuracy'])} | "
+                f"{100 * m['delta']:+.1f} | [{100 * m['ci95'][0]:+.1f}, {100 * m['ci95'][1]:+.1f}] | "
+                f"{_p(m['p_value'])} | {_seeds(m)} |"
+            )
+    return lines
+
+
+def _seeds(m: dict) -> str:
+    """Seed by seed: the change in points and McNemar's p ("-" when the results predate it)."""
+    return "; ".join(f"{100 * x['delta']:+.1f} (p {_p(x['p_value'])})" for x in m.get("per_seed", ())) or "-"
+
+
+def _arm_settings(results: dict) -> list[str]:
+    arms = results.get("arms")
+    if not arms:
+        return []
+    lines = [
+        "",
+        "## Arms",
+        "",
+        "| arm | method | answers | settings (both stages) | stage 2 only |",
+        "|---|---|---|---|---|",
+    ]
+    for a in arms.values():
+        both = ", ".join(f"{k}={v}" for k, v in a["settings"].items()) or "-"
+        second = ", ".join(f"{k}={v}" for k, v in a["stage2"].items()) or "-"
+        lines.append(f"| {a['label']} | {a['method']} | {a['style']} | {both} | {second} |")
+    return lines
+
+
+def _probe(results: dict, levels: list[str]) -> list[str]:
+    s = results["summary"]
+    if not s.get("probe"):
+        return []
+    fixed = results.get("best_fixed_answer", {})
+    lines = [
+        "",
+        f"## Visual-bottleneck probe ({_PROBE_RULES.get(results['config'].get('probe'), '')})",
+        "",
+        "Accuracy under the probe far above the best fixed answer (the one plan that solves the most test maps) "
+        "means the latents carry the image; its ablations say which part of that is latent content.",
+        "",
+        *_level_table("arm under the probe", levels),
+    ]
+    if fixed:
+        cells = [f"{_pct(fixed[v]['accuracy'])}" if v in fixed else "-" for v in levels]
+        lines.append(
+            "| best fixed answer | " + " | ".join(cells) + f" | {_pct(fixed['all']['accuracy'])} | - |"
+        )
+    lines += [_level_row(s["arms"][arm]["label"], p["groups"], levels) for arm, p in s["probe"].items()]
+    lines += ["", "| arm | change | accuracy % | change (points) | 95 % interval | McNemar p | per seed |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for arm, p in s["probe"].items():
+        label = s["arms"][arm]["label"]
+        rows = [("probe vs own latents, open", p["vs_model"], p["groups"])]
+        rows += [(f"{mode} vs probe", m, m["groups"]) for mode, m in p["ablations"].items()]
+        for name, m, groups in rows:
+            lines.append(
+                f"| {label} | {name} | {_pct(groups['all']['accuracy'])} | {100 * m['delta']:+.1f} | "
+                f"[{100 * m['ci95'][0]:+.1f}, {100 * m['ci95'][1]:+.1f}] | {_p(m['p_value'])} | {_seeds(m)} |"
             )
     return lines
 
@@ -254,7 +350,7 @@ def _health_table(s: dict) -> list[str]:
         f = {k: f"{e[k]:.3f}" if k in e else "-" for k in ("cross_sample_cos", "consecutive_cos", "norm",
                                                             "norm_ratio", "effective_rank")}  # fmt: skip
         lines.append(
-            f"| {LABELS[arm]} | {_pct(e.get('trigger_rate', 0.0))} | {e.get('spans_per_answer', 0.0):.2f} | "
+            f"| {s['arms'][arm]['label']} | {_pct(e.get('trigger_rate', 0.0))} | {e.get('spans_per_answer', 0.0):.2f} | "
             f"{f['cross_sample_cos']} | {f['consecutive_cos']} | {f['norm']} | {f['norm_ratio']} | "
             f"{f['effective_rank']} |"
         )
@@ -286,7 +382,7 @@ def write_plots(results: dict, out: Path) -> list[str]:
                 vx += [offset + p["step"] for p in curve["val"]]
                 vy += [100 * p["eval_gen/accuracy"] for p in curve["val"]]
                 offset = xs[-1] if xs else offset
-            label = f"{LABELS[arm]} (seed {r['seed']})"
+            label = f"{s['arms'][arm]['label']} (seed {r['seed']})"
             ax_loss.plot(xs, ys, label=label)
             ax_val.plot(vx, vy, marker="o", label=label)
     for w in results.get("warmups", ()):
@@ -318,7 +414,12 @@ def write_plots(results: dict, out: Path) -> list[str]:
             [max(0.0, 100 * (g[v]["ci95"][1] - g[v]["accuracy"])) if v in g else 0 for v in levels],
         ]
         ax.bar(
-            [j + i * width for j in range(len(levels))], acc, width, yerr=err, capsize=2, label=LABELS[arm]
+            [j + i * width for j in range(len(levels))],
+            acc,
+            width,
+            yerr=err,
+            capsize=2,
+            label=s["arms"][arm]["label"],
         )
     ax.set_xticks([j + width * (len(arms) - 1) / 2 for j in range(len(levels))])
     ax.set_xticklabels([f"level {v}" if v != "all" else "all" for v in levels])
@@ -335,7 +436,7 @@ def write_plots(results: dict, out: Path) -> list[str]:
         names, deltas, lo, hi = [], [], [], []
         for arm, modes in s["ablations"].items():
             for mode, m in modes.items():
-                names.append(f"{LABELS[arm]}\n{mode}")
+                names.append(f"{s['arms'][arm]['label']}\n{mode}")
                 deltas.append(100 * m["delta"])
                 # a percentile interval need not contain the observed difference: clamp the bar, keep the table exact
                 lo.append(max(0.0, 100 * (m["delta"] - m["ci95"][0])))

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from mirage_trl.cli import main
+from mirage_trl.models.families import multimodal_model, unwrap
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -378,3 +379,98 @@ def trl_loss_logps(trainer, scored, monkeypatch):
     with torch.no_grad():
         trainer._compute_loss(trainer.model, scored)
     return seen["logps"]
+
+
+# ---------------------------------------------------------------------- the visual bottleneck, written out
+# The reference of `latent.bottleneck`: one sample alone, its attention mask written pair by pair.
+
+TOKEN_KEYS = ("mm_token_type_ids", "token_type_ids")  # per-token processor outputs (Qwen-VL, Gemma 3)
+
+
+TWO_WAY_IMAGES = ("gemma3",)  # families whose image tokens attend to each other both ways
+
+
+def _image_ids(config) -> set[int]:
+    ids = {getattr(config, name, None) for name in ("image_token_id", "image_token_index")}
+    return {i for i in ids if i is not None}
+
+
+def reference_mask(
+    model, ids: list[int], tokens, window: int | None = None, mode: str = "image"
+) -> torch.Tensor:
+    """(1, 1, L, L) additive mask of one sample, written pair by pair; `window`: a sliding-window layer's.
+    "image": blind after the first span start; "strict": blind after the first image token."""
+    config = unwrap(model).config
+    images = _image_ids(config)
+    two_way = config.model_type in TWO_WAY_IMAGES
+    opened, blind, block, run = False, [], [], -1
+    for i, t in enumerate(ids):
+        if mode == "image":  # blind from the first span start on
+            opened = opened or t == tokens.start_id
+        else:  # "strict": blind from the first image token on
+            opened = opened or t in images
+        blind.append(opened and t not in (tokens.start_id, tokens.pad_id) and t not in images)
+        if t in images and not (i and ids[i - 1] in images):
+            run += 1
+        block.append(run if t in images else None)
+    L = len(ids)
+    mask = torch.full((1, 1, L, L), torch.finfo(torch.float32).min)
+    for i in range(L):
+        for j in range(L):
+            near = j <= i and (window is None or j > i - window)
+            seen = near or (two_way and block[i] is not None and block[i] == block[j])
+            if seen and not (blind[i] and ids[j] in images):
+                mask[0, 0, i, j] = 0.0
+    return mask
+
+
+def reference_inputs(model, single, x, mask, t=None):
+    """The inner model's inputs for the first `t` tokens of one sample, embeddings `x`, the reference mask; rope
+    positions computed by the model from the ids with a plain mask (a 4-D mask says nothing of positions)."""
+    ids = single["input_ids"][:, :t]
+    kw = {
+        k: (v[:, :t] if k in TOKEN_KEYS else v)
+        for k, v in single.items()
+        if k not in ("input_ids", "attention_mask")
+    }
+    mt = unwrap(model).config.model_type
+    if mt in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        kw["position_ids"] = multimodal_model(model).get_rope_index(
+            ids, mm_token_type_ids=kw["mm_token_type_ids"], image_grid_thw=kw.get("image_grid_thw"),
+            attention_mask=torch.ones_like(ids),
+        )[0]  # fmt: skip
+        if mt != "qwen3_vl":
+            kw["input_ids"] = ids
+    n = ids.shape[1]
+    if isinstance(mask, dict):  # one mask per layer type (Gemma 3's sliding-window layers)
+        return dict(kw, inputs_embeds=x[:, :n], attention_mask={k: m[..., :n, :n] for k, m in mask.items()})
+    return dict(kw, inputs_embeds=x[:, :n], attention_mask=mask[..., :n, :n])
+
+
+def layer_masks(model, ids: list[int], tokens, mode: str = "image"):
+    """The reference mask, or one per layer type where the model has sliding-window layers."""
+    text = unwrap(model).config.get_text_config()
+    if "sliding_attention" not in (getattr(text, "layer_types", None) or ()):
+        return reference_mask(model, ids, tokens, mode=mode)
+    return {
+        "full_attention": reference_mask(model, ids, tokens, mode=mode),
+        "sliding_attention": reference_mask(model, ids, tokens, window=text.sliding_window, mode=mode),
+    }
+
+
+def reference_stage1(model, single, values, tokens, mode="image"):
+    """One sample, `values` at its slots, one forward under the written-out mask."""
+    inner = multimodal_model(model)
+    ids = single["input_ids"]
+    x = model.get_input_embeddings()(ids)
+    slots = ids[0] == tokens.pad_id
+    x = torch.cat(
+        [
+            x[:, i : i + 1] if not slots[i] else values[None, None, int(slots[:i].sum())]
+            for i in range(ids.shape[1])
+        ],
+        1,
+    )
+    return inner(
+        **reference_inputs(model, single, x, layer_masks(model, ids[0].tolist(), tokens, mode))
+    ).last_hidden_state

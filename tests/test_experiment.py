@@ -13,7 +13,9 @@ import sys
 
 import pytest
 
-from mirage_trl.experiment import ABLATIONS, DEFAULT_ARMS, MIRAGE_ARMS
+from mirage_trl.experiment import ABLATIONS, BUILTIN_ARMS, DEFAULT_ARMS, planned_comparisons, resolve_arm
+
+MIRAGE_ARMS = [name for name, arm in BUILTIN_ARMS.items() if arm.is_mirage]
 
 
 @pytest.fixture(scope="module")
@@ -53,12 +55,14 @@ def test_every_arm_is_trained_graded_and_reported(quick_run):
             assert {"delta", "ci95", "p_value", "a_only", "b_only"} <= set(m)
             assert 0.0 <= m["p_value"] <= 1.0
     assert [(c["b"], c["a"]) for c in summary["comparisons"]] == [
-        ("mirage_cot", "text_cot"),
         ("mirage_direct", "text_direct"),
+        ("mirage_cot", "text_cot"),
         ("mirage_cot", "markers_cot"),
         ("markers_cot", "text_cot"),
+        ("helper_input", "text_cot"),
         ("helper_input", "mirage_cot"),
     ]
+    assert all(len(c["per_seed"]) == 1 and c["per_seed"][0]["seed"] == 0 for c in summary["comparisons"])
     # the remove ablation decodes no span at all
     for run in results["runs"]:
         if "remove" in run["eval"]:
@@ -80,6 +84,61 @@ def test_every_arm_is_trained_graded_and_reported(quick_run):
     assert 0.0 <= grounding["ci95"][0] <= grounding["accuracy"] <= grounding["ci95"][1] <= 1.0
     assert results["config"]["model"]["model_type"] == "qwen3_vl"
     assert (out / "seed0" / "grounding" / "model" / "model.safetensors").is_file()
+
+
+def test_arms_are_data_and_comparisons_follow_from_them():
+    option = resolve_arm(
+        {"name": "c", "method": "mirage", "style": "direct", "settings": {"latent_loss": "contrastive"}},
+        "test",
+    )
+    assert option.is_mirage and option.label == "c" and option.stage2 == {}
+    arms = [BUILTIN_ARMS[n] for n in ("text_direct", "markers_direct", "mirage_direct")] + [option]
+    assert planned_comparisons(arms) == [
+        ["markers_direct", "text_direct"],
+        ["mirage_direct", "text_direct"],
+        ["mirage_direct", "markers_direct"],
+        ["c", "text_direct"],
+        ["c", "markers_direct"],
+        ["c", "mirage_direct"],
+    ]
+
+
+def test_the_latents_experiment_runs_every_option_with_the_probe(tmp_path):
+    """`make experiment-latents` at toy size: every option arm trains with its settings (saved with its model), every
+    Mirage arm is decoded with the ablations and under the bottleneck probe, seed by seed statistics."""
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mirage_trl", "experiment", "--config", "vsp_planning_latents", "--quick",
+         "--out", str(out), "--no-progress"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["arms"]["combined"]["settings"] == {
+        "latent_loss": "contrastive",
+        "latent_variance_weight": 1.0,
+        "latent_bottleneck": "image",
+    }
+    saved = json.loads((out / "seed0" / "combined" / "stage2" / "mirage_config.json").read_text())
+    assert (saved["latent_loss"], saved["latent_variance_weight"], saved["latent_bottleneck"]) == (
+        "contrastive", 1.0, "image",
+    )  # fmt: skip
+    plain = json.loads((out / "seed0" / "mirage_direct" / "stage2" / "mirage_config.json").read_text())
+    assert (plain["latent_loss"], plain["latent_bottleneck"]) == ("cosine", "none")
+    summary = results["summary"]
+    mirage = [a for a, spec in results["arms"].items() if spec["method"] == "mirage"]
+    assert set(summary["probe"]) == {*mirage, "markers_direct"}
+    for arm in mirage:
+        assert list(summary["ablations"][arm]) == ["zero", "shuffle", "remove"]
+        assert list(summary["probe"][arm]["ablations"]) == ["probe_zero", "probe_shuffle"]
+        assert summary["probe"][arm]["groups"]["all"]["n"] == 8
+    assert summary["probe"]["markers_direct"]["ablations"] == {}
+    fixed = results["best_fixed_answer"]
+    assert set(fixed) == {"3", "all"} and 0.0 <= fixed["all"]["accuracy"] <= 1.0 and fixed["all"]["n"] == 8
+    assert ["combined", "mirage_direct"] in results["comparisons"]
+    report = (out / "report.md").read_text()
+    for section in ("## Arms", "## Visual-bottleneck probe", "best fixed answer", "latent_bottleneck=image"):
+        assert section in report
 
 
 def test_report_and_plots_are_written(quick_run):
@@ -112,6 +171,28 @@ def test_report_and_plots_are_written(quick_run):
         ("- a list\n", "an experiment config is a mapping"),
         ("model: {model_type: llama}\n", "model.model_type 'llama': choose from"),
         ("train: {grounding_steps: 5}\ndata: {grounding_rows: 0}\n", "a grounding warm-up needs both"),
+        (
+            "arms: [{name: x, method: magic, style: cot}]\n",
+            "arm x: method 'magic': choose one of text, mirage",
+        ),
+        (
+            "arms: [{name: x, method: mirage, style: cot, settings: {colour: red}}]\n",
+            "arm x: settings ['colour']",
+        ),
+        (
+            "arms: [{name: x, method: text, style: cot, settings: {latent_loss: contrastive}}]\n",
+            "arm x: Mirage settings need method mirage or markers",
+        ),
+        (
+            "arms: [{name: x, method: mirage, style: cot, settings: {latent_loss: l2}}]\n",
+            "arm x: --latent_loss 'l2': choose one of cosine, contrastive",
+        ),
+        (
+            "arms: [{name: x, method: mirage, style: cot, stage2: {latent_bottleneck_steps: 5}}]\n",
+            "arm x: --latent_bottleneck_steps schedules the bottleneck",
+        ),
+        ("arms: [text_cot, text_cot]\n", "arms: a name appears twice (text_cot)"),
+        ("probe: maybe\n", "probe 'maybe': true or false"),
     ],
 )
 def test_bad_config_is_one_line_before_any_work(tmp_path, text, message):

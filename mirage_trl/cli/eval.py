@@ -46,6 +46,15 @@ def register(subparsers) -> None:
         help=f"what is fed at latent slots, one run per mode: {MODES_HELP} (default: model)",
     )
     p.add_argument(
+        "--bottleneck",
+        nargs="?",
+        const="image",
+        choices=["none", "image", "strict"],
+        help="decode every mode under the visual bottleneck: 'image' (the bare flag: text after a span's start "
+        "cannot see the image) or 'strict' (no text after the image can); accuracy above the best fixed answer "
+        "means the latents carry the image ('none': without; default: as the model was trained)",
+    )
+    p.add_argument(
         "--helper-as-input",
         action="store_true",
         help="upper bound: give each row's helper images (image_output) as real input images",
@@ -134,6 +143,7 @@ def run(args) -> int:
             top_p=args.top_p,
             seed=args.seed,
             latent_modes=modes,
+            bottleneck=args.bottleneck,
             progress=not args.no_progress,
             on_decoded=keeper.write if keeper else None,
         )

@@ -12,7 +12,9 @@ def register(subparsers) -> None:
         help="train every arm (text-only, Mirage, markers-only, upper bound) offline and report what they learned",
     )
     p.add_argument(
-        "--config", help="experiment YAML (default: the shipped mirage_trl/experiments/vsp_planning.yaml)"
+        "--config",
+        help="experiment YAML, or the name of a shipped one: vsp_planning (the default), vsp_planning_latents "
+        "(latent options, three seeds)",
     )
     p.add_argument(
         "--out", default="outputs/experiment", help="output folder (report.md, results.json, plots)"

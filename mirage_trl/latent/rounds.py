@@ -285,6 +285,29 @@ def round_mask(layout: RoundLayout, rank_blocks: torch.Tensor | None = None) -> 
     return mask[:, None]
 
 
+def by_rank(values: torch.Tensor, attention_mask: torch.Tensor, fill) -> torch.Tensor:
+    """(B, n): `values` (B, L) of each sample's real tokens by rank (padding dropped), `fill` past its end."""
+    real = attention_mask.bool()
+    rank = real.long().cumsum(1) - 1
+    shape = (attention_mask.shape[0], max(int(real.sum(1).max()), 1))
+    out = torch.full(shape, fill, dtype=values.dtype, device=values.device)
+    out[real.nonzero(as_tuple=True)[0], rank[real]] = values[real]
+    return out
+
+
+def without_blind_pairs(
+    mask: torch.Tensor, layout: RoundLayout, rank_blind: torch.Tensor, rank_images: torch.Tensor
+) -> torch.Tensor:
+    """A round's mask (B, 1, W_r, K_r) under the visual bottleneck (`latent.bottleneck`): a blind query
+    (`rank_blind`, (B, n) by rank) sees no image key (`rank_images`, (B, n) by rank)."""
+    B, K = mask.shape[0], mask.shape[-1]
+    n = rank_blind.shape[1]
+    q_blind = rank_blind.gather(1, layout.q_rank.clamp(max=n - 1))
+    k_image = torch.zeros(B, K, dtype=torch.bool, device=mask.device)
+    k_image[:, : min(K, n)] = rank_images[:, :K]
+    return mask & ~(q_blind[:, None, :, None] & k_image[:, None, None, :])
+
+
 @contextlib.contextmanager
 def packed_round(language_model, layout: RoundLayout, mask: torch.Tensor):
     """Run the language model with `rounds_attention` for one round, then restore its implementation."""

@@ -49,8 +49,9 @@ import torch.utils.checkpoint
 
 from ..errors import MirageError
 from ..models.families import family, multimodal_model, unwrap
+from .bottleneck import blind_queries, check_bottleneck_support, visual_bottleneck
 from .feedback import LatentFeedback
-from .rounds import packed_round, plan_rounds, round_mask
+from .rounds import by_rank, packed_round, plan_rounds, round_mask, without_blind_pairs
 from .slots import latent_inputs
 
 logger = logging.getLogger(__name__)
@@ -136,6 +137,7 @@ def self_latent_forward(
     schedule: str = "auto",
     max_round_tokens: int | None = None,
     feedback=None,
+    bottleneck: str = "none",
     **vision,
 ) -> SelfLatentOutput:
     """Final-norm hidden states of a batch whose latent slots carry self-generated latents.
@@ -154,9 +156,12 @@ def self_latent_forward(
     number of layers: its peak memory is the replayed round's activations over every layer.
     `feedback`: a `latent.feedback.LatentFeedback` applied to each hidden state before it is fed
     (default: the model's saved slot settings); `latents` are the vectors actually fed.
+    `bottleneck`: "image" or "strict" runs under that visual bottleneck (`latent.bottleneck`), every method.
     """
     if feedback is None:
         feedback = LatentFeedback.from_model(model)
+    if bottleneck != "none":
+        check_bottleneck_support(model)
     resolved = resolve_method(model, method)
     if method == "auto" and checkpoint is not None and resolved != "recompute":
         resolved = "rounds_checkpointed" if checkpoint else "rounds"
@@ -172,7 +177,7 @@ def self_latent_forward(
         position_ids = fam.position_ids(model, input_ids, attention_mask, vision)
     if position_ids.ndim == 2:  # (B, L): the same positions in every row the family's positions have
         position_ids = position_ids[None].expand(fam.position_rows, -1, -1)
-    batch = _Batch(input_ids, attention_mask, slot_mask, position_ids, vision)
+    batch = _Batch(input_ids, attention_mask, slot_mask, position_ids, vision, bottleneck)
     if resolved == "recompute":
         return _recompute(model, batch, detach_latents, feedback)
     if max_round_tokens is None and resolved == "rounds_checkpointed":
@@ -210,6 +215,7 @@ class _Batch(NamedTuple):
     slot_mask: torch.Tensor
     position_ids: torch.Tensor  # (rows, B, L): the family's position layout
     vision: dict  # the image inputs and their per-token companions (family.image_inputs)
+    bottleneck: str = "none"  # the visual bottleneck's mode
 
 
 # --------------------------------------------------------------------------- rounds
@@ -230,7 +236,7 @@ def _rounds(
     feedback=None,
     **vision,
 ) -> SelfLatentOutput:
-    input_ids, attention_mask, slot_mask, position_ids, vision = batch
+    input_ids, attention_mask, slot_mask, position_ids, vision, bottleneck = batch
 
     # 1. Plan the rounds: which tokens of which sample each round runs, images kept whole in round 0.
     fam = family(model)
@@ -239,7 +245,11 @@ def _rounds(
     images = fam.image_mask(model, input_ids) if images_in else None
     plan = plan_rounds(attention_mask, slot_mask, schedule, max_round_tokens, keep_together=images)
     blocks = fam.attention_blocks(model, input_ids) if images_in else None
-    rank_blocks = _rank_blocks(attention_mask, blocks) if blocks is not None else None
+    rank_blocks = by_rank(blocks, attention_mask, -1) if blocks is not None else None
+    blind = None
+    if bottleneck != "none" and images is not None:  # (blind queries, image keys) by rank
+        blind_q = blind_queries(slot_mask, images, bottleneck)
+        blind = (by_rank(blind_q, attention_mask, False), by_rank(images, attention_mask, False))
     inner = multimodal_model(model)
     dev = input_ids.device
     flat_ids = input_ids.reshape(-1)
@@ -257,6 +267,8 @@ def _rounds(
         ids_r = flat_ids[layout.src][None]
         pos_r = fam.model_positions(flat_pos[:, layout.src][:, None])
         mask_r = round_mask(layout, rank_blocks if r == 0 else None)
+        if blind is not None:
+            mask_r = without_blind_pairs(mask_r, layout, *blind)
         slot_r, values = _slot_values(layout, ids_r, hiddens, feedback, detach_latents)
         if values is not None:
             latents_round_order.append(values)
@@ -281,17 +293,6 @@ def _rounds(
         plan.computed_tokens,
         plan.schedule,
     )
-
-
-def _rank_blocks(attention_mask: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """(B, n): the attention block of each sample's token by rank (padding dropped), -1 past its end."""
-    real = attention_mask.bool()
-    rank = real.long().cumsum(1) - 1
-    out = torch.full(
-        (attention_mask.shape[0], max(int(real.sum(1).max()), 1)), -1, dtype=torch.long, device=blocks.device
-    )
-    out[real.nonzero(as_tuple=True)[0], rank[real]] = blocks[real]
-    return out
 
 
 def _slot_values(layout, ids_r, hiddens, feedback, detach_latents):
@@ -418,7 +419,7 @@ def _checkpointed_round(
 
 
 def _recompute(model, batch: _Batch, detach_latents: bool, feedback) -> SelfLatentOutput:
-    input_ids, attention_mask, slot_mask, position_ids, vision = batch
+    input_ids, attention_mask, slot_mask, position_ids, vision, bottleneck = batch
     inner = multimodal_model(model)
     B, L = input_ids.shape
     counts = slot_mask.sum(1).cpu()  # one host sync per batch
@@ -432,7 +433,10 @@ def _recompute(model, batch: _Batch, detach_latents: bool, feedback) -> SelfLate
     values = torch.zeros(n, D, dtype=model.get_input_embeddings().weight.dtype, device=input_ids.device)
     hidden = None
     for i in range(passes):
-        with latent_inputs(model, slot_mask, values):
+        with (
+            latent_inputs(model, slot_mask, values),
+            visual_bottleneck(model, input_ids, slot_mask, bottleneck),
+        ):
             hidden = _inner_forward(
                 inner,
                 input_ids=input_ids,

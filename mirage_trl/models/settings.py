@@ -10,7 +10,10 @@ They travel in two places, always the same values:
 
 What they hold: the latent size k and the latent token names (the model's inputs depend on both),
 the slot settings (what a slot is fed after stage 1: `latent_slot_input`, `latent_feedback_norm`,
-the measured stage-1 `latent_target_norm`), the stage that wrote them, and provenance
+the measured stage-1 `latent_target_norm`), the visual bottleneck the model was last trained with
+(`latent_bottleneck`: decoding applies it too), stage 1's latent objective (`latent_loss`,
+`latent_temperature`, `latent_variance_weight`: how the latents were taught, so a reader of any later
+checkpoint or export knows), the stage that wrote them, and provenance
 (`stages` run so far, `base_model`, `datasets`, `launch`, and for exports `format`/`exported_from`),
 kept as given.
 """
@@ -32,12 +35,19 @@ SETTINGS_FILE = "mirage_config.json"
 
 SLOT_INPUTS = ("latent", "zeros")  # "zeros": the markers-only control
 FEEDBACK_NORM_CHOICES = ("none", "target")  # the training flag; the saved value is a float or None
+# "image": text after a span's start cannot attend to the input image; "strict": no text after the image can, the
+# prompt's included (`latent.bottleneck`)
+BOTTLENECKS = ("none", "image", "strict")
+LATENT_LOSS_NAMES = ("cosine", "contrastive")  # the functions: `latent.losses.LATENT_LOSSES`
+_OBJECTIVE = {"latent_loss": "cosine", "latent_temperature": 0.1, "latent_variance_weight": 0.0}
 _TYPED = (
     "latent_size",
     "latent_tokens",
     "latent_slot_input",
     "latent_feedback_norm",
     "latent_target_norm",
+    "latent_bottleneck",
+    *_OBJECTIVE,
     "stage",
 )
 
@@ -50,6 +60,10 @@ class MirageSettings:
     latent_slot_input: str = "latent"
     latent_feedback_norm: float | None = None  # None: hidden states are fed back as they are
     latent_target_norm: float | None = None  # mean norm of the stage-1 targets, measured in stage 1
+    latent_bottleneck: str = "none"  # as the model was last trained: what decoding applies by default
+    latent_loss: str = "cosine"  # stage 1's latent objective (what taught the latents)
+    latent_temperature: float = 0.1
+    latent_variance_weight: float = 0.0
     stage: int | None = None
     provenance: dict = field(default_factory=dict)
 
@@ -64,6 +78,14 @@ class MirageSettings:
             raise MirageError(
                 f"latent_slot_input {self.latent_slot_input!r}: choose one of {', '.join(SLOT_INPUTS)}"
             )
+        if self.latent_bottleneck not in BOTTLENECKS:
+            raise MirageError(
+                f"latent_bottleneck {self.latent_bottleneck!r}: choose one of {', '.join(BOTTLENECKS)}"
+            )
+        if self.latent_loss not in LATENT_LOSS_NAMES:
+            raise MirageError(
+                f"latent_loss {self.latent_loss!r}: choose one of {', '.join(LATENT_LOSS_NAMES)}"
+            )
 
     # ------------------------------------------------------------------ dict form (JSON)
     def to_dict(self, provenance: bool = True) -> dict:
@@ -75,6 +97,10 @@ class MirageSettings:
             latent_slot_input=self.latent_slot_input,
             latent_feedback_norm=self.latent_feedback_norm,
             latent_target_norm=self.latent_target_norm,
+            latent_bottleneck=self.latent_bottleneck,
+            latent_loss=self.latent_loss,
+            latent_temperature=self.latent_temperature,
+            latent_variance_weight=self.latent_variance_weight,
         )
         if self.stage is not None and provenance:
             out["stage"] = self.stage
@@ -99,7 +125,9 @@ class MirageSettings:
                 latent_slot_input=value.get("latent_slot_input") or "latent",
                 latent_feedback_norm=norm,
                 latent_target_norm=target,
+                latent_bottleneck=value.get("latent_bottleneck") or "none",
                 stage=value.get("stage"),
+                **{k: type(v)(value.get(k, v)) for k, v in _OBJECTIVE.items()},
                 provenance={k: v for k, v in value.items() if k not in _TYPED},
             )
         except (MirageError, TypeError, ValueError) as exc:
@@ -178,12 +206,15 @@ class MirageSettings:
                 f"latent_size={self.latent_size} ({source}); use the same latent size"
             )
 
-    def for_run(self, markers_only: bool, feedback_norm: str | None, stage: int | None) -> MirageSettings:
+    def for_run(
+        self, markers_only: bool, feedback_norm: str | None, stage: int | None, bottleneck: str | None = None
+    ) -> MirageSettings:
         """The slot settings a training run uses: these (the model's), changed by the run's flags.
 
         Markers-only stays on once a model was trained that way (stage 2 of a markers-only stage 1 is
         markers-only too); `feedback_norm` None keeps what the model has, "none" turns it off, "target"
-        uses the measured stage-1 target norm (measured by this run when it is stage 1).
+        uses the measured stage-1 target norm (measured by this run when it is stage 1). `bottleneck`
+        None keeps the model's visual bottleneck (stage 2 of a bottlenecked stage 1 is bottlenecked too).
         """
         slot_input = "zeros" if markers_only or self.latent_slot_input == "zeros" else "latent"
         norm = self.latent_feedback_norm
@@ -196,7 +227,15 @@ class MirageSettings:
                     "(latent_target_norm in its Mirage settings); train stage 1 with mirage-trl first"
                 )
             norm = self.latent_target_norm  # stage 1: set once measured
-        return self.replace(latent_slot_input=slot_input, latent_feedback_norm=norm)
+        return self.replace(
+            latent_slot_input=slot_input,
+            latent_feedback_norm=norm,
+            latent_bottleneck=self.latent_bottleneck if bottleneck is None else bottleneck,
+        )
+
+    def with_objective(self, args) -> MirageSettings:
+        """These settings with stage 1's latent objective taken from a training config (`MirageSFTConfig`)."""
+        return self.replace(**{name: getattr(args, name) for name in _OBJECTIVE})
 
 
 def check_checkpoint_latent_size(checkpoint_dir, latent_size: int) -> None:

@@ -17,8 +17,10 @@ from transformers import TrainerCallback
 
 from ..card import build_model_card, write_card
 from ..checkpoints import check_resume_checkpoint
+from ..configs import MirageGRPOConfig
 from ..errors import MirageError
 from ..io import honour_umask_tree
+from ..latent.bottleneck import check_bottleneck_support
 from ..latent.health import collapse_reason
 from ..models.families import LANGUAGE_MODEL_MODULES, unwrap
 from ..models.load import load_checkpoint_weights, load_for_training
@@ -27,6 +29,7 @@ from ..models.processors import load_processor
 from ..models.settings import MirageSettings, check_checkpoint_latent_size
 from ..models.tokens import LatentTokens
 from ..redact import redacted_args
+from ..stages import STAGE1
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +54,21 @@ def setup_model(model, processing_class, peft_config, args, stage: int | None = 
 
 
 def apply_slot_settings(model, args, stage: int | None) -> None:
-    """The run's markers-only / feedback-norm flags, merged with what the model was trained with,
-    written into its Mirage settings (so checkpoints, outputs and exports carry them)."""
+    """The run's markers-only / feedback-norm / bottleneck flags, merged with what the model was trained
+    with, written into its Mirage settings (so checkpoints, outputs and exports carry them); stage 1 also
+    records its latent objective. A bottleneck the run cannot apply is refused here, before training."""
     current = MirageSettings.of_model(model)  # recorded by `prepare_model`
-    current.for_run(args.markers_only, args.latent_feedback_norm, stage).save_to(model)
+    settings = current.for_run(args.markers_only, args.latent_feedback_norm, stage, args.latent_bottleneck)
+    if stage == STAGE1:
+        settings = settings.with_objective(args)
+    if settings.latent_bottleneck != "none":
+        if isinstance(args, MirageGRPOConfig):
+            raise MirageError(
+                "the model was trained with the visual bottleneck (latent_bottleneck 'image' in its Mirage "
+                "settings), which GRPO does not apply yet; pass --latent_bottleneck none"
+            )
+        check_bottleneck_support(model)
+    settings.save_to(model)
 
 
 def adapt_peft_config(peft_config, tokens: LatentTokens):

@@ -21,6 +21,7 @@ from trl import SFTTrainer
 
 from ..configs import MirageSFTConfig
 from ..data.reference import require_helper_images
+from ..latent.bottleneck import visual_bottleneck
 from ..latent.collator import MirageDataCollator
 from ..latent.feedback import LatentFeedback
 from ..latent.health import HEALTH_KEYS, latent_health
@@ -138,6 +139,7 @@ class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
             values = torch.zeros_like(targets)  # markers-only control: no content at the slots
         with (
             latent_inputs(unwrap(model), inputs["latent_mask"], values),
+            visual_bottleneck(model, inputs["input_ids"], inputs["latent_mask"], self.bottleneck),
             capture_final_hidden(model) as captured,
         ):
             model(
@@ -159,6 +161,7 @@ class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
             position_ids=self._positions(model, inputs),
             method=self.args.stage2_method,
             feedback=self.latent_feedback,
+            bottleneck=self.bottleneck,
             **family(model).image_inputs(model, inputs),
         )
 
@@ -166,9 +169,26 @@ class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
     def latent_feedback(self):
         return LatentFeedback.from_model(self.model)
 
+    @property
+    def bottleneck(self) -> str:
+        """The visual bottleneck this step runs under (the model's settings, which the schedule turns off)."""
+        return self.mirage_settings.latent_bottleneck
+
+    def _follow_bottleneck_schedule(self) -> None:
+        """`--latent_bottleneck_steps N`: from optimizer step N on, the bottleneck is off, in the settings too
+        (so validation decoding, checkpoints and the saved model go without it)."""
+        steps = self.args.latent_bottleneck_steps
+        if steps is not None and self.state.global_step >= steps and self.bottleneck != "none":
+            self.mirage_settings.replace(latent_bottleneck="none").save_to(self.model)
+            logger.info(
+                "visual bottleneck off from step %d (--latent_bottleneck_steps)", self.state.global_step
+            )
+
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
+        if mode == "train":
+            self._follow_bottleneck_schedule()
         slot_mask = inputs["latent_mask"]
         targets = self._helper_targets(model, inputs)
         # Mixed precision: accelerate autocasts only the top-level forward; stage 2 runs the inner

@@ -24,6 +24,7 @@ from mirage_trl.latent.collator import MirageDataCollator
 from mirage_trl.latent.layout import slot_masks
 from mirage_trl.models.families import multimodal_model, unwrap
 from mirage_trl.models.prepare import add_latent_tokens
+from mirage_trl.models.settings import MirageSettings
 from mirage_trl.models.tiny import build_tiny_model
 from mirage_trl.rewards import REWARD_FUNCS
 from mirage_trl.trainers.grpo import MirageGRPOTrainer
@@ -415,6 +416,31 @@ def test_unsupported_generation_settings(tmp_path):
         _config(tmp_path, use_vllm=True)
     with pytest.raises(MirageError, match="top_k"):
         _config(tmp_path, top_k=5)
+
+
+def test_visual_bottleneck_is_refused_in_one_line(rows, tmp_path):
+    from datasets import Dataset
+
+    rows = Dataset.from_list(rows)
+    with pytest.raises(
+        MirageError, match=r"^--latent_bottleneck image: GRPO's rollouts .* --latent_bottleneck none$"
+    ):
+        _config(tmp_path, latent_bottleneck="image")
+    model, processor, _ = fresh()
+    MirageSettings.update(model, K, latent_bottleneck="image")  # a model trained under the bottleneck
+    with pytest.raises(
+        MirageError,
+        match=r"^the model was trained with the visual bottleneck .*pass --latent_bottleneck none$",
+    ):
+        MirageGRPOTrainer(model=model, args=_config(tmp_path), train_dataset=rows, processing_class=processor)
+    # told to go without it, GRPO trains it as an open model
+    trainer = MirageGRPOTrainer(
+        model=model,
+        args=_config(tmp_path, latent_bottleneck="none"),
+        train_dataset=rows,
+        processing_class=processor,
+    )
+    assert trainer.model.config.mirage["latent_bottleneck"] == "none"
 
 
 def test_benchmark_without_grader(rows, tmp_path):

@@ -9,14 +9,16 @@ full logits, and loops over the slots.
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import IGNORE, four_rows, make_images, sft_args
+from helpers import IGNORE, four_rows, make_images, reference_mask, sft_args
 
 from mirage_trl.errors import MirageError
 from mirage_trl.latent.targets import helper_latent_targets, pool_helper_features
+from mirage_trl.models.load import load_for_training
 from mirage_trl.models.tiny import build_tiny_model
 from mirage_trl.trainers.sft import MirageSFTTrainer, text_cross_entropy
 
@@ -89,10 +91,11 @@ def image_features_one_by_one(model, pixel_values, grid_thw) -> list[torch.Tenso
     return out
 
 
-def manual_stage1(model, batch, k, gamma, pooling="drop_remainder", zeros_at_slots=False):
+def manual_stage1(model, batch, k, gamma, pooling="drop_remainder", zeros_at_slots=False, bottleneck=None):
     """(loss, ce_mean, ce_sum, n_tokens, per-slot 1-cos, targets, predictions h[t-1]) by hand, with autograd.
 
-    `zeros_at_slots`: the markers-only control (zeros at the slots, the targets still computed)."""
+    `zeros_at_slots`: the markers-only control (zeros at the slots, the targets still computed).
+    `bottleneck`: the latent tokens, to run under the visual bottleneck's mask written out pair by pair."""
     mm = model.model
     mask = batch["latent_mask"]
     embeds = model.get_input_embeddings()(batch["input_ids"])
@@ -114,9 +117,17 @@ def manual_stage1(model, batch, k, gamma, pooling="drop_remainder", zeros_at_slo
         image_grid_thw=batch.get("image_grid_thw"),
         attention_mask=batch["attention_mask"],
     )
+    attention_mask = batch["attention_mask"]
+    if bottleneck is not None:  # each row's written-out mask, padding keys hidden
+        attention_mask = torch.cat(
+            [reference_mask(model, row.tolist(), bottleneck) for row in batch["input_ids"]]
+        )
+        attention_mask = attention_mask.masked_fill(
+            batch["attention_mask"][:, None, None, :] == 0, torch.finfo(torch.float32).min
+        )
     out = mm(
         inputs_embeds=embeds,
-        attention_mask=batch["attention_mask"],
+        attention_mask=attention_mask,
         position_ids=position_ids,
         pixel_values=batch.get("pixel_values"),
         image_grid_thw=batch.get("image_grid_thw"),
@@ -666,6 +677,65 @@ def test_markers_only_stage1_feeds_zeros_and_learns_text_only(tmp_path, rows):
 def test_stage2_feedback_norm_target_needs_a_measured_norm(tmp_path):
     with pytest.raises(MirageError, match="no measured stage-1 target norm"):
         make_trainer(tmp_path, stage=2, latent_feedback_norm="target")
+
+
+def test_stage1_visual_bottleneck_matches_the_manual_computation(tmp_path, rows):
+    """--latent_bottleneck image: the trainer's stage-1 loss and gradients equal a forward under the mask written
+    out pair by pair; the setting is saved with the model, with stage 1's latent objective."""
+    trainer = make_trainer(
+        tmp_path, latent_bottleneck="image", latent_loss="contrastive", latent_temperature=0.2
+    )
+    saved = trainer.model.config.mirage
+    assert (saved["latent_bottleneck"], saved["latent_loss"], saved["latent_temperature"]) == (
+        "image",
+        "contrastive",
+        0.2,
+    )
+    trainer.args.latent_loss = (
+        "cosine"  # the reference below is the paper's loss; the mask is what is checked
+    )
+    batch = trainer.data_collator(rows)
+    model = trainer.model
+    loss = trainer.compute_loss(model, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    ref = manual_stage1(model, batch, k=4, gamma=0.1, bottleneck=trainer.latent_tokens)
+    torch.testing.assert_close(loss, ref["loss"], **TOL)
+    ref["loss"].backward()
+    assert grads and all(
+        torch.allclose(grads[n], p.grad, rtol=1e-4, atol=1e-6)
+        for n, p in model.named_parameters()
+        if n in grads
+    )
+    with torch.no_grad():
+        open_loss = manual_stage1(model, batch, k=4, gamma=0.1)["loss"]
+    assert not torch.allclose(open_loss, loss)  # the mask hid something
+
+
+def test_bottleneck_is_carried_into_stage2_and_its_schedule_turns_it_off(tmp_path, rows):
+    trainer = make_trainer(tmp_path, latent_bottleneck="image", latent_variance_weight=0.5, max_steps=2)
+    trainer.save_model(str(tmp_path / "s1"))
+    saved = json.loads((tmp_path / "s1" / "config.json").read_text())["mirage"]
+    assert (saved["latent_bottleneck"], saved["latent_variance_weight"]) == ("image", 0.5)
+    model, processor = load_for_training(str(tmp_path / "s1"))
+    second = make_trainer(tmp_path / "b", model=model, processor=processor, stage=2, dataset=as_dataset(rows),
+                          latent_bottleneck_steps=1, latent_bottleneck="image", max_steps=2)  # fmt: skip
+    assert (
+        second.bottleneck and second.model.config.mirage["latent_variance_weight"] == 0.5
+    )  # stage 1's, kept
+    second.train()
+    assert not second.bottleneck and second.model.config.mirage["latent_bottleneck"] == "none"
+    model, processor = load_for_training(str(tmp_path / "s1"))
+    inherited = make_trainer(tmp_path / "c", model=model, processor=processor, stage=2)
+    assert inherited.bottleneck  # stage 2 of a bottlenecked stage 1, no flag: as the model was trained
+    with pytest.raises(
+        MirageError,
+        match=r"^--latent_bottleneck_steps schedules the bottleneck: give --latent_bottleneck image too$",
+    ):
+        make_args(tmp_path, latent_bottleneck_steps=3)
+    with pytest.raises(MirageError, match=r"^--latent_bottleneck 'text': choose one of none, image$"):
+        make_args(tmp_path, latent_bottleneck="text")
 
 
 def _contrastive_by_hand(predictions, targets, rows, temperature):
