@@ -203,6 +203,7 @@ def _mirage_section(mirage: dict, kind: str, target: str, datasets: list[str]) -
         f"- Stages run: {', '.join(f'stage {s}' for s in stages) if stages else 'unknown'}",
         f"- Latent size k: {mirage.get('latent_size')}; latent tokens: {', '.join(f'`{t}`' for t in LATENT_TOKEN_NAMES)}",
         f"- Datasets: {', '.join(f'`{d}`' for d in datasets) if datasets else 'not recorded'}",
+        *_objective_lines(mirage),
         "",
         "Plain `generate` does not imagine: decode with the latent loop.",
         "",
@@ -214,6 +215,26 @@ def _mirage_section(mirage: dict, kind: str, target: str, datasets: list[str]) -
         "```",
         "",
     ]
+
+
+def _objective_lines(mirage: dict) -> list[str]:
+    """How the latents were taught and what decoding must keep (older settings record neither: nothing said)."""
+    lines = []
+    if "latent_loss" in mirage:
+        loss = f"`{mirage['latent_loss']}`"
+        if mirage["latent_loss"] == "contrastive":
+            loss += f" (temperature {mirage.get('latent_temperature')})"
+        if mirage.get("latent_variance_weight"):
+            loss += f" + variance-covariance regulariser x {mirage['latent_variance_weight']}"
+        lines.append(f"- Stage-1 latent loss: {loss}")
+    bottleneck = mirage.get("latent_bottleneck", "none")
+    if bottleneck != "none":
+        lines.append(
+            f"- Visual bottleneck: `{bottleneck}` (text after "
+            + ("a latent span's start" if bottleneck == "image" else "the image")
+            + " cannot attend to the image); `generate_with_latents` applies it from the saved settings"
+        )
+    return lines
 
 
 def _peft_section(target: str, base_model) -> list[str]:

@@ -117,11 +117,11 @@ def test_the_latents_experiment_runs_every_option_with_the_probe(tmp_path):
     assert results["arms"]["combined"]["settings"] == {
         "latent_loss": "contrastive",
         "latent_variance_weight": 1.0,
-        "latent_bottleneck": "image",
+        "latent_bottleneck": "strict",
     }
     saved = json.loads((out / "seed0" / "combined" / "stage2" / "mirage_config.json").read_text())
     assert (saved["latent_loss"], saved["latent_variance_weight"], saved["latent_bottleneck"]) == (
-        "contrastive", 1.0, "image",
+        "contrastive", 1.0, "strict",
     )  # fmt: skip
     plain = json.loads((out / "seed0" / "mirage_direct" / "stage2" / "mirage_config.json").read_text())
     assert (plain["latent_loss"], plain["latent_bottleneck"]) == ("cosine", "none")
@@ -137,7 +137,7 @@ def test_the_latents_experiment_runs_every_option_with_the_probe(tmp_path):
     assert set(fixed) == {"3", "all"} and 0.0 <= fixed["all"]["accuracy"] <= 1.0 and fixed["all"]["n"] == 8
     assert ["combined", "mirage_direct"] in results["comparisons"]
     report = (out / "report.md").read_text()
-    for section in ("## Arms", "## Visual-bottleneck probe", "best fixed answer", "latent_bottleneck=image"):
+    for section in ("## Arms", "## Visual-bottleneck probe", "best fixed answer", "latent_bottleneck=strict"):
         assert section in report
 
 

@@ -579,6 +579,40 @@ def test_training_output_card_is_mirage_trls(trained):
     assert card.data.pipeline_tag == "image-text-to-text" and "lora" in card.data.tags
 
 
+def test_latent_options_travel_into_the_export_its_card_and_the_loaded_model(trained, tmp_path):
+    """The stage-1 objective and the visual bottleneck saved with a run reach its export, its card, and the model
+    `load_model` gives back (whose decoding then applies the bottleneck by default)."""
+    import shutil
+
+    from mirage_trl.models.settings import MirageSettings
+
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+    saved = json.loads((run / "mirage_config.json").read_text())
+    options = dict(
+        latent_loss="contrastive",
+        latent_temperature=0.2,
+        latent_variance_weight=1.0,
+        latent_bottleneck="strict",
+    )
+    (run / "mirage_config.json").write_text(json.dumps({**saved, **options}))
+    out = export_model(run, tmp_path / "export")
+    exported = json.loads((out / "mirage_config.json").read_text())
+    assert {k: exported[k] for k in options} == options
+    card = (out / "README.md").read_text()
+    assert (
+        "Stage-1 latent loss: `contrastive` (temperature 0.2) + variance-covariance regulariser x 1.0" in card
+    )
+    assert "Visual bottleneck: `strict`" in card
+    model, _ = load_model(out)
+    loaded = MirageSettings.of_model(model)
+    assert (loaded.latent_bottleneck, loaded.latent_loss, loaded.latent_variance_weight) == (
+        "strict",
+        "contrastive",
+        1.0,
+    )
+
+
 def test_exports_load_with_the_plain_auto_classes(merged_export, adapter_export):
     """A merged export loads with AutoModelForImageTextToText / AutoTokenizer / AutoImageProcessor, carries
     the latent tokens and the Mirage settings, and its processor config is complete (a video processor
