@@ -396,9 +396,9 @@ def validate_latent_args(args) -> None:
             f"--latent_bottleneck {args.latent_bottleneck!r}: choose one of {', '.join(BOTTLENECKS)}"
         )
     _check_int(args, "latent_bottleneck_steps", 0, 1 << 40, optional=True)
-    if args.latent_bottleneck_steps is not None and args.latent_bottleneck != "image":
+    if args.latent_bottleneck_steps is not None and args.latent_bottleneck in (None, "none"):
         raise MirageError(
-            "--latent_bottleneck_steps schedules the bottleneck: give --latent_bottleneck image too"
+            "--latent_bottleneck_steps schedules the bottleneck: give --latent_bottleneck image (or strict) too"
         )
     if args.stage2_method not in STAGE2_METHODS:
         raise MirageError(

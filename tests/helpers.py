@@ -424,9 +424,12 @@ def reference_mask(
     return mask
 
 
-def reference_inputs(model, single, x, mask, t=None):
-    """The inner model's inputs for the first `t` tokens of one sample, embeddings `x`, the reference mask; rope
-    positions computed by the model from the ids with a plain mask (a 4-D mask says nothing of positions)."""
+def reference_inputs(model, single, x, mask=None, t=None):
+    """The inner model's inputs for the first `t` tokens of one processed sample, input embeddings `x`, and (if
+    given) an attention mask: the processor's other outputs as they are (per-token ones cut to `t`). Qwen-VL's
+    rope positions are computed by the model from the ids with a plain mask (a 4-D mask says nothing of them),
+    and Qwen2/2.5-VL and Qwen3.5 also take the ids (they find image tokens there); the other families take
+    embeddings alone (they find them by value)."""
     ids = single["input_ids"][:, :t]
     kw = {
         k: (v[:, :t] if k in TOKEN_KEYS else v)
@@ -439,12 +442,14 @@ def reference_inputs(model, single, x, mask, t=None):
             ids, mm_token_type_ids=kw["mm_token_type_ids"], image_grid_thw=kw.get("image_grid_thw"),
             attention_mask=torch.ones_like(ids),
         )[0]  # fmt: skip
-        if mt != "qwen3_vl":
-            kw["input_ids"] = ids
+    if mt in ("qwen2_vl", "qwen2_5_vl", "qwen3_5"):
+        kw["input_ids"] = ids
     n = ids.shape[1]
     if isinstance(mask, dict):  # one mask per layer type (Gemma 3's sliding-window layers)
-        return dict(kw, inputs_embeds=x[:, :n], attention_mask={k: m[..., :n, :n] for k, m in mask.items()})
-    return dict(kw, inputs_embeds=x[:, :n], attention_mask=mask[..., :n, :n])
+        kw["attention_mask"] = {k: m[..., :n, :n] for k, m in mask.items()}
+    elif mask is not None:
+        kw["attention_mask"] = mask[..., :n, :n]
+    return dict(kw, inputs_embeds=x[:, :n])
 
 
 def layer_masks(model, ids: list[int], tokens, mode: str = "image"):

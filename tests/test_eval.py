@@ -334,6 +334,37 @@ def test_cli_latent_ablation(tiny_model_dir, reference_rows, tmp_path, capsys):
     assert Image.open(out / "accuracy.png").format == "PNG"
 
 
+@pytest.mark.parametrize(
+    "flag,expected", [([], "none"), (["--bottleneck"], "image"), (["--bottleneck", "strict"], "strict")]
+)
+def test_cli_decodes_under_the_bottleneck_asked_for(
+    tiny_model_dir, reference_rows, tmp_path, capsys, monkeypatch, flag, expected
+):
+    """`mirage-trl eval --bottleneck [image|strict]`: every mode is decoded under it (the probe), and the results say
+    so; without the flag, as the model was trained (this one: without)."""
+    import mirage_trl.evaluation as evaluation
+
+    seen = []
+    real = evaluation.generate_with_latents
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["latent_mode"], kwargs["bottleneck"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "generate_with_latents", spy)
+    data, root = reference_rows
+    out = tmp_path / "probe"
+    rc, stdout, _ = run_cli(
+        ["--model", tiny_model_dir, "--benchmark", "vsp_planning", "--data", data, "--root", root, "--greedy",
+         "--max-new-tokens", 5, "--num-samples", 2, "--latents", "model", "zero", "--out", out, *flag],
+        capsys,
+    )  # fmt: skip
+    assert rc == 0
+    assert sorted(set(seen)) == [("model", expected), ("zero", expected)]
+    assert json.loads((out / "results.json").read_text())["settings"]["bottleneck"] == expected
+    assert (f"visual bottleneck ({expected})" in stdout) == (expected != "none")
+
+
 def test_accuracy_plot_bars_are_wilson_intervals_of_the_table():
     """What `accuracy.png` draws: each mode's accuracy per group with the Wilson interval written out here."""
     import math
@@ -426,3 +457,18 @@ def test_cli_helper_as_input(tiny_model_dir, tmp_path, capsys):
     assert rc == 0
     results = json.loads((out / "results.json").read_text())
     assert results["helper_as_input"] is True and results["modes"]["model"]["groups"]["all"]["n"] == 1
+
+
+def test_cli_bottleneck_choices_are_the_settings_ones():
+    """The parser spells the bottlenecks out (its --help loads no torch): they must be the settings' own."""
+    import argparse
+
+    from mirage_trl.cli.eval import register
+    from mirage_trl.models.settings import BOTTLENECKS
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    action = next(
+        a for a in parser._subparsers._group_actions[0].choices["eval"]._actions if a.dest == "bottleneck"
+    )
+    assert tuple(action.choices) == BOTTLENECKS

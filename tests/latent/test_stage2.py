@@ -14,6 +14,7 @@ import functools
 import numpy as np
 import pytest
 import torch
+from helpers import reference_inputs
 
 from mirage_trl.errors import MirageError
 from mirage_trl.latent.layout import span_text
@@ -129,30 +130,6 @@ def _grads(model):
 # --------------------------------------------------------------------------- the reference
 
 
-TOKEN_KEYS = ("mm_token_type_ids", "token_type_ids")  # per-token processor outputs (Qwen-VL, Gemma 3)
-
-
-def _model_inputs(model, single, x, t=None):
-    """The inner model's inputs for the first `t` tokens of one processed sample with input embeddings `x`:
-    the processor's other outputs as they are (per-token ones cut to `t`). Qwen-VL finds image tokens
-    from the ids given with the embeddings; the other families take embeddings alone (they find them by value)."""
-    ids = single["input_ids"][:, :t]
-    kw = {
-        k: (v[:, :t] if k in TOKEN_KEYS else v)
-        for k, v in single.items()
-        if k not in ("input_ids", "attention_mask")
-    }
-    mt = unwrap(model).config.model_type
-    if mt in ("qwen2_vl", "qwen2_5_vl", "qwen3_5"):  # the others take embeddings or ids, not both
-        kw["input_ids"] = ids
-    elif mt == "qwen3_vl":  # embeddings alone: the model's own M-RoPE positions, from the ids
-        kw["position_ids"] = multimodal_model(model).get_rope_index(
-            ids, mm_token_type_ids=kw["mm_token_type_ids"], image_grid_thw=kw.get("image_grid_thw"),
-            attention_mask=torch.ones_like(ids),
-        )[0]  # fmt: skip
-    return dict(kw, inputs_embeds=x[:, : ids.shape[1]])
-
-
 def reference_sample(model, single, pad_id, embed_grad=False, feed=None):
     """One sample alone: prefix passes fill the slots one by one, then one full pass. Returns (hidden, embeds).
 
@@ -164,10 +141,10 @@ def reference_sample(model, single, pad_id, embed_grad=False, feed=None):
         embeds.retain_grad()
     x = embeds
     for t in (ids[0] == pad_id).nonzero().flatten().tolist():
-        prefix = inner(**_model_inputs(model, single, x, t)).last_hidden_state
+        prefix = inner(**reference_inputs(model, single, x, t=t)).last_hidden_state
         fed = prefix[:, t - 1 : t] if feed is None else feed(prefix[:, t - 1 : t])
         x = torch.cat([x[:, :t], fed, x[:, t + 1 :]], dim=1)
-    hidden = inner(**_model_inputs(model, single, x)).last_hidden_state
+    hidden = inner(**reference_inputs(model, single, x)).last_hidden_state
     return hidden, embeds
 
 

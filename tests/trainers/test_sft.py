@@ -679,6 +679,15 @@ def test_stage2_feedback_norm_target_needs_a_measured_norm(tmp_path):
         make_trainer(tmp_path, stage=2, latent_feedback_norm="target")
 
 
+def _loss_and_grads(trainer, batch):
+    """The trainer's loss on `batch` and the gradients it leaves (then cleared)."""
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    trainer.model.zero_grad()
+    return loss, grads
+
+
 def test_stage1_visual_bottleneck_matches_the_manual_computation(tmp_path, rows):
     """--latent_bottleneck image: the trainer's stage-1 loss and gradients equal a forward under the mask written
     out pair by pair; the setting is saved with the model, with stage 1's latent objective."""
@@ -694,12 +703,8 @@ def test_stage1_visual_bottleneck_matches_the_manual_computation(tmp_path, rows)
     trainer.args.latent_loss = (
         "cosine"  # the reference below is the paper's loss; the mask is what is checked
     )
-    batch = trainer.data_collator(rows)
-    model = trainer.model
-    loss = trainer.compute_loss(model, batch)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
+    batch, model = trainer.data_collator(rows), trainer.model
+    loss, grads = _loss_and_grads(trainer, batch)
     ref = manual_stage1(model, batch, k=4, gamma=0.1, bottleneck=trainer.latent_tokens)
     torch.testing.assert_close(loss, ref["loss"], **TOL)
     ref["loss"].backward()
@@ -725,16 +730,18 @@ def test_bottleneck_is_carried_into_stage2_and_its_schedule_turns_it_off(tmp_pat
         second.bottleneck and second.model.config.mirage["latent_variance_weight"] == 0.5
     )  # stage 1's, kept
     second.train()
-    assert not second.bottleneck and second.model.config.mirage["latent_bottleneck"] == "none"
+    assert second.bottleneck == "none" and second.model.config.mirage["latent_bottleneck"] == "none"
     model, processor = load_for_training(str(tmp_path / "s1"))
     inherited = make_trainer(tmp_path / "c", model=model, processor=processor, stage=2)
-    assert inherited.bottleneck  # stage 2 of a bottlenecked stage 1, no flag: as the model was trained
+    assert (
+        inherited.bottleneck == "image"
+    )  # stage 2 of a bottlenecked stage 1, no flag: as the model was trained
     with pytest.raises(
         MirageError,
-        match=r"^--latent_bottleneck_steps schedules the bottleneck: give --latent_bottleneck image too$",
+        match=r"^--latent_bottleneck_steps schedules the bottleneck: give --latent_bottleneck image \(or strict\) too$",
     ):
         make_args(tmp_path, latent_bottleneck_steps=3)
-    with pytest.raises(MirageError, match=r"^--latent_bottleneck 'text': choose one of none, image$"):
+    with pytest.raises(MirageError, match=r"^--latent_bottleneck 'text': choose one of none, image, strict$"):
         make_args(tmp_path, latent_bottleneck="text")
 
 
@@ -757,12 +764,8 @@ def test_contrastive_latent_loss_and_regulariser_match_the_manual_computation(tm
     trainer = make_trainer(
         tmp_path, latent_loss="contrastive", latent_temperature=0.5, latent_variance_weight=0.3
     )
-    batch = trainer.data_collator(rows)
-    model = trainer.model
-    loss = trainer.compute_loss(model, batch)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
+    batch, model = trainer.data_collator(rows), trainer.model
+    loss, grads = _loss_and_grads(trainer, batch)
     ref = manual_stage1(model, batch, k=4, gamma=0.1)
     slot_rows = batch["latent_mask"].nonzero()[:, 0].tolist()
     assert len(set(slot_rows)) == 3  # three rows with spans: negatives exist
