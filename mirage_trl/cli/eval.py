@@ -49,7 +49,11 @@ def register(subparsers) -> None:
         "--bottleneck",
         nargs="?",
         const="image",
-        choices=["none", "image", "strict"],  # models.settings.BOTTLENECKS (not imported: --help loads no torch)
+        choices=[
+            "none",
+            "image",
+            "strict",
+        ],  # models.settings.BOTTLENECKS (not imported: --help loads no torch)
         help="decode every mode under the visual bottleneck: 'image' (the bare flag: text after a span's start "
         "cannot see the image) or 'strict' (no text after the image can); accuracy above the best fixed answer "
         "means the latents carry the image ('none': without; default: as the model was trained)",
