@@ -17,7 +17,9 @@ One rule, three places that apply it:
 
 * a full forward (stage 1, `visual_bottleneck`): the language model's attention is wrapped for the
   duration, the model's own mask (causal, padding, sliding windows, Gemma 3's two-way image blocks) is
-  kept and the blind pairs are removed from it;
+  kept and the blind pairs are removed from it. The wrapped attention runs SDPA whatever the model's own
+  implementation (flash-attention takes no arbitrary mask), with a (B, 1, L, L) boolean mask: L^2 bytes
+  a row;
 * stage 2's packed rounds (`latent.rounds.round_mask`, with `rank_blind`/`rank_images` from here);
 * cached decoding (`generation`): a blind step's key mask hides the prompt's image columns.
 
