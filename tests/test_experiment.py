@@ -192,7 +192,7 @@ def test_report_and_plots_are_written(quick_run):
             "arm x: --latent_bottleneck_steps schedules the bottleneck",
         ),
         ("arms: [text_cot, text_cot]\n", "arms: a name appears twice (text_cot)"),
-        ("probe: maybe\n", "probe 'maybe': true or false"),
+        ("probe: maybe\n", "probe 'maybe': false, true (image), image or strict"),
     ],
 )
 def test_bad_config_is_one_line_before_any_work(tmp_path, text, message):

@@ -202,8 +202,14 @@ def test_merged_export_round_trip_and_rows(trained, reference, merged_export):
     mirage = config["mirage"]
     assert mirage["latent_size"] == 4 and mirage["latent_tokens"] == list(LATENT_TOKEN_NAMES)
     # config.json holds the model's part of the settings (latent.settings): plain latents, no rescaling here
-    slot_keys = {"latent_slot_input", "latent_feedback_norm", "latent_target_norm"}
-    assert set(mirage) == {"latent_size", "latent_tokens", *slot_keys}
+    slot_keys = {"latent_slot_input", "latent_feedback_norm", "latent_target_norm", "latent_bottleneck"}
+    objective = {
+        "latent_loss",
+        "latent_temperature",
+        "latent_variance_weight",
+    }  # how stage 1 taught the latents
+    assert set(mirage) == {"latent_size", "latent_tokens", *slot_keys, *objective}
+    assert (mirage["latent_bottleneck"], mirage["latent_loss"]) == ("none", "cosine")
     assert (
         mirage.get("latent_slot_input", "latent") == "latent" and mirage.get("latent_feedback_norm") is None
     )
