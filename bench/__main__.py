@@ -32,6 +32,13 @@ def _get(d, *keys):
 FIGURES = [
     ("stage1", "stage-1 step / plain TRL SFT step", ("ratio",), "<= 1.15", lambda v: v <= 1.15),
     (
+        "stage1",
+        "stage-1 step, strict visual bottleneck / without",
+        ("ratio_bottleneck",),
+        "<= 1.25",
+        lambda v: v <= 1.25,
+    ),
+    (
         "stage2_engine",
         "stage-2 step / stage-1 step (no checkpointing)",
         ("ratios", "rounds / plain"),
