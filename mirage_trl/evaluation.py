@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from .errors import MirageError
 from .generation import LATENT_MODES, generate_with_latents
 from .grading import BENCHMARKS, CHOICE_BENCHMARKS, GRID_BENCHMARKS, extract_choice, grade, summarize
+from .latent.bottleneck import trained_bottleneck
 from .latent.collator import MirageDataCollator
 from .latent.health import collapse_reason, latent_health
 from .models.settings import MirageSettings
@@ -232,7 +233,7 @@ def evaluate(
         "top_p": top_p if do_sample else None,
         "seed": seed,
         "latent_modes": modes,
-        "bottleneck": _bottleneck(model) if bottleneck is None else bottleneck,
+        "bottleneck": trained_bottleneck(model) if bottleneck is None else bottleneck,
     }
     result = EvalResult(benchmark=benchmark, settings=settings)
     if "mean" in latent_modes and "model" not in latent_modes:
@@ -278,12 +279,6 @@ def evaluate(
         completions = _completions(rows, benchmark, groups, mode, texts, grades, spans, ntok)
         result.modes[mode] = ModeResult(mode, table, completions, seconds, sum(ntok), health)
     return result
-
-
-def _bottleneck(model) -> str:
-    """The visual bottleneck the model was last trained under (what its decoding applies by default)."""
-    saved = MirageSettings.of_model(model)
-    return saved.latent_bottleneck if saved is not None else "none"
 
 
 def _eval_rows(dataset, benchmark: str, batch_size: int, num_samples: int | None) -> list[dict]:

@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import MirageError
-from .latent.bottleneck import check_bottleneck_support, visual_bottleneck
+from .latent.bottleneck import check_bottleneck_support, trained_bottleneck, visual_bottleneck
 from .latent.feedback import LatentFeedback
 from .latent.layout import advance_spans, spans_to_markers
 from .latent.slots import latent_inputs
@@ -188,8 +188,7 @@ def generate_with_latents(
     ids = _Ids.resolve(net, processor, tok, latent_tokens, eos_token_ids, pad_token_id)
     feedback = LatentFeedback.from_model(net) if feedback is None else feedback
     if bottleneck is None:
-        settings = MirageSettings.of_model(net)
-        bottleneck = settings.latent_bottleneck if settings is not None else "none"
+        bottleneck = trained_bottleneck(net)
     if bottleneck not in BOTTLENECKS:
         raise MirageError(f"bottleneck {bottleneck!r}: choose one of {', '.join(BOTTLENECKS)}")
     if bottleneck != "none":

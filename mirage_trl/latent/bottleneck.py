@@ -20,7 +20,8 @@ One rule, three places that apply it:
   kept and the blind pairs are removed from it. The wrapped attention runs SDPA whatever the model's own
   implementation (flash-attention takes no arbitrary mask), with a (B, 1, L, L) boolean mask: L^2 bytes
   a row;
-* stage 2's packed rounds (`latent.rounds.round_mask`, with `rank_blind`/`rank_images` from here);
+* stage 2's packed rounds (`latent.rounds.without_blind_pairs`, given `blind_queries` and the image tokens
+  by rank);
 * cached decoding (`generation`): a blind step's key mask hides the prompt's image columns.
 
 Models whose language model has recurrent layers (Qwen3.5's linear attention) are refused: their
@@ -36,6 +37,7 @@ import torch
 
 from ..errors import MirageError
 from ..models.families import family, unwrap
+from ..models.settings import MirageSettings
 
 BOTTLENECK_ATTENTION = "mirage_bottleneck"
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("mirage_bottleneck")
@@ -61,6 +63,13 @@ def blind_queries(
     else:
         opened = starts.long().cumsum(1) > 0
     return opened & ~starts & ~slot_mask
+
+
+def trained_bottleneck(model) -> str:
+    """The bottleneck the model was last trained under (its Mirage settings; "none" without settings): what its
+    decoding applies unless told otherwise."""
+    settings = MirageSettings.of_model(model)
+    return settings.latent_bottleneck if settings is not None else "none"
 
 
 def check_bottleneck_support(model) -> None:

@@ -432,21 +432,19 @@ def _recompute(model, batch: _Batch, detach_latents: bool, feedback) -> SelfLate
     D = model.get_input_embeddings().weight.shape[1]
     values = torch.zeros(n, D, dtype=model.get_input_embeddings().weight.dtype, device=input_ids.device)
     hidden = None
-    for i in range(passes):
-        with (
-            latent_inputs(model, slot_mask, values),
-            visual_bottleneck(model, input_ids, slot_mask, bottleneck),
-        ):
-            hidden = _inner_forward(
-                inner,
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=fam.model_positions(position_ids),
-                **extra,
-            )
-        if i < passes - 1:
-            values = feedback(hidden[prev])
-            if detach_latents:
-                values = values.detach()
+    with visual_bottleneck(model, input_ids, slot_mask, bottleneck):  # one mask for every pass
+        for i in range(passes):
+            with latent_inputs(model, slot_mask, values):
+                hidden = _inner_forward(
+                    inner,
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=fam.model_positions(position_ids),
+                    **extra,
+                )
+            if i < passes - 1:
+                values = feedback(hidden[prev])
+                if detach_latents:
+                    values = values.detach()
     hidden = hidden * attention_mask.to(hidden.dtype)[..., None]
     return SelfLatentOutput(hidden, values, "recompute", passes, B * L * passes, "full")

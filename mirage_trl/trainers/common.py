@@ -64,8 +64,8 @@ def apply_slot_settings(model, args, stage: int | None) -> None:
     if settings.latent_bottleneck != "none":
         if isinstance(args, MirageGRPOConfig):
             raise MirageError(
-                "the model was trained with the visual bottleneck (latent_bottleneck 'image' in its Mirage "
-                "settings), which GRPO does not apply yet; pass --latent_bottleneck none"
+                f"the model was trained with the visual bottleneck (latent_bottleneck '{settings.latent_bottleneck}' "
+                "in its Mirage settings), which GRPO does not apply yet; pass --latent_bottleneck none"
             )
         check_bottleneck_support(model)
     settings.save_to(model)

@@ -100,3 +100,11 @@ def test_variance_covariance_by_hand():
     assert value.item() == pytest.approx(ref.item(), rel=1e-6)  # computed in float32, as in training
     assert torch.allclose(x.grad, ref_x.grad, rtol=1e-5, atol=1e-7)
     assert variance_covariance(x[:1]).item() == 0.0
+
+
+def test_the_settings_know_every_latent_loss():
+    """A model's settings record its latent loss by name: the names they accept are the losses that exist."""
+    from mirage_trl.latent.losses import LATENT_LOSSES
+    from mirage_trl.models.settings import LATENT_LOSS_NAMES
+
+    assert tuple(LATENT_LOSSES) == LATENT_LOSS_NAMES
