@@ -227,6 +227,23 @@ def _objective_lines(mirage: dict) -> list[str]:
         if mirage.get("latent_variance_weight"):
             loss += f" + variance-covariance regulariser x {mirage['latent_variance_weight']}"
         lines.append(f"- Stage-1 latent loss: {loss}")
+    target = mirage.get("latent_target", "pooled")
+    if target != "pooled":
+        scaled = " and scaled by the running standard deviation" if mirage.get("latent_target_scale") else ""
+        lines.append(
+            f"- Stage-1 latent targets: `{target}` ("
+            + {
+                "centred": f"pooled helper-image features minus their running mean{scaled}",
+                "delta": "helper-image features minus the input image's, pooled",
+                "selected": "helper-image features at the k patches that change most from the input image",
+            }.get(target, target)
+            + ")"
+        )
+    if mirage.get("latent_aux_text"):
+        lines.append(
+            f"- Auxiliary decoding of each latent span into its helper image's text, weight {mirage['latent_aux_text']}"
+            + (" (gradient through the latents only)" if mirage.get("latent_only_backprop") else "")
+        )
     bottleneck = mirage.get("latent_bottleneck", "none")
     if bottleneck != "none":
         lines.append(

@@ -15,7 +15,7 @@ from .grading import BENCHMARKS, one_of
 from .latent.collator import TRUNCATION_POLICIES
 from .latent.losses import LATENT_LOSSES
 from .latent.stage2 import METHODS as STAGE2_METHODS
-from .latent.targets import POOLINGS
+from .latent.targets import LATENT_TARGETS, POOLINGS
 from .models.settings import BOTTLENECKS, FEEDBACK_NORM_CHOICES
 from .rewards import DEFAULT_REWARD_WEIGHTS, get_reward_funcs
 from .stages import SFT_STAGES
@@ -155,6 +155,34 @@ class MirageSFTConfig(_MirageLatentArgs, SFTConfig):
         default=0.0,
         metadata={"help": "weight of the variance-covariance regulariser on stage 1's predictions (0: off)"},
     )
+    latent_target: str = field(
+        default="pooled",
+        metadata={
+            "help": f"stage 1's targets: {', '.join(LATENT_TARGETS)} (pooled: the paper's; centred: minus the running "
+            "mean; delta: helper minus input image features; selected: the k most changed patches)"
+        },
+    )
+    latent_target_scale: bool = field(
+        default=False,
+        metadata={
+            "help": "with --latent_target centred: also divide each dimension by its running standard deviation"
+        },
+    )
+    latent_aux_text: float | None = field(
+        default=None,
+        metadata={
+            "help": "weight of the auxiliary decoding of each latent span into its helper image's text (the row "
+            "field image_output_text) by the model's own language model, in stages 1 and 2 (0: off); default: "
+            "stage 1 off, stage 2 as its stage 1 was trained"
+        },
+    )
+    latent_only_backprop: bool | None = field(
+        default=None,
+        metadata={
+            "help": "with --latent_aux_text: its gradient reaches the weights only through the latent vectors (the "
+            "decoding pass itself trains nothing); default: stage 1 off, stage 2 as its stage 1 was trained"
+        },
+    )
     stage2_target_metric: bool = field(
         default=False,
         metadata={
@@ -186,6 +214,26 @@ class MirageSFTConfig(_MirageLatentArgs, SFTConfig):
             )
         if self.stage not in (None, *SFT_STAGES):
             raise MirageError(f"--stage {self.stage}: must be 1 or 2")
+        if self.latent_target not in LATENT_TARGETS:
+            raise MirageError(
+                f"--latent_target {self.latent_target!r}: choose one of {', '.join(LATENT_TARGETS)}"
+            )
+        if self.latent_target_scale and self.latent_target != "centred":
+            raise MirageError(
+                "--latent_target_scale scales centred targets: give --latent_target centred too"
+            )
+        if self.latent_aux_text is not None and not (
+            math.isfinite(self.latent_aux_text) and self.latent_aux_text >= 0
+        ):
+            raise MirageError(f"--latent_aux_text {self.latent_aux_text}: must be a finite number >= 0")
+        if self.latent_aux_text and self.markers_only:
+            raise MirageError(
+                "--latent_aux_text decodes what the latents carry; markers-only slots carry nothing"
+            )
+        if self.latent_only_backprop and self.latent_aux_text == 0:
+            raise MirageError(
+                "--latent_only_backprop concerns the auxiliary text decoding: give --latent_aux_text too"
+            )
 
 
 @dataclass
@@ -333,6 +381,25 @@ MirageSFTConfig.__doc__ = f"""Configuration class for `MirageSFTTrainer`: TRL's 
             Weight of a VICReg-style variance-covariance regulariser on stage 1's predictions across the batch
             (each dimension's standard deviation held at 1 or more, covariances pushed to 0): a guard against
             latents that collapse into one vector. 0: off.
+        latent_target (`str`, *optional*, defaults to `"pooled"`):
+            What stage 1's targets are (`mirage_trl.latent.targets`): `"pooled"`, the paper's averages of the
+            helper image's patch features; `"centred"`, the same minus the running mean of all targets seen
+            (saved beside the settings, `latent_target_stats.safetensors`); `"delta"`, the helper image's
+            features minus the input image's, pooled (what the imagined image adds); `"selected"`, the helper
+            image's features at the k patches that change most from the input image. Why: pooled targets differ
+            little between images, so a latent that matches them need not say anything about this image.
+        latent_target_scale (`bool`, *optional*, defaults to `False`):
+            With `latent_target="centred"`: also divide each dimension by its running standard deviation.
+        latent_aux_text (`float` or `None`, *optional*, defaults to `None`):
+            Weight of an auxiliary loss in stages 1 and 2 (`mirage_trl.latent.aux_text`): the model's own
+            language model reads each span's k latents as a prefix and must write what its helper image shows,
+            the row's `image_output_text` (VSP: the cells of the drawn path). Nothing is added to the model, so
+            nothing is dropped from exports. 0: off. `None`: off in stage 1; in stage 2, as its stage 1 trained
+            (saved with the model).
+        latent_only_backprop (`bool` or `None`, *optional*, defaults to `None`):
+            With `latent_aux_text`: the decoding pass runs on detached weights, so its gradient reaches the model
+            only through the latent vectors and the auxiliary task cannot help by reshaping shared weights alone.
+            `None`: off in stage 1; in stage 2, as its stage 1 trained.
         stage2_target_metric (`bool`, *optional*, defaults to `False`):
             Stage 2: also encode the helper images every step to log `latent/target_cos` (one vision-tower
             pass per step, so off by default).

@@ -290,6 +290,7 @@ def make_row(prompt: str, answer: str, images: list[str], helpers: list[str], so
         ],
         "images": list(images),
         "helper_images": list(helpers),
+        "helper_texts": [],
         "prompt_text": prompt,
         "completion_text": answer,
         "benchmark": "vsp_planning",

@@ -207,6 +207,10 @@ def test_merged_export_round_trip_and_rows(trained, reference, merged_export):
         "latent_loss",
         "latent_temperature",
         "latent_variance_weight",
+        "latent_target",
+        "latent_target_scale",
+        "latent_aux_text",
+        "latent_only_backprop",
     }  # how stage 1 taught the latents
     assert set(mirage) == {"latent_size", "latent_tokens", *slot_keys, *objective}
     assert (mirage["latent_bottleneck"], mirage["latent_loss"]) == ("none", "cosine")
@@ -600,6 +604,10 @@ def test_latent_options_travel_into_the_export_its_card_and_the_loaded_model(tra
         latent_temperature=0.2,
         latent_variance_weight=1.0,
         latent_bottleneck="strict",
+        latent_target="centred",
+        latent_target_scale=True,
+        latent_aux_text=0.5,
+        latent_only_backprop=True,
     )
     (run / "mirage_config.json").write_text(json.dumps({**saved, **options}))
     out = export_model(run, tmp_path / "export")
@@ -610,6 +618,11 @@ def test_latent_options_travel_into_the_export_its_card_and_the_loaded_model(tra
         "Stage-1 latent loss: `contrastive` (temperature 0.2) + variance-covariance regulariser x 1.0" in card
     )
     assert "Visual bottleneck: `strict`" in card
+    assert (
+        "Stage-1 latent targets: `centred` (pooled helper-image features minus their running mean and scaled by "
+        "the running standard deviation)" in card
+    )
+    assert "helper image's text, weight 0.5 (gradient through the latents only)" in card
     model, _ = load_model(out)
     loaded = MirageSettings.of_model(model)
     assert (loaded.latent_bottleneck, loaded.latent_loss, loaded.latent_variance_weight) == (
@@ -617,6 +630,12 @@ def test_latent_options_travel_into_the_export_its_card_and_the_loaded_model(tra
         "contrastive",
         1.0,
     )
+    assert (loaded.latent_target, loaded.latent_target_scale, loaded.latent_aux_text) == (
+        "centred",
+        True,
+        0.5,
+    )
+    assert loaded.latent_only_backprop is True
 
 
 def test_exports_load_with_the_plain_auto_classes(merged_export, adapter_export):

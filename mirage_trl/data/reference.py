@@ -8,6 +8,8 @@ One JSON object per line (see docs, section 1.1): `text_input` with `<image>` ma
   `{"type": "image"}` entries; the assistant turn (only when `text_output` exists) is one text
   entry with the `<output_image>` markers kept verbatim (the collator expands them).
 - `images` / `helper_images`: absolute paths, one per `<image>` / `<output_image>` (not decoded).
+- `helper_texts`: what each helper image shows, in words (optional field `image_output_text`, a string or a
+  list, one per helper image; [] when absent): the target of the auxiliary text decoding (`latent_aux_text`).
 - `prompt_text`, `completion_text` ("" for test rows), `benchmark`, `answer` ("" if unknown),
   `map_desc` (JSON string or ""), `map_id`, `level`, `source` (`"<path>:<line>"`).
 
@@ -72,6 +74,7 @@ def _features():
             "messages": List({"role": Value("string"), "content": List(text_or_image)}),
             "images": List(Value("string")),
             "helper_images": List(Value("string")),
+            "helper_texts": List(Value("string")),
             "prompt_text": Value("string"),
             "completion_text": Value("string"),
             "benchmark": Value("string"),
@@ -101,6 +104,26 @@ def _paths(obj: dict, field: str, loc) -> list[str]:
         value = [value]
     if not isinstance(value, list) or not all(isinstance(p, str) and p for p in value):
         raise MirageError(f"{loc(field)}: expected a path or a list of paths, got {_short(value)}")
+    return value
+
+
+def _helper_texts(obj: dict, num_helpers: int, loc) -> list[str]:
+    """`image_output_text`: one text per helper image (a lone string for one), or nothing."""
+    value = obj.get("image_output_text")
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(t, str) and t for t in value):
+        raise MirageError(
+            f"{loc('image_output_text')}: expected a text or a list of texts, got {_short(value)}"
+        )
+    if len(value) != num_helpers:
+        raise MirageError(
+            f"{loc('image_output_text')}: {len(value)} text(s) for {num_helpers} helper image(s) (image_output)"
+        )
+    for i, text in enumerate(value):
+        check_text(text, loc(f"image_output_text[{i}]"))
     return value
 
 
@@ -189,6 +212,7 @@ def parse_row(
         _resolve_image(obj, "image_output", i, p, path, root, check_images, loc)
         for i, p in enumerate(helpers)
     ]
+    helper_texts = _helper_texts(obj, len(helpers), loc)
     # 3. What grading needs: the benchmark, the map, the answer, the level.
     grid = _parse_map(obj["map_desc"], loc) if obj.get("map_desc") is not None else None
     if benchmark is None:
@@ -204,6 +228,7 @@ def parse_row(
         "messages": messages,
         "images": images,
         "helper_images": helper_images,
+        "helper_texts": helper_texts,
         "prompt_text": text_input,
         "completion_text": text_output or "",
         "benchmark": benchmark,
@@ -384,6 +409,7 @@ def strip_latent_markers(row: dict) -> dict:
         **row,
         "messages": messages,
         "helper_images": [],
+        "helper_texts": [],
         "completion_text": _strip(row["completion_text"]),
     }
 

@@ -40,6 +40,7 @@ _CONVERSATIONAL_FIELDS = {
     "text_output": "messages[assistant]",
     "image_input": "images",
     "image_output": "helper_images",
+    "image_output_text": "helper_texts",
 }
 _OPTIONAL_COLUMNS = ("answer", "map_desc", "level", "map_id")
 _SAVED_DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")
@@ -159,6 +160,8 @@ def _convert_row(row: dict, loc: str, root: Path, benchmark: str | None, cache: 
     obj, system = _from_messages(row["messages"], loc)
     obj["image_input"] = _image_paths(row.get("images"), f"{loc}:images", cache)
     obj["image_output"] = _image_paths(row.get("helper_images"), f"{loc}:helper_images", cache)
+    if row.get("helper_texts"):
+        obj["image_output_text"] = row["helper_texts"]
     for column in _OPTIONAL_COLUMNS:
         if row.get(column) is not None and row.get(column) != "":
             obj[column] = row[column]

@@ -6,6 +6,8 @@ Two tasks, as in the Mirage paper (docs/method.md section 1.2):
 - reasoning: is a given plan a success (A), a fall into a hole (B) or safe but short of the
   goal (C)? The helper image is the map with the agent part-way along the plan, a stool on
   the start.
+Training rows also say in words what their helper image shows (`image_output_text`: the cells of the drawn
+path; the agent's cell), for the auxiliary decoding of the latents (`latent_aux_text`).
 
 and one that is not in the paper:
 - grounding: say where the player, the goal and the holes are, in the words a planning chain of
@@ -313,6 +315,12 @@ def _step_texts(map_desc, plan: str) -> list[str]:
     return texts
 
 
+def path_text(map_desc, moves: str) -> str:
+    """The cells a walk crosses, start included, as a helper image's text (`image_output_text`): what the
+    drawn path shows, in words, for the auxiliary decoding of the latents (`latent_aux_text`)."""
+    return " ".join(f"({r},{c})" for r, c in walk(map_desc, moves))
+
+
 def _think(steps, before: str = "", after: str = "") -> str:
     """One think block: optional lead-in, the step sentences chained with "Next,", optional wrap-up."""
     return (
@@ -359,6 +367,8 @@ def planning_row(map_desc, map_id: str, image: str, style: str | None, helper: s
             + _boxed(answer),
             "image_output": helper,
         }
+    if style is not None and helper:
+        row["image_output_text"] = path_text(map_desc, answer)
     return row | {"map_desc": map_desc, "map_id": map_id, "answer": answer}
 
 
@@ -391,6 +401,8 @@ def reasoning_row(
                 + _boxed(answer)
             )
         row |= {"text_output": text, "image_output": helper}
+        if helper:  # the helper image shows the agent after `shown` moves: its cell
+            row["image_output_text"] = path_text(map_desc, plan[:shown]).rsplit(" ", 1)[-1]
     return row | {"map_desc": map_desc, "map_id": map_id, "answer": answer}
 
 

@@ -26,6 +26,7 @@ from ..errors import MirageError
 from ..models.families import processor_family
 from ..models.tokens import LatentTokens
 from .layout import expand_markers, slot_masks
+from .targets import reference_paths
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,11 @@ class MirageDataCollator:
         padding_side: "right" (training default) or "left".
         with_helpers: process helper images (stage 1 targets; the optional stage-2 drift metric).
         require_helpers: every latent span needs its helper image (stage 1): a row without is an error.
+        with_references: also process each helper image's input image (the row's first) into
+            `reference_<key>` (stage-1 targets "delta" and "selected" compare the two).
+        with_aux_text: tokenize each span's helper text (the row's `helper_texts`) into `aux_input_ids` /
+            `aux_attention_mask` (spans, T), right-padded, in slot order (`latent_aux_text`); a row with spans
+            but not one text per span is an error.
     """
 
     processor: object
@@ -77,6 +83,8 @@ class MirageDataCollator:
     truncation: str = "error"
     with_helpers: bool = True
     require_helpers: bool = False
+    with_references: bool = False
+    with_aux_text: bool = False
     num_dropped: int = field(default=0, init=False)
 
     def __post_init__(self):
@@ -123,17 +131,22 @@ class MirageDataCollator:
 
     # ------------------------------------------------------------------ batches
     def __call__(self, rows: list[dict]) -> dict:
-        samples, helpers, cached = [], [], []
+        samples, helpers, references, cached, aux = [], [], [], [], []
         for row in rows:
             sample = self._encode_row(row)
             if sample is None:
                 continue
             samples.append(sample)
+            aux.extend(sample.pop("aux_ids", []))
             paths = sample.pop("helper_paths")
             if row.get("latent_targets"):  # precomputed once (see latent.targets.precompute_latent_targets)
                 cached.append(torch.tensor(row["latent_targets"]).flatten(0, 1))
             else:
                 helpers.extend(paths)
+                if self.with_references and paths:
+                    source = row.get("source", "<row>")
+                    found = reference_paths(row.get("images") or [], len(paths), source)
+                    references.extend((p, f"{source}:images") for p in found)
         if not samples:
             raise MirageError(
                 f"every row of the batch was dropped by truncation at max_length={self.max_length}; raise max_length"
@@ -145,15 +158,25 @@ class MirageDataCollator:
             )
         if cached:
             batch["latent_targets"] = torch.cat(cached)
+        if self.with_aux_text and aux:
+            length = max(len(t) for t in aux)
+            batch["aux_input_ids"] = torch.stack(
+                [torch.cat([t, torch.full((length - len(t),), self.pad_id, dtype=t.dtype)]) for t in aux]
+            )
+            batch["aux_attention_mask"] = (
+                torch.arange(length)[None] < torch.tensor([len(t) for t in aux])[:, None]
+            ).long()
         if self.with_helpers and helpers:
             if getattr(self.processor, "image_processor", None) is None:
                 raise MirageError(
                     f"{helpers[0][1]}: {type(self.processor).__name__} has no image processor, so the helper images "
                     "cannot be encoded into stage-1 targets; pass the model's processor (AutoProcessor), not its tokenizer"
                 )
-            images = [load_image(p, source=src) for p, src in helpers]
-            enc = self.processor.image_processor(images=images, return_tensors="pt")
-            batch.update({f"helper_{key}": enc[key] for key in self.family.vision_keys})
+            for prefix, paths in (("helper_", helpers), ("reference_", references)):
+                if paths:
+                    images = [load_image(p, source=src) for p, src in paths]
+                    enc = self.processor.image_processor(images=images, return_tensors="pt")
+                    batch.update({f"{prefix}{key}": enc[key] for key in self.family.vision_keys})
         return batch
 
     def prompt_batch(self, rows: list[dict]) -> dict:
@@ -174,6 +197,17 @@ class MirageDataCollator:
             raise MirageError(
                 f"{source}:helper_images: {num_spans} <output_image> marker(s) but {len(helper_paths)} helper image(s)"
             )
+        aux_ids = []
+        if self.with_aux_text and num_spans:
+            texts = list(row.get("helper_texts") or [])
+            if len(texts) != num_spans:
+                raise MirageError(
+                    f"{source}:image_output_text: latent_aux_text needs one text per <output_image> marker "
+                    f"({num_spans}), this row has {len(texts)}"
+                )
+            aux_ids = [torch.tensor(self._encode_text(t), dtype=torch.long) for t in texts]
+            if any(len(t) == 0 for t in aux_ids):
+                raise MirageError(f"{source}:image_output_text: a text gives no tokens")
         n_prompt = prompt["input_ids"].shape[0]
         ids = torch.cat([prompt["input_ids"], completion])
         labels = torch.cat([torch.full((n_prompt,), IGNORE_INDEX), completion])
@@ -206,6 +240,7 @@ class MirageDataCollator:
             "helper_paths": [(p, f"{source}:helper_images") for p in helper_paths]
             if self.with_helpers
             else [],
+            "aux_ids": aux_ids,
         }
         for key in self.family.token_keys:  # the completion holds no image token
             sample[key] = torch.cat([prompt[key], torch.zeros(completion.shape[0], dtype=prompt[key].dtype)])

@@ -1,21 +1,37 @@
-"""Stage-1 latent targets: helper images through the model's own frozen vision tower, pooled to k vectors.
+"""Stage-1 latent targets: helper images through the model's own frozen vision tower, made into k vectors.
 
 The features are what the language model would see for the image (vision tower + merger,
-dimension = text hidden size). Their n patch vectors are split into k contiguous groups and each
-group is averaged. Poolings:
+dimension = text hidden size). What the k targets are (`latent_target`, `LATENT_TARGETS`):
+- "pooled" (the paper's): the helper image's n patch vectors split into k contiguous groups, each averaged;
+- "centred": the pooled targets minus the running mean of every target seen so far in training (optionally
+  divided by the running standard deviation, per dimension): what sets one image apart from the others,
+  since pooled targets differ little between images (`TargetCentring`);
+- "delta": the helper image's features minus the row's input image's at the same patches, then pooled:
+  what the imagined image adds (a drawn path) and nothing the input already shows;
+- "selected": the helper image's features at the k patches that change most from the input image, in patch
+  order, not pooled at all.
+"delta" and "selected" need the row's input image (its first) at the helper image's size.
+
+Poolings:
 - "drop_remainder" (the reference): groups of n // k patches, the last n % k patches dropped;
 - "even": `torch.tensor_split` into k groups whose sizes differ by at most one, every patch kept.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from ..data.images import load_image
 from ..errors import MirageError
+from ..io import atomic_file
 from ..models.families import family, vision_tower
 
 POOLINGS = ("drop_remainder", "even")
+LATENT_TARGETS = ("pooled", "centred", "delta", "selected")
+REFERENCED_TARGETS = ("delta", "selected")  # need the row's input image beside each helper image
+STATS_FILE = "latent_target_stats.safetensors"  # the running statistics of "centred", beside the settings
 
 
 def check_pooling(pooling: str) -> str:
@@ -41,22 +57,157 @@ def pool_helper_features(
     return torch.stack([g.mean(dim=0) for g in torch.tensor_split(features, latent_size)])
 
 
+def select_changed(helper: torch.Tensor, reference: torch.Tensor, latent_size: int) -> torch.Tensor:
+    """(n, D) features of a helper image and its input image -> (k, D): the helper's features at the k patches
+    whose features change most (L2), in patch order."""
+    change = (helper.float() - reference.float()).norm(dim=-1)
+    return helper[change.topk(latent_size).indices.sort().values]
+
+
+def _check_target(target: str) -> str:
+    if target not in LATENT_TARGETS:
+        raise MirageError(f"unknown latent_target {target!r}; choose one of {', '.join(LATENT_TARGETS)}")
+    return target
+
+
+def image_targets(
+    helper: torch.Tensor,
+    reference: torch.Tensor | None,
+    latent_size: int,
+    pooling: str = "drop_remainder",
+    target: str = "pooled",
+) -> torch.Tensor:
+    """The k targets of one helper image from its (n, D) features (and its input image's, for "delta" and
+    "selected"). "centred" is "pooled" here: the trainer subtracts the running mean (`TargetCentring`)."""
+    if _check_target(target) not in REFERENCED_TARGETS:
+        return pool_helper_features(helper, latent_size, pooling)
+    if reference is None or reference.shape != helper.shape:
+        got = "no input image" if reference is None else f"{reference.shape[0]} visual tokens"
+        raise MirageError(
+            f"latent_target {target!r} compares each helper image with its row's input image patch by patch: "
+            f"the helper image gives {helper.shape[0]} visual tokens and the input {got}; give both the same size"
+        )
+    if target == "delta":
+        return pool_helper_features(helper - reference, latent_size, pooling)
+    if helper.shape[0] < latent_size:
+        pool_helper_features(helper, latent_size, pooling)  # the one message for too few patches
+    return select_changed(helper, reference, latent_size)
+
+
 @torch.no_grad()
 def helper_latent_targets(
-    model, vision: dict, latent_size: int, pooling: str = "drop_remainder"
+    model,
+    vision: dict,
+    latent_size: int,
+    pooling: str = "drop_remainder",
+    target: str = "pooled",
+    reference: dict | None = None,
 ) -> torch.Tensor:
-    """Pooled targets of a batch of helper images (`vision`: their image inputs, e.g. the processor's
-    `pixel_values` and `image_grid_thw`): (num_images * k, D), no gradient, each image encoded once."""
-    per_image = family(model).image_features(model, vision)
-    return torch.cat([pool_helper_features(f, latent_size, pooling) for f in per_image]).detach()
+    """Targets of a batch of helper images (`vision`: their image inputs, e.g. the processor's `pixel_values`
+    and `image_grid_thw`; `reference`: the same for each one's input image, for "delta" and "selected"):
+    (num_images * k, D), no gradient, each image encoded once."""
+    fam = family(model)
+    per_image = fam.image_features(model, vision)
+    references = fam.image_features(model, reference) if reference is not None else [None] * len(per_image)
+    return torch.cat(
+        [image_targets(f, r, latent_size, pooling, target) for f, r in zip(per_image, references)]
+    ).detach()
 
 
-def helper_inputs(model, batch: dict) -> dict | None:
-    """The helper images' inputs of a collated batch (`helper_<key>`), by the names the model takes."""
+class TargetCentring:
+    """The running statistics of "centred" targets: the per-dimension mean (and, with `scale`, standard deviation)
+    of every stage-1 target seen in training so far, this step's included, summed over all processes.
+
+    Kept as float64 sums (count, sum, sum of squares), so updates merge exactly across processes and a resumed
+    run continues them (`save` / `load`: `latent_target_stats.safetensors`, beside the settings)."""
+
+    def __init__(self, scale: bool = False, eps: float = 1e-6):
+        self.scale = scale
+        self.eps = eps
+        self.count = 0.0
+        self.sum: torch.Tensor | None = None
+        self.sum_sq: torch.Tensor | None = None
+
+    def update(self, targets: torch.Tensor, reduce=None) -> None:
+        """Add a batch of targets (slots, D); `reduce` sums a tensor over processes (accelerate's)."""
+        x = targets.detach().double()
+        sums = torch.cat([x.new_tensor([x.shape[0]]), x.sum(0), x.pow(2).sum(0)])
+        if reduce is not None:
+            sums = reduce(sums)
+        count, total, total_sq = sums[0], sums[1 : 1 + x.shape[1]], sums[1 + x.shape[1] :]
+        if self.sum is None:
+            self.sum, self.sum_sq = torch.zeros_like(total), torch.zeros_like(total_sq)
+        self.count += float(count)
+        self.sum = self.sum.to(total.device) + total
+        self.sum_sq = self.sum_sq.to(total.device) + total_sq
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / self.count
+
+    @property
+    def std(self) -> torch.Tensor:
+        variance = (self.sum_sq / self.count - self.mean.pow(2)).clamp(min=0.0)
+        return (variance * self.count / max(self.count - 1.0, 1.0)).sqrt()
+
+    def __call__(self, targets: torch.Tensor) -> torch.Tensor:
+        """The targets centred (and scaled) by the statistics so far, in their own dtype."""
+        if self.sum is None:
+            raise MirageError("centred latent targets: no statistics yet (train on a batch first)")
+        out = targets.double() - self.mean.to(targets.device)
+        if self.scale:
+            out = out / (self.std.to(targets.device) + self.eps)
+        return out.to(targets.dtype)
+
+    def state_dict(self) -> dict:
+        return {
+            "count": torch.tensor([self.count], dtype=torch.float64),
+            "sum": self.sum,
+            "sum_sq": self.sum_sq,
+        }
+
+    def save(self, folder) -> None:
+        """Write the statistics into `folder` (atomically), if there are any."""
+        if self.sum is None:
+            return
+        from safetensors.torch import save
+
+        with atomic_file(Path(folder) / STATS_FILE, "wb") as f:
+            f.write(save({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}))
+
+    def load(self, folder) -> bool:
+        """Continue from the statistics saved in `folder`; False when it has none."""
+        path = Path(folder) / STATS_FILE
+        if not path.is_file():
+            return False
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path))
+            self.count, self.sum, self.sum_sq = float(state["count"][0]), state["sum"], state["sum_sq"]
+        except (SafetensorError, KeyError, OSError) as exc:
+            raise MirageError(f"{path}: cannot read the centred targets' statistics ({exc})") from None
+        return True
+
+
+def reference_paths(images: list, num_helpers: int, source: str) -> list:
+    """The input image each helper image is compared with ("delta", "selected"): the row's first."""
+    if not images:
+        raise MirageError(
+            f"{source}:images: latent_target 'delta' and 'selected' compare each helper image with the row's input "
+            "image, and this row has none"
+        )
+    return [images[0]] * num_helpers
+
+
+def helper_inputs(model, batch: dict, prefix: str = "helper_") -> dict | None:
+    """The helper images' inputs of a collated batch (`helper_<key>`; `reference_<key>`: their input images), by
+    the names the model takes."""
     keys = family(model).vision_keys
-    if f"helper_{keys[0]}" not in batch:
+    if f"{prefix}{keys[0]}" not in batch:
         return None
-    return {k: batch[f"helper_{k}"] for k in keys}
+    return {k: batch[f"{prefix}{k}"] for k in keys}
 
 
 def _vision_fingerprint(model) -> str:
@@ -80,6 +231,7 @@ def precompute_latent_targets(
     pooling: str = "drop_remainder",
     batch_size: int = 16,
     cache_dir=None,
+    target: str = "pooled",
 ):
     """Add a `latent_targets` column (one (k, D) list per helper image) computed once, cached by `datasets`.
 
@@ -89,13 +241,16 @@ def precompute_latent_targets(
     """
     import hashlib
     import os
-    from pathlib import Path
 
     import datasets
 
     check_pooling(pooling)
-    h = hashlib.sha256(f"{_vision_fingerprint(model)}-{latent_size}-{pooling}".encode())
-    for paths in dataset["helper_images"]:
+    referenced = _check_target(target) in REFERENCED_TARGETS
+    # "centred" caches the pooled targets: the running statistics belong to the training run, not the data
+    kind = target if referenced else "pooled"
+    h = hashlib.sha256(f"{_vision_fingerprint(model)}-{latent_size}-{pooling}-{kind}".encode())
+    columns = [dataset["helper_images"], *([dataset["images"]] if referenced else [])]
+    for paths in (p for column in columns for p in column):
         for p in paths:
             st = os.stat(p) if os.path.exists(p) else None
             h.update(f"{p}:{st.st_size if st else -1}:{st.st_mtime_ns if st else -1};".encode())
@@ -105,16 +260,23 @@ def precompute_latent_targets(
     fam = family(model)
     device = next(fam.vision_tower(model).parameters()).device
 
+    def encode_images(paths, where):
+        images = [load_image(p, source=where) for p in paths]
+        enc = processor.image_processor(images=images, return_tensors="pt")
+        return {k: enc[k].to(device) for k in fam.vision_keys}
+
     def encode(batch):
         out = []
-        for paths, source in zip(batch["helper_images"], batch["source"]):
+        for i, (paths, source) in enumerate(zip(batch["helper_images"], batch["source"])):
             if not paths:
                 out.append([])
                 continue
-            images = [load_image(p, source=f"{source}:helper_images") for p in paths]
-            enc = processor.image_processor(images=images, return_tensors="pt")
-            vision = {k: enc[k].to(device) for k in fam.vision_keys}
-            targets = helper_latent_targets(model, vision, latent_size, pooling)
+            vision = encode_images(paths, f"{source}:helper_images")
+            reference = None
+            if referenced:
+                found = reference_paths(batch["images"][i], len(paths), source)
+                reference = encode_images(found, f"{source}:images")
+            targets = helper_latent_targets(model, vision, latent_size, pooling, target, reference)
             out.append(targets.float().cpu().reshape(len(paths), latent_size, -1).tolist())
         return {"latent_targets": out}
 

@@ -12,8 +12,8 @@ What they hold: the latent size k and the latent token names (the model's inputs
 the slot settings (what a slot is fed after stage 1: `latent_slot_input`, `latent_feedback_norm`,
 the measured stage-1 `latent_target_norm`), the visual bottleneck the model was last trained with
 (`latent_bottleneck`: decoding applies it too), stage 1's latent objective (`latent_loss`,
-`latent_temperature`, `latent_variance_weight`: how the latents were taught, so a reader of any later
-checkpoint or export knows), the stage that wrote them, and provenance
+`latent_temperature`, `latent_variance_weight`, `latent_target`, `latent_target_scale`, `latent_aux_text`,
+`latent_only_backprop`: how the latents were taught, so a reader of any later checkpoint or export knows), the stage that wrote them, and provenance
 (`stages` run so far, `base_model`, `datasets`, `launch`, and for exports `format`/`exported_from`),
 kept as given.
 """
@@ -39,7 +39,16 @@ FEEDBACK_NORM_CHOICES = ("none", "target")  # the training flag; the saved value
 # prompt's included (`latent.bottleneck`)
 BOTTLENECKS = ("none", "image", "strict")
 LATENT_LOSS_NAMES = ("cosine", "contrastive")  # the functions: `latent.losses.LATENT_LOSSES`
-_OBJECTIVE = {"latent_loss": "cosine", "latent_temperature": 0.1, "latent_variance_weight": 0.0}
+LATENT_TARGET_NAMES = ("pooled", "centred", "delta", "selected")  # the functions: `latent.targets`
+_OBJECTIVE = {
+    "latent_loss": "cosine",
+    "latent_temperature": 0.1,
+    "latent_variance_weight": 0.0,
+    "latent_target": "pooled",
+    "latent_target_scale": False,
+    "latent_aux_text": 0.0,
+    "latent_only_backprop": False,
+}
 _TYPED = (
     "latent_size",
     "latent_tokens",
@@ -50,6 +59,13 @@ _TYPED = (
     *_OBJECTIVE,
     "stage",
 )
+
+
+def _typed(name: str, value, kind: type):
+    """`value` as the objective field's type; a JSON bool must be a bool (bool("false") is True)."""
+    if kind is bool and not isinstance(value, bool):
+        raise TypeError(f"{name} must be true or false, got {value!r}")
+    return kind(value)
 
 
 @dataclass(frozen=True)
@@ -64,6 +80,10 @@ class MirageSettings:
     latent_loss: str = "cosine"  # stage 1's latent objective (what taught the latents)
     latent_temperature: float = 0.1
     latent_variance_weight: float = 0.0
+    latent_target: str = "pooled"
+    latent_target_scale: bool = False
+    latent_aux_text: float = 0.0
+    latent_only_backprop: bool = False
     stage: int | None = None
     provenance: dict = field(default_factory=dict)
 
@@ -86,6 +106,10 @@ class MirageSettings:
             raise MirageError(
                 f"latent_loss {self.latent_loss!r}: choose one of {', '.join(LATENT_LOSS_NAMES)}"
             )
+        if self.latent_target not in LATENT_TARGET_NAMES:
+            raise MirageError(
+                f"latent_target {self.latent_target!r}: choose one of {', '.join(LATENT_TARGET_NAMES)}"
+            )
 
     # ------------------------------------------------------------------ dict form (JSON)
     def to_dict(self, provenance: bool = True) -> dict:
@@ -98,9 +122,7 @@ class MirageSettings:
             latent_feedback_norm=self.latent_feedback_norm,
             latent_target_norm=self.latent_target_norm,
             latent_bottleneck=self.latent_bottleneck,
-            latent_loss=self.latent_loss,
-            latent_temperature=self.latent_temperature,
-            latent_variance_weight=self.latent_variance_weight,
+            **{name: getattr(self, name) for name in _OBJECTIVE},
         )
         if self.stage is not None and provenance:
             out["stage"] = self.stage
@@ -127,7 +149,7 @@ class MirageSettings:
                 latent_target_norm=target,
                 latent_bottleneck=value.get("latent_bottleneck") or "none",
                 stage=value.get("stage"),
-                **{k: type(v)(value.get(k, v)) for k, v in _OBJECTIVE.items()},
+                **{k: _typed(k, value.get(k, v), type(v)) for k, v in _OBJECTIVE.items()},
                 provenance={k: v for k, v in value.items() if k not in _TYPED},
             )
         except (MirageError, TypeError, ValueError) as exc:
@@ -234,8 +256,10 @@ class MirageSettings:
         )
 
     def with_objective(self, args) -> MirageSettings:
-        """These settings with stage 1's latent objective taken from a training config (`MirageSFTConfig`)."""
-        return self.replace(**{name: getattr(args, name) for name in _OBJECTIVE})
+        """These settings with stage 1's latent objective taken from a training config (`MirageSFTConfig`; a field
+        left None is the default)."""
+        given = {name: getattr(args, name) for name in _OBJECTIVE}
+        return self.replace(**{name: _OBJECTIVE[name] if v is None else v for name, v in given.items()})
 
 
 def check_checkpoint_latent_size(checkpoint_dir, latent_size: int) -> None:

@@ -337,10 +337,15 @@ class MirageTrainerMixin:
         return optimizer
 
     # ------------------------------------------------------------------ saving
+    def save_mirage_state(self, folder) -> None:
+        """Files a trainer keeps beside the Mirage settings in every checkpoint and output (none here; `save_model`
+        writes them, for checkpoints too)."""
+
     def save_model(self, output_dir=None, _internal_call=False):
         with redacted_args(self.args):
             super().save_model(output_dir, _internal_call=True)
         if self.args.should_save:
+            self.save_mirage_state(output_dir or self.args.output_dir)
             honour_umask_tree(output_dir or self.args.output_dir)
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)

@@ -21,6 +21,8 @@ from trl import SFTTrainer
 
 from ..configs import MirageSFTConfig
 from ..data.reference import require_helper_images
+from ..errors import MirageError
+from ..latent.aux_text import aux_text_loss
 from ..latent.bottleneck import visual_bottleneck
 from ..latent.collator import MirageDataCollator
 from ..latent.feedback import LatentFeedback
@@ -28,7 +30,13 @@ from ..latent.health import HEALTH_KEYS, latent_health
 from ..latent.losses import LATENT_LOSSES, cosine, text_cross_entropy, variance_covariance
 from ..latent.slots import latent_inputs
 from ..latent.stage2 import self_latent_forward
-from ..latent.targets import helper_inputs, helper_latent_targets, precompute_latent_targets
+from ..latent.targets import (
+    REFERENCED_TARGETS,
+    TargetCentring,
+    helper_inputs,
+    helper_latent_targets,
+    precompute_latent_targets,
+)
 from ..models.families import capture_final_hidden, family, unwrap
 from ..models.settings import MirageSettings
 from .common import (
@@ -84,6 +92,7 @@ class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
                 processing_class,
                 MirageSettings.of_model(model).latent_size,
                 args.latent_pooling,
+                target=args.latent_target,
             )
         if data_collator is None:
             data_collator = MirageDataCollator(
@@ -95,6 +104,9 @@ class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
                 # stage 2 needs helper images only for the optional drift metric: skip decoding them otherwise
                 with_helpers=args.stage == 1 or args.stage2_target_metric,
                 require_helpers=args.stage == 1,
+                with_references=(args.stage == 1 or args.stage2_target_metric)
+                and self._target_kind(args, model) in REFERENCED_TARGETS,
+                with_aux_text=bool(self._aux_text(args, model)[0]),
             )
         super().__init__(
             model=model,
@@ -111,6 +123,19 @@ class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
         self.model_accepts_loss_kwargs = True
         self._init_mirage_trainer()
         self._target_norm_sum = (0.0, 0)
+        # "centred" stage-1 targets: the running statistics, saved beside the settings (and resumed)
+        self.target_centring = (
+            TargetCentring(scale=args.latent_target_scale)
+            if args.stage == 1 and args.latent_target == "centred"
+            else None
+        )
+        self.aux_text_weight, self.latent_only_backprop = self._aux_text(args, self.model)
+        if self.latent_only_backprop and getattr(self, "is_deepspeed_enabled", False):
+            if self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+                raise MirageError(
+                    "--latent_only_backprop decodes on detached copies of the weights, which ZeRO-3 partitions "
+                    "away; use ZeRO-2 or train without --latent_only_backprop"
+                )
         if args.stage == 2:
             check_distributed_support(self.accelerator, "stage 2")
 
@@ -121,15 +146,57 @@ class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
             model, inputs["input_ids"], inputs["attention_mask"], fam.image_inputs(model, inputs)
         )
 
+    @staticmethod
+    def _target_kind(args, model) -> str:
+        """The targets this run computes: stage 1's `latent_target`; stage 2 (its optional drift metric) those of
+        the stage 1 it continues, uncentred (the running statistics stay with stage 1)."""
+        if args.stage == 1:
+            return args.latent_target
+        settings = MirageSettings.of_model(model)
+        kind = settings.latent_target if settings is not None else "pooled"
+        return "pooled" if kind == "centred" else kind
+
+    @staticmethod
+    def _aux_text(args, model) -> tuple[float, bool]:
+        """(weight, latent-only) of the auxiliary text decoding: the run's flags; unset, stage 1 off and stage 2 as
+        its stage 1 was trained (the model's settings)."""
+        settings = MirageSettings.of_model(model)
+        inherited = settings if args.stage == 2 and settings is not None else None
+        weight = args.latent_aux_text
+        if weight is None:
+            weight = inherited.latent_aux_text if inherited else 0.0
+        latent_only = args.latent_only_backprop
+        if latent_only is None:
+            latent_only = inherited.latent_only_backprop if inherited else False
+        return float(weight), bool(latent_only) and bool(weight)
+
     def _helper_targets(self, model, inputs) -> torch.Tensor | None:
+        """The step's stage-1 targets (`latent.targets`), before any centring."""
         if "latent_targets" in inputs:  # cached up front with the dataset
             return inputs["latent_targets"]
         helpers = helper_inputs(model, inputs)
         if helpers is None:
             return None
         return helper_latent_targets(
-            model, helpers, self.mirage_settings.latent_size, self.args.latent_pooling
+            model,
+            helpers,
+            self.mirage_settings.latent_size,
+            self.args.latent_pooling,
+            self._target_kind(self.args, model),
+            helper_inputs(model, inputs, prefix="reference_"),
         )
+
+    def _centre(self, targets: torch.Tensor | None, mode: str) -> torch.Tensor | None:
+        """`latent_target="centred"`: training steps add their targets to the running statistics (summed over
+        processes) first; every step then subtracts the running mean (and divides by the standard deviation)."""
+        if self.target_centring is None or targets is None or targets.shape[0] == 0:
+            return targets
+        if mode == "train" or self.target_centring.sum is None:
+            reduce = None
+            if self.accelerator.num_processes > 1:
+                reduce = lambda t: self.accelerator.reduce(t, reduction="sum")  # noqa: E731
+            self.target_centring.update(targets, reduce)
+        return self.target_centring(targets)
 
     def stage1_forward(self, model, inputs, targets):
         """One forward with the targets at the slots; returns final-norm hidden states (B, L, D)."""
@@ -191,6 +258,8 @@ class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
             self._follow_bottleneck_schedule()
         slot_mask = inputs["latent_mask"]
         targets = self._helper_targets(model, inputs)
+        if self.args.stage == 1:
+            targets = self._centre(targets, mode)
         # Mixed precision: accelerate autocasts only the top-level forward; stage 2 runs the inner
         # model round by round and the logits are computed here, so both go under the same autocast.
         with self.accelerator.autocast():
@@ -235,6 +304,21 @@ class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
                 steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
                 if not markers_only:
                     loss = loss + latent_loss / steps
+        if has_slots and self.aux_text_weight and not markers_only:
+            # stage 1: the predictions h[t-1] (what stage 2 feeds); stage 2: the fed latents
+            decoded = predicted if self.args.stage == 1 else latents
+            aux_sum, aux_tokens = aux_text_loss(
+                model,
+                decoded,
+                inputs["aux_input_ids"],
+                inputs["aux_attention_mask"],
+                self.mirage_settings.latent_size,
+                latent_only=self.latent_only_backprop,
+            )
+            aux = aux_sum / aux_tokens.clamp(min=1)
+            metrics["latent_aux_text_ce"] = aux.detach()
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + self.aux_text_weight * aux / steps
         # markers-only stage 2 feeds zeros: there is no latent content to describe
         if has_slots and not (markers_only and self.args.stage == 2):
             # stage 1: the health of what stage 2 will feed (the predictions), beside the targets they learn
@@ -300,8 +384,16 @@ class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
     def mirage_checkpoint_settings(self):
         return super().mirage_checkpoint_settings().replace(stage=self.args.stage)
 
+    def save_mirage_state(self, folder) -> None:
+        """What a stage-1 run keeps beside the settings of each checkpoint and output: the statistics of its
+        centred targets."""
+        if self.target_centring is not None:
+            self.target_centring.save(folder)
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         load_from_checkpoint(self, resume_from_checkpoint, model, super()._load_from_checkpoint)
+        if self.target_centring is not None:
+            self.target_centring.load(resume_from_checkpoint)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)

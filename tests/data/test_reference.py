@@ -24,6 +24,7 @@ VALID_KEYS = {
     "messages",
     "images",
     "helper_images",
+    "helper_texts",
     "prompt_text",
     "completion_text",
     "benchmark",
@@ -288,3 +289,19 @@ def test_load_image_errors(tmp_path):
     with pytest.raises(MirageError) as e:
         load_image(tmp_path / "text.png", source="x:1")
     assert str(e.value) == f"x:1: not a readable image: {tmp_path / 'text.png'}"
+
+
+def test_helper_texts_are_read_and_checked(tmp_path):
+    """`image_output_text`: what each helper image shows (latent_aux_text's target), one per helper image."""
+    p = _write(tmp_path, [{**GOOD, "image_output_text": "(0,0) (0,1)"}, GOOD])
+    ds = load_reference_jsonl(p, benchmark="sat")
+    assert ds[0]["helper_texts"] == ["(0,0) (0,1)"] and ds[1]["helper_texts"] == []
+    p = _write(tmp_path, [{**GOOD, "image_output_text": ["a", "b"]}])
+    assert (
+        _error(p, benchmark="sat")
+        == f"{p}:1:image_output_text: 2 text(s) for 1 helper image(s) (image_output)"
+    )
+    p = _write(tmp_path, [{**GOOD, "image_output_text": 3}])
+    assert _error(p, benchmark="sat") == f"{p}:1:image_output_text: expected a text or a list of texts, got 3"
+    p = _write(tmp_path, [{**GOOD, "image_output_text": "<|latent_pad|>"}])
+    assert _error(p, benchmark="sat").startswith(f"{p}:1:image_output_text[0]: contains the reserved token")

@@ -239,6 +239,8 @@ def test_reasoning_cot_rows_are_correct_and_balanced(tmp_path):
         assert np.array_equal(pixels(root / r["image_output"]), pixels(expected))
         assert np.array_equal(pixels(root / r["image_input"]), pixels(render_map(r["map_desc"])))
         assert r["text_output"].count("Moving ") == len(cells) - 1  # one sentence per move made
+        # the helper image's text (latent_aux_text): the agent's cell, as drawn
+        assert r["image_output_text"] == f"({cells[shown][0]},{cells[shown][1]})"
 
 
 def test_planning_rows_direct_cot_and_test_split(tmp_path):
@@ -259,6 +261,14 @@ def test_planning_rows_direct_cot_and_test_split(tmp_path):
         arrows = pixels(tmp_path / "c" / c["image_output"])
         assert np.array_equal(arrows, pixels(render_map(c["map_desc"], path=c["answer"])))
         assert d["text_input"] == PLANNING_PROMPT
+        # the helper image's text (latent_aux_text): the drawn path's cells, start to goal, one move apart
+        for row in (d, c):
+            cells = [tuple(map(int, t.strip("()").split(","))) for t in row["image_output_text"].split()]
+            assert cells[0] == next(
+                (i, j) for i, r in enumerate(row["map_desc"]) for j, v in enumerate(r) if v == 1
+            )
+            assert row["map_desc"][cells[-1][0]][cells[-1][1]] == 2 and len(cells) == len(row["answer"]) + 1
+            assert all(abs(a[0] - b[0]) + abs(a[1] - b[1]) == 1 for a, b in zip(cells, cells[1:]))
     for r in test:
         assert set(r) == {"text_input", "image_input", "map_desc", "map_id", "answer", "level"}
         assert grade_walk(r["map_desc"], r["answer"])[0] == "success"

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from mirage_trl.errors import MirageError
 from mirage_trl.latent.losses import (
     LATENT_LOSSES,
     contrastive_loss,
@@ -108,3 +109,15 @@ def test_the_settings_know_every_latent_loss():
     from mirage_trl.models.settings import LATENT_LOSS_NAMES
 
     assert tuple(LATENT_LOSSES) == LATENT_LOSS_NAMES
+
+
+def test_the_settings_know_every_latent_target():
+    """Likewise the stage-1 target kinds (`latent.targets`), which a bad settings file names in one line."""
+    from mirage_trl.latent.targets import LATENT_TARGETS
+    from mirage_trl.models.settings import LATENT_TARGET_NAMES, MirageSettings
+
+    assert LATENT_TARGETS == LATENT_TARGET_NAMES
+    with pytest.raises(MirageError, match=r"^x.json: latent_target 'mean': choose one of pooled, centred"):
+        MirageSettings.from_dict({"latent_size": 2, "latent_target": "mean"}, "x.json")
+    with pytest.raises(MirageError, match=r"^x.json: latent_only_backprop must be true or false, got 'no'$"):
+        MirageSettings.from_dict({"latent_size": 2, "latent_only_backprop": "no"}, "x.json")

@@ -91,21 +91,24 @@ def image_features_one_by_one(model, pixel_values, grid_thw) -> list[torch.Tenso
     return out
 
 
-def manual_stage1(model, batch, k, gamma, pooling="drop_remainder", zeros_at_slots=False, bottleneck=None):
+def manual_stage1(
+    model, batch, k, gamma, pooling="drop_remainder", zeros_at_slots=False, bottleneck=None, targets=None
+):
     """(loss, ce_mean, ce_sum, n_tokens, per-slot 1-cos, targets, predictions h[t-1]) by hand, with autograd.
 
     `zeros_at_slots`: the markers-only control (zeros at the slots, the targets still computed).
-    `bottleneck`: the latent tokens, to run under the visual bottleneck's mask written out pair by pair."""
+    `bottleneck`: the latent tokens, to run under the visual bottleneck's mask written out pair by pair.
+    `targets`: the slots' targets given (other `latent_target` kinds); default: pooled by hand here."""
     mm = model.model
     mask = batch["latent_mask"]
     embeds = model.get_input_embeddings()(batch["input_ids"])
-    targets = None
-    if mask.any():
+    if mask.any() and targets is None:
         with torch.no_grad():
             feats = image_features_one_by_one(
                 model, batch["helper_pixel_values"], batch["helper_image_grid_thw"]
             )
             targets = torch.cat([manual_pool(f, k, pooling) for f in feats])
+    if mask.any():
         slots = mask.nonzero().tolist()
         assert len(slots) == targets.shape[0]
         embeds = embeds.clone()
