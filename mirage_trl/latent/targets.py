@@ -124,7 +124,8 @@ class TargetCentring:
     def __init__(self, scale: bool = False, eps: float = 1e-6):
         self.scale = scale
         self.eps = eps
-        self.count = 0.0
+        # float64 tensors on the targets' device (no host sync per step); None until the first update
+        self.count: torch.Tensor | None = None
         self.sum: torch.Tensor | None = None
         self.sum_sq: torch.Tensor | None = None
 
@@ -134,12 +135,14 @@ class TargetCentring:
         sums = torch.cat([x.new_tensor([x.shape[0]]), x.sum(0), x.pow(2).sum(0)])
         if reduce is not None:
             sums = reduce(sums)
-        count, total, total_sq = sums[0], sums[1 : 1 + x.shape[1]], sums[1 + x.shape[1] :]
+        count, total, total_sq = sums[:1], sums[1 : 1 + x.shape[1]], sums[1 + x.shape[1] :]
         if self.sum is None:
-            self.sum, self.sum_sq = torch.zeros_like(total), torch.zeros_like(total_sq)
-        self.count += float(count)
-        self.sum = self.sum.to(total.device) + total
-        self.sum_sq = self.sum_sq.to(total.device) + total_sq
+            self.count, self.sum, self.sum_sq = count, total, total_sq
+            return
+        device = total.device
+        self.count = self.count.to(device) + count
+        self.sum = self.sum.to(device) + total
+        self.sum_sq = self.sum_sq.to(device) + total_sq
 
     @property
     def mean(self) -> torch.Tensor:
@@ -147,8 +150,9 @@ class TargetCentring:
 
     @property
     def std(self) -> torch.Tensor:
+        """Per dimension, with Bessel's correction."""
         variance = (self.sum_sq / self.count - self.mean.pow(2)).clamp(min=0.0)
-        return (variance * self.count / max(self.count - 1.0, 1.0)).sqrt()
+        return (variance * self.count / (self.count - 1.0).clamp(min=1.0)).sqrt()
 
     def __call__(self, targets: torch.Tensor) -> torch.Tensor:
         """The targets centred (and scaled) by the statistics so far, in their own dtype."""
@@ -160,11 +164,7 @@ class TargetCentring:
         return out.to(targets.dtype)
 
     def state_dict(self) -> dict:
-        return {
-            "count": torch.tensor([self.count], dtype=torch.float64),
-            "sum": self.sum,
-            "sum_sq": self.sum_sq,
-        }
+        return {"count": self.count, "sum": self.sum, "sum_sq": self.sum_sq}
 
     def save(self, folder) -> None:
         """Write the statistics into `folder` (atomically), if there are any."""
@@ -185,7 +185,7 @@ class TargetCentring:
 
         try:
             state = load_file(str(path))
-            self.count, self.sum, self.sum_sq = float(state["count"][0]), state["sum"], state["sum_sq"]
+            self.count, self.sum, self.sum_sq = state["count"].reshape(1), state["sum"], state["sum_sq"]
         except (SafetensorError, KeyError, OSError) as exc:
             raise MirageError(f"{path}: cannot read the centred targets' statistics ({exc})") from None
         return True

@@ -13,7 +13,16 @@ from mirage_trl.data.reference import load_reference_jsonl
 from mirage_trl.data.sources import load_data
 from mirage_trl.errors import MirageError
 
-COMPARED = ("messages", "prompt_text", "completion_text", "benchmark", "answer", "map_desc", "level")
+COMPARED = (
+    "messages",
+    "prompt_text",
+    "completion_text",
+    "benchmark",
+    "answer",
+    "map_desc",
+    "level",
+    "helper_texts",
+)
 
 
 def _conversational(obj: dict, images) -> dict:
@@ -35,6 +44,7 @@ def _conversational(obj: dict, images) -> dict:
         "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}],
         "images": images,
         "helper_images": [obj["image_output"]],
+        "helper_texts": [obj["image_output_text"]],  # what the helper image shows (the generated rows say)
         # the optional columns, read as in the reference schema
         **{k: obj[k] for k in ("map_desc", "answer", "level", "map_id") if k in obj},
     }

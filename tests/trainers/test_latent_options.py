@@ -148,7 +148,7 @@ def test_centred_targets_subtract_the_running_statistics_of_every_target_seen(tm
     trainer.save_model(str(tmp_path / "out1"))
     assert json.loads((tmp_path / "out1" / "config.json").read_text())["mirage"]["latent_target"] == "centred"
     again = TargetCentring(scale=scale)
-    assert again.load(tmp_path / "out1") and again.count == seen.shape[0]
+    assert again.load(tmp_path / "out1") and again.count.item() == seen.shape[0]
     torch.testing.assert_close(again.mean, seen.mean(0))
 
 
@@ -165,7 +165,7 @@ def test_centred_statistics_survive_a_resume(tmp_path, rows):
     saved = TargetCentring()
     saved.load(checkpoint)
     # one row's slots (k per span): the step the checkpoint was written after
-    assert resumed.target_centring.count == saved.count and saved.count in (K, 2 * K)
+    assert resumed.target_centring.count.item() == saved.count.item() and saved.count.item() in (K, 2 * K)
     torch.testing.assert_close(resumed.target_centring.sum, saved.sum)
     with pytest.raises(MirageError, match=r"cannot read the centred targets' statistics"):
         (checkpoint / STATS_FILE).write_bytes(b"garbage")
