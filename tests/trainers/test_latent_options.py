@@ -30,6 +30,7 @@ from test_sft import (
 
 from mirage_trl.errors import MirageError
 from mirage_trl.latent.targets import STATS_FILE, TargetCentring, precompute_latent_targets
+from mirage_trl.models.families import SUPPORTED_MODEL_TYPES
 
 K = 4
 GRAD_TOL = dict(rtol=1e-4, atol=1e-6)
@@ -277,3 +278,37 @@ def test_aux_text_is_carried_into_stage2_unless_the_run_says_otherwise(tmp_path,
         tmp_path / "c", model=model, processor=processor, stage=2, latent_size=K, latent_aux_text=0.0
     )
     assert (off.aux_text_weight, off.latent_only_backprop) == (0.0, False)
+
+
+@pytest.mark.parametrize("model_type", SUPPORTED_MODEL_TYPES)
+def test_aux_decoding_of_padded_spans_equals_each_span_alone_in_every_family(model_type):
+    """Spans of different text lengths decoded in one right-padded batch give each span's CE alone (the prefix's
+    positions, the padding, Qwen3.5's recurrent layers), with the latents' gradient."""
+    from mirage_trl.latent.aux_text import aux_text_loss
+    from mirage_trl.models.families import output_logits, text_model
+    from mirage_trl.models.tiny import build_tiny_model
+
+    torch.manual_seed(0)
+    model, processor = build_tiny_model(model_type)
+    model.eval()
+    tokenizer = getattr(processor, "tokenizer", processor)
+    k, dim = 2, model.get_input_embeddings().weight.shape[1]
+    latents = torch.randn(2 * k, dim, requires_grad=True)
+    ids = [torch.tensor(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in ("(0,0) (0,1)", "(1,1) (2,1) (2,2)")]  # fmt: skip
+    assert len(ids[0]) != len(ids[1])
+    length = max(len(t) for t in ids)
+    batch = torch.stack([torch.cat([t, t.new_zeros(length - len(t))]) for t in ids])
+    mask = torch.stack([torch.arange(length) < len(t) for t in ids]).long()
+    total, count = aux_text_loss(model, latents, batch, mask, k)
+    (grad,) = torch.autograd.grad(total, latents)
+    expected = 0.0
+    for i, t in enumerate(ids):
+        embeds = torch.cat([latents[i * k : (i + 1) * k], model.get_input_embeddings()(t)])[None]
+        hidden = text_model(model)(inputs_embeds=embeds, use_cache=False).last_hidden_state[0]
+        expected = expected + F.cross_entropy(
+            output_logits(model, hidden[k - 1 : -1]).float(), t, reduction="sum"
+        )
+    (expected_grad,) = torch.autograd.grad(expected, latents)
+    assert int(count) == sum(len(t) for t in ids)
+    torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6)
