@@ -40,6 +40,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -787,6 +788,13 @@ def planned_comparisons(arms: list[Arm]) -> list[list[str]]:
         if arm.method == "helper_input":
             pairs.append((arm.name, first("mirage", "cot", plain=True)))
     return [[b, a] for b, a in pairs if a is not None and a != b]
+
+
+def foreign_entries(out: str | Path) -> list[str]:
+    """What a folder holds that `run_experiment` does not write (data/, seed<N>/, results.json, report.md and the
+    plots): `--overwrite` replaces only an experiment's own folder, never one that holds anything else."""
+    own = re.compile(r"(data|seed\d+|results\.json|report\.md|[\w-]+\.png)")
+    return sorted(e.name for e in Path(out).iterdir() if not own.fullmatch(e.name))
 
 
 def run_experiment(

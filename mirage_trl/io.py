@@ -110,10 +110,33 @@ def check_writable_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
     return path
 
 
-def check_output_dir(path: str | os.PathLike, overwrite: bool = False, flag: str = "--out") -> Path:
-    """Refuse an output folder that cannot be written (`check_writable_dir`), or an existing non-empty one
-    unless `overwrite` (named after `flag`)."""
+def check_not_precious(path: str | os.PathLike, flag: str = "--out", inputs: dict | None = None) -> None:
+    """Refuse, in one line, an output folder whose replacement would destroy what the user has: the current
+    folder or one that holds it, the home folder, the file system's root, or a folder that is (or holds) one of
+    the command's `inputs` ({what: path}, e.g. {"--model": ..., "--data": ...})."""
+    target = Path(path).resolve()
+    cwd, home = Path.cwd().resolve(), Path.home().resolve()
+    if target == cwd or target in cwd.parents:
+        raise MirageError(f"{flag}: {path} is the current folder or holds it; write into a folder of its own")
+    if target in (home, Path(target.anchor)):
+        raise MirageError(f"{flag}: {path} is {'your home folder' if target == home else 'the root folder'}; write into a folder of its own")  # fmt: skip
+    for what, given in (inputs or {}).items():
+        for one in given if isinstance(given, (list, tuple)) else [given]:
+            if one is None or looks_like_hub_name(str(one)):
+                continue
+            source = Path(one).resolve()
+            if source == target or target in source.parents:
+                raise MirageError(f"{flag}: {path} holds {what} {one}; write the results elsewhere")
+
+
+def check_output_dir(
+    path: str | os.PathLike, overwrite: bool = False, flag: str = "--out", inputs: dict | None = None
+) -> Path:
+    """Refuse an output folder that cannot be written (`check_writable_dir`), whose replacement would destroy
+    the user's files (`check_not_precious`: the current or home folder, a folder holding the command's
+    `inputs`), or an existing non-empty one unless `overwrite` (named after `flag`)."""
     path = check_writable_dir(path, flag)
+    check_not_precious(path, flag, inputs)
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise MirageError(f"{flag}: {path} already exists and is not empty (pass --overwrite to replace it)")
     return path

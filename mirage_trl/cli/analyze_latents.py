@@ -51,7 +51,7 @@ def run(args) -> int:
 
     if args.num_samples < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
         raise MirageError("--num-samples, --batch-size and --max-new-tokens must be >= 1")
-    check_output_dir(args.out, args.overwrite)
+    check_output_dir(args.out, args.overwrite, inputs={"the model": args.model, "the data": args.data})
 
     import torch
     from safetensors.torch import save_file

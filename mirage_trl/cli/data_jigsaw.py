@@ -33,7 +33,7 @@ def run(args) -> int:
     from ..data.jigsaw import generate_jigsaw
     from ..io import check_output_dir
 
-    check_output_dir(args.out, args.overwrite)  # before any work
+    check_output_dir(args.out, args.overwrite, inputs={"--images": args.images})  # before any work
 
     path = generate_jigsaw(
         args.images,

@@ -104,7 +104,7 @@ def run(args) -> int:
     if not 0.0 < args.top_p <= 1.0:
         raise MirageError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.out is not None:
-        check_output_dir(args.out, args.overwrite)
+        check_output_dir(args.out, args.overwrite, inputs={"the model": args.model, "the data": args.data})
 
     import torch
 

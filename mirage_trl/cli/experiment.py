@@ -62,9 +62,15 @@ def run(args) -> int:
     import shutil
     from pathlib import Path
 
-    from ..experiment import run_experiment
+    from ..experiment import foreign_entries, run_experiment
 
     if args.overwrite and Path(args.out).is_dir():
+        foreign = foreign_entries(args.out)
+        if foreign:
+            raise MirageError(
+                f"--out: {args.out} holds what an experiment does not write ({', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}); --overwrite replaces only an experiment's own folder"
+            )
         shutil.rmtree(args.out)
     command = (
         "mirage-trl " + " ".join(shlex.quote(a) for a in sys.argv[1:])

@@ -543,7 +543,7 @@ def generate_vsp(
     if tile_px is not None and not 8 <= tile_px <= 256:
         raise MirageError(f"--tile-px {tile_px}: must be from 8 to 256")
     levels = _check_request(task, levels, num_samples, split, style, max_hole_frac)
-    out_dir = check_output_dir(out_dir, overwrite)
+    out_dir = check_output_dir(out_dir, overwrite, inputs={"--exclude": list(exclude or [])})
     excluded = load_map_descs(exclude)
     per_level = [num_samples // len(levels) + (i < num_samples % len(levels)) for i in range(len(levels))]
 

@@ -1,0 +1,89 @@
+"""Output folders that would destroy the user's files are refused before any work, through the real commands:
+the current folder (or one holding it), the home folder, a folder that is or holds the command's model or data,
+and, for `experiment --overwrite`, a folder holding anything an experiment does not write. Each refusal is one
+line, exit 2, and every file the user had is still there, byte for byte."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from helpers import assert_cli_error, run_cli
+
+
+def _snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A current folder holding a user's file."""
+    (tmp_path / "notes.txt").write_text("mine")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("out", [".", ".."])
+def test_experiment_refuses_the_current_folder_and_its_parents(workdir, capsys, out):
+    before = _snapshot(workdir)
+    rc, _, err = run_cli(["experiment", "--quick", "--out", out, "--overwrite"], capsys)
+    assert_cli_error(rc, err, "experiment", r"--out: \.{1,2} is the current folder or holds it; write into a folder of its own$")  # fmt: skip
+    assert _snapshot(workdir) == before
+
+
+def test_experiment_overwrite_replaces_only_an_experiments_own_folder(workdir, capsys):
+    out = workdir / "results"
+    (out / "seed0").mkdir(parents=True)
+    (out / "results.json").write_text("{}")
+    (out / "thesis.tex").write_text("years of work")
+    before = _snapshot(out)
+    rc, _, err = run_cli(["experiment", "--quick", "--out", out, "--overwrite"], capsys)
+    assert_cli_error(rc, err, "experiment", r"holds what an experiment does not write \(thesis\.tex\); --overwrite replaces only an experiment's own folder$")  # fmt: skip
+    assert _snapshot(out) == before
+
+
+def test_experiment_refuses_the_home_folder(workdir, capsys, monkeypatch):
+    home = workdir / "home"
+    home.mkdir()
+    (home / ".bashrc").write_text("export X=1")
+    monkeypatch.setenv("HOME", str(home))
+    rc, _, err = run_cli(["experiment", "--quick", "--out", home, "--overwrite"], capsys)
+    assert_cli_error(rc, err, "experiment", r"is your home folder; write into a folder of its own$")
+    assert (home / ".bashrc").read_text() == "export X=1"
+
+
+@pytest.mark.parametrize("which", ["model", "data folder", "a folder holding the model"])
+def test_eval_refuses_an_out_that_is_or_holds_its_model_or_data(env, tmp_path, capsys, which):
+    model = tmp_path / "models" / "mirage"
+    shutil.copytree(env["mirage"], model)
+    data = tmp_path / "data"
+    shutil.copytree(env["data"].parent, data)
+    out = {"model": model, "data folder": data, "a folder holding the model": tmp_path / "models"}[which]
+    before = _snapshot(tmp_path)
+    argv = ["eval", "--model", model, "--data", data / env["data"].name, "--benchmark", "vsp_planning",
+            "--out", out, "--overwrite", "--no-progress"]  # fmt: skip
+    rc, _, err = run_cli(argv, capsys)
+    what = "the data" if which == "data folder" else "the model"
+    assert_cli_error(rc, err, "eval", rf"--out: {out} holds {what} .*; write the results elsewhere$")
+    assert _snapshot(tmp_path) == before
+
+
+def test_eval_refuses_the_current_folder(env, workdir, capsys):
+    argv = ["eval", "--model", env["mirage"], "--data", env["data"], "--benchmark", "vsp_planning",
+            "--out", ".", "--overwrite", "--no-progress"]  # fmt: skip
+    rc, _, err = run_cli(argv, capsys)
+    assert_cli_error(rc, err, "eval", r"--out: \. is the current folder or holds it")
+    assert (workdir / "notes.txt").read_text() == "mine"
+
+
+def test_data_vsp_refuses_an_out_holding_its_exclude_file(tmp_path, capsys):
+    from mirage_trl.data.vsp import generate_vsp
+
+    test = generate_vsp("planning", [3], 4, split="test", style="direct", seed=1, out_dir=tmp_path / "t", progress=False)  # fmt: skip
+    before = _snapshot(tmp_path)
+    argv = ["data", "vsp", "--task", "planning", "--split", "train", "--style", "direct", "--levels", "3",
+            "--num-samples", "4", "--exclude", test, "--out", tmp_path / "t", "--overwrite"]  # fmt: skip
+    rc, _, err = run_cli(argv, capsys)
+    assert_cli_error(rc, err, "data", r"--out: .*/t holds --exclude .*planning_test_direct\.jsonl; write the results elsewhere$")  # fmt: skip
+    assert _snapshot(tmp_path) == before
