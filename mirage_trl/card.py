@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from .errors import MirageError
-from .io import looks_like_hub_name, read_json
+from .io import atomic_file, looks_like_hub_name, read_json
 from .models.settings import SETTINGS_FILE, MirageSettings
 from .models.tokens import LATENT_TOKEN_NAMES
 from .redact import redact_argv, scrub
@@ -354,8 +354,10 @@ def add_eval_results(folder, eval_json) -> Path:
 
 
 def write_card(folder, text: str) -> None:
-    """README.md of a model folder, every credential-looking value scrubbed."""
-    (Path(folder) / "README.md").write_text(scrub(text), encoding="utf-8")
+    """README.md of a model folder, every credential-looking value scrubbed; written atomically, so a full disk
+    or a kill leaves the old card whole."""
+    with atomic_file(Path(folder) / "README.md") as f:
+        f.write(scrub(text))
 
 
 def launch_line(argv: list[str] | None = None) -> str:

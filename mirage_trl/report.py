@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .io import atomic_file
 from .stats import compare, wilson_interval
 
 # the comparisons of results written before arms were data (results.json without "comparisons")
@@ -158,7 +159,8 @@ def write_report(results: dict, path: Path) -> None:
     lines += _comparisons(s) + _ablations(s) + _probe(results, levels) + _health_table(s)
     if results.get("plots"):
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in results["plots"]]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with atomic_file(path) as f:  # a rebuilt report never half-replaces a good one
+        f.write("\n".join(lines) + "\n")
 
 
 def _header(results: dict) -> list[str]:

@@ -87,3 +87,23 @@ def test_data_vsp_refuses_an_out_holding_its_exclude_file(tmp_path, capsys):
     rc, _, err = run_cli(argv, capsys)
     assert_cli_error(rc, err, "data", r"--out: .*/t holds --exclude .*planning_test_direct\.jsonl; write the results elsewhere$")  # fmt: skip
     assert _snapshot(tmp_path) == before
+
+
+def test_a_card_written_on_a_full_disk_leaves_the_old_card_whole(tmp_path, monkeypatch):
+    """`Path.write_text` truncated README.md to what fitted; the card is now written beside it and swapped in."""
+    import errno
+    import os
+
+    from mirage_trl import io
+    from mirage_trl.card import write_card
+
+    (tmp_path / "README.md").write_text("the old card\n" * 1000)
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(io.os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write_card(tmp_path, "a new card\n" * 5000)
+    assert (tmp_path / "README.md").read_text() == "the old card\n" * 1000
+    assert os.listdir(tmp_path) == ["README.md"]  # no temporary file left
