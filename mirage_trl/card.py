@@ -5,6 +5,8 @@ model-index put into any model folder's card (`add_eval_results`), and the launc
 
 from __future__ import annotations
 
+import html
+import math
 import os
 import re
 import shlex
@@ -52,22 +54,31 @@ def _flat_metrics(results: dict, prefix: str = "") -> list[tuple[str, object]]:
     return out
 
 
+def _md(value) -> str:
+    """A string from an eval JSON as inert Markdown: HTML escaped (no raw tags), one line (no line break that
+    starts a block), no table-cell or code-span delimiters."""
+    text = html.escape(" ".join(str(value).split()), quote=False)
+    return text.replace("|", "&#124;").replace("`", "&#96;")
+
+
 def _eval_table(results: dict) -> list[str]:
     """Markdown table of a `mirage-trl eval` results.json: accuracy % per latent mode (rows) and level."""
     modes = results["modes"]
     groups = list(next(iter(modes.values()))["groups"])
     lines = [
-        f"Benchmark `{results.get('benchmark')}`, {results.get('num_rows')} test rows "
-        f"(`{Path(str(results.get('data', ''))).name}`), accuracy % per level; `model` = the model's own latents, "
-        "the other rows are latent ablations:",
+        f"Benchmark `{_md(results.get('benchmark'))}`, {_md(results.get('num_rows'))} test rows "
+        f"(`{_md(Path(str(results.get('data', ''))).name)}`), accuracy % per level; `model` = the model's own "
+        "latents, the other rows are latent ablations:",
         "",
-        "| latents | " + " | ".join(f"level {g}" if g != "all" else "all" for g in groups) + " | invalid % |",
+        "| latents | "
+        + " | ".join(f"level {_md(g)}" if g != "all" else "all" for g in groups)
+        + " | invalid % |",
         "|---|" + "---|" * (len(groups) + 1),
     ]
     for mode, res in modes.items():
         g = res["groups"]
         cells = [f"{100 * g[k]['accuracy']:.1f}" if k in g else "-" for k in groups]
-        lines.append(f"| {mode} | " + " | ".join(cells) + f" | {100 * g['all']['invalid_rate']:.1f} |")
+        lines.append(f"| {_md(mode)} | " + " | ".join(cells) + f" | {100 * g['all']['invalid_rate']:.1f} |")
     return lines
 
 
@@ -75,11 +86,12 @@ def _eval_index(results: dict) -> list:
     """huggingface_hub `EvalResult`s (the card's model-index): accuracy per latent mode and level."""
     from huggingface_hub import EvalResult
 
-    benchmark = str(results.get("benchmark"))
+    benchmark = _md(results.get("benchmark"))
     out = []
     for mode, res in results["modes"].items():
+        mode = _md(mode)
         for group, g in res["groups"].items():
-            where = "all levels" if group == "all" else f"level {group}"
+            where = "all levels" if group == "all" else f"level {_md(group)}"
             out.append(
                 EvalResult(
                     task_type="image-text-to-text",
@@ -94,14 +106,28 @@ def _eval_index(results: dict) -> list:
     return out
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _is_eval_results(results) -> bool:
-    """A `mirage-trl eval` results.json (per-mode groups), as opposed to a plain metrics mapping."""
+    """A `mirage-trl eval` results.json (per-mode groups of numbers), as opposed to a plain metrics mapping or
+    a file whose fields have the wrong types."""
     modes = results.get("modes") if isinstance(results, dict) else None
     return (
         isinstance(modes, dict)
         and bool(modes)
         and all(
-            isinstance(m, dict) and isinstance(m.get("groups"), dict) and "all" in m["groups"]
+            isinstance(m, dict)
+            and isinstance(m.get("groups"), dict)
+            and isinstance(m["groups"].get("all"), dict)
+            and all(
+                isinstance(g, dict)
+                and _is_number(g.get("accuracy"))
+                and _is_number(g.get("invalid_rate", 0.0))
+                for g in m["groups"].values()
+            )
+            and _is_number(m["groups"]["all"].get("invalid_rate"))
             for m in modes.values()
         )
     )
@@ -304,6 +330,7 @@ def check_eval_results(
         )
 
 
+MODEL_FILES = ("config.json", "adapter_config.json", SETTINGS_FILE)  # what makes a folder a model's
 _EVAL_SECTION = re.compile(r"^### Evaluation\n.*?(?=^#{2,3} |\Z)", re.S | re.M)
 
 
@@ -317,10 +344,16 @@ def add_eval_results(folder, eval_json) -> Path:
     folder = Path(folder)
     if not folder.is_dir():
         raise MirageError(f"{folder}: no such model folder")
+    if not any((folder / name).is_file() for name in MODEL_FILES):
+        raise MirageError(
+            f"{folder}: not a model folder (it has none of {', '.join(MODEL_FILES)}); give a training output, "
+            "a checkpoint or an export"
+        )
     results = read_json(eval_json)
     if not _is_eval_results(results):
         raise MirageError(
-            f"--eval-json {eval_json}: not the results.json of `mirage-trl eval` (no per-mode results)"
+            f"--eval-json {eval_json}: not the results.json of `mirage-trl eval` (no per-mode results with numeric "
+            "accuracies)"
         )
     settings = MirageSettings.read(folder)
     check_eval_results(

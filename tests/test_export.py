@@ -724,6 +724,9 @@ def test_card_command_puts_eval_results_into_any_model_folder(trained, tmp_path,
 
     baseline = tmp_path / "baseline"
     baseline.mkdir()
+    (baseline / "config.json").write_text(
+        "{}"
+    )  # a model folder: its weights and config, here only the config
     trl_card = generate_model_card(
         base_model=None, model_name="baseline", hub_model_id="baseline", dataset_name=None, tags=["sft"],
         wandb_url=None, trackio_url=None, trainer_name="SFT", trainer_citation=None, paper_title=None, paper_id=None,

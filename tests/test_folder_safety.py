@@ -107,3 +107,55 @@ def test_a_card_written_on_a_full_disk_leaves_the_old_card_whole(tmp_path, monke
         write_card(tmp_path, "a new card\n" * 5000)
     assert (tmp_path / "README.md").read_text() == "the old card\n" * 1000
     assert os.listdir(tmp_path) == ["README.md"]  # no temporary file left
+
+
+def _eval_json(path: Path, model: Path, **changes) -> Path:
+    groups = {"3": {"accuracy": 0.5, "invalid_rate": 0.0}, "all": {"accuracy": 0.5, "invalid_rate": 0.0}}
+    results = {
+        "benchmark": "vsp_planning",
+        "num_rows": 4,
+        "model": str(model),
+        "modes": {"model": {"groups": groups}},
+    }
+    results.update(changes)
+    path.write_text(__import__("json").dumps(results))
+    return path
+
+
+def test_card_escapes_what_an_eval_json_says(tmp_path, capsys):
+    """Mode, level and benchmark names from an eval JSON cannot inject HTML or start a Markdown block."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    groups = {
+        "3\n## Injected": {"accuracy": 0.5, "invalid_rate": 0.0},
+        "all": {"accuracy": 0.5, "invalid_rate": 0.0},
+    }
+    hostile = {"<script>alert(1)</script>\n# Owned": {"groups": groups}, "a|b": {"groups": groups}}
+    path = _eval_json(tmp_path / "r.json", model, benchmark="<iframe src=x>", modes=hostile)
+    rc, _, err = run_cli(["card", model, "--eval-json", path], capsys)
+    assert rc == 0, err
+    text = (model / "README.md").read_text()
+    for raw in ("<script>", "<iframe", "\n# Owned", "\n## Injected", "| a|b |"):
+        assert raw not in text, raw
+    assert "| &lt;script&gt;alert(1)&lt;/script&gt; # Owned | 50.0 | 50.0 | 0.0 |" in text
+    assert "level 3 ## Injected" in text and "| a&#124;b |" in text
+
+
+def test_card_refuses_a_folder_that_is_not_a_model_and_a_mistyped_eval_json(tmp_path, capsys):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.md").write_text("mine")
+    path = _eval_json(tmp_path / "r.json", notes)
+    rc, _, err = run_cli(["card", notes, "--eval-json", path], capsys)
+    assert_cli_error(rc, err, "card", r"not a model folder \(it has none of config\.json, adapter_config\.json, mirage_config\.json\)")  # fmt: skip
+    assert sorted(p.name for p in notes.iterdir()) == ["todo.md"]
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    bad = {"model": {"groups": {"all": {"accuracy": "high", "invalid_rate": 0.0}}}}
+    rc, _, err = run_cli(
+        ["card", model, "--eval-json", _eval_json(tmp_path / "b.json", model, modes=bad)], capsys
+    )
+    assert_cli_error(rc, err, "card", r"not the results\.json of `mirage-trl eval` \(no per-mode results with numeric accuracies\)$")  # fmt: skip
+    assert not (model / "README.md").exists()
