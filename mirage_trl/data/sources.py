@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 from pathlib import Path
 
 from ..errors import MirageError, where
 from ..io import looks_like_hub_name
 from .reference import OUTPUT_IMAGE_MARKER, _features, load_reference_jsonl, parse_row
+
+logger = logging.getLogger(__name__)
 
 # Where a conversational row's parts land in the reference schema, so that parse_row's errors name the
 # column the user wrote.
@@ -120,13 +123,20 @@ def _load_folder(path: Path, split: str, config: str | None, flag: str):
     if any((path / f).is_file() for f in _SAVED_DATASET_FILES):
         from datasets import DatasetDict, load_from_disk
 
-        dataset = _load(flag, str(path), lambda _: load_from_disk(str(path)))
+        # in memory: nothing (no cache-*.arrow) is ever written into the user's dataset folder
+        dataset = _load(flag, str(path), lambda _: load_from_disk(str(path), keep_in_memory=True))
         if isinstance(dataset, DatasetDict):
             if split not in dataset:
                 raise MirageError(
                     f"{flag} {path}: no split {split!r} (splits: {', '.join(dataset)}); set the split flag"
                 )
-            dataset = dataset[split]
+            return dataset[split]
+        # One saved split: its own name must be the one asked for (an eval must not grade training rows).
+        saved = str(dataset.split) if dataset.split is not None else None
+        if saved is not None and saved != split:
+            raise MirageError(f"{flag} {path}: no split {split!r} (splits: {saved}); set the split flag")
+        if saved is None:
+            logger.warning("%s %s: one split without a name, used as %r", flag, path, split)
         return dataset
     return _load(flag, str(path), lambda load: load(str(path), config, split=split))
 

@@ -233,3 +233,24 @@ def test_eval_reads_a_dataset_folder_like_the_jsonl(env, tmp_path, capsys, one_t
         completions[name] = [json.loads(line)["completion"] for line in lines]
     assert len(completions["jsonl"]) == 2 and completions["folder"] == completions["jsonl"]
     assert json.loads((tmp_path / "folder" / "results.json").read_text())["data_split"] == "test"
+
+
+def test_a_saved_split_must_be_the_one_asked_for_and_nothing_is_written_into_the_folder(
+    env, reference, tmp_path, caplog
+):
+    """A save_to_disk folder of one Dataset: its split name is checked (eval's default `test` must not grade a
+    `train` split), an unnamed split is used with a warning, and loading writes no cache file into the folder."""
+    from datasets import Dataset, NamedSplit
+
+    rows = [_conversational(o, [o["image_input"]]) for o in env["objs"]]
+    named = Dataset.from_list(rows, split=NamedSplit("train"))
+    named.save_to_disk(tmp_path / "named")
+    before = sorted(p.name for p in (tmp_path / "named").rglob("*"))
+    _same_rows(load_data(str(tmp_path / "named"), split="train"), reference)
+    with pytest.raises(MirageError, match=r"^--dataset_name .*named: no split 'test' \(splits: train\); set the split flag$"):  # fmt: skip
+        load_data(str(tmp_path / "named"), split="test")
+    assert sorted(p.name for p in (tmp_path / "named").rglob("*")) == before  # no cache-*.arrow
+    Dataset.from_list(rows).save_to_disk(tmp_path / "unnamed")
+    with caplog.at_level("WARNING"):
+        _same_rows(load_data(str(tmp_path / "unnamed"), split="test"), reference)
+    assert "one split without a name, used as 'test'" in caplog.text
