@@ -7,11 +7,15 @@ what an interrupted save, or a copy made by hand, leaves. Resume, export and eva
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import json
 import os
 import re
 
 from .errors import MirageError
+from .io import pid_alive
+from .redact import is_secret_name
 
 # The file whose presence makes a `checkpoint-N` folder complete: the Trainer writes its state last.
 CHECKPOINT_STATE = "trainer_state.json"
@@ -47,3 +51,103 @@ def check_resume_checkpoint(path, flag: str = "--resume_from_checkpoint") -> Non
             f"{flag} {path}: not a complete checkpoint (no {CHECKPOINT_STATE}: an interrupted save or not a "
             f"checkpoint){hint}"
         )
+
+
+# ---------------------------------------------------------------------------------------- same run
+RUN_ARGS_FILE = "run_args.json"  # the training arguments of the run that wrote a checkpoint (no credentials)
+# What may differ between a run and its resume: where and how it logs, saves, uploads and resumes, and how long
+# it trains. Anything else changes the run (its rate, seed, batch, data order, Mirage settings).
+RESUMABLE_ARGS = frozenset(
+    {
+        "output_dir", "logging_dir", "logging_steps", "logging_strategy", "logging_first_step", "report_to",
+        "run_name", "project", "trackio_space_id", "save_steps", "save_strategy", "save_total_limit",
+        "save_only_model", "resume_from_checkpoint", "push_to_hub", "hub_model_id", "hub_strategy",
+        "hub_private_repo", "hub_revision", "hub_always_push", "disable_tqdm", "dataloader_num_workers",
+        "max_steps", "num_train_epochs", "eval_steps", "eval_strategy", "per_device_eval_batch_size",
+        "overwrite_output_dir", "log_level", "log_level_replica", "log_on_each_node",
+    }
+)  # fmt: skip
+
+
+def run_args(args) -> dict:
+    """A training config as JSON values, credentials left out (what `run_args.json` holds)."""
+    values = json.loads(args.to_json_string())
+    return {k: v for k, v in values.items() if not is_secret_name(k)}
+
+
+def check_same_run(checkpoint, args, flag: str = "--output_dir") -> None:
+    """Resuming `checkpoint` with `args` must continue the same run: a run that already finished, or arguments
+    that differ in anything but `RESUMABLE_ARGS`, are refused in one line naming each flag with its old and new
+    value. A checkpoint written before this record existed is resumed as it is."""
+    state = os.path.join(str(checkpoint), CHECKPOINT_STATE)
+    try:
+        with open(state, encoding="utf-8") as f:
+            saved_state = json.load(f)
+        step, planned = int(saved_state.get("global_step", 0)), int(saved_state.get("max_steps", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        step, planned = 0, 0
+    if planned > 0 and step >= planned and (args.max_steps <= 0 or args.max_steps <= step):
+        raise MirageError(
+            f"{flag} {os.path.dirname(os.path.abspath(str(checkpoint)))}: the run there already finished "
+            f"({os.path.basename(str(checkpoint))} is step {step} of {planned}); nothing to train: give a new "
+            f"{flag}, or a larger --max_steps to train on"
+        )
+    path = os.path.join(str(checkpoint), RUN_ARGS_FILE)
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            before = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise MirageError(f"{path}: cannot read it as JSON ({exc})") from None
+    now = run_args(args)
+    changed = [
+        f"--{k} {json.dumps(before[k])} -> {json.dumps(now[k])}"
+        for k in sorted(set(before) & set(now))
+        if k not in RESUMABLE_ARGS and before[k] != now[k]
+    ]
+    if changed:
+        raise MirageError(
+            f"{flag}: {checkpoint} was trained with other arguments ({'; '.join(changed)}); resume with the same "
+            f"arguments, or start afresh with a new {flag}"
+        )
+
+
+@contextlib.contextmanager
+def output_lock(folder, flag: str = "--output_dir"):
+    """Hold `folder/.mirage-trl.lock` (this process's id) while a run writes there: a second process is refused
+    in one line naming the folder; a lock left by a process that is gone is taken over."""
+    os.makedirs(str(folder), exist_ok=True)
+    path = os.path.join(str(folder), LOCK_FILE)
+    for attempt in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    pid = int(f.read().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and pid_alive(pid):
+                raise MirageError(
+                    f"{flag} {folder}: another process (pid {pid}) is writing there; wait for it to finish or "
+                    f"give another {flag}"
+                ) from None
+            if attempt:
+                raise MirageError(
+                    f"{flag} {folder}: cannot take {path}; remove it if no run is writing there"
+                ) from None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # left by a run that is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        break
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+LOCK_FILE = ".mirage-trl.lock"

@@ -142,7 +142,7 @@ def check_output_dir(
     return path
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -167,7 +167,7 @@ def recover_output_dir(path: str | os.PathLike) -> list[str]:
         path.parent.glob(f".{path.name}.tmp-*")
     ):
         m = re.match(rf"\.{re.escape(path.name)}\.(old|tmp)-(\d+)", leftover.name)
-        if not m or _pid_alive(int(m.group(2))):
+        if not m or pid_alive(int(m.group(2))):
             continue
         if m.group(1) == "old" and not path.exists():
             os.replace(leftover, path)

@@ -19,10 +19,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 from .card import launch_line
-from .checkpoints import newest_complete_checkpoint
+from .checkpoints import check_same_run, newest_complete_checkpoint, output_lock
 from .data.sources import load_data
 from .errors import MirageError
 from .io import read_json, write_json
@@ -116,7 +117,12 @@ def train(trainer, training_args):
         checkpoint = newest_complete_checkpoint(training_args.output_dir)
         if checkpoint is not None:
             logger.info("checkpoint found in output_dir: resuming training from %s", checkpoint)
-    metrics = trainer.train(resume_from_checkpoint=checkpoint).metrics
+    if checkpoint is not None and not isinstance(checkpoint, bool):
+        check_same_run(checkpoint, training_args)  # a finished run or changed arguments: refused, one line
+    # one run at a time per output folder (the main process holds the lock)
+    lock = output_lock(training_args.output_dir) if trainer.accelerator.is_main_process else nullcontext()
+    with lock:
+        metrics = trainer.train(resume_from_checkpoint=checkpoint).metrics
     metrics["train_samples"] = len(trainer.train_dataset)
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)

@@ -139,3 +139,50 @@ def test_recipe_resumes_from_the_newest_checkpoint_in_output_dir(env, tmp_path, 
     steps_logged = [h["step"] for h in trainer.state.log_history if "loss" in h]
     assert steps_logged == sorted(set(steps_logged))  # the resumed run continues the history, no step twice
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3
+
+
+def test_a_resume_with_changed_arguments_or_of_a_finished_run_is_refused(env, tmp_path):
+    """Run again into an output folder with another learning rate or seed: refused, naming each flag with its old
+    and new value (it used to 'resume', train 0 steps and record the new launch beside the old weights). The
+    same run with more steps resumes; the same run again, already finished, says so and trains nothing."""
+    from helpers import _recipe_args, _recipe_argv, recipe_main
+
+    out = tmp_path / "run"
+    first = ("--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2", "--learning_rate", "1e-3")
+    recipe_main("stage1_vsp")(*_recipe_args(_recipe_argv(env, env["data"], out, *first)))
+    saved = json.loads((out / "checkpoint-2" / "run_args.json").read_text())
+    assert saved["learning_rate"] == 1e-3 and "hub_token" not in saved
+    before = (out / "model.safetensors").read_bytes()
+    changed = ("--max_steps", "3", "--learning_rate", "1e-4", "--seed", "43")
+    with pytest.raises(MirageError) as e:
+        recipe_main("stage1_vsp")(*_recipe_args(_recipe_argv(env, env["data"], out, *changed)))
+    assert str(e.value) == (
+        f"--output_dir: {out / 'checkpoint-2'} was trained with other arguments (--learning_rate 0.001 -> 0.0001; "
+        "--seed 42 -> 43); resume with the same arguments, or start afresh with a new --output_dir"
+    )
+    with pytest.raises(MirageError, match=r"the run there already finished \(checkpoint-2 is step 2 of 2\); nothing to train: give a new --output_dir, or a larger --max_steps to train on$"):  # fmt: skip
+        recipe_main("stage1_vsp")(*_recipe_args(_recipe_argv(env, env["data"], out, *first)))
+    assert (out / "model.safetensors").read_bytes() == before  # nothing trained, nothing replaced
+
+
+def test_a_second_training_into_the_same_output_folder_is_refused(env, tmp_path):
+    """While a run holds its output folder (its lock names a live process), another is refused in one line; a lock
+    left by a process that is gone is taken over; the lock is gone when the run ends."""
+    from helpers import _recipe_args, _recipe_argv, recipe_main
+
+    from mirage_trl.checkpoints import LOCK_FILE
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LOCK_FILE).write_text("1")  # pid 1 is always alive
+    argv = _recipe_argv(env, env["data"], out, "--max_steps", "1", "--save_strategy", "no")
+    with pytest.raises(
+        MirageError, match=rf"^--output_dir {out}: another process \(pid 1\) is writing there"
+    ):
+        recipe_main("stage1_vsp")(*_recipe_args(argv))
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    (out / LOCK_FILE).write_text(dead.stdout.strip())
+    trainer = recipe_main("stage1_vsp")(*_recipe_args(argv))
+    assert trainer.state.global_step == 1 and not (out / LOCK_FILE).exists()

@@ -16,10 +16,10 @@ import torch
 from transformers import TrainerCallback
 
 from ..card import build_model_card, write_card
-from ..checkpoints import check_resume_checkpoint
+from ..checkpoints import RUN_ARGS_FILE, check_resume_checkpoint, run_args
 from ..configs import MirageGRPOConfig
 from ..errors import MirageError
-from ..io import honour_umask_tree
+from ..io import honour_umask_tree, write_json
 from ..latent.bottleneck import check_bottleneck_support
 from ..latent.health import collapse_reason
 from ..models.families import LANGUAGE_MODEL_MODULES, unwrap
@@ -405,6 +405,8 @@ class MirageTrainerMixin:
         if self.args.should_save and settings is not None:
             # The Mirage settings travel with every checkpoint, so a checkpoint loads and resumes on its own.
             settings.write(staged)
+        if self.args.should_save:  # what a resume compares its arguments with (checkpoints.check_same_run)
+            write_json(os.path.join(staged, RUN_ARGS_FILE), run_args(self.args))
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             if os.path.isdir(final):
