@@ -62,8 +62,8 @@ experiment-latents: install
 # A screen of a stage-1 option (docs/experiments.md, "Screens"), after `make demo`: Mirage direct stages 1 and 2 from
 # the demo's grounded model with FLAGS, greedy evaluation of 100 validation maps (neither the demo's training nor its
 # test maps) with the latent ablations. FLAGS override the demo's stage-1 settings, which hold the chosen latent
-# options since 2026-12-03; the paper's: make screen-latents ARM=cosine FLAGS="--latent_loss cosine
-# --latent_variance_weight 0 --latent_bottleneck none"
+# options since 2026-12-03; the paper's: make screen-latents ARM=cosine FLAGS="--latent_target pooled
+# --latent_loss cosine --latent_variance_weight 0 --latent_bottleneck none"
 ARM ?= cosine
 FLAGS ?=
 SCREEN := outputs/screen
