@@ -72,6 +72,7 @@ def make_rows(folder: Path, batch: int, text_repeats: int) -> list[dict]:
                 ],
                 "images": paths[:1],
                 "helper_images": paths[1:],
+                "helper_texts": [],
                 "prompt_text": "Plan the moves.",
                 "completion_text": answer,
                 "benchmark": "vsp_planning",

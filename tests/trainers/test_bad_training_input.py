@@ -27,6 +27,7 @@ def test_stage1_on_rows_without_helper_images(env, tmp_path):
     for o in objs:
         o["text_output"] = o["text_output"].replace("<output_image>", " ")
         o.pop("image_output")
+        o.pop("image_output_text")  # what the helper image showed goes with it
     ds = load_reference_jsonl(write_rows(tmp_path / "nohelp.jsonl", objs))
     with pytest.raises(MirageError, match=r"nohelp\.jsonl:1: stage 1 needs helper images"):
         sft_trainer(tmp_path / "out", ds)
