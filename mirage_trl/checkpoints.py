@@ -15,7 +15,7 @@ import re
 
 from .errors import MirageError
 from .io import pid_alive
-from .redact import is_secret_name
+from .redact import is_secret_name, scrub
 
 # The file whose presence makes a `checkpoint-N` folder complete: the Trainer writes its state last.
 CHECKPOINT_STATE = "trainer_state.json"
@@ -72,7 +72,10 @@ RESUMABLE_ARGS = frozenset(
 def run_args(args) -> dict:
     """A training config as JSON values, credentials left out (what `run_args.json` holds)."""
     values = json.loads(args.to_json_string())
-    return {k: v for k, v in values.items() if not is_secret_name(k)}
+    # secret-named fields left out; a secret value in any other field (a token pasted as a run name) scrubbed
+    return {
+        k: scrub(v, args) if isinstance(v, str) else v for k, v in values.items() if not is_secret_name(k)
+    }
 
 
 def check_same_run(checkpoint, args, flag: str = "--output_dir") -> None:
