@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from .errors import MirageError
+from .folders import check_writable_dir
 from .io import atomic_file, looks_like_hub_name, read_json
 from .models.settings import SETTINGS_FILE, MirageSettings
 from .models.tokens import LATENT_TOKEN_NAMES
@@ -349,6 +350,7 @@ def add_eval_results(folder, eval_json) -> Path:
             f"{folder}: not a model folder (it has none of {', '.join(MODEL_FILES)}); give a training output, "
             "a checkpoint or an export"
         )
+    check_writable_dir(folder, "card")  # a read-only folder: one line before any work
     results = read_json(eval_json)
     if not _is_eval_results(results):
         raise MirageError(

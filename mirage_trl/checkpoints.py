@@ -7,14 +7,13 @@ what an interrupted save, or a copy made by hand, leaves. Resume, export and eva
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import json
 import os
 import re
+import shutil
 
 from .errors import MirageError
-from .io import pid_alive
 from .redact import is_secret_name, scrub
 
 # The file whose presence makes a `checkpoint-N` folder complete: the Trainer writes its state last.
@@ -32,6 +31,36 @@ def newest_complete_checkpoint(run_dir) -> str | None:
         if m and checkpoint_is_complete(path):
             found.append((int(m.group(1)), path))
     return max(found)[1] if found else None
+
+
+def own_checkpoints(run_dir) -> list[str]:
+    """The complete `checkpoint-N` folders of `run_dir` that a mirage-trl run wrote (they hold its
+    `run_args.json`), oldest first: the only ones a run may resume from, replace or rotate away."""
+    found = []
+    for path in glob.glob(os.path.join(str(run_dir), "checkpoint-*")):
+        m = re.fullmatch(r"checkpoint-(\d+)", os.path.basename(path))
+        if m and checkpoint_is_complete(path) and os.path.isfile(os.path.join(path, RUN_ARGS_FILE)):
+            found.append((int(m.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def rotate_own_checkpoints(
+    run_dir, save_total_limit: int | None, best_model_checkpoint: str | None = None
+) -> None:
+    """`save_total_limit` as the Trainer means it (the newest and the best are kept), counting and deleting only
+    the checkpoints a run wrote (`own_checkpoints`): a user's `checkpoint-0/` beside them is never touched."""
+    if not save_total_limit or save_total_limit <= 0:
+        return
+    own = own_checkpoints(run_dir)
+    keep = {own[-1]} if own else set()
+    if best_model_checkpoint:
+        keep.add(os.path.normpath(str(best_model_checkpoint)))
+    for path in own:
+        if len(own) <= max(save_total_limit, len(keep)):
+            break
+        if os.path.normpath(path) not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+            own = [p for p in own if p != path]
 
 
 def check_resume_checkpoint(path, flag: str = "--resume_from_checkpoint") -> None:
@@ -114,43 +143,3 @@ def check_same_run(checkpoint, args, flag: str = "--output_dir") -> None:
             f"{flag}: {checkpoint} was trained with other arguments ({'; '.join(changed)}); resume with the same "
             f"arguments, or start afresh with a new {flag}"
         )
-
-
-@contextlib.contextmanager
-def output_lock(folder, flag: str = "--output_dir"):
-    """Hold `folder/.mirage-trl.lock` (this process's id) while a run writes there: a second process is refused
-    in one line naming the folder; a lock left by a process that is gone is taken over."""
-    os.makedirs(str(folder), exist_ok=True)
-    path = os.path.join(str(folder), LOCK_FILE)
-    for attempt in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                with open(path, encoding="utf-8") as f:
-                    pid = int(f.read().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and pid != os.getpid() and pid_alive(pid):
-                raise MirageError(
-                    f"{flag} {folder}: another process (pid {pid}) is writing there; wait for it to finish or "
-                    f"give another {flag}"
-                ) from None
-            if attempt:
-                raise MirageError(
-                    f"{flag} {folder}: cannot take {path}; remove it if no run is writing there"
-                ) from None
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)  # left by a run that is gone
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        break
-    try:
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-
-
-LOCK_FILE = ".mirage-trl.lock"

@@ -39,9 +39,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
+import math
 import re
 import time
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -50,10 +53,12 @@ from .data.reference import helper_as_input, load_reference_jsonl
 from .data.vsp import generate_vsp
 from .errors import MirageError
 from .evaluation import best_fixed_answer, evaluate
+from .folders import read_marker, write_marker
 from .io import write_json
 from .models.families import SUPPORTED_MODEL_TYPES, vision_tower
 from .models.load import load_for_training
 from .models.tiny import save_tiny_model
+from .preflight import fits_type, plain_type
 from .report import summarize_results, write_plots, write_report
 from .run import save_outputs
 from .trainers.callbacks import GenerationEvalCallback
@@ -233,6 +238,22 @@ def resolve_arm(value, where: str) -> Arm:
 _SECTIONS = {"model": ModelSpec, "data": DataSpec, "train": TrainSpec}
 
 
+def _check_value_type(name: str, value, hint, where: str) -> None:
+    """A YAML value fits its setting's type (a bool is no number, a string no number), named by its key, before
+    any data is generated."""
+    expected = plain_type(hint)
+    if expected is None or value is None:
+        return
+    if typing.get_origin(expected) is list:
+        (elem,) = typing.get_args(expected)
+        ok = isinstance(value, list) and all(fits_type(x, elem) for x in value)
+        what = f"a list of {elem.__name__}"
+    else:
+        ok, what = fits_type(value, expected), expected.__name__
+    if not ok:
+        raise MirageError(f"{where}: {name}: expected {what}, got {type(value).__name__} {value!r}")
+
+
 def _merge(cfg: ExperimentConfig, values: dict, where: str) -> ExperimentConfig:
     cfg = copy.deepcopy(cfg)
     for key, value in values.items():
@@ -241,13 +262,16 @@ def _merge(cfg: ExperimentConfig, values: dict, where: str) -> ExperimentConfig:
                 raise MirageError(f"{where}: {key} must be a mapping of settings")
             section = getattr(cfg, key)
             names = {f.name for f in dataclasses.fields(section)}
+            hints = typing.get_type_hints(type(section))
             for sub, v in value.items():
                 if sub not in names:
                     raise MirageError(
                         f"{where}: {key}.{sub} is not a setting (known: {', '.join(sorted(names))})"
                     )
+                _check_value_type(f"{key}.{sub}", v, hints[sub], where)
                 setattr(section, sub, v)
         elif key in {f.name for f in dataclasses.fields(cfg)}:
+            _check_value_type(key, value, typing.get_type_hints(ExperimentConfig)[key], where)
             setattr(cfg, key, value)
         else:
             raise MirageError(f"{where}: {key} is not a setting of an experiment")
@@ -321,6 +345,26 @@ def check_config(cfg: ExperimentConfig, where: str) -> None:
             f"{where}: data.train_rows ({d.train_rows}) must exceed data.val_rows ({d.val_rows})"
         )
 
+    m = cfg.model
+    for name, value, low in (
+        ("model.hidden_size", m.hidden_size, 1),
+        ("model.layers", m.layers, 1),
+        ("model.vocab_size", m.vocab_size, 1),
+        ("data.tile_px", d.tile_px, 1),
+        ("data.data_seed", d.data_seed, 0),
+        ("train.latent_size", t.latent_size, 1),
+        ("train.warmup_steps", t.warmup_steps, 0),
+    ):
+        if value < low:
+            raise MirageError(f"{where}: {name} {value!r}: must be an integer >= {low}")
+    if not math.isfinite(t.learning_rate) or t.learning_rate <= 0:
+        raise MirageError(f"{where}: train.learning_rate {t.learning_rate!r}: must be a number > 0")
+    if not math.isfinite(t.text_loss_weight) or t.text_loss_weight < 0:
+        raise MirageError(f"{where}: train.text_loss_weight {t.text_loss_weight!r}: must be a number >= 0")
+    if not 0 <= d.grounding_max_hole_frac < 1:
+        raise MirageError(
+            f"{where}: data.grounding_max_hole_frac {d.grounding_max_hole_frac!r}: must be in [0, 1)"
+        )
     if cfg.model.model_type not in SUPPORTED_MODEL_TYPES:
         raise MirageError(
             f"{where}: model.model_type {cfg.model.model_type!r}: choose from {', '.join(SUPPORTED_MODEL_TYPES)}"
@@ -790,11 +834,21 @@ def planned_comparisons(arms: list[Arm]) -> list[list[str]]:
     return [[b, a] for b, a in pairs if a is not None and a != b]
 
 
-def foreign_entries(out: str | Path) -> list[str]:
-    """What a folder holds that `run_experiment` does not write (data/, seed<N>/, results.json, report.md and the
-    plots): `--overwrite` replaces only an experiment's own folder, never one that holds anything else."""
+def adopt_legacy_folder(out: str | Path) -> None:
+    """Give the marker of the output-folder rule to an experiment folder written before markers existed,
+    recognised by its settings: results.json with the experiment's runs, and nothing an experiment does not
+    write (data/, seed<N>/, results.json, report.md, the plots). Any other folder is left to the rule."""
+    out = Path(out)
+    if not (out / "results.json").is_file() or read_marker(out) is not None:
+        return
     own = re.compile(r"(data|seed\d+|results\.json|report\.md|[\w-]+\.png)")
-    return sorted(e.name for e in Path(out).iterdir() if not own.fullmatch(e.name))
+    names = [e.name for e in out.iterdir()]
+    try:
+        runs = json.loads((out / "results.json").read_text(encoding="utf-8")).get("runs")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(runs, list) and all(own.fullmatch(n) for n in names):
+        write_marker(out, "experiment", names)
 
 
 def run_experiment(

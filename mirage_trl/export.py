@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .card import build_model_card, check_eval_results, load_eval_results, write_card
 from .errors import MirageError
-from .io import atomic_dir, check_output_dir
+from .folders import MARKER, atomic_dir, check_output_dir, check_writable_dir
 from .models.load import load_source, torch_dtype
 from .models.processors import save_processor
 from .models.resolve import portable_model_ref, resolve_model_dir
@@ -67,11 +67,12 @@ def export_model(
     Full input: re-saved. Then, with `push_to_hub`, the folder is uploaded; a failed upload raises
     `MirageError` after the local export is complete.
     """
-    out = check_output_dir(out, overwrite, "--out")  # before any work
+    out = check_writable_dir(out, "--out")  # before any work
     src = resolve_model_dir(model_path, latent_size=latent_size)
     check_out_apart(out, src.path, "--model")
     if src.is_adapter and Path(str(src.base)).exists():
         check_out_apart(out, Path(str(src.base)), "the base model its adapter names")
+    check_output_dir(out, overwrite, "--out")  # the rest of the output-folder rule
     eval_results = load_eval_results(eval_json) if eval_json else None
     if eval_results is not None:
         check_eval_results(
@@ -84,7 +85,7 @@ def export_model(
         )
     kind = "merged" if (src.is_adapter and merge) else ("adapter" if src.is_adapter else "full")
 
-    with atomic_dir(out, overwrite=overwrite, flag="--out") as tmp:
+    with atomic_dir(out, overwrite=overwrite, flag="--out", command="export") as tmp:
         # Merging is done in the saved precision; `dtype` casts the result.
         load_dtype = "auto" if (merge or dtype is None) else torch_dtype(dtype)
         model, processor, resized = load_source(src, dtype=load_dtype)
@@ -165,6 +166,7 @@ def push_folder(
             folder_path=str(folder),
             revision=revision,
             repo_type="model",
+            ignore_patterns=[MARKER],  # the local folder's bookkeeping, not the model's
             commit_message=commit_message or f"Upload Mirage model ({folder.name}) with mirage-trl",
         )
     except Exception as exc:  # network, auth, permissions: the local export stays as it is

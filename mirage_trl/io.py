@@ -1,8 +1,9 @@
-"""Atomic writes: a crash never leaves a half-written file or folder where a good one would be.
+"""Atomic file writes: a crash never leaves a half-written file where a good one would be.
 
-Everything mirage-trl writes (generated data, caches, exports, eval results) goes through
-these helpers: write under a temporary name in the same folder, then `os.replace`. And whether a name is a
-local path or a Hub id (`looks_like_hub_name`).
+Every text and weight file mirage-trl writes itself (JSON, JSONL, cards, reports, plots, caches) goes through
+`atomic_file`: write under a temporary name in the same folder, then `os.replace`. Folders follow the
+output-folder rule in `folders`. Also: file modes that honour the umask, and whether a name is a local path or
+a Hub id (`looks_like_hub_name`).
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ import contextlib
 import json
 import logging
 import os
-import re
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -58,9 +57,12 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", encoding: str | None =
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno:
+            # a write that failed (full disk, size limit) names no file: name the one that was being written
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
 
 
@@ -87,61 +89,6 @@ def write_jsonl(path: str | os.PathLike, rows) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def check_writable_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
-    """Refuse, before any work, an output folder that could not be created or written: one that is a file,
-    lies under a file, sits in a folder we may not write, or has a name too long for the file system."""
-    path = Path(path)
-    for part in path.parts:
-        if len(os.fsencode(part)) > 255:  # NAME_MAX of every common file system; stat() itself fails past it
-            raise MirageError(
-                f"{flag}: the name {part[:40]}... is longer than the file system allows (255 bytes)"
-            )
-    if len(os.fsencode(str(path.absolute()))) >= 4096:
-        raise MirageError(f"{flag}: {str(path)[:60]}... is longer than the file system allows (4096 bytes)")
-    if path.exists() and not path.is_dir():
-        raise MirageError(f"{flag}: {path} is a file, expected a folder")
-    ancestor = path.absolute()
-    while not ancestor.exists() and ancestor.parent != ancestor:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise MirageError(f"{flag}: {path} lies under {ancestor}, which is a file")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise MirageError(f"{flag}: cannot write in {ancestor} (permission denied)")
-    return path
-
-
-def check_not_precious(path: str | os.PathLike, flag: str = "--out", inputs: dict | None = None) -> None:
-    """Refuse, in one line, an output folder whose replacement would destroy what the user has: the current
-    folder or one that holds it, the home folder, the file system's root, or a folder that is (or holds) one of
-    the command's `inputs` ({what: path}, e.g. {"--model": ..., "--data": ...})."""
-    target = Path(path).resolve()
-    cwd, home = Path.cwd().resolve(), Path.home().resolve()
-    if target == cwd or target in cwd.parents:
-        raise MirageError(f"{flag}: {path} is the current folder or holds it; write into a folder of its own")
-    if target in (home, Path(target.anchor)):
-        raise MirageError(f"{flag}: {path} is {'your home folder' if target == home else 'the root folder'}; write into a folder of its own")  # fmt: skip
-    for what, given in (inputs or {}).items():
-        for one in given if isinstance(given, (list, tuple)) else [given]:
-            if one is None or looks_like_hub_name(str(one)):
-                continue
-            source = Path(one).resolve()
-            if source == target or target in source.parents:
-                raise MirageError(f"{flag}: {path} holds {what} {one}; write the results elsewhere")
-
-
-def check_output_dir(
-    path: str | os.PathLike, overwrite: bool = False, flag: str = "--out", inputs: dict | None = None
-) -> Path:
-    """Refuse an output folder that cannot be written (`check_writable_dir`), whose replacement would destroy
-    the user's files (`check_not_precious`: the current or home folder, a folder holding the command's
-    `inputs`), or an existing non-empty one unless `overwrite` (named after `flag`)."""
-    path = check_writable_dir(path, flag)
-    check_not_precious(path, flag, inputs)
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise MirageError(f"{flag}: {path} already exists and is not empty (pass --overwrite to replace it)")
-    return path
-
-
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -150,62 +97,6 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def recover_output_dir(path: str | os.PathLike) -> list[str]:
-    """Clean up after writers of `path` that were killed; returns what was done, one phrase each.
-
-    `atomic_dir` writes `.name.tmp-<pid>-*` and, when replacing, moves the old folder to
-    `.name.old-<pid>` for the moment between two renames. A leftover of a process that is gone is
-    removed; an old folder whose replacement never arrived is moved back to `path`.
-    """
-    path = Path(path)
-    done = []
-    if not path.parent.is_dir():
-        return done
-    for leftover in sorted(path.parent.glob(f".{path.name}.old-*")) + sorted(
-        path.parent.glob(f".{path.name}.tmp-*")
-    ):
-        m = re.match(rf"\.{re.escape(path.name)}\.(old|tmp)-(\d+)", leftover.name)
-        if not m or pid_alive(int(m.group(2))):
-            continue
-        if m.group(1) == "old" and not path.exists():
-            os.replace(leftover, path)
-            done.append(f"restored {path} from {leftover.name}, left by an interrupted --overwrite")
-        else:
-            shutil.rmtree(leftover, ignore_errors=True)
-            done.append(f"removed {leftover.name}, left by an interrupted run")
-    return done
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, overwrite: bool = False, flag: str = "--out"):
-    """Yield a temporary folder beside `path`; on success it takes `path`'s place, on error it is removed.
-
-    An interrupted writer leaves only hidden `.name.tmp-<pid>-*` / `.name.old-<pid>` folders, never a
-    `path` that looks complete; the next writer of `path` recovers them (`recover_output_dir`): with
-    `--overwrite` interrupted between its two renames, `path` is the old folder again.
-    """
-    path = Path(path)
-    for line in recover_output_dir(path):
-        logger.warning("%s: %s", flag, line)
-    check_output_dir(path, overwrite, flag)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
-    honour_umask(tmp, folder=True)
-    try:
-        yield tmp
-        honour_umask_tree(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def looks_like_hub_name(name: str) -> bool:

@@ -6,7 +6,6 @@ Mirage settings). `run_recipe` turns them into `<recipe>: error: ...` and exit 2
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import types
 import typing
@@ -14,16 +13,15 @@ from pathlib import Path
 
 from .checkpoints import check_resume_checkpoint
 from .errors import MirageError
-from .io import check_writable_dir, looks_like_hub_name, read_json
-from .models.families import SUPPORTED_MODEL_TYPES
-from .models.settings import CONFIG_KEY, MirageSettings
+from .folders import check_training_output_dir
+from .models.resolve import check_model_source
 
 
 def _fields(types) -> dict[str, dataclasses.Field]:
     return {f.name: f for t in types for f in dataclasses.fields(t)}
 
 
-def _plain_type(tp):
+def plain_type(tp):
     """int / float / bool / str for a field annotated with one of them (optionally `| None`), `list[T]` for a
     list of one of them, else None."""
     if isinstance(tp, str):
@@ -37,11 +35,11 @@ def _plain_type(tp):
     return tp if tp in (int, float, bool, str) else None
 
 
-def _fits(v, expected) -> bool:
+def fits_type(v, expected) -> bool:
     """Whether a YAML value fits a plain type (a bool is no number; an int is a float) or a `list[T]`."""
     if typing.get_origin(expected) is list:
         (elem,) = typing.get_args(expected)
-        return isinstance(v, list) and all(isinstance(x, str) or _fits(x, elem) for x in v)
+        return isinstance(v, list) and all(isinstance(x, str) or fits_type(x, elem) for x in v)
     if expected is float and isinstance(v, int) and not isinstance(v, bool):
         return True
     return isinstance(v, expected) and not (expected is not bool and isinstance(v, bool))
@@ -81,10 +79,10 @@ def check_recipe_yaml(path, types) -> dict:
         if key not in fields:
             owners = ", ".join(t.__name__ for t in types)
             raise MirageError(f"{path}: unknown key {key!r} (not a field of {owners})")
-        expected = _plain_type(hints.get(key, fields[key].type))
+        expected = plain_type(hints.get(key, fields[key].type))
         if expected is None or v is None or isinstance(v, str):
             continue  # strings are converted by the parser, which names the flag when it cannot
-        if not _fits(v, expected):
+        if not fits_type(v, expected):
             what = (
                 f"a list of {typing.get_args(expected)[0].__name__}"
                 if typing.get_origin(expected) is list
@@ -124,61 +122,6 @@ def parse_recipe_args(types, argv: list[str] | None = None):
         raise MirageError(f"{where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
-def check_model_source(name, flag: str = "--model_name_or_path") -> None:
-    """A local model folder: a readable config.json of a supported vision-language model with well-typed Mirage
-    settings and readable safetensors, or a PEFT adapter whose files are readable and whose base exists."""
-    path = Path(str(name))
-    if not path.exists():
-        if looks_like_hub_name(str(name)):
-            return  # loaded from the Hub by name
-        raise MirageError(f"{flag} {name}: no such model folder")
-    if not path.is_dir():
-        raise MirageError(f"{flag} {name}: is a file, expected a model folder")
-    if (path / "adapter_config.json").is_file():
-        adapter = read_json(path / "adapter_config.json")
-        base = adapter.get("base_model_name_or_path")
-        if not base:
-            raise MirageError(
-                f"{path / 'adapter_config.json'}: names no base model (base_model_name_or_path)"
-            )
-        check_model_source(base, flag=f"{path / 'adapter_config.json'}: base model")
-        _check_safetensors(path)
-        return
-    if not (path / "config.json").is_file():
-        raise MirageError(f"{flag} {path}: no config.json (not a model folder, nor an adapter)")
-    config = read_json(path / "config.json")
-    model_type = config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise MirageError(
-            f"{path / 'config.json'}: model type {model_type!r} is not a supported vision-language model; "
-            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-    mirage = config.get(CONFIG_KEY)
-    if mirage is not None:  # read as the loader will read it: a bad value fails here, before anything loads
-        where = f"{path / 'config.json'}:{CONFIG_KEY}"
-        if not isinstance(mirage, dict):
-            raise MirageError(
-                f"{where}: expected the Mirage settings (an object), got {json.dumps(mirage)[:60]}"
-            )
-        MirageSettings.from_dict(mirage, where)
-    _check_safetensors(path)
-
-
-def _check_safetensors(folder: Path) -> None:
-    """Every safetensors file's header parses and covers the file (a truncated copy fails here, not mid-load)."""
-    from safetensors import SafetensorError, safe_open
-
-    for f in sorted(folder.glob("*.safetensors")):
-        try:
-            with safe_open(str(f), "pt"):
-                pass
-        except (SafetensorError, OSError) as e:
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise MirageError(
-                f"{f}: not a readable safetensors file, corrupt or truncated ({reason})"
-            ) from None
-
-
 # `report_to` backend -> the modules transformers' integration imports (any one will do) and how to get one.
 REPORT_BACKENDS = {
     "tensorboard": (("tensorboard", "tensorboardX"), "pip install 'mirage-trl[tensorboard]'"),
@@ -210,9 +153,34 @@ def check_report_to(report_to) -> None:
             )
 
 
+def check_hub_reachable(training_args) -> None:
+    """`--push_to_hub` with the Hub switched off (`HF_HUB_OFFLINE`): one line now, not a traceback when the
+    trainer creates the repository after the weights are loaded."""
+    if not getattr(training_args, "push_to_hub", False):
+        return
+    import os
+
+    from huggingface_hub import constants
+
+    # the environment as it is now (huggingface_hub read it once, at import)
+    offline = any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))  # fmt: skip
+    if constants.HF_HUB_OFFLINE or offline:
+        raise MirageError(
+            "--push_to_hub: the Hub is offline here (HF_HUB_OFFLINE is set); train without --push_to_hub and "
+            "push the output later (mirage-trl export --push-to-hub)"
+        )
+
+
 def preflight(script_args, training_args, model_args) -> None:
     """What a recipe checks after parsing and before loading anything heavy."""
     check_report_to(getattr(training_args, "report_to", None))
-    check_writable_dir(training_args.output_dir, "--output_dir")
+    inputs = {
+        "the model": model_args.model_name_or_path,
+        "the data": getattr(script_args, "dataset_name", None),
+        "the eval data": getattr(script_args, "eval_dataset_name", None),
+    }
+    # no user's file is overwritten: a folder of someone else's files is refused, a run of ours is resumed
+    check_training_output_dir(training_args.output_dir, inputs)
+    check_hub_reachable(training_args)
     check_resume_checkpoint(getattr(training_args, "resume_from_checkpoint", None))
     check_model_source(model_args.model_name_or_path)

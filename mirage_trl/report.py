@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .io import atomic_file
+from .errors import MirageError
+from .io import atomic_file, read_json
 from .stats import compare, wilson_interval
 
 # the comparisons of results written before arms were data (results.json without "comparisons")
@@ -457,11 +458,23 @@ def write_plots(results: dict, out: Path) -> list[str]:
 
 def rebuild(out: Path) -> dict:
     """Report and plots again from `out/results.json` (after editing the presentation, or a failed plot)."""
-    import json
-
     out = Path(out)
-    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
-    results["summary"] = summarize_results(results)  # the statistics may have gained a table since
+    path = out / "results.json"
+    if not path.is_file():
+        raise MirageError(f"--report-only: {path} does not exist")
+    results = read_json(path)  # not JSON, not an object: one line naming the file
+    for key, kind in (("config", dict), ("data", dict), ("runs", list)):
+        if not isinstance(results.get(key), kind):
+            raise MirageError(
+                f"--report-only: {path} is not the results of `mirage-trl experiment` (no {key!r} "
+                f"{'list' if kind is list else 'section'})"
+            )
+    try:
+        results["summary"] = summarize_results(results)  # the statistics may have gained a table since
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise MirageError(
+            f"--report-only: {path} is not the results of `mirage-trl experiment` ({type(e).__name__}: {e})"
+        ) from None
     results["plots"] = write_plots(results, out)
     write_report(results, out / "report.md")
     return results

@@ -23,9 +23,10 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from .card import launch_line
-from .checkpoints import check_same_run, newest_complete_checkpoint, output_lock
+from .checkpoints import check_same_run, newest_complete_checkpoint, own_checkpoints
 from .data.sources import load_data
-from .errors import MirageError
+from .errors import MirageError, hub_error, storage_error
+from .folders import output_lock
 from .io import read_json, write_json
 from .models.families import unwrap
 from .models.processors import save_processor
@@ -44,13 +45,29 @@ def run_recipe(main_fn, prog: str | None = None):
     a stack trace. Set `MIRAGE_TRL_DEBUG=1` to see the trace (`--debug` is TrainingArguments' own flag).
     """
     prog = prog or os.path.basename(sys.argv[0]) or "recipe"
+    debug = os.environ.get("MIRAGE_TRL_DEBUG", "") not in ("", "0")
     try:
         return main_fn()
-    except MirageError as e:
-        if os.environ.get("MIRAGE_TRL_DEBUG", "") not in ("", "0"):
+    except Exception as e:
+        # the user's to fix: bad input, a full disk or read-only folder, the Hub out of reach
+        error = e if isinstance(e, MirageError) else storage_error(e) or hub_error(e)
+        if error is None or debug:
             raise
-        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        end_progress_bars()  # the message starts a line of its own, even mid-bar: the launcher finds it
+        print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+
+
+def end_progress_bars() -> None:
+    """Close every open tqdm bar (the Trainer's): a closed bar ends its line, so what is printed next starts
+    on a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        try:
+            bar.close()
+        except Exception:  # a bar that cannot be closed still must not hide the error
+            pass
+    sys.stderr.flush()
 
 
 def launch(main_fn, arg_classes, **fixed):
@@ -113,8 +130,9 @@ def train(trainer, training_args):
     """Train (resuming from `--resume_from_checkpoint`, or else from the newest complete checkpoint in
     `output_dir`), then log and save the train metrics and the trainer state. Returns the metrics."""
     checkpoint = training_args.resume_from_checkpoint
-    if checkpoint is None:
-        checkpoint = newest_complete_checkpoint(training_args.output_dir)
+    if checkpoint is None:  # a checkpoint a run wrote (run_args.json), or one of an older version's runs
+        own = own_checkpoints(training_args.output_dir)
+        checkpoint = own[-1] if own else newest_complete_checkpoint(training_args.output_dir)
         if checkpoint is not None:
             logger.info("checkpoint found in output_dir: resuming training from %s", checkpoint)
     if checkpoint is not None and not isinstance(checkpoint, bool):

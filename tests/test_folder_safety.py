@@ -5,6 +5,7 @@ line, exit 2, and every file the user had is still there, byte for byte."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -33,14 +34,21 @@ def test_experiment_refuses_the_current_folder_and_its_parents(workdir, capsys, 
 
 
 def test_experiment_overwrite_replaces_only_an_experiments_own_folder(workdir, capsys):
+    from mirage_trl.folders import write_marker
+
     out = workdir / "results"
     (out / "seed0").mkdir(parents=True)
-    (out / "results.json").write_text("{}")
-    (out / "thesis.tex").write_text("years of work")
+    (out / "results.json").write_text('{"runs": []}')
+    write_marker(out, "experiment", ["seed0", "results.json"])  # what an experiment wrote there
+    (out / "thesis.tex").write_text("years of work")  # what the user added since
     before = _snapshot(out)
     rc, _, err = run_cli(["experiment", "--quick", "--out", out, "--overwrite"], capsys)
-    assert_cli_error(rc, err, "experiment", r"holds what an experiment does not write \(thesis\.tex\); --overwrite replaces only an experiment's own folder$")  # fmt: skip
+    assert_cli_error(rc, err, "experiment", r"holds what mirage-trl did not write there \(thesis\.tex\); --overwrite replaces only a folder mirage-trl wrote: give another --out$")  # fmt: skip
     assert _snapshot(out) == before
+    # without a marker, a folder is not the library's (unless it is an older experiment's, all its own)
+    (out / ".mirage-trl.json").unlink()
+    rc, _, err = run_cli(["experiment", "--quick", "--out", out, "--overwrite"], capsys)
+    assert_cli_error(rc, err, "experiment", r"\(results\.json, seed0, thesis\.tex\)")
 
 
 def test_experiment_refuses_the_home_folder(workdir, capsys, monkeypatch):
@@ -159,3 +167,127 @@ def test_card_refuses_a_folder_that_is_not_a_model_and_a_mistyped_eval_json(tmp_
     )
     assert_cli_error(rc, err, "card", r"not the results\.json of `mirage-trl eval` \(no per-mode results with numeric accuracies\)$")  # fmt: skip
     assert not (model / "README.md").exists()
+
+
+# ------------------------------------------------------------------------------ training output folders
+def test_a_training_output_dir_holding_the_users_files_is_refused(env, tmp_path):
+    """A training into a folder of the user's (a README.md, a model of theirs) is refused before the model loads;
+    a folder a training wrote is resumed, and the model given as input is never the output."""
+    from helpers import _recipe_args, _recipe_argv, recipe_main
+
+    from mirage_trl.errors import MirageError
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "README.md").write_text("my notes")
+    before = _snapshot(out)
+    argv = _recipe_argv(env, env["data"], out, "--max_steps", "1", "--save_strategy", "no")
+    with pytest.raises(MirageError, match=rf"^--output_dir {out}: holds what no training wrote \(README\.md\); give an empty or new --output_dir$"):  # fmt: skip
+        recipe_main("stage1_vsp")(*_recipe_args(argv))
+    assert _snapshot(out) == before
+    argv = _recipe_argv(env, env["data"], env["mirage"], "--max_steps", "1")
+    with pytest.raises(
+        MirageError, match=r"^--output_dir: \S+ holds the model \S+; write the results elsewhere$"
+    ):
+        recipe_main("stage1_vsp")(*_recipe_args(argv))
+
+
+def test_checkpoint_rotation_deletes_only_the_runs_own_checkpoints(env, tmp_path):
+    """The user's `checkpoint-0/`, `checkpoint-1/mine.txt` and `.checkpoint-9.tmp/` beside a run's checkpoints
+    survive `save_total_limit=1`; the run's older checkpoints are rotated away; a user's folder where the run
+    would save a checkpoint is refused in one line, not replaced."""
+    from helpers import _recipe_args, _recipe_argv, recipe_main
+
+    from mirage_trl.errors import MirageError
+
+    out = tmp_path / "run"
+    argv = _recipe_argv(
+        env, env["data"], out, "--max_steps", "1", "--save_strategy", "steps", "--save_steps", "1"
+    )
+    recipe_main("stage1_vsp")(*_recipe_args(argv))  # a run of ours: checkpoint-1
+    for name, files in {
+        "checkpoint-0": {"a.txt": "mine"},
+        ".checkpoint-9.tmp": {"b.txt": "mine too"},
+    }.items():
+        (out / name).mkdir()
+        for f, text in files.items():
+            (out / name / f).write_text(text)
+    theirs = {n: _snapshot(out / n) for n in ("checkpoint-0", ".checkpoint-9.tmp")}
+    more = ("--max_steps", "3", "--save_total_limit", "1")
+    trainer = recipe_main("stage1_vsp")(*_recipe_args(argv + list(more)))
+    assert trainer.state.global_step == 3
+    assert sorted(p.name for p in out.glob("*checkpoint-*")) == [
+        ".checkpoint-9.tmp",
+        "checkpoint-0",
+        "checkpoint-3",
+    ]
+    assert {n: _snapshot(out / n) for n in theirs} == theirs
+    # a folder of the user's named like the next checkpoint: refused, kept
+    (out / "checkpoint-4").mkdir()
+    (out / "checkpoint-4" / "mine.txt").write_text("keep")
+    with pytest.raises(
+        MirageError, match=r"checkpoint-4 is there and no mirage-trl run wrote it; it is not replaced"
+    ):
+        recipe_main("stage1_vsp")(*_recipe_args(argv + ["--max_steps", "4", "--save_total_limit", "1"]))
+    assert (out / "checkpoint-4" / "mine.txt").read_text() == "keep"
+
+
+# ------------------------------------------------------------------------------ --out folders
+def test_overwrite_swaps_at_the_end_and_an_interrupted_experiment_leaves_the_old_folder(
+    workdir, capsys, monkeypatch
+):
+    """`experiment --overwrite` writes beside --out and swaps at the end: interrupted, the old folder is as it
+    was, byte for byte, and no temporary folder is left; completed, it is replaced and marked."""
+    import mirage_trl.experiment as experiment
+    from mirage_trl.folders import read_marker
+
+    out = workdir / "results"
+    calls = []
+
+    def fake_run(cfg, where, **kw):
+        calls.append(Path(where))
+        (Path(where) / "results.json").write_text('{"runs": []}')
+        (Path(where) / "seed0").mkdir()
+        (Path(where) / "seed0" / "mirage_config.json").write_text(
+            json.dumps({"base": str(Path(where).resolve())})
+        )
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the second run
+        return {"summary": {"best_arm_level3": {"arm": "x"}}, "wall_seconds": 1.0}
+
+    monkeypatch.setattr(experiment, "run_experiment", fake_run)
+    rc, _, err = run_cli(["experiment", "--quick", "--out", out], capsys)
+    assert rc == 0, err
+    assert calls[0] != out and calls[0].parent == out.parent  # written beside --out
+    assert read_marker(out)["entries"] == ["results.json", "seed0"]
+    # the paths recorded inside name the final folder, not the temporary one
+    assert json.loads((out / "seed0" / "mirage_config.json").read_text())["base"] == str(out.resolve())
+    before = _snapshot(out)
+    rc, _, err = run_cli(["experiment", "--quick", "--out", out, "--overwrite"], capsys)
+    assert rc == 130
+    assert _snapshot(out) == before
+    assert sorted(p.name for p in workdir.iterdir()) == ["notes.txt", "results"]
+
+
+def test_a_second_eval_into_the_same_out_is_refused(env, tmp_path, capsys):
+    """Two evals into one --out would share `<out>.partial.jsonl`: while one runs (its lock names a live
+    process), the other is refused in one line, and nothing of the first is touched."""
+    out = tmp_path / "eval"
+    (tmp_path / ".eval.lock").write_text("1")  # pid 1 is always alive
+    (tmp_path / "eval.partial.jsonl").write_text('{"index": 0}\n')
+    rc, _, err = run_cli(
+        [
+            "eval",
+            "--model",
+            env["mirage"],
+            "--benchmark",
+            "vsp_planning",
+            "--data",
+            env["data"],
+            "--out",
+            out,
+        ],
+        capsys,
+    )
+    assert_cli_error(rc, err, "eval", rf"--out {out}: another process \(pid 1\) is writing there; wait for it to finish or give another --out$")  # fmt: skip
+    assert (tmp_path / "eval.partial.jsonl").read_text() == '{"index": 0}\n' and not out.exists()

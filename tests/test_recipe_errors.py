@@ -197,3 +197,37 @@ def test_shipped_7b_yamls_report_to_is_checked_before_loading(monkeypatch):
     )
     check_report_to(["none"])  # nothing to check
     check_report_to("all")
+
+
+def test_an_error_after_the_progress_bar_started_is_the_last_line(env, tmp_path):
+    """A broken helper image is found in the first batch, after the Trainer's progress bar has started: the
+    recipe ends the bar before printing, and `mirage-trl train` still ends with the message itself."""
+    from helpers import broken_image
+
+    model, data = env
+    objs = [json.loads(line) for line in Path(data).read_text().splitlines()]
+    for o in objs:
+        o["image_input"] = str((Path(data).parent / o["image_input"]).resolve())
+        o["image_output"] = str((Path(data).parent / o["image_output"]).resolve())
+    objs[0]["image_output"] = broken_image(tmp_path / "img", "truncated")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(o) + "\n" for o in objs))
+    argv = [
+        "--config", TINY_YAML, "--model_name_or_path", model, "--dataset_name", bad,
+        "--output_dir", tmp_path / "out", "--max_steps", "1", "--disable_tqdm", "false",
+    ]  # fmt: skip
+    p = subprocess.run(
+        [sys.executable, "-m", "mirage_trl", "train", str(RECIPE), "--cpu", *map(str, argv)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert "0/1 [" in p.stderr  # the bar had started
+    worker = [line for line in p.stderr.splitlines() if "stage1_vsp.py: error: " in line]
+    assert len(worker) == 1 and worker[0].startswith("stage1_vsp.py: error: "), worker  # on a line of its own
+    last = p.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"mirage-trl train: error: \S+bad\.jsonl:1:helper_images: broken or truncated image .+", last
+    ), last

@@ -170,7 +170,7 @@ def test_a_second_training_into_the_same_output_folder_is_refused(env, tmp_path)
     left by a process that is gone is taken over; the lock is gone when the run ends."""
     from helpers import _recipe_args, _recipe_argv, recipe_main
 
-    from mirage_trl.checkpoints import LOCK_FILE
+    from mirage_trl.folders import LOCK_FILE
 
     out = tmp_path / "run"
     out.mkdir()

@@ -12,7 +12,7 @@ import argparse
 import importlib
 import sys
 
-from ..errors import MirageError
+from ..errors import MirageError, storage_error
 
 # Subcommand modules, in the order `--help` lists them.
 SUBCOMMANDS = [
@@ -111,6 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"mirage-trl {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a full disk, a quota, a read-only folder: the user's to fix, one line
+        error = storage_error(e)
+        if error is None or args.debug:
+            raise
+        print(f"mirage-trl {args.command}: error: {error}", file=sys.stderr)
+        return 2
     return int(rc or 0)
 
 

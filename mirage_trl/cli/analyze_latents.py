@@ -47,7 +47,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from ..errors import MirageError
-    from ..io import check_output_dir
+    from ..folders import check_output_dir
 
     if args.num_samples < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
         raise MirageError("--num-samples, --batch-size and --max-new-tokens must be >= 1")
@@ -57,7 +57,8 @@ def run(args) -> int:
     from safetensors.torch import save_file
 
     from ..analysis import analyze_latents, draw_projection, summary_lines
-    from ..io import atomic_dir, write_json
+    from ..folders import atomic_dir
+    from ..io import write_json
     from ..models.load import load_model
 
     data = load_data_arguments(args)
@@ -69,7 +70,7 @@ def run(args) -> int:
         do_sample=not args.greedy, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
     )  # fmt: skip
     lines = summary_lines(result.stats)
-    with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
+    with atomic_dir(args.out, overwrite=args.overwrite, command="analyze-latents") as tmp:
         tmp = Path(tmp)
         write_json(tmp / "analysis.json", {"model": args.model, "data": args.data, **result.stats})
         draw_projection(result.projection, tmp / "projection.png", lines)

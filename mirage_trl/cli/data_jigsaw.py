@@ -31,7 +31,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from ..data.jigsaw import generate_jigsaw
-    from ..io import check_output_dir
+    from ..folders import check_output_dir
 
     check_output_dir(args.out, args.overwrite, inputs={"--images": args.images})  # before any work
 

@@ -79,13 +79,11 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    import sys
-    import warnings
 
     from ..errors import MirageError
     from ..evaluation import check_latent_modes
+    from ..folders import check_output_dir, out_lock
     from ..grading import check_benchmark
-    from ..io import check_output_dir
 
     # Cheap checks first: nothing is loaded before the arguments are known to be good.
     check_benchmark(args.benchmark)
@@ -103,11 +101,22 @@ def run(args) -> int:
         )
     if not 0.0 < args.top_p <= 1.0:
         raise MirageError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.out is not None:
-        check_output_dir(args.out, args.overwrite, inputs={"the model": args.model, "the data": args.data})
+    if args.out is None:
+        return _evaluate(args, modes)
+    check_output_dir(args.out, args.overwrite, inputs={"the model": args.model, "the data": args.data})
+    with out_lock(
+        args.out
+    ):  # a second eval into this --out (and its partial file) is refused while this runs
+        return _evaluate(args, modes)
+
+
+def _evaluate(args, modes) -> int:
+    import sys
+    import warnings
 
     import torch
 
+    from ..errors import MirageError, storage_error
     from ..evaluation import check_rows, evaluate
     from ..models.load import load_model
 
@@ -152,9 +161,14 @@ def run(args) -> int:
             on_decoded=keeper.write if keeper else None,
         )
         _write_results(args, result, model, device)
-    except MirageError as exc:
+    except (MirageError, OSError) as exc:
+        error = exc if isinstance(exc, MirageError) else storage_error(exc)  # a full disk: one line too
         note = keeper.close(failed=True) if keeper else None
-        raise MirageError(f"{exc}; {note}" if note else str(exc)) from None
+        if error is None:
+            if note:
+                print(f"mirage-trl eval: {note}", file=sys.stderr)
+            raise
+        raise MirageError(f"{error}; {note}" if note else str(error)) from None
     except BaseException:
         note = keeper.close(failed=True) if keeper else None
         if note:
@@ -193,7 +207,8 @@ def _write_results(args, result, model, device) -> None:
     import datetime
 
     from ..evaluation import plot_accuracy, print_tables
-    from ..io import atomic_dir, write_json, write_jsonl
+    from ..folders import atomic_dir
+    from ..io import write_json, write_jsonl
 
     print_tables(result)
     if args.out is not None:
@@ -210,7 +225,7 @@ def _write_results(args, result, model, device) -> None:
             "latent_size": _latent_size(model),
             **result.to_dict(),
         }
-        with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
+        with atomic_dir(args.out, overwrite=args.overwrite, command="eval") as tmp:
             write_json(Path(tmp) / "results.json", payload)
             write_jsonl(Path(tmp) / "completions.jsonl", result.completion_rows())
             plot_accuracy(result, Path(tmp) / "accuracy.png")

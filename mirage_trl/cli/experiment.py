@@ -41,43 +41,39 @@ def run(args) -> int:
     if args.report_only:
         from pathlib import Path
 
-        from ..errors import MirageError
         from ..report import rebuild
 
-        if not (Path(args.out) / "results.json").is_file():
-            raise MirageError(f"--report-only: {Path(args.out) / 'results.json'} does not exist")
-        rebuild(Path(args.out))
+        rebuild(Path(args.out))  # a results.json that is not an experiment's: one line naming what is missing
         print(f"wrote {args.out}/report.md and the plots from {args.out}/results.json")
         return 0
     from ..errors import MirageError
-    from ..experiment import load_config
-    from ..io import check_output_dir
+    from ..experiment import adopt_legacy_folder, load_config
+    from ..folders import check_output_dir
 
     cfg = load_config(args.config, quick=args.quick)  # a bad config: one line, before anything runs
     if args.jobs is not None and args.jobs < 1:
         raise MirageError(f"--jobs {args.jobs}: must be at least 1")
     if args.seeds:
+        if any(type(s) is not int or s < 0 for s in args.seeds):
+            raise MirageError(f"--seeds {args.seeds}: seeds are integers >= 0")
         cfg.seeds = list(args.seeds)
+    if args.overwrite:
+        adopt_legacy_folder(args.out)  # an experiment folder of a version that wrote no marker
     check_output_dir(args.out, args.overwrite)
-    import shutil
     from pathlib import Path
 
-    from ..experiment import foreign_entries, run_experiment
+    from ..experiment import run_experiment
+    from ..folders import atomic_dir, relocate_references
 
-    if args.overwrite and Path(args.out).is_dir():
-        foreign = foreign_entries(args.out)
-        if foreign:
-            raise MirageError(
-                f"--out: {args.out} holds what an experiment does not write ({', '.join(foreign[:3])}"
-                f"{', ...' if len(foreign) > 3 else ''}); --overwrite replaces only an experiment's own folder"
-            )
-        shutil.rmtree(args.out)
     command = (
         "mirage-trl " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         if sys.argv[1:]
         else "mirage-trl experiment"
     )
-    results = run_experiment(cfg, args.out, progress=not args.no_progress, command=command, workers=args.jobs)
+    # Written beside --out and swapped in at the end: an interrupted run leaves the old folder as it was.
+    with atomic_dir(args.out, overwrite=args.overwrite, command="experiment") as tmp:
+        results = run_experiment(cfg, tmp, progress=not args.no_progress, command=command, workers=args.jobs)
+        relocate_references(tmp, Path(args.out))  # the models' recorded bases name the final folder
     best = results["summary"]["best_arm_level3"]
     print(f"wrote {args.out}/report.md, results.json and plots ({results['wall_seconds'] / 60:.1f} min)")
     if "accuracy" in best:

@@ -22,11 +22,13 @@ def run(args) -> int:
     from pathlib import Path
 
     from ..curves import find_state, plot_curves, read_curves
+    from ..folders import check_output_file
     from ..io import atomic_file
 
     state = find_state(args.output_dir)
-    curves = read_curves(state)
     out = Path(args.out) if args.out else Path(args.output_dir) / "training_curves.png"
+    check_output_file(out, "--out", inputs={"the run's trainer_state.json": state})  # before drawing
+    curves = read_curves(state)
     with atomic_file(out, mode="wb", encoding=None) as f:  # a good plot is never half-replaced
         names = plot_curves(curves, f, title=str(Path(args.output_dir).resolve().name))
     print(f"{len(names)} curves from {state} drawn in {out}")

@@ -84,7 +84,7 @@ def tiny_model_kwargs(args) -> dict:
 
 
 def run(args) -> int:
-    from ..io import check_output_dir
+    from ..folders import check_output_dir
 
     check_output_dir(args.out, args.overwrite)  # before torch loads
     if args.config is not None and not Path(args.config).is_file():

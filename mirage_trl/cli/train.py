@@ -64,9 +64,23 @@ def _accelerate_config(value: str) -> str:
     if not path.is_file():
         path = shipped("zero_configs") / f"{value}.yaml"
     if not path.is_file():
-        names = ", ".join(sorted(p.stem for p in shipped("zero_configs").glob("*.yaml")))
-        raise MirageError(f"--accelerate_config {value}: no such file or name (names: {names})")
+        raise MirageError(f"--accelerate_config {value}: no such file or name (names: {names_of_shipped()})")
+    # read as accelerate will read it, so a file that is not an accelerate config is one line here
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    try:
+        load_config_from_file(str(path))
+    except Exception as e:  # YAML/JSON syntax, not a mapping, keys accelerate does not know
+        reason = (str(e).splitlines() or [""])[0] or type(e).__name__
+        raise MirageError(
+            f"--accelerate_config {value}: not an accelerate config ({type(e).__name__}: {reason}); make one "
+            f"with `accelerate config --config_file FILE`, or name a shipped one ({names_of_shipped()})"
+        ) from None
     return str(path)
+
+
+def names_of_shipped() -> str:
+    return ", ".join(sorted(p.stem for p in shipped("zero_configs").glob("*.yaml")))
 
 
 def _recipe(args):
@@ -104,17 +118,19 @@ def run(args) -> int:
         cmd += ["--cpu", "--mixed_precision", "no"]
     cmd += ["--num_processes", str(args.num_processes or 1), "--num_machines", "1", "--dynamo_backend", "no"]
     cmd += [str(recipe), *extra, *args.rest]
-    error_line = re.compile(rf"^{re.escape(recipe.name)}: error: ")
+    # anywhere in a line: a message printed while a progress bar held the line is glued after the bar
+    error_line = re.compile(rf"{re.escape(recipe.name)}: error: (.*)$")
     last_error = None
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
     for line in proc.stderr:
         sys.stderr.write(line)
-        if error_line.match(line):
-            last_error = line.rstrip("\n")
+        found = error_line.search(line.rstrip("\n"))
+        if found:
+            last_error = found.group(1)
     proc.wait()
     if proc.returncode == 0:
         return 0
     if last_error:
         # Whatever the launcher printed after it, the worker's message is what the user reads last.
-        raise MirageError(last_error.split(": error: ", 1)[1])
+        raise MirageError(last_error)
     raise MirageError(f"{recipe.name} failed (exit code {proc.returncode}); its output is above")

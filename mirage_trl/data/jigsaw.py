@@ -14,7 +14,8 @@ import random
 from pathlib import Path
 
 from ..errors import MirageError
-from ..io import atomic_dir, write_jsonl
+from ..folders import atomic_dir
+from ..io import write_jsonl
 from .images import load_image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -134,7 +135,7 @@ def generate_jigsaw(
         return cache[path]
 
     rows = []
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, command="data jigsaw") as tmp:
         for i in range(num_samples):
             path = order[i % len(order)]
             others = [p for p in files if p != path]

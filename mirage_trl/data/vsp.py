@@ -33,7 +33,8 @@ from collections import deque
 from pathlib import Path
 
 from ..errors import MirageError, where
-from ..io import atomic_dir, check_output_dir, write_jsonl
+from ..folders import atomic_dir, check_output_dir
+from ..io import write_jsonl
 from .vsp_render import GOAL, HOLE, ICE, START, render_map
 
 __all__ = [
@@ -555,7 +556,7 @@ def generate_vsp(
     with status:
         plan_rows = _sample_all(task, split, seed, style, levels, per_level, excluded, max_hole_frac)
 
-    with atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite, command="data vsp") as tmp:
         rows = []
         for level, map_id, desc, plan, shown in _track(plan_rows, progress, f"rendering {task} {split} maps"):
             folder = f"images/level{level}"

@@ -11,6 +11,7 @@ as it is.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 from ..checkpoints import check_resume_checkpoint
 from ..errors import MirageError
 from ..io import looks_like_hub_name, read_json
+from .families import SUPPORTED_MODEL_TYPES
 from .settings import CONFIG_KEY, SETTINGS_FILE, MirageSettings
 from .tokens import LATENT_TOKEN_NAMES
 
@@ -81,6 +83,61 @@ def _tokenizer_vocab(folder: Path) -> dict[str, int]:
         raise MirageError(f"{folder}: cannot load its tokenizer ({str(exc).splitlines()[0]})") from None
 
 
+def check_model_source(name, flag: str = "--model_name_or_path") -> None:
+    """A local model folder: a readable config.json of a supported vision-language model with well-typed Mirage
+    settings and readable safetensors, or a PEFT adapter whose files are readable and whose base exists."""
+    path = Path(str(name))
+    if not path.exists():
+        if looks_like_hub_name(str(name)):
+            return  # loaded from the Hub by name
+        raise MirageError(f"{flag} {name}: no such model folder")
+    if not path.is_dir():
+        raise MirageError(f"{flag} {name}: is a file, expected a model folder")
+    if (path / "adapter_config.json").is_file():
+        adapter = read_json(path / "adapter_config.json")
+        base = adapter.get("base_model_name_or_path")
+        if not base:
+            raise MirageError(
+                f"{path / 'adapter_config.json'}: names no base model (base_model_name_or_path)"
+            )
+        check_model_source(base, flag=f"{path / 'adapter_config.json'}: base model")
+        _check_safetensors(path)
+        return
+    if not (path / "config.json").is_file():
+        raise MirageError(f"{flag} {path}: no config.json (not a model folder, nor an adapter)")
+    config = read_json(path / "config.json")
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise MirageError(
+            f"{path / 'config.json'}: model type {model_type!r} is not a supported vision-language model; "
+            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    mirage = config.get(CONFIG_KEY)
+    if mirage is not None:  # read as the loader will read it: a bad value fails here, before anything loads
+        where = f"{path / 'config.json'}:{CONFIG_KEY}"
+        if not isinstance(mirage, dict):
+            raise MirageError(
+                f"{where}: expected the Mirage settings (an object), got {json.dumps(mirage)[:60]}"
+            )
+        MirageSettings.from_dict(mirage, where)
+    _check_safetensors(path)
+
+
+def _check_safetensors(folder: Path) -> None:
+    """Every safetensors file's header parses and covers the file (a truncated copy fails here, not mid-load)."""
+    from safetensors import SafetensorError, safe_open
+
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise MirageError(
+                f"{f}: not a readable safetensors file, corrupt or truncated ({reason})"
+            ) from None
+
+
 def resolve_model_dir(path, latent_size: int | None = None, require_mirage: bool = True) -> ModelSource:
     """Describe a local model / adapter / checkpoint folder and check its Mirage settings (see module doc).
 
@@ -98,6 +155,7 @@ def resolve_model_dir(path, latent_size: int | None = None, require_mirage: bool
         raise MirageError(
             f"{p} is neither a model folder (no config.json) nor a PEFT adapter folder (no adapter_config.json)"
         )
+    check_model_source(p, flag="--model")  # its model type, settings and weight files, before anything loads
     checkpoint = _is_checkpoint(p)
     if checkpoint and not (p / "trainer_state.json").is_file():
         check_resume_checkpoint(str(p), flag="--model")  # a partial checkpoint: names the newest complete one

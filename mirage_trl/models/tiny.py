@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..data import vsp
 from ..errors import MirageError
-from ..io import atomic_dir, check_output_dir
+from ..folders import atomic_dir, check_output_dir
 
 _CORPUS = [
     "As a professional maze solver, your task is to analyze a grid-based map and devise an action plan",
@@ -232,7 +232,7 @@ def save_tiny_model(
     out_dir = Path(out_dir)
     check_output_dir(out_dir, overwrite)
     model, processor = build_tiny_model(model_type, seed=seed, **kw)
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, command="tiny-model") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         processor.save_pretrained(tmp)
     return out_dir

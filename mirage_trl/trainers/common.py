@@ -16,9 +16,15 @@ import torch
 from transformers import TrainerCallback
 
 from ..card import build_model_card, write_card
-from ..checkpoints import RUN_ARGS_FILE, check_resume_checkpoint, run_args
+from ..checkpoints import (
+    RUN_ARGS_FILE,
+    check_resume_checkpoint,
+    own_checkpoints,
+    rotate_own_checkpoints,
+    run_args,
+)
 from ..configs import MirageGRPOConfig
-from ..errors import MirageError
+from ..errors import MirageError, os_error_of, storage_error
 from ..io import honour_umask_tree, write_json
 from ..latent.bottleneck import check_bottleneck_support
 from ..latent.health import collapse_reason
@@ -169,6 +175,7 @@ def load_from_checkpoint(trainer, resume_from_checkpoint, model, fallback) -> No
 
 # ---------------------------------------------------------------------------------------- trainer mixin
 CHECKPOINT_STAGING = ".{name}.tmp"
+STAGING_MARK = ".mirage-trl-staging"  # in a staging folder a run made: only those are cleaned up
 # A logged loss this many times its first value is reported as divergence.
 DIVERGENCE_FACTOR = 10.0
 
@@ -343,7 +350,14 @@ class MirageTrainerMixin:
 
     def save_model(self, output_dir=None, _internal_call=False):
         with redacted_args(self.args):
-            super().save_model(output_dir, _internal_call=True)
+            try:
+                super().save_model(output_dir, _internal_call=True)
+            except Exception as e:
+                error = os_error_of(e)
+                if error is None or storage_error(error) is None or error.filename is not None:
+                    raise
+                # a full disk in the weights writer names no file: name the folder being written
+                raise OSError(error.errno, error.strerror, str(output_dir or self.args.output_dir)) from e
         if self.args.should_save:
             self.save_mirage_state(output_dir or self.args.output_dir)
             honour_umask_tree(output_dir or self.args.output_dir)
@@ -382,15 +396,29 @@ class MirageTrainerMixin:
         return MirageSettings.of_model(self.model)
 
     def _save_checkpoint(self, model, trial):
-        from transformers.trainer_utils import rotate_checkpoints
-
         run_dir = super()._get_output_dir(trial)
         name = f"checkpoint-{self.state.global_step}"
         final = os.path.join(run_dir, name)
         staging = os.path.join(run_dir, CHECKPOINT_STAGING.format(name=name))
+        if os.path.isdir(final) and final not in own_checkpoints(run_dir):
+            raise MirageError(
+                f"--output_dir {run_dir}: {name} is there and no mirage-trl run wrote it; it is not replaced "
+                f"(move it away, or give another --output_dir)"
+            )
+        if os.path.isdir(staging) and not os.path.isfile(os.path.join(staging, STAGING_MARK)):
+            raise MirageError(
+                f"--output_dir {run_dir}: {os.path.basename(staging)} is there and no mirage-trl run made it; "
+                f"it is not replaced (move it away, or give another --output_dir)"
+            )
         if self.args.should_save:
             for leftover in glob.glob(os.path.join(run_dir, CHECKPOINT_STAGING.format(name="checkpoint-*"))):
-                shutil.rmtree(leftover, ignore_errors=True)  # of a killed run
+                if os.path.isfile(
+                    os.path.join(leftover, STAGING_MARK)
+                ):  # only a killed run's, never a user's
+                    shutil.rmtree(leftover, ignore_errors=True)
+            os.makedirs(staging, exist_ok=True)
+            with open(os.path.join(staging, STAGING_MARK), "w", encoding="utf-8") as f:
+                f.write(str(os.getpid()))
         self.accelerator.wait_for_everyone()  # no rank writes into the staging folder before it is clean
         limit = self.args.save_total_limit
         self._checkpoint_staging = staging
@@ -416,10 +444,6 @@ class MirageTrainerMixin:
             best = self.state.best_model_checkpoint
             if best and best.startswith(staging):
                 self.state.best_model_checkpoint = final + best[len(staged) :]
-            rotate_checkpoints(
-                output_dir=run_dir,
-                save_total_limit=limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=False,
-            )
+            # the Trainer's rotation would delete any checkpoint-N folder there, the user's too
+            rotate_own_checkpoints(run_dir, limit, self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()

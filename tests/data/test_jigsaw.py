@@ -75,7 +75,8 @@ def test_deterministic_per_seed(tmp_path):
     a = _files(generate_jigsaw(src, 5, seed=7, out=tmp_path / "a").parent)
     b = _files(generate_jigsaw(src, 5, seed=7, out=tmp_path / "b").parent)
     c = _files(generate_jigsaw(src, 5, seed=8, out=tmp_path / "c").parent)
-    assert len(a) == 1 + 5 * 4
+    assert len(a) == 1 + 5 * 4 + 1  # the rows, 4 images per row, the output-folder marker
+    assert json.loads(a[".mirage-trl.json"])["command"] == "data jigsaw"
     assert a == b
     assert a["jigsaw.jsonl"] != c["jigsaw.jsonl"]
 
