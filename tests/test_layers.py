@@ -12,7 +12,21 @@ PACKAGE = Path(__file__).resolve().parents[1] / "mirage_trl"
 # Lowest first: what describes data and models sits below the latent mechanism that drives them, and the
 # trainers, pipelines and command line sit on top.
 LAYERS = [
-    ("core", ["errors", "io", "redact", "stats", "checkpoints", "folders", "grading", "rewards", "shipped", "stages"]),
+    (
+        "core",
+        [
+            "errors",
+            "io",
+            "redact",
+            "stats",
+            "checkpoints",
+            "folders",
+            "grading",
+            "rewards",
+            "shipped",
+            "stages",
+        ],
+    ),
     ("data", ["data"]),
     ("models", ["models"]),
     ("latent", ["latent"]),
