@@ -25,6 +25,7 @@ from .data.images import load_image
 from .errors import MirageError
 from .evaluation import _model_device, _progress, _prompt_encoder
 from .generation import generate_with_latents
+from .io import save_figure
 from .models.families import family, text_model
 
 COLORS = {"text embeddings": (150, 150, 150), "image features": (31, 119, 180), "latents": (214, 39, 40)}
@@ -95,7 +96,7 @@ def draw_projection(points: dict[str, torch.Tensor], path, lines: list[str]) -> 
     axes[1].set(xlabel="PC 1", ylabel="PC 2")
     axes[1].ticklabel_format(style="sci", scilimits=(-3, 3))
     fig.text(0.01, 0.01, "\n".join(lines), fontsize=8, family="monospace", va="bottom")
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 

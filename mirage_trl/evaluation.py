@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from .errors import MirageError
 from .generation import LATENT_MODES, generate_with_latents
 from .grading import BENCHMARKS, CHOICE_BENCHMARKS, GRID_BENCHMARKS, extract_choice, grade, summarize
+from .io import save_figure
 from .latent.bottleneck import trained_bottleneck
 from .latent.collator import MirageDataCollator
 from .latent.health import collapse_reason, latent_health
@@ -529,5 +530,5 @@ def plot_accuracy(result: EvalResult, path) -> None:
     ax.set(ylabel="accuracy % (95 % Wilson interval)", ylim=(0, 100), title=result.benchmark)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)

@@ -111,3 +111,11 @@ def looks_like_hub_name(name: str) -> bool:
         and not Path(name).exists()
         and not Path(name.split("/", 1)[0]).is_dir()
     )
+
+
+def save_figure(fig, path: str | os.PathLike, **kwargs) -> None:
+    """A matplotlib figure saved atomically (its format from the file's suffix): a plot drawn again over a good
+    one never leaves half a PNG."""
+    path = Path(path)
+    with atomic_file(path, mode="wb", encoding=None) as f:
+        fig.savefig(f, format=path.suffix.lstrip(".") or "png", **kwargs)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import MirageError
-from .io import atomic_file, read_json
+from .io import atomic_file, read_json, save_figure
 from .stats import compare, wilson_interval
 
 # the comparisons of results written before arms were data (results.json without "comparisons")
@@ -401,7 +401,7 @@ def write_plots(results: dict, out: Path) -> list[str]:
     ax_val.legend(fontsize=7)
     fig.tight_layout()
     paths.append(str(out / "training_curves.png"))
-    fig.savefig(paths[-1], dpi=110)
+    save_figure(fig, paths[-1], dpi=110)
     plt.close(fig)
 
     # accuracy per arm and level with Wilson intervals
@@ -430,7 +430,7 @@ def write_plots(results: dict, out: Path) -> list[str]:
     ax.legend(fontsize=7)
     fig.tight_layout()
     paths.append(str(out / "accuracy.png"))
-    fig.savefig(paths[-1], dpi=110)
+    save_figure(fig, paths[-1], dpi=110)
     plt.close(fig)
 
     # ablation deltas with paired bootstrap intervals
@@ -451,7 +451,7 @@ def write_plots(results: dict, out: Path) -> list[str]:
         ax.set(ylabel="accuracy change vs own latents (points, 95 % CI)")
         fig.tight_layout()
         paths.append(str(out / "ablations.png"))
-        fig.savefig(paths[-1], dpi=110)
+        save_figure(fig, paths[-1], dpi=110)
         plt.close(fig)
     return paths
 
