@@ -11,7 +11,11 @@ TORCH_INDEX_URL ?=
 CPU_TORCH ?= torch==2.13.0
 DEMO ?= outputs/demo
 SHARED_TEST ?= ../shared/data/mirage_official/data/vsp_spatial_planning/test_direct.jsonl
-LAUNCH := $(BIN)/accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no
+# Torch threads per process as accelerate would pick them (its physical cores), passed so that it does not warn;
+# an OMP_NUM_THREADS of the user's wins
+THREADS = $(shell $(PY) -c "import psutil; print(max(1, psutil.cpu_count(logical=False) or 1))")
+LAUNCH = $(BIN)/accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+	$(if $(OMP_NUM_THREADS),,--num_cpu_threads_per_process $(THREADS))
 
 .PHONY: install demo experiment experiment-latents screen-latents test quality style bench clean
 
@@ -48,8 +52,9 @@ demo: install
 		--data $(DEMO)/test-data/planning_test_direct.jsonl --max-new-tokens 24 --batch-size 50 --greedy \
 		--latents model zero shuffle remove --out $(DEMO)/eval --overwrite --no-progress
 	$(BIN)/mirage-trl card $(DEMO)/export --eval-json $(DEMO)/eval/results.json  # the accuracy table in its card
-	@echo "demo done: model, export and eval results under $(DEMO). The learning experiment (every arm, seeds,"
-	@echo "statistics, plots) is make experiment; make demo GRPO=1 adds a short GRPO step."
+	@echo "demo done: the table above is $(DEMO)/eval/results.json (plot: $(DEMO)/eval/accuracy.png); the model and its"
+	@echo "card are in $(DEMO)/export. The learning experiment (every arm, seeds, statistics, plots) is make experiment;"
+	@echo "make demo GRPO=1 adds a short GRPO step."
 
 experiment: install
 	$(BIN)/mirage-trl experiment --out outputs/experiment --overwrite

@@ -69,6 +69,40 @@ class BaselineScriptArguments(MirageScriptArguments):
     )
 
 
+def quiet_defaults(args) -> None:
+    """What every training config of ours does before TrainingArguments' own checks, so a run prints nothing the
+    user did not cause:
+
+    - transformers 5.2x renamed `gradient_checkpointing(_kwargs)` to `activation_checkpointing(_kwargs)` and warns
+      on the old name, which TRL's configs default to and every recipe YAML sets: the value moves to the new
+      name where it exists (older versions keep the old one);
+    - progress bars only on a terminal: unset, `disable_tqdm` is on when stderr is not one (a log file gets the
+      Trainer's one line per logging step instead).
+    """
+    import dataclasses
+    import sys
+
+    names = {f.name for f in dataclasses.fields(args)}
+    for old, new in (
+        ("gradient_checkpointing", "activation_checkpointing"),
+        ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"),
+    ):
+        if new in names and getattr(args, new) is None and getattr(args, old) is not None:
+            setattr(args, new, getattr(args, old))
+            setattr(args, old, None)
+    if getattr(args, "disable_tqdm", False) is None:
+        args.disable_tqdm = not sys.stderr.isatty()
+
+
+@dataclass
+class BaselineSFTConfig(SFTConfig):
+    """TRL's `SFTConfig` for the text-only baseline, with `quiet_defaults`."""
+
+    def __post_init__(self):
+        quiet_defaults(self)
+        super().__post_init__()
+
+
 @dataclass
 class _MirageLatentArgs:
     latent_size: int = field(default=4, metadata={"help": "k: latent vectors per <output_image>"})
@@ -200,6 +234,7 @@ class MirageSFTConfig(_MirageLatentArgs, SFTConfig):
     dataset_kwargs: dict | None = field(default_factory=lambda: {"skip_prepare_dataset": True})
 
     def __post_init__(self):
+        quiet_defaults(self)
         super().__post_init__()
         validate_latent_args(self)
         if not (math.isfinite(self.text_loss_weight) and self.text_loss_weight >= 0):
@@ -248,6 +283,7 @@ class MirageGRPOConfig(_MirageLatentArgs, GRPOConfig):
     remove_unused_columns: bool = False
 
     def __post_init__(self):
+        quiet_defaults(self)
         if isinstance(self.reward_names, str):
             self.reward_names = [self.reward_names]
         get_reward_funcs(self.reward_names)  # an unknown name: one clear line

@@ -48,7 +48,7 @@ import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .configs import MirageSFTConfig
+from .configs import BaselineSFTConfig, MirageSFTConfig
 from .data.reference import helper_as_input, load_reference_jsonl
 from .data.vsp import generate_vsp
 from .errors import MirageError
@@ -586,14 +586,12 @@ def _train_text(cfg, rows, model_dir: Path, out: Path, seed: int, steps: int, pr
                 val_rows, benchmark: str = BENCHMARK, prepare_row=None, helper_as_input: bool = False,
                 train_tower: bool = False):  # fmt: skip
     """Text SFT of `rows` from `model_dir` with the text-only baseline trainer: (trainer, val callback)."""
-    from trl import SFTConfig
-
     model, processor = load_for_training(str(model_dir))
     vision_tower(model).requires_grad_(train_tower)  # frozen in every arm, as the Mirage trainers keep it
     callback = _val_callback(cfg, val_rows, prepare_row, benchmark=benchmark)
     trainer = TextSFTTrainer(
         model=model,
-        args=SFTConfig(**_common_args(cfg, out, seed, steps)),
+        args=BaselineSFTConfig(**_common_args(cfg, out, seed, steps)),
         train_dataset=build_sft_dataset(rows, helper_as_input),
         processing_class=processor,
         callbacks=[callback, progress.callback()],

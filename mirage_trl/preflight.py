@@ -12,6 +12,7 @@ import typing
 from pathlib import Path
 
 from .checkpoints import check_resume_checkpoint
+from .console import HelpFormatter
 from .errors import MirageError
 from .folders import check_training_output_dir
 from .models.resolve import check_model_source
@@ -107,7 +108,7 @@ def parse_recipe_args(types, argv: list[str] | None = None):
             config = arg.split("=", 1)[1]
     if config is not None:
         check_recipe_yaml(config, types)
-    parser = TrlParser(types)
+    parser = TrlParser(types, formatter_class=HelpFormatter)  # each default once in --help
 
     def error(message):
         raise MirageError(message)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .card import launch_line
 from .checkpoints import check_same_run, newest_complete_checkpoint, own_checkpoints
+from .console import end_progress_bars, quiet_console
 from .data.sources import load_data
 from .errors import MirageError, hub_error, storage_error
 from .folders import output_lock
@@ -46,6 +47,7 @@ def run_recipe(main_fn, prog: str | None = None):
     """
     prog = prog or os.path.basename(sys.argv[0]) or "recipe"
     debug = os.environ.get("MIRAGE_TRL_DEBUG", "") not in ("", "0")
+    quiet_console()
     try:
         return main_fn()
     except Exception as e:
@@ -56,18 +58,6 @@ def run_recipe(main_fn, prog: str | None = None):
         end_progress_bars()  # the message starts a line of its own, even mid-bar: the launcher finds it
         print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
-
-
-def end_progress_bars() -> None:
-    """Close every open tqdm bar (the Trainer's): a closed bar ends its line, so what is printed next starts
-    on a line of its own."""
-    tqdm = sys.modules.get("tqdm")
-    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
-        try:
-            bar.close()
-        except Exception:  # a bar that cannot be closed still must not hide the error
-            pass
-    sys.stderr.flush()
 
 
 def launch(main_fn, arg_classes, **fixed):

@@ -2,9 +2,9 @@
 `recipes/text_text_sft_<benchmark>.py` runs, with TRL's `SFTTrainer`.
 """
 
-from trl import ModelConfig, SFTConfig
+from trl import ModelConfig
 
-from mirage_trl.configs import BaselineScriptArguments
+from mirage_trl.configs import BaselineScriptArguments, BaselineSFTConfig
 from mirage_trl.models.families import vision_tower
 from mirage_trl.models.load import load_for_training
 from mirage_trl.preflight import preflight
@@ -16,7 +16,7 @@ from mirage_trl.trainers.text_sft import (
     write_baseline_config,
 )
 
-ARGS = (BaselineScriptArguments, SFTConfig, ModelConfig)
+ARGS = (BaselineScriptArguments, BaselineSFTConfig, ModelConfig)
 
 
 def main(script_args, training_args, model_args, *, benchmark: str | None):

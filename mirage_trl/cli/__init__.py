@@ -12,6 +12,7 @@ import argparse
 import importlib
 import sys
 
+from ..console import HelpFormatter, quiet_console
 from ..errors import MirageError, storage_error
 
 # Subcommand modules, in the order `--help` lists them.
@@ -30,12 +31,12 @@ SUBCOMMANDS = [
 
 
 class _Parser(argparse.ArgumentParser):
-    """Every subcommand's `--help` shows each option's default after its help, and every `--dashed-option`
+    """Every subcommand's `--help` shows each option's default once (`console.HelpFormatter`), and every `--dashed-option`
     is also accepted as `--dashed_option`: the recipes take TRL's underscore flags, so both styles work
     everywhere (as TRL's own parser does)."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
     def add_argument(self, *names, **kwargs):
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     if rest and not getattr(args, "pass_through", False):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = rest
+    quiet_console()
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

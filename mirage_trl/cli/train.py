@@ -79,6 +79,13 @@ def _accelerate_config(value: str) -> str:
     return str(path)
 
 
+def threads_per_process(processes: int) -> int:
+    """Torch threads for each of `processes` CPU processes: the physical cores shared out, at least 1."""
+    import psutil
+
+    return max(1, (psutil.cpu_count(logical=False) or 1) // max(1, processes))
+
+
 def names_of_shipped() -> str:
     return ", ".join(sorted(p.stem for p in shipped("zero_configs").glob("*.yaml")))
 
@@ -117,6 +124,8 @@ def run(args) -> int:
     if args.cpu:
         cmd += ["--cpu", "--mixed_precision", "no"]
     cmd += ["--num_processes", str(args.num_processes or 1), "--num_machines", "1", "--dynamo_backend", "no"]
+    if args.cpu and not os.environ.get("OMP_NUM_THREADS"):  # what accelerate would pick, without its warning
+        cmd += ["--num_cpu_threads_per_process", str(threads_per_process(args.num_processes or 1))]
     cmd += [str(recipe), *extra, *args.rest]
     # anywhere in a line: a message printed while a progress bar held the line is glued after the bar
     error_line = re.compile(rf"{re.escape(recipe.name)}: error: (.*)$")
