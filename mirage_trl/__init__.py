@@ -24,6 +24,7 @@ _LAZY = {
     "load_model": "mirage_trl.models.load",
     "grade": "mirage_trl.grading",
     "load_reference_jsonl": "mirage_trl.data.reference",
+    "load_data": "mirage_trl.data.sources",
 }
 
 __all__ = ["__version__", *_LAZY]

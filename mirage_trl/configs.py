@@ -77,7 +77,9 @@ def quiet_defaults(args) -> None:
       on the old name, which TRL's configs default to and every recipe YAML sets: the value moves to the new
       name where it exists (older versions keep the old one);
     - progress bars only on a terminal: unset, `disable_tqdm` is on when stderr is not one (a log file gets the
-      Trainer's one line per logging step instead).
+      Trainer's one line per logging step instead);
+    - unset, `bf16` stays off where no accelerator has it (TRL turns it on everywhere, and transformers then
+      refuses to start on such a machine unless `use_cpu` is given too), so one script runs on a laptop and a GPU.
     """
     import dataclasses
     import sys
@@ -92,6 +94,11 @@ def quiet_defaults(args) -> None:
             setattr(args, old, None)
     if getattr(args, "disable_tqdm", False) is None:
         args.disable_tqdm = not sys.stderr.isatty()
+    if getattr(args, "bf16", False) is None and not args.fp16 and not args.use_cpu:
+        from transformers.utils import is_torch_bf16_gpu_available
+
+        if not is_torch_bf16_gpu_available():  # no accelerator with bf16: full precision, not a refusal
+            args.bf16 = False
 
 
 @dataclass
