@@ -15,12 +15,12 @@ LM head) hold their trained rows, and the latent size k must travel with it. Thi
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from .card import build_model_card, check_eval_results, load_eval_results, write_card
 from .errors import MirageError
-from .folders import MARKER, atomic_dir, check_output_dir, check_writable_dir
+from .folders import atomic_dir, check_output_dir, check_writable_dir
+from .hub import push_folder
 from .models.load import load_source, torch_dtype
 from .models.processors import save_processor
 from .models.resolve import portable_model_ref, resolve_model_dir
@@ -130,48 +130,3 @@ def export_model(
     if push_to_hub:
         push_folder(out, push_to_hub, private=private, revision=revision)
     return out
-
-
-# ---------------------------------------------------------------------------------------- hub
-def push_folder(
-    folder,
-    repo_id: str,
-    *,
-    private: bool = False,
-    revision: str | None = None,
-    commit_message: str | None = None,
-) -> str:
-    """Upload `folder` to the model repo `repo_id` (created if needed); returns the commit URL.
-
-    The token comes from the environment (HF_TOKEN) or `hf auth login`, and the endpoint from
-    HF_ENDPOINT (read at call time); the token is never printed. Any failure raises `MirageError`
-    in one line that says the local folder is complete.
-    """
-    from huggingface_hub import HfApi, get_token
-
-    folder = Path(folder)
-    where = f"the export is complete in {folder}"
-    token = get_token()
-    if not token:
-        raise MirageError(
-            f"--push-to-hub {repo_id}: no Hub token (set HF_TOKEN or run `hf auth login`); {where}"
-        )
-    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
-    try:
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        if revision and revision != "main":
-            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
-        info = api.upload_folder(
-            repo_id=repo_id,
-            folder_path=str(folder),
-            revision=revision,
-            repo_type="model",
-            ignore_patterns=[MARKER],  # the local folder's bookkeeping, not the model's
-            commit_message=commit_message or f"Upload Mirage model ({folder.name}) with mirage-trl",
-        )
-    except Exception as exc:  # network, auth, permissions: the local export stays as it is
-        first = (str(exc).splitlines() or [""])[0].replace(token, "***")
-        raise MirageError(
-            f"--push-to-hub {repo_id}: upload failed ({type(exc).__name__}: {first}); {where}"
-        ) from None
-    return str(getattr(info, "commit_url", info))

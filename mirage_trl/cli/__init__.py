@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     if rest and not getattr(args, "pass_through", False):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = rest
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a card records as the command
     quiet_console()
     if not getattr(args, "func", None):
         parser.print_help()

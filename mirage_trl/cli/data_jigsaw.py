@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .data import add_format_arguments, publish, rows_folder
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -26,6 +28,7 @@ def register(subparsers) -> None:
         "--max-side", type=int, default=512, help="downscale source images to this longest side (default 512)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    add_format_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -33,16 +36,24 @@ def run(args) -> int:
     from ..data.jigsaw import generate_jigsaw
     from ..folders import check_output_dir
 
-    check_output_dir(args.out, args.overwrite, inputs={"--images": args.images})  # before any work
-
-    path = generate_jigsaw(
-        args.images,
-        args.num_samples,
-        args.seed,
-        args.out,
-        patch_frac=args.patch_frac,
-        max_side=args.max_side,
-        overwrite=args.overwrite,
-    )
-    print(f"wrote {args.num_samples} Jigsaw rows to {path}")
+    inputs = {"--images": args.images}
+    if args.format == "jsonl":
+        check_output_dir(args.out, args.overwrite, inputs=inputs)  # before any work
+    with rows_folder(args, inputs=inputs) as (out, overwrite):
+        path = generate_jigsaw(
+            args.images,
+            args.num_samples,
+            args.seed,
+            out,
+            patch_frac=args.patch_frac,
+            max_side=args.max_side,
+            overwrite=overwrite,
+        )
+        if args.format == "jsonl":
+            print(f"wrote {args.num_samples} Jigsaw rows to {path}")
+        settings = {"num_samples": args.num_samples, "seed": args.seed, "patch_frac": args.patch_frac,
+                    "max_side": args.max_side}  # fmt: skip
+        publish(
+            args, path, "train", "Jigsaw puzzles (BLINK-style)", settings, "data jigsaw", benchmark="jigsaw"
+        )
     return 0

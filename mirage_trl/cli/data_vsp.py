@@ -11,6 +11,7 @@ import json
 from collections import Counter, defaultdict
 
 from ..data.vsp import TASKS
+from .data import add_format_arguments, publish, rows_folder
 
 
 def register(subparsers) -> None:
@@ -61,6 +62,7 @@ def register(subparsers) -> None:
         help="at most this share of a map's squares are holes (default: 0.2, the paper's maps); grounding "
         "warm-ups may use more, so that more different maps exist",
     )
+    add_format_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -78,30 +80,36 @@ def summarize(rows, task: str) -> dict:
 
 
 def run(args) -> int:
-    from rich.console import Console
-    from rich.table import Table
+    from pathlib import Path
 
     from ..data.vsp import generate_vsp
 
-    path = generate_vsp(
-        task=args.task,
-        levels=args.levels,
-        num_samples=args.num_samples,
-        split=args.split,
-        style=args.style,
-        seed=args.seed,
-        out_dir=args.out,
-        exclude=args.exclude,
-        overwrite=args.overwrite,
-        tile_px=args.tile_px,
-        max_hole_frac=args.max_hole_frac,
-    )
+    settings = {
+        k: getattr(args, k)
+        for k in ("task", "levels", "num_samples", "split", "style", "seed", "tile_px", "max_hole_frac")
+    }
+    with rows_folder(args, inputs={"--exclude": list(args.exclude)}) as (out_dir, overwrite):
+        path = generate_vsp(**settings, out_dir=out_dir, exclude=args.exclude, overwrite=overwrite)
+        _print_summary(args, path)
+        title = (
+            f"VSP spatial {args.task} ({args.split}, {args.style}, levels {', '.join(map(str, args.levels))})"
+        )
+        settings["exclude"] = [Path(e).name for e in args.exclude]  # names only: no local path goes public
+        publish(args, path, args.split, title, settings, "data vsp")
+    return 0
+
+
+def _print_summary(args, path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
     with open(path, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
     stats = summarize(rows, args.task)
     reasoning = args.task == "reasoning"
     console = Console()
-    console.print(f"wrote {len(rows)} rows to {path} (images under {path.parent / 'images'})")
+    if args.format == "jsonl":  # a dataset folder says where it is once written
+        console.print(f"wrote {len(rows)} rows to {path} (images under {path.parent / 'images'})")
     table = Table(title=f"VSP {args.task}, {args.split}, {args.style}")
     table.add_column("level", justify="right")
     table.add_column("rows", justify="right")
@@ -120,4 +128,3 @@ def run(args) -> int:
         total = Counter(row["answer"] for row in rows)
         table.add_row("all", str(len(rows)), " / ".join(str(total[k]) for k in "ABC"), "", style="bold")
     console.print(table)
-    return 0

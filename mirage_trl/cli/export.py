@@ -69,7 +69,7 @@ def run(args) -> int:
     )
     print(f"exported {args.model} to {out}")
     if args.push_to_hub:
-        from ..export import push_folder
+        from ..hub import push_folder
 
         url = push_folder(out, args.push_to_hub, private=args.private, revision=args.revision)
         print(f"pushed {out} to {args.push_to_hub}: {url}")
