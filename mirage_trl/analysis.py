@@ -23,7 +23,7 @@ import torch
 
 from .data.images import load_image
 from .errors import MirageError
-from .evaluation import _model_device, _progress, _prompt_encoder
+from .evaluation import _model_device, _progress, prompt_encoder
 from .generation import generate_with_latents
 from .io import save_figure
 from .models.families import family, text_model
@@ -142,7 +142,7 @@ def analyze_latents(
     rows = list(rows)
     if not rows:
         raise MirageError("latent analysis needs at least one row")
-    encoder = _prompt_encoder(processor)
+    encoder = prompt_encoder(processor)
     device = _model_device(model)
     generator = torch.Generator(device=device).manual_seed(seed)
     latents = []

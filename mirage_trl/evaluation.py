@@ -171,7 +171,8 @@ def check_latent_modes(modes: Sequence[str]) -> list[str]:
 # ---------------------------------------------------------------------------------------------- batching
 
 
-def _prompt_encoder(processor):
+def prompt_encoder(processor):
+    """The collator that encodes prompts for decoding (left padding, no helper images); a plain model too."""
     try:
         lt = LatentTokens.from_tokenizer(processor, 1)
     except MirageError:  # a plain model: prompts do not use the latent tokens
@@ -243,7 +244,7 @@ def evaluate(
         )
 
     # 2. Encode every prompt once; sort by length (longest first) to cut padding.
-    encoder = _prompt_encoder(processor)
+    encoder = prompt_encoder(processor)
     t0 = time.perf_counter()
     encoded = [encoder.encode_prompt(r) for r in _progress(rows, progress, "encoding prompts")]
     result.encode_seconds = time.perf_counter() - t0

@@ -33,7 +33,7 @@ def test_space_stats_by_hand():
 @pytest.fixture
 def triggered_model(tmp_path):
     """A tiny Mirage model that emits <|latent_start|> where its greedy pick for row 0's first step would be."""
-    from mirage_trl.evaluation import _prompt_encoder
+    from mirage_trl.evaluation import prompt_encoder
     from mirage_trl.models.prepare import add_latent_tokens
     from mirage_trl.models.tiny import build_tiny_model
 
@@ -51,7 +51,7 @@ def triggered_model(tmp_path):
     from mirage_trl.data.reference import load_rows
 
     rows = load_rows(data, root=tmp_path, benchmark="vsp_planning")
-    enc = _prompt_encoder(processor)
+    enc = prompt_encoder(processor)
     batch = enc.prompt_batch(rows)
     with torch.no_grad():
         logits = model(**batch).logits[0, -1]

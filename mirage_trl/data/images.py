@@ -57,6 +57,8 @@ def load_image(path: str | os.PathLike, source: str | None = None):
     """
     from PIL import Image
 
+    if isinstance(path, Image.Image):  # already decoded (an outside harness's visual): as RGB
+        return path.convert("RGB")
     prefix = f"{source}: " if source else ""
     check_image_header(path, source)  # missing, unreadable, too large: named before decoding
     try:

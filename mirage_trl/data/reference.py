@@ -168,7 +168,8 @@ def _infer_benchmark(text_input: str, has_map: bool, loc) -> str:
     )
 
 
-def _user_content(text: str) -> list[dict]:
+def user_content(text: str) -> list[dict]:
+    """A user turn's content parts: text, and an image part where each `<image>` marker is."""
     content: list[dict] = []
     for i, piece in enumerate(text.split(IMAGE_MARKER)):
         if i:
@@ -221,7 +222,7 @@ def parse_row(
         raise MirageError(f"{loc('map_desc')}: {benchmark} test rows need map_desc (the grid) for grading")
     answer, map_id, level = _grading_fields(obj, text_output, grid, benchmark, inputs, loc)
 
-    messages = [{"role": "user", "content": _user_content(text_input)}]
+    messages = [{"role": "user", "content": user_content(text_input)}]
     if text_output is not None:
         messages.append({"role": "assistant", "content": [{"type": "text", "text": text_output}]})
     return {

@@ -1,0 +1,1 @@
+"""Mirage models inside other tools' harnesses (lmms-eval: `integrations.lmms_eval`)."""
