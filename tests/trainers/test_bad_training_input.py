@@ -110,13 +110,15 @@ def test_model_without_vision_tower(env, tmp_path, capsys):
         rc,
         err,
         "eval",
-        re.escape(str(text_only / "config.json")) + r": model type 'qwen2' is not a supported vision-language",
+        re.escape(str(text_only / "config.json"))
+        + r": model type 'qwen2' is not a supported vision-language",
     )
     rc, _, err = run_cli(["export", "--model", text_only, "--out", tmp_path / "x"], capsys)
     assert_cli_error(
         rc,
         err,
         "export",
-        re.escape(str(text_only / "config.json")) + r": model type 'qwen2' is not a supported vision-language",
+        re.escape(str(text_only / "config.json"))
+        + r": model type 'qwen2' is not a supported vision-language",
     )
     assert not (tmp_path / "e").exists() and not (tmp_path / "x").exists()
