@@ -480,3 +480,19 @@ def reference_stage1(model, single, values, tokens, mode="image"):
     return inner(
         **reference_inputs(model, single, x, layer_masks(model, ids[0].tolist(), tokens, mode))
     ).last_hidden_state
+
+
+def assert_same_rows(got, expected, keys) -> None:
+    """Loaded rows equal field by field (`keys`) and picture by picture, wherever their images are stored."""
+    from PIL import Image
+
+    def pixels(path) -> bytes:
+        with Image.open(path) as im:
+            return im.convert("RGB").tobytes()
+
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        for key in keys:
+            assert g[key] == e[key], key
+        assert [pixels(p) for p in g["images"]] == [pixels(p) for p in e["images"]]
+        assert [pixels(p) for p in g["helper_images"]] == [pixels(p) for p in e["helper_images"]]

@@ -156,15 +156,19 @@ def test_recipe_error_in_process_is_one_line_before_the_model_loads(env, tmp_pat
     _check_one_line(exit_info.value.code, capsys.readouterr().err, pattern, tmp_path)
 
 
-def test_accelerate_launch_through_mirage_trl_train_ends_with_the_message(env, tmp_path):
-    argv = _base_argv(env, tmp_path) + ["--learning_rate", "inf"]
-    p = subprocess.run(
+def _mirage_trl_train(argv):
+    """`mirage-trl train recipes/stage1_vsp.py --cpu ...` (accelerate launch underneath), as a user runs it."""
+    return subprocess.run(
         [sys.executable, "-m", "mirage_trl", "train", str(RECIPE), "--cpu", *map(str, argv)],
         capture_output=True,
         text=True,
         timeout=300,
         env=dict(os.environ, PYTHONPATH=str(REPO)),
     )
+
+
+def test_accelerate_launch_through_mirage_trl_train_ends_with_the_message(env, tmp_path):
+    p = _mirage_trl_train(_base_argv(env, tmp_path) + ["--learning_rate", "inf"])
     last = p.stderr.strip().splitlines()[-1]
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert last == "mirage-trl train: error: --learning_rate inf: must be a finite number > 0", last
@@ -216,13 +220,7 @@ def test_an_error_after_the_progress_bar_started_is_the_last_line(env, tmp_path)
         "--config", TINY_YAML, "--model_name_or_path", model, "--dataset_name", bad,
         "--output_dir", tmp_path / "out", "--max_steps", "1", "--disable_tqdm", "false",
     ]  # fmt: skip
-    p = subprocess.run(
-        [sys.executable, "-m", "mirage_trl", "train", str(RECIPE), "--cpu", *map(str, argv)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
-    )
+    p = _mirage_trl_train(argv)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert "0/1 [" in p.stderr  # the bar had started
     worker = [line for line in p.stderr.splitlines() if "stage1_vsp.py: error: " in line]

@@ -10,7 +10,7 @@ import random
 from pathlib import Path
 
 import pytest
-from helpers import assert_cli_error, run_cli
+from helpers import assert_cli_error, assert_same_rows, run_cli
 from PIL import Image
 
 from mirage_trl.data.sources import load_data
@@ -33,12 +33,7 @@ def _pixels(path) -> bytes:
 
 
 def _same_rows(got, expected):
-    assert len(got) == len(expected)
-    for g, e in zip(got, expected):
-        for key in COMPARED:
-            assert g[key] == e[key], key
-        assert [_pixels(p) for p in g["images"]] == [_pixels(p) for p in e["images"]]
-        assert [_pixels(p) for p in g["helper_images"]] == [_pixels(p) for p in e["helper_images"]]
+    assert_same_rows(got, expected, COMPARED)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import assert_same_rows
 
 from mirage_trl.data.reference import load_reference_jsonl
 from mirage_trl.data.sources import load_data
@@ -55,13 +56,7 @@ def _bytes(path: str) -> bytes:
 
 
 def _same_rows(got, expected):
-    assert len(got) == len(expected)
-    for g, e in zip(got, expected):
-        for key in COMPARED:
-            assert g[key] == e[key], key
-        # the same pictures, wherever they are stored
-        assert [_bytes(p) for p in g["images"]] == [_bytes(p) for p in e["images"]]
-        assert [_bytes(p) for p in g["helper_images"]] == [_bytes(p) for p in e["helper_images"]]
+    assert_same_rows(got, expected, COMPARED)
 
 
 @pytest.fixture(scope="module")
