@@ -17,7 +17,7 @@ THREADS = $(shell $(PY) -c "import psutil; print(max(1, psutil.cpu_count(logical
 LAUNCH = $(BIN)/accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
 	$(if $(OMP_NUM_THREADS),,--num_cpu_threads_per_process $(THREADS))
 
-.PHONY: install demo experiment experiment-latents screen-latents test quality style bench clean
+.PHONY: install demo experiment experiment-latents screen-latents test test-min quality style bench clean
 
 install: $(VENV)/.installed
 
@@ -97,6 +97,19 @@ $(VENV)/.installed-test: $(VENV)/.installed
 
 test: install $(VENV)/.installed-test
 	$(PY) -m pytest -q --timeout 900 --durations=15
+
+# The declared lower bounds are tested: a second environment with the oldest version of each library
+# (mirage_trl/versions.py TESTED, the bounds in pyproject.toml) runs the exactness tests (stage 1, stage 2,
+# decoding, GRPO, export).
+MIN_VENV ?= .venv-min
+MIN_TESTS ?= tests/trainers/test_sft.py tests/latent/test_stage2.py tests/test_generation.py tests/trainers/test_grpo.py tests/test_export.py
+test-min: install
+	test -x $(MIN_VENV)/bin/python || python3 -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/python -m pip install -q --upgrade pip
+	$(MIN_VENV)/bin/python -m pip install -q "$(CPU_TORCH)"
+	$(MIN_VENV)/bin/python -m pip install -q -e . pytest pytest-timeout \
+		$$($(PY) -c "from mirage_trl.versions import TESTED; print(' '.join(f'{k}=={v[0]}' for k, v in TESTED.items() if k != 'torch'))")
+	$(MIN_VENV)/bin/python -m pytest -q --timeout 900 -p no:cacheprovider $(MIN_TESTS)
 
 quality: install
 	$(BIN)/ruff check mirage_trl tests recipes bench

@@ -65,7 +65,7 @@ from .latent.bottleneck import check_bottleneck_support, trained_bottleneck, vis
 from .latent.feedback import LatentFeedback
 from .latent.layout import advance_spans, spans_to_markers
 from .latent.slots import latent_inputs
-from .models.families import ModelFamily, capture_final_hidden, family, unwrap
+from .models.families import ModelFamily, cache_kwargs, capture_final_hidden, family, unwrap
 from .models.settings import BOTTLENECKS, MirageSettings
 from .models.tokens import LATENT_TOKEN_NAMES, LatentTokens
 
@@ -349,7 +349,7 @@ class _Forward:
                 input_ids=p.input_ids,
                 attention_mask=p.attention_mask,
                 position_ids=p.family.model_positions(p.positions),
-                cache=self.cache,
+                **cache_kwargs(self.net, self.cache),
                 **p.vision,
                 **self.kw,
             )
@@ -367,7 +367,7 @@ class _Forward:
             input_ids=token.view(batch, 1),
             attention_mask=mask,
             position_ids=p.family.model_positions(self.next_pos.view(1, batch, 1).expand(rows, batch, 1)),
-            cache=self.cache,
+            **cache_kwargs(self.net, self.cache),
             **self.kw,
         )
         self.next_pos = self.next_pos + 1

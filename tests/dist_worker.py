@@ -92,7 +92,7 @@ def main() -> None:
         bf16=False,
         report_to=[],
         save_strategy="no",
-        activation_checkpointing=False,
+        gradient_checkpointing=False,
         per_device_train_batch_size=GLOBAL_BATCH // world,
         gradient_accumulation_steps=1,
         max_steps=2,

@@ -27,6 +27,7 @@ LAYERS = [
             "rewards",
             "shipped",
             "stages",
+            "versions",
         ],
     ),
     ("data", ["data"]),

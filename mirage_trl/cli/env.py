@@ -53,7 +53,12 @@ def versions() -> dict[str, str]:
 
 def run(args) -> int:
     print("\nCopy-paste the following information when you open an issue:\n")
-    for key, value in versions().items():
+    found = versions()
+    for key, value in found.items():
         print(f"- {key}: {value}")
     print()
+    from ..versions import untested
+
+    for line in untested({k.removesuffix(" version"): v for k, v in found.items()}):
+        print(f"warning: {line}")
     return 0

@@ -48,7 +48,7 @@ import torch
 import torch.utils.checkpoint
 
 from ..errors import MirageError
-from ..models.families import family, multimodal_model, unwrap
+from ..models.families import cache_kwargs, family, multimodal_model, unwrap
 from .bottleneck import blind_queries, check_bottleneck_support, visual_bottleneck
 from .feedback import LatentFeedback
 from .rounds import by_rank, packed_round, plan_rounds, round_mask, without_blind_pairs
@@ -326,7 +326,12 @@ class _CachedRounds:
             packed_round(family(self.model).language_model(self.model), layout, mask_r),
         ):
             return _inner_forward(
-                self.inner, input_ids=ids_r, position_ids=pos_r, cache=self.cache, use_cache=True, **extra
+                self.inner,
+                input_ids=ids_r,
+                position_ids=pos_r,
+                use_cache=True,
+                **cache_kwargs(self.inner, self.cache),
+                **extra,
             )
 
 
@@ -404,7 +409,9 @@ def _checkpointed_round(
         latent_inputs(model, slot_r, values),
         packed_round(family(model).language_model(model), layout, mask_r),
     ):
-        h = _inner_forward(inner, input_ids=ids_r, position_ids=pos_r, cache=cache, use_cache=True, **extra)
+        h = _inner_forward(
+            inner, input_ids=ids_r, position_ids=pos_r, use_cache=True, **cache_kwargs(inner, cache), **extra
+        )
     layers = cache.layers
     if n_past:
         new_k = [layer.keys[:, :, n_past:].clone() for layer in layers]

@@ -36,6 +36,7 @@ from ..models.settings import MirageSettings, check_checkpoint_latent_size
 from ..models.tokens import LatentTokens
 from ..redact import redacted_args
 from ..stages import STAGE1
+from ..versions import check_private_apis
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ def setup_model(model, processing_class, peft_config, args, stage: int | None = 
     processor, add the latent tokens, freeze the vision tower, adapt the PEFT config.
 
     Returns (model, processing_class, peft_config, latent_tokens)."""
+    check_private_apis()  # an upgrade that renamed an overridden method would silently skip it
     if isinstance(model, str):
         model, processing_class = load_for_training(model, args)
     if processing_class is None:

@@ -41,7 +41,7 @@ def _train_code(model, data, out, kill_at_step=None):
         "from mirage_trl.data.reference import load_reference_jsonl\n"
         "from mirage_trl.trainers.sft import MirageSFTTrainer\n"
         f"args = MirageSFTConfig(output_dir={str(out)!r}, use_cpu=True, report_to=[], save_strategy='steps', "
-        "save_steps=1, max_steps=3, per_device_train_batch_size=2, activation_checkpointing=False, "
+        "save_steps=1, max_steps=3, per_device_train_batch_size=2, gradient_checkpointing=False, "
         "disable_tqdm=True, latent_size=2, learning_rate=1e-3)\n"
         f"MirageSFTTrainer(model={str(model)!r}, args=args, "
         f"train_dataset=load_reference_jsonl({str(data)!r})).train()\n"

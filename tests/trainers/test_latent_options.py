@@ -207,7 +207,7 @@ def manual_aux(decoder, embedder, latents, texts, tokenizer):
 def test_stage1_aux_text_matches_the_manual_computation(tmp_path, rows, latent_only, checkpointing):
     """With gradient checkpointing too: a checkpointed decoding would recompute on the real weights."""
     trainer = make_trainer(tmp_path, latent_size=K, latent_aux_text=0.7, latent_only_backprop=latent_only,
-                           activation_checkpointing=checkpointing)  # fmt: skip
+                           gradient_checkpointing=checkpointing)  # fmt: skip
     batch, model = trainer.data_collator(rows), trainer.model
     model.train()
     assert batch["aux_input_ids"].shape[0] == 4  # one text per span, slot order

@@ -76,7 +76,7 @@ def make_trainer(out: Path, dataset, stage: int, stop_at=None, latent_size=K, sa
         report_to=[],
         disable_tqdm=True,
         seed=0,
-        activation_checkpointing=False,
+        gradient_checkpointing=False,
         per_device_train_batch_size=2,
         max_steps=STEPS,
         save_strategy="steps" if save else "no",

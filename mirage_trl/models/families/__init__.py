@@ -50,7 +50,7 @@ from .base import (
     unsupported,
     vision_tower,
 )
-from .parts import capture_final_hidden, output_logits, text_model, unwrap
+from .parts import cache_kwargs, capture_final_hidden, output_logits, text_model, unwrap
 
 
 def import_family_modules(path=None) -> None:
@@ -77,6 +77,7 @@ __all__ = [
     "ModelFamily",
     "TinyModel",
     "capture_final_hidden",
+    "cache_kwargs",
     "family",
     "import_class",
     "multimodal_model",

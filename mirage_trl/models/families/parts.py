@@ -5,6 +5,8 @@ the vision tower) are `ModelFamily` methods."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 
 import torch
 
@@ -20,6 +22,19 @@ def unwrap(model):
             model = model.get_base_model()
         else:
             return model
+
+
+def cache_kwargs(module, cache) -> dict:
+    """`{name: cache}` under the name `module.forward` takes its KV cache by in the installed transformers:
+    `cache` from 5.2x (where `past_key_values` is a deprecated alias, gone in 5.40), `past_key_values` before.
+    The other name would be swallowed by the forward's `**kwargs` without a word: no cache, wrong answers."""
+    return {_cache_name(type(module)): cache}
+
+
+@functools.cache
+def _cache_name(cls) -> str:
+    params = inspect.signature(cls.forward).parameters  # follows transformers' deprecation wrappers
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def text_model(model) -> torch.nn.Module:
