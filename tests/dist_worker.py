@@ -1,4 +1,4 @@
-"""Worker for tests/test_distributed.py: two stage-1 steps of MirageSFTTrainer on the tiny model.
+"""Worker for tests/test_distributed.py: two steps of MirageSFTTrainer (stage 1, or stage 2 with a method) on the tiny model.
 
 Launch (one or two real processes on CPU, gloo):
     torchrun --nproc_per_node 2 tests/dist_worker.py --out result.json --workdir DIR [--backend deepspeed|ddp]
@@ -31,6 +31,12 @@ ZERO2 = {
     "bf16": {"enabled": False},
     "fp16": {"enabled": False},
     "zero_allow_untested_optimizer": True,
+}
+
+
+ZERO3 = {
+    **ZERO2,
+    "zero_optimization": {"stage": 3, "overlap_comm": False, "contiguous_gradients": True},
 }
 
 
@@ -68,7 +74,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--workdir", required=True)
-    parser.add_argument("--backend", choices=("deepspeed", "ddp"), default="deepspeed")
+    parser.add_argument("--backend", choices=("deepspeed", "zero3", "ddp"), default="deepspeed")
+    parser.add_argument(
+        "--stage2-method", default=None, help="run stage 2 with this method instead of stage 1"
+    )
     opts = parser.parse_args()
 
     import torch
@@ -77,7 +86,9 @@ def main() -> None:
 
     from mirage_trl.configs import MirageSFTConfig
     from mirage_trl.data.reference import _features
-    from mirage_trl.models.tiny import build_tiny_model
+    from mirage_trl.models.families import full_shape, unwrap
+    from mirage_trl.models.load import load_for_training
+    from mirage_trl.models.tiny import build_tiny_model, save_tiny_model
     from mirage_trl.trainers.sft import MirageSFTTrainer
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -85,7 +96,8 @@ def main() -> None:
     torch.set_num_threads(1)
     workdir = Path(opts.workdir) / f"rank{rank}"  # every rank renders the same deterministic images
     rows = rows_for(workdir)
-    model, processor = build_tiny_model(seed=0)
+    # written before the ZeRO-3 config exists (under it, a model built from its config is born partitioned)
+    folder = save_tiny_model(workdir / "tiny", seed=0) if opts.backend == "zero3" else None
     args = MirageSFTConfig(
         output_dir=str(workdir / "out"),
         use_cpu=True,
@@ -102,10 +114,22 @@ def main() -> None:
         logging_steps=1,
         disable_tqdm=True,
         train_sampling_strategy="sequential",
-        deepspeed=ZERO2 if opts.backend == "deepspeed" else None,
+        deepspeed={"deepspeed": ZERO2, "zero3": ZERO3}.get(opts.backend),
         ddp_backend="gloo" if world > 1 else None,
         seed=0,
+        **({"stage": 2, "stage2_method": opts.stage2_method} if opts.stage2_method else {}),
     )
+    if opts.backend == "zero3":
+        # loaded as a recipe loads it, after the config: under ZeRO-3 `from_pretrained` partitions the weights
+        # as it reads them, so every shape read after this point sees partitioned parameters
+        # DeepSpeed's process group first, as `accelerate launch` sets it up (torchrun does not): ZeRO-3 partitions
+        # the weights across it while `from_pretrained` reads them
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+        model, processor = load_for_training(str(folder), args)
+    else:
+        model, processor = build_tiny_model(seed=0)
     trainer = MirageSFTTrainer(
         model=model,
         args=args,
@@ -123,6 +147,9 @@ def main() -> None:
         "grad_norm": [h.get("grad_norm") for h in logs],
         "ce": [h.get("ce") for h in logs],
         "latent_loss": [h.get("latent_loss") for h in logs],
+        # the vocabulary as the trainer sees it (a partitioned parameter's local shape is (0,))
+        "embedding_rows": int(full_shape(unwrap(trainer.model).get_input_embeddings().weight)[0]),
+        "tokenizer": len(processor.tokenizer),
     }
     if rank == 0:
         Path(opts.out).write_text(json.dumps(result))

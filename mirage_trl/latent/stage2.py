@@ -48,7 +48,7 @@ import torch
 import torch.utils.checkpoint
 
 from ..errors import MirageError
-from ..models.families import cache_kwargs, family, multimodal_model, unwrap
+from ..models.families import cache_kwargs, family, full_shape, multimodal_model, unwrap
 from .bottleneck import blind_queries, check_bottleneck_support, visual_bottleneck
 from .feedback import LatentFeedback
 from .rounds import by_rank, packed_round, plan_rounds, round_mask, without_blind_pairs
@@ -436,7 +436,7 @@ def _recompute(model, batch: _Batch, detach_latents: bool, feedback) -> SelfLate
     prev[:, :-1] = slot_mask[:, 1:]  # position t-1 of every slot t, same row-major order
     fam = family(model)
     extra = vision if any(k in fam.vision_keys for k in vision) else {}
-    D = model.get_input_embeddings().weight.shape[1]
+    D = full_shape(model.get_input_embeddings().weight)[1]  # ZeRO-3: the local tensor is empty
     values = torch.zeros(n, D, dtype=model.get_input_embeddings().weight.dtype, device=input_ids.device)
     hidden = None
     with visual_bottleneck(model, input_ids, slot_mask, bottleneck):  # one mask for every pass

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import MirageError
 from ..io import looks_like_hub_name
-from .families import unwrap
+from .families import full_shape, unwrap
 from .processors import load_processor, processor_class
 from .resolve import ModelSource, is_adapter_dir, resolve_model_dir
 from .settings import MirageSettings
@@ -127,7 +127,7 @@ def load_source(src: ModelSource, *, trainable: bool = False, trust_remote_code:
         from peft import PeftModel
 
         saved_rows = _adapter_embedding_rows(src.path)
-        rows = model.get_input_embeddings().weight.shape[0]
+        rows = full_shape(model.get_input_embeddings().weight)[0]  # ZeRO-3: the local tensor is empty
         want = saved_rows or max(rows, len(processor.tokenizer))
         if want != rows:
             model.resize_token_embeddings(want, mean_resizing=False)
@@ -140,7 +140,7 @@ def load_source(src: ModelSource, *, trainable: bool = False, trust_remote_code:
         if trainable:
             logger.info("continuing the LoRA adapter of %s over %s", src.path, src.base)
     elif src.settings is not None:
-        if len(processor.tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        if len(processor.tokenizer) > full_shape(model.get_input_embeddings().weight)[0]:
             raise MirageError(
                 f"{src.path}: the tokenizer has more tokens than the model's embedding has rows"
             )

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import MirageError
+from .families.parts import full_shape, gathered
 
 LATENT_START = "<|latent_start|>"
 LATENT_PAD = "<|latent_pad|>"
@@ -57,7 +58,7 @@ def make_room(model, tok, new_ids: list[int]) -> None:
     checkpoints have some); rows of new tokens start from the mean of the rows below them, in the input
     embedding and in the LM head (so the model can learn to emit start/end)."""
     emb = model.get_input_embeddings()
-    rows = emb.weight.shape[0]
+    rows = full_shape(emb.weight)[0]  # under ZeRO-3 the local tensor is empty: its shape would say 0 rows
     if len(tok) > rows:
         # Mean init of the new rows is ours below; skip transformers' own (it samples a Gaussian).
         model.resize_token_embeddings(len(tok), mean_resizing=False)
@@ -65,9 +66,8 @@ def make_room(model, tok, new_ids: list[int]) -> None:
     if not new_ids:
         return
     known = min(new_ids)  # rows below the first new token are the trained vocabulary
-    with torch.no_grad():
-        for layer in (emb, model.get_output_embeddings()):
-            if layer is None:
-                continue
+    layers = [layer for layer in (emb, model.get_output_embeddings()) if layer is not None]
+    with torch.no_grad(), gathered(*(layer.weight for layer in layers)):
+        for layer in layers:
             w = layer.weight
             w[new_ids] = w[:known].mean(dim=0, keepdim=True).to(w.dtype)

@@ -50,7 +50,7 @@ from .base import (
     unsupported,
     vision_tower,
 )
-from .parts import cache_kwargs, capture_final_hidden, output_logits, text_model, unwrap
+from .parts import cache_kwargs, capture_final_hidden, full_shape, gathered, output_logits, text_model, unwrap
 
 
 def import_family_modules(path=None) -> None:
@@ -79,6 +79,8 @@ __all__ = [
     "capture_final_hidden",
     "cache_kwargs",
     "family",
+    "full_shape",
+    "gathered",
     "import_class",
     "multimodal_model",
     "output_logits",

@@ -37,6 +37,23 @@ def _cache_name(cls) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def full_shape(param) -> torch.Size:
+    """A parameter's shape, also when DeepSpeed ZeRO-3 has partitioned it: each process then holds an empty
+    local tensor (shape (0,)) and the full shape is `ds_shape`."""
+    return getattr(param, "ds_shape", None) or param.shape
+
+
+def gathered(*params):
+    """A context in which ZeRO-3-partitioned `params` are whole on every process and what rank 0 writes into
+    them is kept (DeepSpeed's `GatheredParameters`); a no-op for ordinary parameters."""
+    params = [p for p in params if p is not None and hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed  # only reachable when DeepSpeed partitioned them
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+
 def text_model(model) -> torch.nn.Module:
     """The language model (the module with `embed_tokens`, `layers` and the final `norm`)."""
     for module in unwrap(model).modules():
