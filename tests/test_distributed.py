@@ -30,7 +30,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+_RUNS: dict = {}  # one run per (processes, backend, method) in a session: ZeRO-2's one-process run serves twice
+
+
 def _run(nproc: int, backend: str, tmp_path: Path, stage2_method: str | None = None) -> dict:
+    key = (nproc, backend, stage2_method)
+    if key not in _RUNS:
+        _RUNS[key] = _launch(nproc, backend, tmp_path, stage2_method)
+    return _RUNS[key]
+
+
+def _launch(nproc: int, backend: str, tmp_path: Path, stage2_method: str | None) -> dict:
     out = tmp_path / f"{backend}-{nproc}-{stage2_method}.json"
     env = dict(
         os.environ,
