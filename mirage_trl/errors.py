@@ -53,6 +53,8 @@ def storage_error(exc: BaseException) -> MirageError | None:
     base = os.path.basename(name)
     if base.startswith(".") and ".tmp" in base:  # an atomic write's temporary file: the user knows the folder
         return MirageError(f"cannot write in {os.path.dirname(name) or '.'} ({exc.strerror})")
+    if errno.errorcode.get(exc.errno) in ("EACCES", "EPERM"):  # a read or a write: say only what happened
+        return MirageError(f"{name}: {exc.strerror}")
     return MirageError(f"cannot write {name} ({exc.strerror})")
 
 
@@ -63,4 +65,5 @@ def hub_error(exc: BaseException) -> MirageError | None:
     if not any(c.__module__.startswith(libraries) for c in type(exc).__mro__):
         return None
     first = (str(exc).splitlines() or [""])[0]
-    return MirageError(f"the Hub cannot be reached or refused the request ({type(exc).__name__}: {first})")
+    # the Hub's client, or the HTTP libraries under it (a tracker's upload too): say what failed, not where
+    return MirageError(f"a network request failed ({type(exc).__name__}: {first})")

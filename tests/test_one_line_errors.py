@@ -290,3 +290,28 @@ def test_a_full_disk_is_one_line_for_eval_and_training(env, tmp_path):
     last = p.stderr.strip().splitlines()[-1]
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert last == f"stage1_vsp.py: error: cannot write {tmp_path / 'run'} (File too large)", last
+
+
+def test_what_the_file_system_refuses_is_named_as_it_happened():
+    """A permission error may be a read: it is not called a failed write; a temporary file is named by its folder."""
+    from mirage_trl.errors import storage_error
+
+    assert (
+        str(storage_error(PermissionError(13, "Permission denied", "/d/rows.jsonl")))
+        == "/d/rows.jsonl: Permission denied"
+    )
+    assert (
+        str(storage_error(PermissionError(13, "Permission denied", "/d/.card.md.x1.tmp")))
+        == "cannot write in /d (Permission denied)"
+    )
+    assert (
+        str(storage_error(OSError(28, "No space left on device", "/d/r.json")))
+        == "cannot write /d/r.json (No space left on device)"
+    )
+    assert (
+        storage_error(FileNotFoundError(2, "No such file", "/d")) is None
+    )  # not the disk's doing: a real error
+    err = RuntimeError(
+        "Error while serializing: I/O error: No space left on device (os error 28)"
+    )  # safetensors
+    assert str(storage_error(err)) == "cannot write: No space left on device"
