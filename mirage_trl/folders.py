@@ -105,14 +105,16 @@ def read_marker(folder: str | os.PathLike) -> dict | None:
     return value if isinstance(value, dict) and value.get("written_by") == "mirage-trl" else None
 
 
-def write_marker(folder: str | os.PathLike, command: str, entries: list[str] | None = None) -> None:
-    """Mark `folder` as written by mirage-trl's `command`; `entries`: the top-level names it wrote (None: a
-    folder that grows while a run writes it, a training output_dir)."""
+def write_marker(folder: str | os.PathLike, command: str, entries: list[str]) -> None:
+    """Mark `folder` as written by mirage-trl's `command`, with the top-level names it wrote."""
     from . import __version__  # the package's version; the top package only maps names lazily
 
-    marker = {"written_by": "mirage-trl", "command": command, "version": __version__}
-    if entries is not None:
-        marker["entries"] = sorted(entries)
+    marker = {
+        "written_by": "mirage-trl",
+        "command": command,
+        "version": __version__,
+        "entries": sorted(entries),
+    }
     with atomic_file(Path(folder) / MARKER) as f:
         json.dump(marker, f, indent=2)
         f.write("\n")
@@ -120,14 +122,12 @@ def write_marker(folder: str | os.PathLike, command: str, entries: list[str] | N
 
 def foreign_entries(folder: str | os.PathLike) -> list[str]:
     """What `folder` holds that mirage-trl did not write there: everything, in a folder without a marker; what
-    the marker does not list, in one written whole; nothing, in a training output_dir (it grows as it runs)."""
+    its marker does not list, otherwise."""
     folder = Path(folder)
     names = sorted(e.name for e in folder.iterdir() if e.name not in _OURS)
     marker = read_marker(folder)
-    if marker is None:
-        return names
-    entries = marker.get("entries")
-    return [] if entries is None else [n for n in names if n not in set(entries)]
+    entries = set(marker.get("entries") or []) if marker else set()
+    return [n for n in names if n not in entries]
 
 
 def _listing(names: list[str]) -> str:
