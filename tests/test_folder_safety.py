@@ -275,19 +275,7 @@ def test_a_second_eval_into_the_same_out_is_refused(env, tmp_path, capsys):
     out = tmp_path / "eval"
     (tmp_path / ".eval.lock").write_text("1")  # pid 1 is always alive
     (tmp_path / "eval.partial.jsonl").write_text('{"index": 0}\n')
-    rc, _, err = run_cli(
-        [
-            "eval",
-            "--model",
-            env["mirage"],
-            "--benchmark",
-            "vsp_planning",
-            "--data",
-            env["data"],
-            "--out",
-            out,
-        ],
-        capsys,
-    )
+    argv = ["eval", "--model", env["mirage"], "--benchmark", "vsp_planning", "--data", env["data"], "--out", out]  # fmt: skip
+    rc, _, err = run_cli(argv, capsys)
     assert_cli_error(rc, err, "eval", rf"--out {out}: another process \(pid 1\) is writing there; wait for it to finish or give another --out$")  # fmt: skip
     assert (tmp_path / "eval.partial.jsonl").read_text() == '{"index": 0}\n' and not out.exists()

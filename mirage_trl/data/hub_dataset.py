@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .reference import OUTPUT_IMAGE_MARKER, load_reference_jsonl
+from .reference import OUTPUT_IMAGE_MARKER, content_parts, load_reference_jsonl
 
 DATA_FOLDER = "data"
 
@@ -44,17 +44,6 @@ def _features():
     )
 
 
-def _assistant(text: str) -> list[dict]:
-    """The assistant turn's parts: text, and an image part where each `<output_image>` marker was."""
-    parts = []
-    for i, piece in enumerate(text.split(OUTPUT_IMAGE_MARKER)):
-        if i:
-            parts.append({"type": "image", "text": None})
-        if piece:
-            parts.append({"type": "text", "text": piece})
-    return parts
-
-
 def _image(path: str) -> dict:
     return {"bytes": Path(path).read_bytes(), "path": Path(path).name}
 
@@ -66,7 +55,9 @@ def hub_rows(jsonl: str | Path, benchmark: str | None = None) -> list[dict]:
         user = [{"type": p["type"], "text": p.get("text")} for p in row["messages"][0]["content"]]
         messages = [{"role": "user", "content": user}]
         if row["completion_text"]:
-            messages.append({"role": "assistant", "content": _assistant(row["completion_text"])})
+            messages.append(
+                {"role": "assistant", "content": content_parts(row["completion_text"], OUTPUT_IMAGE_MARKER)}
+            )
         rows.append(
             {
                 "messages": messages,

@@ -168,15 +168,21 @@ def _infer_benchmark(text_input: str, has_map: bool, loc) -> str:
     )
 
 
-def user_content(text: str) -> list[dict]:
-    """A user turn's content parts: text, and an image part where each `<image>` marker is."""
+def content_parts(text: str, marker: str = IMAGE_MARKER) -> list[dict]:
+    """A turn's content parts: text, and an image part where each `marker` is (`<image>` in a user turn,
+    `<output_image>` where a helper image goes in an assistant turn)."""
     content: list[dict] = []
-    for i, piece in enumerate(text.split(IMAGE_MARKER)):
+    for i, piece in enumerate(text.split(marker)):
         if i:
             content.append({"type": "image", "text": None})
         if piece:
             content.append({"type": "text", "text": piece})
     return content
+
+
+def user_content(text: str) -> list[dict]:
+    """A user turn's content parts: text, and an image part where each `<image>` marker is."""
+    return content_parts(text, IMAGE_MARKER)
 
 
 def parse_row(

@@ -10,21 +10,12 @@ import random
 from pathlib import Path
 
 import pytest
-from helpers import assert_cli_error, assert_same_rows, run_cli
+from helpers import ROW_FIELDS, assert_cli_error, assert_same_rows, run_cli
 from PIL import Image
 
 from mirage_trl.data.sources import load_data
 
-COMPARED = (
-    "messages",
-    "prompt_text",
-    "completion_text",
-    "benchmark",
-    "answer",
-    "map_desc",
-    "level",
-    "helper_texts",
-)
+COMPARED = ROW_FIELDS
 VSP = ["data", "vsp", "--task", "planning", "--levels", "3", "4", "--num-samples", "6", "--seed", "5"]
 
 

@@ -8,22 +8,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import assert_same_rows
+from helpers import ROW_FIELDS, assert_same_rows
 
 from mirage_trl.data.reference import load_reference_jsonl
 from mirage_trl.data.sources import load_data
 from mirage_trl.errors import MirageError
 
-COMPARED = (
-    "messages",
-    "prompt_text",
-    "completion_text",
-    "benchmark",
-    "answer",
-    "map_desc",
-    "level",
-    "helper_texts",
-)
+COMPARED = ROW_FIELDS
 
 
 def _conversational(obj: dict, images) -> dict:
