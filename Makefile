@@ -88,6 +88,7 @@ screen-latents: install
 # The tests also cover DeepSpeed ZeRO-2 (2 processes on CPU): the `deepspeed` extra, built against the torch above.
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q --no-build-isolation "deepspeed>=0.15"
+	$(PY) -m pip install -q "bitsandbytes>=0.46.1"  # its CPU backend runs the QLoRA path's 4-bit layers here
 	# lmms-eval (the `--model mirage` test): its dependency list asks for torchvision, opencv, wandb and more that
 	# neither its command line nor our model imports, and that a CPU test machine should not get; it is installed
 	# without them, with what its command line does import (filelock < 4: lmms-eval 0.7.3 patches filelock._api)

@@ -52,17 +52,37 @@ def build(tiny: bool, load_in_4bit: bool, device):
         )
     config = AutoConfig.for_model(**d)
     dtype = torch.float32 if tiny else torch.bfloat16
-    kwargs = {}
     if load_in_4bit:
+        # Quantization happens while weights are read (`from_pretrained`), not when a model is built from its
+        # config: the random model is saved first, then loaded in 4 bits, the vision tower, the merger and the
+        # LM head kept in full precision as the recipes keep them (`unquantized_modules`).
+        import tempfile
+
         from transformers import BitsAndBytesConfig
 
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4"
+        from mirage_trl.models.load import unquantized_modules
+
+        folder = tempfile.mkdtemp(prefix="gpu-7b-random-")
+        with torch.device("cpu"):
+            AutoModelForImageTextToText.from_config(config, dtype=dtype).save_pretrained(folder)
+        with torch.device("meta"):
+            skip = unquantized_modules(AutoModelForImageTextToText.from_config(config))
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_type="nf4",
+            llm_int8_skip_modules=skip,
         )
-    with torch.device(device):
-        model = AutoModelForImageTextToText.from_config(
-            config, dtype=dtype, attn_implementation="sdpa", **kwargs
+        model = AutoModelForImageTextToText.from_pretrained(
+            folder,
+            dtype=dtype,
+            attn_implementation="sdpa",
+            quantization_config=quantization,
+            device_map=device,
         )
+    else:
+        with torch.device(device):
+            model = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation="sdpa")
     model.requires_grad_(False)
     lora = LoraConfig(
         r=8 if tiny else 64, lora_alpha=16 if tiny else 128, target_modules=LANGUAGE_MODEL_LINEAR

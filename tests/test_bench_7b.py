@@ -1,10 +1,12 @@
 """The 7B-shaped benchmark model: the kept config is the real Qwen2.5-VL-7B-Instruct architecture, and
 the GPU benchmark's code path runs end to end (tiny shapes, CPU)."""
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,3 +88,24 @@ def test_config_file_model_takes_the_local_tokenizer_ids(tmp_path):
 
     with pytest.raises(MirageError, match="model type 'llama' is not a supported vision-language model"):
         config_from_file(bad, tok)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("bitsandbytes") is None,
+    reason="bitsandbytes is not installed (pip install 'mirage-trl[quantization]')",
+)
+def test_the_qlora_path_loads_in_4_bits_with_the_vision_tower_in_full_precision(tmp_path):
+    """`--load-in-4bit` used to raise TypeError (a quantization config given to the model's constructor); now the
+    random model is saved and loaded through `from_pretrained` in 4 bits (bitsandbytes' CPU backend here), the
+    language model's linear layers quantized and none of the vision tower's, and both stages run."""
+    sys.path.insert(0, str(ROOT))
+    from bench.gpu_7b import build, main
+
+    model, _ = build(True, True, "cpu")
+    four_bit = [n for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"]
+    assert any(".language_model." in n for n in four_bit)
+    assert not any(".visual." in n or n.endswith("lm_head") for n in four_bit)
+    out = tmp_path / "q.json"
+    assert main(["--tiny", "--load-in-4bit", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["4bit"] and all(r["samples_per_s"] > 0 for r in result["runs"].values())

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import MirageError
 from ..io import looks_like_hub_name
-from .families import full_shape, unwrap
+from .families import family, full_shape, unwrap
 from .processors import load_processor, processor_class
 from .resolve import ModelSource, is_adapter_dir, resolve_model_dir
 from .settings import MirageSettings
@@ -179,13 +179,46 @@ def _training_kwargs(model_args) -> tuple[dict, bool]:
     )
 
 
+def unquantized_modules(model) -> list[str]:
+    """What bitsandbytes must leave in full precision: every part of the vision-language module but its language
+    model (the vision tower, the merger or projector: stage-1 targets come from the tower, and a 4-bit tower
+    would give other targets) and the LM head. Qualified names, as transformers matches them."""
+    fam = family(model)
+    inner, lm = fam.inner(model), fam.language_model(model)
+    prefix = next(name for name, module in model.named_modules() if module is inner)
+    parts = [
+        f"{prefix}.{name}" if prefix else name for name, child in inner.named_children() if child is not lm
+    ]
+    return parts + ["lm_head"]
+
+
+def _keep_vision_unquantized(kwargs: dict, name: str, trust: bool) -> None:
+    """Add `unquantized_modules` of the model `name` to a bitsandbytes config's `llm_int8_skip_modules` (read
+    off a skeleton of the model on the meta device: nothing is loaded)."""
+    quantization = kwargs.get("quantization_config")
+    if quantization is None or not hasattr(quantization, "llm_int8_skip_modules"):
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(name, trust_remote_code=trust)
+    with torch.device("meta"):
+        skeleton = AutoModelForImageTextToText.from_config(config, trust_remote_code=trust)
+    given = list(quantization.llm_int8_skip_modules or [])
+    quantization.llm_int8_skip_modules = given + [m for m in unquantized_modules(skeleton) if m not in given]
+
+
 def load_for_training(name_or_path: str, args=None, model_args=None):
     """(model, processor) to train: a base model by name or path, a full stage-1 output, or the LoRA
     adapter of a previous stage (continued, still trainable)."""
     kwargs, trust = _training_kwargs(model_args)
     trust = trust or bool(getattr(args, "trust_remote_code", False))
     name = str(name_or_path)
-    if is_adapter_dir(name):
+    adapter = is_adapter_dir(name)
+    _keep_vision_unquantized(
+        kwargs, resolve_model_dir(name, require_mirage=False).base if adapter else name, trust
+    )
+    if adapter:
         model, processor, _ = load_source(
             resolve_model_dir(name, require_mirage=False), trainable=True, trust_remote_code=trust, **kwargs
         )
