@@ -214,14 +214,10 @@ def load_for_training(name_or_path: str, args=None, model_args=None):
     kwargs, trust = _training_kwargs(model_args)
     trust = trust or bool(getattr(args, "trust_remote_code", False))
     name = str(name_or_path)
-    adapter = is_adapter_dir(name)
-    _keep_vision_unquantized(
-        kwargs, resolve_model_dir(name, require_mirage=False).base if adapter else name, trust
-    )
-    if adapter:
-        model, processor, _ = load_source(
-            resolve_model_dir(name, require_mirage=False), trainable=True, trust_remote_code=trust, **kwargs
-        )
+    src = resolve_model_dir(name, require_mirage=False) if is_adapter_dir(name) else None
+    _keep_vision_unquantized(kwargs, src.base if src else name, trust)  # an adapter: its base is quantized
+    if src is not None:
+        model, processor, _ = load_source(src, trainable=True, trust_remote_code=trust, **kwargs)
         return model, processor
     model = _from_pretrained(name, trust, **kwargs)
     return model, load_processor(name, model_type=model.config.model_type, trust_remote_code=trust)
