@@ -55,12 +55,9 @@ def rotate_own_checkpoints(
     keep = {own[-1]} if own else set()
     if best_model_checkpoint:
         keep.add(os.path.normpath(str(best_model_checkpoint)))
-    for path in own:
-        if len(own) <= max(save_total_limit, len(keep)):
-            break
-        if os.path.normpath(path) not in keep:
-            shutil.rmtree(path, ignore_errors=True)
-            own = [p for p in own if p != path]
+    excess = len(own) - max(save_total_limit, len(keep))
+    for path in [p for p in own if os.path.normpath(p) not in keep][: max(0, excess)]:  # oldest first
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def check_resume_checkpoint(path, flag: str = "--resume_from_checkpoint") -> None:
