@@ -13,7 +13,7 @@ from trl import GRPOConfig, ScriptArguments, SFTConfig
 from .errors import MirageError
 from .grading import BENCHMARKS, one_of
 from .latent.collator import TRUNCATION_POLICIES
-from .latent.losses import LATENT_LOSSES
+from .latent.losses import LATENT_LOSSES, LOGITS_CHUNK_SIZE
 from .latent.stage2 import METHODS as STAGE2_METHODS
 from .latent.targets import LATENT_TARGETS, POOLINGS
 from .models.settings import BOTTLENECKS, FEEDBACK_NORM_CHOICES
@@ -163,6 +163,14 @@ class _MirageLatentArgs:
             "(and save) without it; default: the whole run"
         },
     )
+    max_round_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "stage 2 and GRPO training with the round methods: at most this many real tokens per round "
+            "(more, smaller rounds: a lower activation peak under checkpointing); default: the batch's real tokens "
+            "/ the number of layers with checkpointing, the fewest rounds without"
+        },
+    )
     skip_nonfinite_steps: bool = field(
         default=False,
         metadata={
@@ -235,6 +243,13 @@ class MirageSFTConfig(_MirageLatentArgs, SFTConfig):
         default=False,
         metadata={"help": "compute stage-1 targets once up front and cache them with the dataset"},
     )
+    logits_chunk_size: int | None = field(
+        default=LOGITS_CHUNK_SIZE,
+        metadata={
+            "help": "trained positions whose logits exist at once in the text cross-entropy (each chunk recomputed "
+            "in the backward); 0: all at once"
+        },
+    )
     padding_side: str = field(default="right", metadata={"help": "padding side of training batches"})
     # TRL's collator and dataset preparation do not know latent spans: rows reach our collator raw.
     remove_unused_columns: bool = False
@@ -242,6 +257,7 @@ class MirageSFTConfig(_MirageLatentArgs, SFTConfig):
 
     def __post_init__(self):
         quiet_defaults(self)
+        refuse_unsupported(self)
         super().__post_init__()
         validate_latent_args(self)
         if not (math.isfinite(self.text_loss_weight) and self.text_loss_weight >= 0):
@@ -291,6 +307,7 @@ class MirageGRPOConfig(_MirageLatentArgs, GRPOConfig):
 
     def __post_init__(self):
         quiet_defaults(self)
+        refuse_unsupported(self)
         if isinstance(self.reward_names, str):
             self.reward_names = [self.reward_names]
         get_reward_funcs(self.reward_names)  # an unknown name: one clear line
@@ -386,6 +403,10 @@ _LATENT_PARAMS = """
             round, KV reused), `"rounds_checkpointed"` (the same, exact under gradient checkpointing),
             `"recompute"` (the reference's full recomputation); `"auto"` picks the exact one for the
             checkpointing setting. All give the same loss and gradients.
+        max_round_tokens (`int` or `None`, *optional*, defaults to `None`):
+            With the round methods, at most this many real tokens per round: more, smaller rounds, so a lower
+            activation peak under checkpointing (the replayed round's activations over every layer). `None`:
+            the batch's real tokens / the number of layers with checkpointing, the fewest rounds without.
 
         > Parameters of the numerical guard
 
@@ -449,8 +470,18 @@ MirageSFTConfig.__doc__ = f"""Configuration class for `MirageSFTTrainer`: TRL's 
         cache_latent_targets (`bool`, *optional*, defaults to `False`):
             Stage 1: compute the targets once before training and keep them with the dataset (the vision
             tower is frozen, so they never change); refused if the tower changes.
+        logits_chunk_size (`int` or `None`, *optional*, defaults to `1024`):
+            The text cross-entropy computes the logits of this many trained positions at a time, each chunk
+            recomputed in the backward, so the (positions x vocabulary) matrix never exists whole (at a 152k
+            vocabulary, 1024 positions are 0.6 GB of float32 logits). 0 or `None`: all at once. Under ZeRO-3
+            the logits are computed at once whatever the value (every rank must gather the LM head equally
+            often).
         padding_side (`str`, *optional*, defaults to `"right"`):
             Padding side of training batches; both give the same loss.
+
+        > Not supported (refused in one line before the model loads)
+
+        `use_liger_kernel`, `torch_compile`, `packing`, `padding_free`: see `UNSUPPORTED_TRAINING_FLAGS`.
 {_LATENT_PARAMS}"""
 
 MirageGRPOConfig.__doc__ = f"""Configuration class for `MirageGRPOTrainer`: TRL's `GRPOConfig` plus the Mirage parameters.
@@ -514,3 +545,27 @@ def validate_latent_args(args) -> None:
         raise MirageError(
             f"--stage2_method {args.stage2_method!r}: choose one of {', '.join(STAGE2_METHODS)}"
         )
+    _check_int(args, "max_round_tokens", 1, MAX_SEQUENCE_LENGTH, optional=True)
+    if hasattr(args, "logits_chunk_size"):
+        _check_int(args, "logits_chunk_size", 0, MAX_SEQUENCE_LENGTH, optional=True)
+
+
+def refuse_unsupported(args) -> None:
+    """One line for a switch of `UNSUPPORTED_TRAINING_FLAGS`, before TrainingArguments' own checks (which would
+    import Liger, or set up compilation, first)."""
+    for flag, why in UNSUPPORTED_TRAINING_FLAGS.items():
+        if getattr(args, flag, None):
+            raise MirageError(f"--{flag}: not supported by the Mirage trainers: {why}")
+
+
+# TrainingArguments / SFTConfig / GRPOConfig switches the Mirage trainers cannot honour, refused before any model
+# loads rather than silently ignored or half applied.
+UNSUPPORTED_TRAINING_FLAGS = {
+    "use_liger_kernel": "Liger patches the model's forward and fuses the LM head into its own loss, while stage 1, "
+    "stage 2 and GRPO compute their losses from the hidden states (latent slots, rounds); the text "
+    "cross-entropy is already chunked (--logits_chunk_size)",
+    "torch_compile": "the latent rounds change shape with every batch (one recompilation per step); run "
+    "without it",
+    "packing": "latent slots and rounds are laid out per row, so rows cannot share a sequence",
+    "padding_free": "latent slots and rounds are laid out per padded row",
+}

@@ -25,6 +25,8 @@ TESTED = {
     "accelerate": ("1.10.1", "1.16.0"),
     "datasets": ("4.7.0", "5.2.0"),
     "huggingface_hub": ("1.31.0", "2.4.0"),
+    # the [deepspeed] extra: older releases fail ZeRO-3 with checkpointed rounds (empty frozen weights)
+    "deepspeed": ("0.19.8", "0.19.8"),
 }
 
 # "module:Class" -> the private methods the trainers override or call there

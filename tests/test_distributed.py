@@ -106,7 +106,11 @@ def test_zero2_two_processes_match_one(tmp_path):
     importlib.util.find_spec("deepspeed") is None,
     reason="deepspeed is not installed (pip install 'mirage-trl[deepspeed]', i.e. deepspeed==0.19.8)",
 )
-@pytest.mark.parametrize("stage2_method", [None, "recompute"], ids=["stage1", "stage2-recompute"])
+@pytest.mark.parametrize(
+    "stage2_method",
+    [None, "recompute", "rounds_checkpointed"],
+    ids=["stage1", "stage2-recompute", "stage2-rounds_checkpointed"],
+)
 def test_zero3_trains_the_same_model_as_zero2(tmp_path, stage2_method):
     """The model loaded after a ZeRO-3 config is partitioned as `from_pretrained` reads it (as in a recipe), so
     every shape read sees empty local tensors: the vocabulary keeps its rows (it was cut to the tokenizer's

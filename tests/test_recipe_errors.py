@@ -94,6 +94,12 @@ CASES = {
     "corrupt_adapter": (lambda t, e: _adapter(str(e[0]))(t, e), r"adapter_model\.safetensors: not a readable safetensors file, corrupt or truncated"),
     "report_to_missing": (lambda t, e: ["--report_to", "wandb"], r"--report_to wandb: the wandb package is not installed \(pip install 'mirage-trl\[wandb\]', or --report_to none\)"),
     "mirage_settings_wrong_type": (lambda t, e: _model(t, e, _config_edit(mirage={"latent_size": "four"})), r"config\.json:mirage: latent_size must be an integer >= 1, got 'four'"),
+    "liger": (lambda t, e: ["--use_liger_kernel", "true"], r"--use_liger_kernel: not supported by the Mirage trainers: Liger patches the model's forward"),
+    "torch_compile": (lambda t, e: ["--torch_compile", "true"], r"--torch_compile: not supported by the Mirage trainers: the latent rounds change shape"),
+    "packing": (lambda t, e: ["--packing", "true"], r"--packing: not supported by the Mirage trainers: latent slots and rounds are laid out per row"),
+    "padding_free": (lambda t, e: ["--padding_free", "true"], r"--padding_free: not supported by the Mirage trainers"),
+    "max_round_tokens_zero": (lambda t, e: ["--max_round_tokens", "0"], r"--max_round_tokens 0: must be an integer from 1 to"),
+    "logits_chunk_negative": (lambda t, e: ["--logits_chunk_size", "-1"], r"--logits_chunk_size -1: must be an integer from 0 to"),
 }  # fmt: skip
 
 

@@ -19,7 +19,8 @@ from mirage_trl.versions import PRIVATE_APIS, TESTED, check_private_apis, untest
 
 
 def test_every_lower_bound_is_the_oldest_tested_version():
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    deps = project["dependencies"] + [d for extra in project["optional-dependencies"].values() for d in extra]
     bounds = {}
     for dep in deps:
         m = re.fullmatch(r"([A-Za-z0-9_.-]+)>=([0-9.]+)", dep)

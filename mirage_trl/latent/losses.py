@@ -18,29 +18,67 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from trl.trainer.utils import entropy_from_logits  # TRL's own, chunked: no second vocab-size copy
 
-from ..models.families import output_logits
+from ..models.families import output_logits, unwrap
 from .collator import IGNORE_INDEX
+
+# Trained positions whose logits exist at once in the text cross-entropy: at a 152k vocabulary, 1024 positions are
+# 0.6 GB of float32 logits (and as much again for their gradient), whatever the batch.
+LOGITS_CHUNK_SIZE = 1024
 
 
 def text_cross_entropy(
-    model, hidden: torch.Tensor, labels: torch.Tensor, stats: dict | None = None
+    model,
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    stats: dict | None = None,
+    chunk_size: int | None = LOGITS_CHUNK_SIZE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of next-token CE over trained positions, and their count (logits only where needed).
+
+    The logits are computed `chunk_size` positions at a time, each chunk under activation checkpointing: the
+    backward recomputes a chunk's logits from its hidden states instead of keeping every chunk's, so the
+    (positions, vocabulary) matrix never exists whole (`None` or 0: one chunk). Under ZeRO-3 the LM head is
+    called once whatever the size: each call gathers its weight, a collective that every rank must make
+    equally often, and ranks hold different numbers of trained positions.
 
     `stats`: filled with the sums TRL's SFTTrainer logs from the same logits (top-1 hits and entropy over
     the trained positions), so Mirage runs keep `mean_token_accuracy` and `entropy`."""
     mask = labels[:, 1:] != IGNORE_INDEX
     h = hidden[:, :-1][mask]
-    logits = output_logits(model, h).float()
     target = labels[:, 1:][mask]
-    ce_sum = F.cross_entropy(logits, target, reduction="sum")
+    n = h.shape[0]
+    head = unwrap(model).get_output_embeddings().weight
+    if not chunk_size or n <= chunk_size or not torch.is_grad_enabled() or hasattr(head, "ds_id"):
+        chunk_size = max(n, 1)
+    sums = []
+    for start in range(0, n, chunk_size):
+        args = (model, h[start : start + chunk_size], target[start : start + chunk_size], stats is not None)
+        if chunk_size < n:
+            sums.append(checkpoint(_chunk_cross_entropy, *args, use_reentrant=False))
+        else:
+            sums.append(_chunk_cross_entropy(*args))
+    if not sums:  # no trained position: a zero that keeps the graph
+        sums.append(_chunk_cross_entropy(model, h, target, stats is not None))
+    ce_sum, correct, entropy = (torch.stack(parts).sum() for parts in zip(*sums))
     if stats is not None:
-        with torch.no_grad():
-            stats["correct"] = (logits.detach().argmax(-1) == target).sum()
-            stats["entropy"] = entropy_from_logits(logits.detach()).sum()
+        stats["correct"], stats["entropy"] = correct, entropy
     return ce_sum, mask.sum()
+
+
+def _chunk_cross_entropy(model, h, target, with_stats: bool):
+    """(CE sum, top-1 hits, entropy sum) of one chunk of trained positions."""
+    logits = output_logits(model, h).float()
+    ce_sum = F.cross_entropy(logits, target, reduction="sum")
+    if not with_stats:
+        zero = ce_sum.detach() * 0
+        return ce_sum, zero, zero
+    with torch.no_grad():
+        correct = (logits.detach().argmax(-1) == target).sum().to(ce_sum.dtype)
+        entropy = entropy_from_logits(logits.detach()).sum()
+    return ce_sum, correct, entropy
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -108,6 +108,7 @@ def plan_rounds(
     schedule: str = "auto",
     max_round_tokens: int | None = None,
     keep_together: torch.Tensor | None = None,
+    min_rounds: int | None = None,
 ) -> RoundPlan:
     """Assign every real token of the batch to a round, and lay each round out packed.
 
@@ -117,7 +118,9 @@ def plan_rounds(
     per-round checkpointing keeps in memory). "auto": "split" when `max_round_tokens` is given and
     some round exceeds it, else "aligned". Every round runs its real tokens packed in one row, so no
     schedule computes padding in the linear layers. `keep_together` (B, L) bool marks tokens (the
-    image tokens) that must all run in the first round.
+    image tokens) that must all run in the first round. `min_rounds`: at least this many rounds, the largest
+    ones cut in two until there are (what lets every ZeRO-3 rank run as many rounds as the others: each round
+    gathers every layer's weights, a collective all ranks must make equally often).
     """
     attn = attention_mask.detach().to("cpu").bool()
     slots = slot_mask.detach().to("cpu").bool()
@@ -145,6 +148,9 @@ def plan_rounds(
     if schedule != "aligned" and max_round_tokens is not None:
         if schedule == "split" or max(sum(row) for row in table) > max_round_tokens:
             table, chosen = _split_schedule(table, max_round_tokens, first_min), "split"
+    if min_rounds is not None and len(table) < min_rounds:
+        table = _at_least(table, min_rounds, first_min)
+        chosen = "split"
     chunk = torch.tensor(table, dtype=torch.long).T  # (B, R) chunk lengths
     rounds, back, latent_order = _lay_out(chunk, attn, slots, n_real)
     return RoundPlan(
@@ -165,6 +171,30 @@ def _image_prefix(keep_together, attn, rank, slot_ranks) -> list[int] | None:
                 "images must come before the first <|latent_start|> span"
             )
     return first_min
+
+
+def _at_least(table: list[list[int]], rounds: int, first_min: list[int] | None) -> list[list[int]]:
+    """`table` with its largest splittable round cut in two (each sample's chunk halved, the first half
+    keeping the slot and, in round 0, the image tokens) until it has `rounds` rounds."""
+    table = [list(row) for row in table]
+    while len(table) < rounds:
+        best = None
+        for r, row in enumerate(table):
+            heads = [
+                max(-(-c // 2), first_min[b] if (r == 0 and first_min) else 0) for b, c in enumerate(row)
+            ]
+            heads = [min(h, c) for h, c in zip(heads, row)]
+            tails = [c - h for h, c in zip(heads, row)]
+            if any(tails) and (best is None or sum(row) > best[0]):
+                best = (sum(row), r, heads, tails)
+        if best is None:
+            raise MirageError(
+                f"this batch has {sum(map(sum, table))} real tokens, too few for the {rounds} rounds another rank "
+                "runs (ZeRO-3 needs every rank to run as many rounds); use a larger per-device batch"
+            )
+        _, r, heads, tails = best
+        table[r : r + 1] = [heads, tails]
+    return table
 
 
 def _lay_out(chunk: torch.Tensor, attn: torch.Tensor, slots: torch.Tensor, n_real: list[int]):

@@ -244,6 +244,11 @@ def _rounds(
     images_in = {k: v for k, v in vision.items() if k in fam.vision_keys}
     images = fam.image_mask(model, input_ids) if images_in else None
     plan = plan_rounds(attention_mask, slot_mask, schedule, max_round_tokens, keep_together=images)
+    most = rounds_across_ranks(model, len(plan.rounds), input_ids.device)
+    if most > len(plan.rounds):
+        plan = plan_rounds(
+            attention_mask, slot_mask, schedule, max_round_tokens, keep_together=images, min_rounds=most
+        )
     blocks = fam.attention_blocks(model, input_ids) if images_in else None
     rank_blocks = by_rank(blocks, attention_mask, -1) if blocks is not None else None
     blind = None
@@ -425,12 +430,27 @@ def _checkpointed_round(
 # --------------------------------------------------------------------------- recompute
 
 
+def rounds_across_ranks(model, count: int, device) -> int:
+    """The most passes any rank makes through the model for this step: `count` itself, except under ZeRO-3 with
+    several processes, where every forward of a layer gathers its partitioned weights, a collective each rank
+    must make as often as the others (one rank with fewer rounds would leave the rest waiting, or pair their
+    gathers with the wrong layer's). One all-reduce of one number, only there."""
+    weight = unwrap(model).get_input_embeddings().weight
+    if not hasattr(weight, "ds_id") or not torch.distributed.is_initialized():
+        return count
+    if torch.distributed.get_world_size() < 2:
+        return count
+    most = torch.tensor([count], device=device)
+    torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+    return int(most.item())
+
+
 def _recompute(model, batch: _Batch, detach_latents: bool, feedback) -> SelfLatentOutput:
     input_ids, attention_mask, slot_mask, position_ids, vision, bottleneck = batch
     inner = multimodal_model(model)
     B, L = input_ids.shape
     counts = slot_mask.sum(1).cpu()  # one host sync per batch
-    passes = int(counts.max()) + 1 if B else 1
+    passes = rounds_across_ranks(model, int(counts.max()) + 1 if B else 1, input_ids.device)
     n = int(counts.sum())
     prev = torch.zeros_like(slot_mask)
     prev[:, :-1] = slot_mask[:, 1:]  # position t-1 of every slot t, same row-major order

@@ -333,6 +333,7 @@ class MirageGRPOTrainer(MirageTrainerMixin, GRPOTrainer):
                     slot_mask,
                     position_ids=positions,
                     method=self.args.stage2_method,
+                    max_round_tokens=self.args.max_round_tokens,
                     **vision,
                 )
                 hidden = out.hidden_states[:, -C - 1 : -1]  # position t-1 predicts completion token t

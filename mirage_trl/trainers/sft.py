@@ -227,6 +227,7 @@ class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
             inputs["latent_mask"],
             position_ids=self._positions(model, inputs),
             method=self.args.stage2_method,
+            max_round_tokens=self.args.max_round_tokens,
             feedback=self.latent_feedback,
             bottleneck=self.bottleneck,
             **family(model).image_inputs(model, inputs),
@@ -270,7 +271,9 @@ class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
                 out = self.stage2_forward(model, inputs)
                 hidden, latents = out.hidden_states, out.latents
             stats: dict = {}
-            ce_sum, n_tokens = text_cross_entropy(model, hidden, inputs["labels"], stats)
+            ce_sum, n_tokens = text_cross_entropy(
+                model, hidden, inputs["labels"], stats, self.args.logits_chunk_size
+            )
         # As TRL: normalise by the tokens of the whole accumulated batch when the Trainer gives that count.
         ce = ce_sum / (n_tokens.clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:

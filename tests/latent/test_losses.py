@@ -61,6 +61,61 @@ def test_text_cross_entropy_sums_the_trained_positions():
     assert math.isfinite(float(stats["entropy"]))
 
 
+@pytest.mark.parametrize("chunk_size", [1, 3, 0])
+def test_chunked_cross_entropy_equals_the_per_position_reference_with_gradients(chunk_size):
+    """Chunked logits (each chunk recomputed in the backward) give the loss, the TRL metrics and the gradients
+    of hidden states and LM head that a per-position loop gives; 0: one chunk."""
+    model, _ = build_tiny_model()
+    model.lm_head.weight.requires_grad_(True)
+    torch.manual_seed(1)
+    hidden = torch.randn(2, 6, model.config.text_config.hidden_size, requires_grad=True)
+    labels = torch.tensor([[-100, 5, 7, -100, 9, 11], [-100, -100, 3, 4, 5, -100]])
+    stats: dict = {}
+    ce_sum, n = text_cross_entropy(model, hidden, labels, stats, chunk_size=chunk_size)
+    ce_sum.backward()
+    got = (hidden.grad.clone(), model.lm_head.weight.grad.clone())
+    hidden.grad, model.lm_head.weight.grad = None, None
+    total, hits, entropy = 0.0, 0, 0.0
+    for b in range(2):
+        for t in range(5):
+            if labels[b, t + 1] != -100:
+                logp = torch.log_softmax(model.lm_head(hidden[b, t]).float(), -1)
+                total = total - logp[labels[b, t + 1]]
+                hits += int(logp.argmax() == labels[b, t + 1])
+                entropy -= float((logp.exp() * logp).sum().detach())
+    total.backward()
+    assert int(n) == 7
+    assert ce_sum.item() == pytest.approx(total.item(), rel=1e-6)
+    assert int(stats["correct"]) == hits
+    assert float(stats["entropy"]) == pytest.approx(entropy, rel=1e-5)
+    assert torch.allclose(got[0], hidden.grad, atol=1e-6)
+    assert torch.allclose(got[1], model.lm_head.weight.grad, atol=1e-6)
+
+
+def test_chunked_cross_entropy_keeps_no_logits_for_the_backward():
+    """What the backward keeps: with chunks, no tensor of vocabulary width (the logits, their softmax) is saved;
+    in one chunk, at least one (positions x vocabulary) is."""
+    model, _ = build_tiny_model()
+    vocab = model.lm_head.weight.shape[0]
+    torch.manual_seed(1)
+    hidden = torch.randn(2, 40, model.config.text_config.hidden_size, requires_grad=True)
+    labels = torch.randint(0, vocab, (2, 40))
+
+    def saved_widths(chunk_size):
+        widths = []
+
+        def pack(t):
+            widths.append(t.shape[-1] if t.ndim == 2 and t.shape[0] > 1 else 0)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            text_cross_entropy(model, hidden, labels, chunk_size=chunk_size)
+        return widths
+
+    assert vocab in saved_widths(0)
+    assert vocab not in saved_widths(8)
+
+
 def test_contrastive_loss_picks_each_target_against_the_other_rows_with_its_gradient():
     """Per slot, by hand: -log softmax over {its own target} + {the targets of other rows}, cos / T."""
     torch.manual_seed(0)

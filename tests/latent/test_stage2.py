@@ -264,6 +264,25 @@ def test_methods_match_reference(model_type, padding, ckpt, finetune):
     assert is_checkpointing(model) == ckpt  # the model's own flag is restored
 
 
+@pytest.mark.parametrize("method", ["rounds", "rounds_checkpointed", "recompute"])
+def test_extra_rounds_for_other_ranks_are_exact(method, monkeypatch):
+    """Under ZeRO-3 a rank runs as many rounds (recompute: passes) as the rank with the most: the rounds
+    cut further, or passes beyond the fixed point, give the reference loss and gradients."""
+    from mirage_trl.latent import stage2
+
+    model, processor, tokens = fresh()
+    model = _lora(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batch, singles = make_batch(processor, tokens, "right")
+    plain = batched_loss_and_grads(model, batch, tokens.pad_id, method)
+    monkeypatch.setattr(stage2, "rounds_across_ranks", lambda model, count, device: count + 4)
+    loss, grads, out, n_targets = batched_loss_and_grads(model, batch, tokens.pad_id, method)
+    assert out.steps == plain[2].steps + 4
+    ref_loss, ref_grads = reference_loss_and_grads(model, singles, tokens.pad_id, n_targets)
+    assert loss == pytest.approx(ref_loss, rel=REL)
+    assert_close_grads(grads, ref_grads)
+
+
 def test_latents_and_hidden_match_reference_values():
     model, processor, tokens = fresh()
     batch, singles = make_batch(processor, tokens, "left")
@@ -424,7 +443,13 @@ def test_round_layouts_pack_real_tokens_and_split_keeps_slots_first():
     late[1, -1] = True
     with pytest.raises(MirageError, match="sample 1: an image comes after its first latent slot"):
         plan_rounds(attn, slot, keep_together=late)
-    for plan in (aligned, split):
+    # ZeRO-3: as many rounds as another rank runs, by cutting the largest rounds (images kept in the first)
+    padded = plan_rounds(attn, slot, "aligned", keep_together=images, min_rounds=len(aligned.rounds) + 5)
+    assert len(padded.rounds) == len(aligned.rounds) + 5 and padded.schedule == "split"
+    assert padded.back[images].max() < padded.tokens[0]
+    with pytest.raises(MirageError, match=r"too few for the 10000 rounds another rank runs"):
+        plan_rounds(attn, slot, min_rounds=10_000)
+    for plan in (aligned, split, padded):
         assert plan.computed_tokens == int(attn.sum())  # rounds run packed: no padding in the linear layers
         offsets = torch.tensor([0] + plan.tokens[:-1]).cumsum(0)
         src = torch.cat([layout.src for layout in plan.rounds])

@@ -411,6 +411,13 @@ def test_generation_batch_not_divisible(tmp_path):
         _config(tmp_path, per_device_train_batch_size=3)
 
 
+@pytest.mark.parametrize("flag", ["use_liger_kernel", "torch_compile"])
+def test_unsupported_training_switches_are_refused_before_upstream_checks(tmp_path, flag):
+    """Liger's GRPO loss would replace the latent forward (and its import fails first where Liger is absent)."""
+    with pytest.raises(MirageError, match=rf"^--{flag}: not supported by the Mirage trainers: "):
+        _config(tmp_path, **{flag: True})
+
+
 def test_unsupported_generation_settings(tmp_path):
     with pytest.raises(MirageError, match="use_vllm"):
         _config(tmp_path, use_vllm=True)
@@ -500,20 +507,23 @@ def test_trl_rollout_and_scoring_match_reference_whatever_the_padding_side(
 
 
 def test_grpo_honours_stage2_method(trainer, rows, monkeypatch):
-    """`stage2_method` reaches the GRPO training forward as it reaches SFT's."""
+    """`stage2_method` and `max_round_tokens` reach the GRPO training forward as they reach SFT's."""
     from mirage_trl.trainers import grpo
 
     methods = []
     real = grpo.self_latent_forward
     monkeypatch.setattr(
-        grpo, "self_latent_forward", lambda *a, **kw: methods.append(kw.get("method")) or real(*a, **kw)
+        grpo,
+        "self_latent_forward",
+        lambda *a, **kw: methods.append((kw.get("method"), kw.get("max_round_tokens"))) or real(*a, **kw),
     )
     monkeypatch.setattr(trainer.args, "stage2_method", "recompute")
+    monkeypatch.setattr(trainer.args, "max_round_tokens", 7)
     comps = completions(trainer.latent_tokens, trainer.processing_class.tokenizer)
     ids, attn, C, kw, _ = _batch(trainer.processing_class, trainer.latent_tokens, rows, comps)
     with torch.no_grad():
         trainer._get_per_token_logps_and_entropies(trainer.model, ids, attn, C, batch_size=4, **kw)
-    assert methods == ["recompute"]
+    assert methods == [("recompute", 7)]
     with pytest.raises(MirageError, match="--stage2_method 'fast'"):
         _config("unused", stage2_method="fast")
 
