@@ -17,7 +17,7 @@ THREADS = $(shell $(PY) -c "import psutil; print(max(1, psutil.cpu_count(logical
 LAUNCH = $(BIN)/accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
 	$(if $(OMP_NUM_THREADS),,--num_cpu_threads_per_process $(THREADS))
 
-.PHONY: install demo experiment experiment-latents screen-latents test test-min quality style bench clean
+.PHONY: install demo experiment experiment-latents screen-latents test test-min quality style bench gpu-wheels clean
 
 install: $(VENV)/.installed
 
@@ -111,6 +111,22 @@ test-min: install
 	$(MIN_VENV)/bin/python -m pip install -q -e . pytest pytest-timeout \
 		$$($(PY) -c "from mirage_trl.versions import TESTED; print(' '.join(f'{k}=={v[0]}' for k, v in TESTED.items() if k not in ('torch', 'deepspeed')))")
 	$(MIN_VENV)/bin/python -m pytest -q --timeout 900 -p no:cacheprovider $(MIN_TESTS)
+
+# The wheels a lent GPU machine lacks (it has Python 3.12, torch, accelerate, huggingface_hub 1.x and no network;
+# DEVELOPERS.md), for bench/gpu_runbook.sh: the oldest tested transformers (the newest needs huggingface_hub 2),
+# the tested trl, peft, datasets, bitsandbytes, and what VSP rendering and datasets import. A device call carries
+# at most 64 MiB with the checkout: the target fails if the wheels and the tracked files would not fit.
+GPU_WHEELS ?= .whl
+GPU_WHEEL_PINS ?= transformers==5.18.0 regex==2026.11.19 trl==1.16.0 peft==0.21.2 datasets==5.2.0 dill==0.4.1 \
+	multiprocess==0.70.19 bitsandbytes==0.50.2 gymnasium==0.29.1 farama-notifications==0.0.6 num2words==0.5.14
+gpu-wheels: install
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d $(GPU_WHEELS) $(GPU_WHEEL_PINS)
+	@total=$$(( $$(du -cb $(GPU_WHEELS)/*.whl | tail -1 | cut -f1) + $$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1) )); \
+	echo "wheels + checkout: $$((total / 1048576)) MiB of the 64 MiB a device call carries"; \
+	test $$total -lt 67108864 || { echo "gpu-wheels: error: over 64 MiB; carry fewer wheels" >&2; exit 1; }
 
 quality: install
 	$(BIN)/ruff check mirage_trl tests recipes bench

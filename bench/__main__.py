@@ -73,6 +73,13 @@ FIGURES = [
         "<= 0.5",
         lambda v: v <= 0.5,
     ),
+    (
+        "host_syncs",
+        "host syncs per stage-2 step (forward, loss, backward; a count)",
+        ("syncs_per_stage2_step",),
+        "<= 2",
+        lambda v: v <= 2,
+    ),
     ("decoding", "latent decoding tok/s / generate tok/s (B=16)", ("ratio",), ">= 0.95", lambda v: v >= 0.95),
     (
         "eval_throughput",
@@ -83,15 +90,19 @@ FIGURES = [
     ),
     ("grpo", "Mirage GRPO step / plain TRL GRPO step", ("ratio", "step"), "<= 1.3", lambda v: v <= 1.3),
 ]
-# Per model family (bench/families.py): its ratios relative to Qwen2.5-VL's in the same run (goal: within 10 %).
+# Per model family (bench/families.py): its ratios relative to Qwen2.5-VL's in the same run (goal: within 10 %;
+# Qwen3.5's stage 2 within 30 %: its gated-delta layers run each round per sample, padded to the round's widest
+# chunk, where the attention layers run it packed).
+STAGE2_FAMILY_GOAL = {"qwen3_5": 1.30}
 for _family in (t for t in SUPPORTED_MODEL_TYPES if t != "qwen2_5_vl"):
+    _goal = STAGE2_FAMILY_GOAL.get(_family, 1.10)
     FIGURES += [
         (
             "families",
             f"{_family}: (stage-2 / stage-1) / Qwen2.5-VL's",
             ("families", _family, "stage2_vs_qwen2_5_vl"),
-            "<= 1.10",
-            lambda v: v <= 1.10,
+            f"<= {_goal:.2f}",
+            lambda v, goal=_goal: v <= goal,
         ),
         (
             "families",

@@ -2,7 +2,7 @@
 
     python bench/eval_throughput.py [--quick] [--json PATH]
 
-Model: a random Qwen2.5-VL (text hidden 256, 4 layers) with the latent tokens; rows: generated VSP
+Model: a random Qwen2.5-VL (text hidden 256, 4 layers) with the latent tokens, on the GPU where there is one; rows: generated VSP
 planning test rows (one image each); greedy, a fixed number of new tokens (EOS ignored through
 `eos_token_ids=[]`), so both runs decode the same number of steps. Goal: batched >= 8x batch 1
 (an accelerator goal; a 2-core CPU has little parallelism to gain from batching).
@@ -45,6 +45,8 @@ def main(argv=None) -> int:
     )
     model, processor = build_tiny_model(**overrides)
     add_latent_tokens(processor, model, 4)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
     with tempfile.TemporaryDirectory() as tmp:
         path = generate_vsp(
             "planning",
@@ -88,6 +90,7 @@ def main(argv=None) -> int:
             "new_tokens": new_tokens,
             "model": overrides or "tiny",
             "threads": torch.get_num_threads(),
+            "device": device,
         },
         "timings": timings,
         "ratio": ratio,

@@ -173,7 +173,7 @@ def step_fns(model, batch, n_img, k_hidden):
         (0.1 * ce / n + (1 - cos).mean()).backward()
 
     def stage2():
-        out = self_latent_forward(
+        out = stage2.last = self_latent_forward(
             model,
             batch["input_ids"],
             batch["attention_mask"],
@@ -187,6 +187,30 @@ def step_fns(model, batch, n_img, k_hidden):
         (ce / n).backward()
 
     return stage1, stage2
+
+
+# The attention kernels SDPA dispatches to, by the ATen operator the profiler records for each.
+SDPA_KERNELS = {
+    "_scaled_dot_product_flash_attention": "flash",
+    "_scaled_dot_product_efficient_attention": "memory-efficient",
+    "_scaled_dot_product_cudnn_attention": "cudnn",
+    "_scaled_dot_product_attention_math": "math",
+    "_scaled_dot_product_flash_attention_for_cpu": "flash (CPU)",
+}
+
+
+def sdpa_kernels(fn) -> dict:
+    """{kernel: calls} of the SDPA kernels one call of `fn` ran (forward and backward)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    counts: dict = {}
+    for event in prof.key_averages():
+        name = event.key.removeprefix("aten::")
+        if name in SDPA_KERNELS:
+            counts[SDPA_KERNELS[name]] = counts.get(SDPA_KERNELS[name], 0) + event.count
+    return counts
 
 
 def decoding(model, config, batch: int, prompt_len: int, new_tokens: int, repeats: int, sync, device) -> dict:
@@ -322,6 +346,10 @@ def main(argv=None) -> int:
             }
             if device == "cuda":
                 run["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            if name == "stage2":
+                run["method"], run["rounds"] = stage2.last.method, stage2.last.steps
+                run["sdpa_kernels"] = sdpa_kernels(fn)
+                model.zero_grad(set_to_none=True)
             results["runs"][f"{name}{'_ckpt' if ckpt else ''}"] = run
     model.gradient_checkpointing_disable()
     model.eval()

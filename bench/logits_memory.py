@@ -29,17 +29,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 VOCAB = 152064  # Qwen2.5-VL's LM head rows
 
 
-class _Head:
-    """What `text_cross_entropy` reads of a model: its output embeddings and a config."""
+def _head_model(lm_head):
+    """What `text_cross_entropy` reads of a model: its parameters, output embeddings and config."""
+    import types
 
-    def __init__(self, lm_head):
-        import torch
+    import torch
 
-        self.lm_head = lm_head
-        self.config = torch.nn.Module()  # no final_logit_softcapping
-
-    def get_output_embeddings(self):
-        return self.lm_head
+    model = torch.nn.Module()
+    model.lm_head = lm_head
+    model.config = types.SimpleNamespace()  # no final_logit_softcapping
+    model.get_output_embeddings = lambda: lm_head
+    return model
 
 
 def measure(positions: int, hidden: int, vocab: int, chunk: int, device: str) -> dict:
@@ -60,7 +60,7 @@ def measure(positions: int, hidden: int, vocab: int, chunk: int, device: str) ->
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-        ce_sum, n = text_cross_entropy(_Head(head), h, labels, {}, chunk_size=chunk)
+        ce_sum, n = text_cross_entropy(_head_model(head), h, labels, {}, chunk_size=chunk)
     ce_sum.backward()
     if device == "cuda":
         torch.cuda.synchronize()

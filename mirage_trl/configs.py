@@ -550,6 +550,30 @@ def validate_latent_args(args) -> None:
         _check_int(args, "logits_chunk_size", 0, MAX_SEQUENCE_LENGTH, optional=True)
 
 
+def zero3_configured() -> bool:
+    """Whether this process trains under DeepSpeed ZeRO-3: a `--deepspeed` config (TrainingArguments registers
+    it with transformers) or `accelerate launch` with a ZeRO-3 config file (its environment)."""
+    import os
+
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled() or os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+
+
+def refuse_peft_under_zero3(use_peft: bool) -> None:
+    """LoRA under ZeRO-3 is refused before the model loads. The latent tokens' embedding and LM-head rows train
+    through PEFT's trainable tokens, whose forward reads the wrapped layer's weight directly instead of through
+    the layer, so ZeRO-3 never gathers it: the partitioned (empty) weight reaches `index_copy` and the first step
+    fails (PEFT 0.21; its ZeRO-3 set-up of those rows is also CUDA only). A LoRA run's weights fit on one GPU
+    anyway: ZeRO-2 shards the rest."""
+    if use_peft and zero3_configured():
+        raise MirageError(
+            "LoRA under DeepSpeed ZeRO-3 is not supported: PEFT's trainable token rows (the latent tokens) read the "
+            "partitioned embedding without gathering it; train LoRA with zero_configs/zero2.yaml (ZeRO-3 is for "
+            "full fine-tuning, docs/benchmarks.md)"
+        )
+
+
 def refuse_unsupported(args) -> None:
     """One line for a switch of `UNSUPPORTED_TRAINING_FLAGS`, before TrainingArguments' own checks (which would
     import Liger, or set up compilation, first)."""

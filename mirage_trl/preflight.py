@@ -12,6 +12,7 @@ import typing
 from pathlib import Path
 
 from .checkpoints import check_resume_checkpoint
+from .configs import refuse_peft_under_zero3
 from .console import HelpFormatter
 from .errors import MirageError
 from .folders import check_training_output_dir
@@ -185,3 +186,4 @@ def preflight(script_args, training_args, model_args) -> None:
     check_hub_reachable(training_args)
     check_resume_checkpoint(getattr(training_args, "resume_from_checkpoint", None))
     check_model_source(model_args.model_name_or_path)
+    refuse_peft_under_zero3(getattr(model_args, "use_peft", False))

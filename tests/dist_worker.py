@@ -70,6 +70,30 @@ def rows_for(workdir: Path) -> list[dict]:
     ]
 
 
+GATHERED = {"bytes": 0, "calls": 0}
+
+
+def _count_gathers() -> None:
+    """Count what ZeRO-3 all-gathers (the bytes of every gathered output), through DeepSpeed's communication
+    backend: the traffic figure of docs/benchmarks.md (stage 2 gathers the weights once per round)."""
+    from deepspeed.comm.torch import TorchBackend
+
+    def counting(method, output_of):
+        def wrapper(self, *args, **kwargs):
+            out = output_of(*args, **kwargs)
+            for t in out if isinstance(out, (list, tuple)) else [out]:
+                GATHERED["bytes"] += t.numel() * t.element_size()
+            GATHERED["calls"] += 1
+            return method(self, *args, **kwargs)
+
+        return wrapper
+
+    TorchBackend.all_gather_into_tensor = counting(
+        TorchBackend.all_gather_into_tensor, lambda output_tensor, *a, **kw: output_tensor
+    )
+    TorchBackend.all_gather = counting(TorchBackend.all_gather, lambda tensor_list, *a, **kw: tensor_list)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -78,6 +102,15 @@ def main() -> None:
     parser.add_argument(
         "--stage2-method", default=None, help="run stage 2 with this method instead of stage 1"
     )
+    parser.add_argument(
+        "--lora", action="store_true", help="train a LoRA adapter (PEFT) instead of every weight"
+    )
+    parser.add_argument(
+        "--save",
+        action="store_true",
+        help="save a checkpoint every step and the model at the end (output_dir)",
+    )
+    parser.add_argument("--resume", default=None, help="resume from this checkpoint folder")
     opts = parser.parse_args()
 
     import torch
@@ -99,11 +132,13 @@ def main() -> None:
     # written before the ZeRO-3 config exists (under it, a model built from its config is born partitioned)
     folder = save_tiny_model(workdir / "tiny", seed=0) if opts.backend == "zero3" else None
     args = MirageSFTConfig(
-        output_dir=str(workdir / "out"),
+        # one folder for every rank when saving: each rank writes its ZeRO shard into the same checkpoint
+        output_dir=str(Path(opts.workdir) / "out" if opts.save else workdir / "out"),
         use_cpu=True,
         bf16=False,
         report_to=[],
-        save_strategy="no",
+        save_strategy="steps" if opts.save else "no",
+        save_steps=1,
         gradient_checkpointing=False,
         per_device_train_batch_size=GLOBAL_BATCH // world,
         gradient_accumulation_steps=1,
@@ -126,17 +161,26 @@ def main() -> None:
         # the weights across it while `from_pretrained` reads them
         import deepspeed
 
+        _count_gathers()
         deepspeed.init_distributed(dist_backend="gloo")
         model, processor = load_for_training(str(folder), args)
     else:
         model, processor = build_tiny_model(seed=0)
+    peft_config = None
+    if opts.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
     trainer = MirageSFTTrainer(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(rows, features=_features()),
         processing_class=processor,
+        peft_config=peft_config,
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=opts.resume)
+    if opts.save:
+        trainer.save_model()
     logs = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
     result = {
         "world_size": world,
@@ -150,6 +194,9 @@ def main() -> None:
         # the vocabulary as the trainer sees it (a partitioned parameter's local shape is (0,))
         "embedding_rows": int(full_shape(unwrap(trainer.model).get_input_embeddings().weight)[0]),
         "tokenizer": len(processor.tokenizer),
+        # ZeRO-3 only: all-gathered bytes and calls over the whole run (2 steps), this rank's
+        "allgather_bytes": GATHERED["bytes"],
+        "allgather_calls": GATHERED["calls"],
     }
     if rank == 0:
         Path(opts.out).write_text(json.dumps(result))

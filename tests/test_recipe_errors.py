@@ -162,6 +162,23 @@ def test_recipe_error_in_process_is_one_line_before_the_model_loads(env, tmp_pat
     _check_one_line(exit_info.value.code, capsys.readouterr().err, pattern, tmp_path)
 
 
+def test_lora_under_zero3_is_refused_before_the_model_loads(env, tmp_path, capsys, monkeypatch):
+    """`accelerate launch --config_file zero_configs/zero3.yaml` with a LoRA recipe: PEFT's trainable token rows
+    cannot run on a partitioned embedding, so one line says so and names the config that works."""
+    import runpy
+
+    monkeypatch.setenv(
+        "ACCELERATE_DEEPSPEED_ZERO_STAGE", "3"
+    )  # what accelerate launch sets from a ZeRO-3 config
+    argv = _merge(_base_argv(env, tmp_path), ["--use_peft", "true"])
+    monkeypatch.setattr(sys, "argv", [str(RECIPE), *map(str, argv)])
+    monkeypatch.syspath_prepend(str(RECIPE.parent))
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(RECIPE), run_name="__main__")
+    pattern = r"LoRA under DeepSpeed ZeRO-3 is not supported: PEFT's trainable token rows .* zero_configs/zero2\.yaml"
+    _check_one_line(exit_info.value.code, capsys.readouterr().err, pattern, tmp_path)
+
+
 def _mirage_trl_train(argv):
     """`mirage-trl train recipes/stage1_vsp.py --cpu ...` (accelerate launch underneath), as a user runs it."""
     return subprocess.run(

@@ -23,6 +23,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "env", help="print the platform and library versions (paste them into bug reports)"
     )
+    p.add_argument(
+        "--json", metavar="PATH", help="also write the versions and warnings as JSON (for scripts)"
+    )
     p.set_defaults(func=run)
 
 
@@ -52,6 +55,10 @@ def versions() -> dict[str, str]:
 
 
 def run(args) -> int:
+    if args.json:
+        from ..folders import check_output_file
+
+        check_output_file(args.json, "--json")  # before anything is printed
     print("\nCopy-paste the following information when you open an issue:\n")
     found = versions()
     for key, value in found.items():
@@ -59,6 +66,11 @@ def run(args) -> int:
     print()
     from ..versions import untested
 
-    for line in untested({k.removesuffix(" version"): v for k, v in found.items()}):
+    warnings = untested({k.removesuffix(" version"): v for k, v in found.items()})
+    for line in warnings:
         print(f"warning: {line}")
+    if args.json:
+        from ..io import write_json
+
+        write_json(args.json, {"versions": found, "untested": warnings})
     return 0

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from trl.trainer.utils import entropy_from_logits  # TRL's own, chunked: no second vocab-size copy
 
-from ..models.families import output_logits, unwrap
+from ..models.families import is_partitioned, output_logits
 from .collator import IGNORE_INDEX
 
 # Trained positions whose logits exist at once in the text cross-entropy: at a 152k vocabulary, 1024 positions are
@@ -47,11 +47,14 @@ def text_cross_entropy(
     `stats`: filled with the sums TRL's SFTTrainer logs from the same logits (top-1 hits and entropy over
     the trained positions), so Mirage runs keep `mean_token_accuracy` and `entropy`."""
     mask = labels[:, 1:] != IGNORE_INDEX
-    h = hidden[:, :-1][mask]
-    target = labels[:, 1:][mask]
+    # the trained positions once (one device-to-host wait, for their count), as flat indices into the (B, L)
+    # layout: position t predicts the label at t + 1
+    b, t = mask.nonzero(as_tuple=True)
+    where = b * labels.shape[1] + t
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, where)
+    target = labels.reshape(-1).index_select(0, where + 1)
     n = h.shape[0]
-    head = unwrap(model).get_output_embeddings().weight
-    if not chunk_size or n <= chunk_size or not torch.is_grad_enabled() or hasattr(head, "ds_id"):
+    if not chunk_size or n <= chunk_size or not torch.is_grad_enabled() or is_partitioned(model):
         chunk_size = max(n, 1)
     sums = []
     for start in range(0, n, chunk_size):

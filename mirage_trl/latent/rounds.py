@@ -109,6 +109,7 @@ def plan_rounds(
     max_round_tokens: int | None = None,
     keep_together: torch.Tensor | None = None,
     min_rounds: int | None = None,
+    tokens_per_layer: int | None = None,
 ) -> RoundPlan:
     """Assign every real token of the batch to a round, and lay each round out packed.
 
@@ -120,14 +121,22 @@ def plan_rounds(
     schedule computes padding in the linear layers. `keep_together` (B, L) bool marks tokens (the
     image tokens) that must all run in the first round. `min_rounds`: at least this many rounds, the largest
     ones cut in two until there are (what lets every ZeRO-3 rank run as many rounds as the others: each round
-    gathers every layer's weights, a collective all ranks must make equally often).
+    gathers every layer's weights, a collective all ranks must make equally often). `tokens_per_layer`: with no
+    `max_round_tokens`, cap the rounds at the batch's real tokens / this many layers (the checkpointing default),
+    counted here on the host copy of the masks.
+
+    The masks reach the host in one copy (a GPU waits for its queue once per plan).
     """
-    attn = attention_mask.detach().to("cpu").bool()
-    slots = slot_mask.detach().to("cpu").bool()
-    if attn.shape != slots.shape:
+    if attention_mask.shape != slot_mask.shape:
         raise MirageError(
-            f"slot_mask {tuple(slots.shape)} and attention_mask {tuple(attn.shape)} differ in shape"
+            f"slot_mask {tuple(slot_mask.shape)} and attention_mask {tuple(attention_mask.shape)} differ in shape"
         )
+    masks = [attention_mask, slot_mask] + ([keep_together] if keep_together is not None else [])
+    host = torch.stack([m.detach().bool() for m in masks]).to("cpu")  # the one device-to-host copy
+    attn, slots = host[0], host[1]
+    keep_together = host[2] if keep_together is not None else None
+    if max_round_tokens is None and tokens_per_layer is not None:
+        max_round_tokens = max(1, -(-int(attn.sum()) // tokens_per_layer))
     if bool((slots & ~attn).any()):
         raise MirageError("slot_mask marks padding positions as latent slots")
     if schedule not in ("auto", "aligned", "split"):
@@ -162,7 +171,7 @@ def _image_prefix(keep_together, attn, rank, slot_ranks) -> list[int] | None:
     """Per sample, how many leading tokens must run in the first round (through its last image token)."""
     if keep_together is None:
         return None
-    kt = keep_together.detach().to("cpu").bool() & attn
+    kt = keep_together & attn  # both host tensors (plan_rounds copied them)
     first_min = torch.where(kt, rank + 1, 0).max(1).values.tolist()  # rank of the last one + 1
     for b, (m, sl) in enumerate(zip(first_min, slot_ranks)):
         if sl and m > sl[0]:

@@ -27,8 +27,10 @@ Methods (all exact; they differ in cost and in how they live with gradient check
   last pass is exact as a function of the weights and so are its gradients. Works with the
   model's own gradient checkpointing; costs m+1 forwards.
 - ``"auto"``: ``"rounds_checkpointed"`` when the model has gradient checkpointing on, else
-  ``"rounds"``; ``"recompute"`` for models with linear-attention (recurrent) layers such as Qwen3.5,
-  whose per-sample state the packed rounds would mix (the round methods are refused for them).
+  ``"rounds"``. Models with linear-attention (recurrent) layers such as Qwen3.5 run the same rounds: their
+  gated-delta layers take each round per sample, from the recurrent and convolution states the sample's
+  earlier rounds left (`latent.recurrent_rounds`; in the checkpointed rounds those states are inputs and
+  outputs of each checkpointed round).
 
 Forcing ``"rounds"`` while the model has gradient checkpointing on is allowed: the model's
 checkpointing is switched off for that call (a warning is logged once) so the cache path stays
@@ -48,9 +50,10 @@ import torch
 import torch.utils.checkpoint
 
 from ..errors import MirageError
-from ..models.families import cache_kwargs, family, full_shape, multimodal_model, unwrap
+from ..models.families import cache_kwargs, family, is_partitioned, multimodal_model, unwrap
 from .bottleneck import blind_queries, check_bottleneck_support, visual_bottleneck
 from .feedback import LatentFeedback
+from .recurrent_rounds import RecurrentStates, recurrent_layers, recurrent_round
 from .rounds import by_rank, packed_round, plan_rounds, round_mask, without_blind_pairs
 from .slots import latent_inputs
 
@@ -106,16 +109,6 @@ _warned_forced_rounds = False
 def resolve_method(model, method: str) -> str:
     if method not in METHODS:
         raise MirageError(f"unknown stage-2 method {method!r}; choose one of {', '.join(METHODS)}")
-    fam = family(model)
-    if fam.recurrent_layers(model):  # rounds pack samples in one row: a recurrent state would mix them
-        if method == "auto":
-            return "recompute"
-        if method != "recompute":
-            raise MirageError(
-                f"stage 2: method {method!r} runs samples packed in one row, which the linear-attention layers "
-                f"of a {fam.name} model (a recurrent state per sample) cannot take; use 'recompute' or 'auto' "
-                "(exact; m + 1 full forward passes for a batch whose sample with the most latent slots has m)"
-            )
     if method == "auto":
         return "rounds_checkpointed" if is_checkpointing(model) else "rounds"
     return method
@@ -180,10 +173,10 @@ def self_latent_forward(
     batch = _Batch(input_ids, attention_mask, slot_mask, position_ids, vision, bottleneck)
     if resolved == "recompute":
         return _recompute(model, batch, detach_latents, feedback)
+    tokens_per_layer = None  # the checkpointing default cap: real tokens / layers, counted by the planner
     if max_round_tokens is None and resolved == "rounds_checkpointed":
         config = unwrap(model).config
-        layers = getattr(getattr(config, "text_config", config), "num_hidden_layers", 1)
-        max_round_tokens = max(1, -(-int(attention_mask.sum()) // layers))
+        tokens_per_layer = getattr(getattr(config, "text_config", config), "num_hidden_layers", 1)
     global _warned_forced_rounds
     off = contextlib.nullcontext()
     if resolved == "rounds" and is_checkpointing(model):
@@ -203,6 +196,7 @@ def self_latent_forward(
             detach_latents=detach_latents,
             schedule=schedule,
             max_round_tokens=max_round_tokens,
+            tokens_per_layer=tokens_per_layer,
             feedback=feedback,
         )
 
@@ -233,6 +227,7 @@ def _rounds(
     detach_latents: bool,
     schedule: str = "auto",
     max_round_tokens: int | None = None,
+    tokens_per_layer: int | None = None,
     feedback=None,
     **vision,
 ) -> SelfLatentOutput:
@@ -243,12 +238,11 @@ def _rounds(
     per_token = {k: v for k, v in vision.items() if k in fam.token_keys}
     images_in = {k: v for k, v in vision.items() if k in fam.vision_keys}
     images = fam.image_mask(model, input_ids) if images_in else None
-    plan = plan_rounds(attention_mask, slot_mask, schedule, max_round_tokens, keep_together=images)
+    cap = dict(keep_together=images, tokens_per_layer=tokens_per_layer)
+    plan = plan_rounds(attention_mask, slot_mask, schedule, max_round_tokens, **cap)
     most = rounds_across_ranks(model, len(plan.rounds), input_ids.device)
     if most > len(plan.rounds):
-        plan = plan_rounds(
-            attention_mask, slot_mask, schedule, max_round_tokens, keep_together=images, min_rounds=most
-        )
+        plan = plan_rounds(attention_mask, slot_mask, schedule, max_round_tokens, min_rounds=most, **cap)
     blocks = fam.attention_blocks(model, input_ids) if images_in else None
     rank_blocks = by_rank(blocks, attention_mask, -1) if blocks is not None else None
     blind = None
@@ -262,7 +256,7 @@ def _rounds(
     flat_tokens = {k: v.reshape(-1) for k, v in per_token.items()}
 
     # 2. Run them in order: round r's latent slots take the hidden states rounds before it computed.
-    run_round = _CheckpointedRounds(model, inner) if checkpointed else _CachedRounds(model, inner)
+    run_round = (_CheckpointedRounds if checkpointed else _CachedRounds)(model, inner, plan.batch_size)
     hiddens: list[torch.Tensor] = []  # per round: (T_r, D) packed
     latents_round_order: list[torch.Tensor] = []
     # Every round's index tensors go to the device before any round runs: a copy from pageable host
@@ -319,16 +313,21 @@ def _slot_values(layout, ids_r, hiddens, feedback, detach_latents):
 
 
 class _CachedRounds:
-    """Rounds through one grad-carrying cache that grows a round at a time."""
+    """Rounds through one grad-carrying cache that grows a round at a time (and, for linear-attention layers,
+    per-sample states carried from round to round: `latent.recurrent_rounds`)."""
 
-    def __init__(self, model, inner):
-        self.model, self.inner = model, inner
+    def __init__(self, model, inner, batch_size: int):
+        self.model, self.inner, self.batch_size = model, inner, batch_size
         self.cache = _round_cache(unwrap(model).config)
+        self.states = RecurrentStates()
 
     def __call__(self, layout, mask_r, ids_r, pos_r, slot_r, values, extra):
+        language_model = family(self.model).language_model(self.model)
+        width = len(layout.q_index) // self.batch_size
         with (
             latent_inputs(self.model, slot_r, values),
-            packed_round(family(self.model).language_model(self.model), layout, mask_r),
+            packed_round(language_model, layout, mask_r),
+            recurrent_round(language_model, layout, width, self.batch_size, self.states),
         ):
             return _inner_forward(
                 self.inner,
@@ -344,33 +343,43 @@ class _CheckpointedRounds:
     """Rounds as checkpointed pure functions of (round inputs, past keys/values): each returns its hidden states
     and its new keys/values, kept here as one chunk per round and layer."""
 
-    def __init__(self, model, inner):
+    def __init__(self, model, inner, batch_size: int):
         self.model, self.inner, self.config = model, inner, unwrap(model).config
+        self.batch_size = batch_size
         self.past_k: list[list[torch.Tensor]] = []  # per layer: chunks, one per round
         self.past_v: list[list[torch.Tensor]] = []
+        # linear-attention layers: their indices, and the states the last round left (flat, as the round returns)
+        self.recurrent = [i for i, _ in recurrent_layers(family(model).language_model(model))]
+        self.states: list[torch.Tensor] = []
 
     def __call__(self, layout, mask_r, ids_r, pos_r, slot_r, values, extra):
         past_k, past_v = self.past_k, self.past_v
-        n_past = sum(c.shape[2] for c in past_k[0]) if past_k else 0
+        # the keys so far (a linear-attention layer's chunks are empty: the longest layer counts)
+        n_past = max(sum(c.shape[2] for c in layer) for layer in past_k) if past_k else 0
         flat_past = [c for layer in past_k for c in layer] + [c for layer in past_v for c in layer]
         n_chunks = len(past_k[0]) if past_k else 0
+        recurrent = (
+            self.recurrent,
+            self.batch_size,
+            len(layout.q_index) // self.batch_size,
+            len(self.states),
+        )
+        owner = (self.model, self.inner, self.config, recurrent)
+        round_inputs = (layout, mask_r, ids_r, pos_r, slot_r, values, extra)
         out = torch.utils.checkpoint.checkpoint(
             _checkpointed_round,
-            self.model,
-            self.inner,
-            self.config,
-            layout,
-            mask_r,
-            ids_r,
-            pos_r,
-            slot_r,
-            values,
-            extra,
+            owner,
+            *round_inputs,
             n_past,
             n_chunks,
+            *self.states,
             *flat_past,
             use_reentrant=False,
         )
+        if self.recurrent:  # the new states come right after the hidden states
+            n_states = 2 * len(self.recurrent)
+            self.states = list(out[1 : 1 + n_states])
+            out = (out[0], *out[1 + n_states :])
         n_layers = (len(out) - 1) // 2
         if not past_k:
             self.past_k = [[] for _ in range(n_layers)]
@@ -392,10 +401,13 @@ def _round_cache(config, data=None):
     return DynamicCache(ddp_cache_data=data, config=config) if data else DynamicCache(config=config)
 
 
-def _checkpointed_round(
-    model, inner, config, layout, mask_r, ids_r, pos_r, slot_r, values, extra, n_past, n_chunks, *flat_past
-):
-    """One round as a pure function: past key/value chunks in, (hidden, new keys..., new values...) out."""
+def _checkpointed_round(owner, layout, mask_r, ids_r, pos_r, slot_r, values, extra, n_past, n_chunks, *flat):
+    """One round as a pure function: the linear-attention layers' states and the past key/value chunks in,
+    (hidden, new states..., new keys..., new values...) out. `owner`: (model, inner model, config, (the
+    linear-attention layers' indices, batch size, round width, how many of `flat` are states))."""
+    model, inner, config, (layers_r, batch_size, width, n_states) = owner
+    states = RecurrentStates.from_flat(layers_r, flat[:n_states]) if n_states else RecurrentStates()
+    flat_past = flat[n_states:]
     if n_chunks:
         n_layers = len(flat_past) // (2 * n_chunks)
         ks = [torch.cat(flat_past[i * n_chunks : (i + 1) * n_chunks], dim=2) for i in range(n_layers)]
@@ -409,22 +421,29 @@ def _checkpointed_round(
         cache = _round_cache(config)
     # The model's own checkpointing would drop the cache; it is off here, also in the backward replay
     # (which also needs the packed-round attention switched on again).
+    language_model = family(model).language_model(model)
     with (
         model_checkpointing_off(model),
         latent_inputs(model, slot_r, values),
-        packed_round(family(model).language_model(model), layout, mask_r),
+        packed_round(language_model, layout, mask_r),
+        recurrent_round(language_model, layout, width, batch_size, states),
     ):
         h = _inner_forward(
             inner, input_ids=ids_r, position_ids=pos_r, use_cache=True, **cache_kwargs(inner, cache), **extra
         )
-    layers = cache.layers
+    # a linear-attention layer leaves no keys: an empty chunk keeps every later layer at its own index
+    empty = h.new_zeros(1, 1, 0, 1)
+    kv = [
+        (layer.keys, layer.values) if getattr(layer, "keys", None) is not None else (empty, empty)
+        for layer in cache.layers
+    ]
     if n_past:
-        new_k = [layer.keys[:, :, n_past:].clone() for layer in layers]
-        new_v = [layer.values[:, :, n_past:].clone() for layer in layers]
+        new_k = [k[:, :, n_past:].clone() if k.shape[2] else k for k, _ in kv]
+        new_v = [v[:, :, n_past:].clone() if v.shape[2] else v for _, v in kv]
     else:
-        new_k = [layer.keys for layer in layers]
-        new_v = [layer.values for layer in layers]
-    return (h, *new_k, *new_v)
+        new_k = [k for k, _ in kv]
+        new_v = [v for _, v in kv]
+    return (h, *states.flat(), *new_k, *new_v)
 
 
 # --------------------------------------------------------------------------- recompute
@@ -435,8 +454,7 @@ def rounds_across_ranks(model, count: int, device) -> int:
     several processes, where every forward of a layer gathers its partitioned weights, a collective each rank
     must make as often as the others (one rank with fewer rounds would leave the rest waiting, or pair their
     gathers with the wrong layer's). One all-reduce of one number, only there."""
-    weight = unwrap(model).get_input_embeddings().weight
-    if not hasattr(weight, "ds_id") or not torch.distributed.is_initialized():
+    if not is_partitioned(model) or not torch.distributed.is_initialized():
         return count
     if torch.distributed.get_world_size() < 2:
         return count
@@ -456,8 +474,11 @@ def _recompute(model, batch: _Batch, detach_latents: bool, feedback) -> SelfLate
     prev[:, :-1] = slot_mask[:, 1:]  # position t-1 of every slot t, same row-major order
     fam = family(model)
     extra = vision if any(k in fam.vision_keys for k in vision) else {}
-    D = full_shape(model.get_input_embeddings().weight)[1]  # ZeRO-3: the local tensor is empty
-    values = torch.zeros(n, D, dtype=model.get_input_embeddings().weight.dtype, device=input_ids.device)
+    # from the config and the model's dtype: under ZeRO-3 the embedding's local tensor is empty, and a PEFT
+    # trainable-token wrapper's `weight` merges rows (which fails on a partitioned tensor)
+    net = unwrap(model)
+    D = net.config.get_text_config().hidden_size
+    values = torch.zeros(n, D, dtype=net.dtype, device=input_ids.device)
     hidden = None
     with visual_bottleneck(model, input_ids, slot_mask, bottleneck):  # one mask for every pass
         for i in range(passes):

@@ -23,7 +23,7 @@ from ..checkpoints import (
     rotate_own_checkpoints,
     run_args,
 )
-from ..configs import MirageGRPOConfig
+from ..configs import MirageGRPOConfig, refuse_peft_under_zero3
 from ..errors import MirageError, os_error_of, storage_error
 from ..io import honour_umask_tree, write_json
 from ..latent.bottleneck import check_bottleneck_support
@@ -52,6 +52,7 @@ def setup_model(model, processing_class, peft_config, args, stage: int | None = 
 
     Returns (model, processing_class, peft_config, latent_tokens)."""
     check_private_apis()  # an upgrade that renamed an overridden method would silently skip it
+    refuse_peft_under_zero3(peft_config is not None)
     if isinstance(model, str):
         model, processing_class = load_for_training(model, args)
     if processing_class is None:

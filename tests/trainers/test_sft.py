@@ -9,6 +9,7 @@ full logits, and loops over the slots.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 
 import pytest
@@ -319,6 +320,41 @@ def test_lora_changes_only_adapters_and_latent_token_rows(tmp_path, rows):
 
 
 # ---------------------------------------------------------------------- gamma, k, pooling
+@pytest.mark.skipif(
+    importlib.util.find_spec("bitsandbytes") is None,
+    reason="bitsandbytes is not installed (pip install 'mirage-trl[quantization]')",
+)
+def test_qlora_stage1_step_matches_the_manual_computation(tmp_path, rows):
+    """QLoRA, as a recipe loads it (`--load_in_4bit`: the language model's linear layers in 4 bits through
+    `from_pretrained`, run here by bitsandbytes' CPU backend): the trainer's stage-1 loss and LoRA gradients equal
+    a by-hand computation through the same quantized model's own modules (`manual_stage1`), and one optimizer
+    step moves the adapters only."""
+    from trl import ModelConfig, get_peft_config
+
+    from mirage_trl.models.tiny import save_tiny_model
+
+    folder = save_tiny_model(tmp_path / "m", seed=0)
+    model_args = ModelConfig(model_name_or_path=str(folder), load_in_4bit=True, dtype="float32")
+    model, processor = load_for_training(str(folder), model_args=model_args)
+    assert any(type(m).__name__ == "Linear4bit" for m in model.model.language_model.modules())
+    peft_config = get_peft_config(ModelConfig(use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0))
+    trainer = make_trainer(
+        tmp_path, model=model, processor=processor, dataset=as_dataset(rows), peft_config=peft_config
+    )
+    trainer.model.train()
+    batch = trainer.data_collator(rows)
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    trainer.model.zero_grad()
+    assert got and all("lora_" in n or "trainable_tokens" in n for n in got)
+    ref = manual_stage1(trainer.model.get_base_model(), batch, k=4, gamma=0.1)
+    ref["loss"].backward()
+    torch.testing.assert_close(loss, ref["loss"], **TOL)
+    for name, grad in got.items():
+        torch.testing.assert_close(grad, dict(trainer.model.named_parameters())[name].grad, **TOL)
+
+
 def test_text_loss_weight_changes_loss_exactly(tmp_path, rows):
     trainer = make_trainer(tmp_path)
     batch = trainer.data_collator(rows)

@@ -50,7 +50,16 @@ from .base import (
     unsupported,
     vision_tower,
 )
-from .parts import cache_kwargs, capture_final_hidden, full_shape, gathered, output_logits, text_model, unwrap
+from .parts import (
+    cache_kwargs,
+    capture_final_hidden,
+    full_shape,
+    gathered,
+    is_partitioned,
+    output_logits,
+    text_model,
+    unwrap,
+)
 
 
 def import_family_modules(path=None) -> None:
@@ -88,5 +97,6 @@ __all__ = [
     "text_model",
     "unsupported",
     "unwrap",
+    "is_partitioned",
     "vision_tower",
 ]

@@ -43,6 +43,14 @@ def full_shape(param) -> torch.Size:
     return getattr(param, "ds_shape", None) or param.shape
 
 
+def is_partitioned(model) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitions the model's weights (each rank holds a slice; a module gathers its
+    weights when it runs). Read off a parameter, not off an embedding's `weight`: under a PEFT trainable-token
+    wrapper that attribute merges the rows, which fails on a partitioned tensor."""
+    first = next(unwrap(model).parameters(), None)
+    return first is not None and hasattr(first, "ds_id")
+
+
 def gathered(*params):
     """A context in which ZeRO-3-partitioned `params` are whole on every process and what rank 0 writes into
     them is kept (DeepSpeed's `GatheredParameters`); a no-op for ordinary parameters."""
