@@ -71,13 +71,18 @@ def recurrent_round(language_model, layout, width: int, batch_size: int, states:
     valid = torch.zeros(batch_size * width, dtype=torch.bool, device=layout.out_index.device)
     valid[layout.out_index] = True
     valid = valid.view(batch_size, width)
+    # an instance-level forward already there (a hook library's wrapper) is put back as it was
+    previous = [module.__dict__.get("forward") for _, module in layers]
     for i, module in layers:
         module.forward = _round_forward(module, i, layout.out_index, valid, states)
     try:
         yield
     finally:
-        for _, module in layers:
-            del module.forward  # back to the class's own forward
+        for (_, module), before in zip(layers, previous):
+            if before is None:
+                del module.forward  # back to the class's own forward
+            else:
+                module.forward = before
 
 
 def _round_forward(module, index: int, out_index: torch.Tensor, valid: torch.Tensor, states: RecurrentStates):

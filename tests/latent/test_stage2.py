@@ -602,6 +602,8 @@ def test_hybrid_linear_attention_model_is_exact_with_every_method(padding, ckpt,
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     batch, singles = make_batch(processor, tokens, padding)
     results = {m: batched_loss_and_grads(model, batch, tokens.pad_id, m) for m in ("auto", *BATCHED)}
+    # every gated-delta layer has its own forward back
+    assert not any("forward" in m.__dict__ for m in model.modules())
     auto = results["auto"][2]
     assert auto.method == ("rounds_checkpointed" if ckpt else "rounds") and auto.steps >= 3 * K + 1
     n_targets = results["auto"][3]
