@@ -113,6 +113,12 @@ def _round_forward(module, index: int, out_index: torch.Tensor, valid: torch.Ten
         query = query.reshape(B, W, -1, module.head_k_dim)
         key = key.reshape(B, W, -1, module.head_k_dim)
         value = value.reshape(B, W, -1, module.head_v_dim)
+        heads_per_key = module.num_v_heads // module.num_k_heads
+        if heads_per_key > 1:
+            # grouped heads: newer kernels expand the query and key heads themselves, transformers 5.18's does not,
+            # and the family's own forward expands them before the call; expanded, both give the same output
+            query = query.repeat_interleave(heads_per_key, dim=2)
+            key = key.repeat_interleave(heads_per_key, dim=2)
         # padding: gate 0 (no decay) and beta 0 (no write) leave the state as the last real token left it
         mask = valid[..., None]
         beta = b.sigmoid() * mask

@@ -253,22 +253,22 @@ class MirageGRPOTrainer(MirageTrainerMixin, GRPOTrainer):
     def _generate(self, prompts):
         result = list(super()._generate(prompts))
         completion_ids, tool_mask = result[1], result[2]
-        device = self.accelerator.device
-        masks, spans, text_lengths = [], [], []
-        for i, ids in enumerate(completion_ids):
-            t = torch.tensor([ids], dtype=torch.long)
-            slots, forced = slot_masks(t, self.latent_tokens) if t.numel() else (t.bool(), t.bool())
-            keep = (~(slots | forced))[0].long().tolist()
-            if tool_mask is not None:
-                keep = [a * b for a, b in zip(keep, tool_mask[i])]
-            masks.append(keep)
-            spans.append(int(count_spans(t, self.latent_tokens)[0]))
-            text_lengths.append(sum(keep))
-        result[2] = masks
-        mode = "train" if self.model.training else "eval"
-        stats = self.accelerator.gather(
-            torch.tensor([spans, text_lengths], dtype=torch.float32, device=device).T
+        # Every completion at once, on the host (TRL hands them over as lists): which tokens are scored (not a
+        # latent slot, not a forced span end, not a tool's output), the spans opened, the text length.
+        lengths = torch.tensor([len(ids) for ids in completion_ids], dtype=torch.long)
+        ids = _trl_grpo.pad(
+            [torch.tensor(c, dtype=torch.long) for c in completion_ids], padding_value=-1, padding_side="right"
         )
+        real = torch.arange(ids.shape[1])[None] < lengths[:, None]
+        slots, forced = slot_masks(ids, self.latent_tokens)
+        keep = real & ~(slots | forced)
+        if tool_mask is not None:
+            tools = _trl_grpo.pad([torch.tensor(m, dtype=torch.long) for m in tool_mask], padding_value=0)
+            keep &= tools.bool()
+        result[2] = [row[:n] for row, n in zip(keep.long().tolist(), lengths.tolist())]
+        mode = "train" if self.model.training else "eval"
+        per_completion = torch.stack([count_spans(ids, self.latent_tokens), keep.sum(1)], dim=1)
+        stats = self.accelerator.gather(per_completion.float().to(self.accelerator.device))
         # One host sync for the three rollout metrics.
         spans_mean, with_span, text_len = torch.stack(
             [stats[:, 0].mean(), (stats[:, 0] > 0).float().mean(), stats[:, 1].mean()]
