@@ -257,7 +257,9 @@ class MirageGRPOTrainer(MirageTrainerMixin, GRPOTrainer):
         # latent slot, not a forced span end, not a tool's output), the spans opened, the text length.
         lengths = torch.tensor([len(ids) for ids in completion_ids], dtype=torch.long)
         ids = _trl_grpo.pad(
-            [torch.tensor(c, dtype=torch.long) for c in completion_ids], padding_value=-1, padding_side="right"
+            [torch.tensor(c, dtype=torch.long) for c in completion_ids],
+            padding_value=-1,
+            padding_side="right",
         )
         real = torch.arange(ids.shape[1])[None] < lengths[:, None]
         slots, forced = slot_masks(ids, self.latent_tokens)
