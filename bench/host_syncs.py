@@ -22,6 +22,7 @@ import argparse
 import collections
 import json
 import sys
+import tempfile
 import weakref
 from pathlib import Path
 
@@ -45,12 +46,28 @@ def _tensors(obj):
             yield from _tensors(o)
 
 
+LIBRARIES = ("mirage_trl", "trl", "transformers", "peft", "accelerate")
+
+
+def _asked_by() -> str:
+    """The library whose code asked for the value: the first caller outside torch and this file."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if f"{Path('torch')}/" not in name and not name.endswith("host_syncs.py"):
+            return next((lib for lib in LIBRARIES if f"/{lib}/" in name), "other")
+        frame = frame.f_back
+    return "other"
+
+
 class SyncCounter:
-    """Counts the synchronising operations on device tensors inside `with counter.mode():`."""
+    """Counts the synchronising operations on device tensors inside `with counter.mode():`, by operation and by
+    the library that asked for them."""
 
     def __init__(self, device_tensors):
         self._device: dict[int, weakref.ref] = {}  # by identity (a tensor's == is elementwise)
         self.calls: collections.Counter = collections.Counter()
+        self.libraries: collections.Counter = collections.Counter()
         for t in device_tensors:
             self.add(t)
 
@@ -83,7 +100,7 @@ class SyncCounter:
         target = kwargs.get("device", args[1] if name == "to" and len(args) > 1 else None)
         if name in ("cpu",) or (name == "to" and isinstance(target, str) and target == "cpu"):
             if on_device:
-                self.calls["copy to the host"] += 1
+                self._count("copy to the host")
                 if out is args[0]:
                     out = out.clone()
             return out
@@ -94,22 +111,142 @@ class SyncCounter:
                 for t in _tensors(out):
                     self.add(t)
             return out
-        if name in VALUE_READS:
-            self.calls[name] += 1
-        elif name in DATA_SHAPED:
-            self.calls[name] += 1
+        if name in VALUE_READS or name in DATA_SHAPED:
+            self._count(name)
         elif name in ("__getitem__", "__setitem__") and any(
             isinstance(i, torch.Tensor) and i.dtype == torch.bool
             for i in (args[1] if isinstance(args[1], tuple) else (args[1],))
         ):
-            self.calls["boolean-mask indexing"] += 1
+            self._count("boolean-mask indexing")
         elif (
-            name == "repeat_interleave" and "output_size" not in kwargs and isinstance(args[1], torch.Tensor)
+            name == "repeat_interleave"
+            and "output_size" not in kwargs
+            and len(args) > 1
+            and isinstance(args[1], torch.Tensor)
         ):
-            self.calls["repeat_interleave"] += 1
+            self._count("repeat_interleave")
         for t in _tensors(out):
             self.add(t)
         return out
+
+    def _count(self, operation: str) -> None:
+        self.calls[operation] += 1
+        self.libraries[_asked_by()] += 1
+
+
+def count(step, device_tensors) -> dict:
+    """The syncs of one call of `step` (after one warm-up call: one-time work is not a per-step cost)."""
+    step()
+    counter = SyncCounter(device_tensors)
+    with counter.mode():
+        step()
+    return {
+        "syncs": sum(counter.calls.values()),
+        "by_operation": dict(counter.calls.most_common()),
+        "by_library": dict(counter.libraries.most_common()),
+    }
+
+
+def trainer_steps(quick: bool, tmp: Path) -> dict:
+    """Whole trainer steps, each beside the plain TRL trainer's on the same rows: `compute_loss` + backward of
+    `MirageSFTTrainer` (stage 1, stage 2) and TRL's `SFTTrainer`; the training pass of `MirageGRPOTrainer` and TRL's
+    `GRPOTrainer` (`_compute_loss` + backward on one generated batch; the rollout is not counted: latent decoding
+    keeps its one sync per generated token, as `generate` does)."""
+    import torch
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
+
+    from bench import grpo as grpo_bench
+    from bench.stage1 import MODEL, make_rows
+    from mirage_trl.configs import MirageGRPOConfig, MirageSFTConfig
+    from mirage_trl.data.images import load_image
+    from mirage_trl.data.reference import _features, strip_latent_markers
+    from mirage_trl.models.tiny import build_tiny_model
+    from mirage_trl.trainers.grpo import MirageGRPOTrainer
+    from mirage_trl.trainers.sft import MirageSFTTrainer
+
+    out = {}
+    common = dict(
+        use_cpu=True, bf16=False, report_to=[], save_strategy="no", disable_tqdm=True, logging_steps=1
+    )
+    rows = make_rows(tmp, 4, 1 if quick else 2)
+    plain_rows = [strip_latent_markers(r) for r in rows]
+    for stage in (1, 2):
+        model, processor = build_tiny_model(seed=0, **({} if quick else MODEL))
+        trainer = MirageSFTTrainer(
+            model=model,
+            args=MirageSFTConfig(output_dir=str(tmp / f"m{stage}"), stage=stage, max_length=None, **common),
+            train_dataset=Dataset.from_list(rows, features=_features()),
+            processing_class=processor,
+        )
+        batch = trainer.data_collator(rows)
+        model.train()
+        out[f"MirageSFTTrainer stage {stage}"] = count(
+            lambda t=trainer, m=model, b=batch: t.compute_loss(m, b).backward(), _device_tensors(model, batch)
+        )
+    plain = SFTTrainer(
+        model=model,
+        args=SFTConfig(
+            output_dir=str(tmp / "t"),
+            remove_unused_columns=False,
+            dataset_kwargs={"skip_prepare_dataset": True},
+            max_length=None,
+            **common,
+        ),
+        train_dataset=Dataset.from_list(plain_rows, features=_features()),
+        processing_class=processor,
+    )
+    full = trainer.data_collator(plain_rows)
+    keys = ("input_ids", "attention_mask", "labels", "mm_token_type_ids", "pixel_values", "image_grid_thw")
+    plain_batch = {k: full[k] for k in keys if k in full}
+    out["TRL SFTTrainer"] = count(
+        lambda: plain.compute_loss(model, dict(plain_batch)).backward(), _device_tensors(model, plain_batch)
+    )
+
+    plain_model, mirage_model, processor, tokens, plain_bias, latent_bias = grpo_bench.build(True, 4.0)
+    data = grpo_bench.rows(tmp, 2)
+    grpo = dict(
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_completion_length=16,
+        max_steps=1,
+        learning_rate=1e-5,
+        seed=0,
+        **common,
+    )
+    mirage = MirageGRPOTrainer(
+        mirage_model,
+        args=MirageGRPOConfig(output_dir=str(tmp / "mg"), reward_names=["format"], latent_size=4, **grpo),
+        train_dataset=Dataset.from_list(data),
+        processing_class=processor,
+    )
+    plain_data = [{"prompt": r["messages"], "images": [load_image(p) for p in r["images"]]} for r in data]
+    trl_grpo = GRPOTrainer(
+        plain_model,
+        reward_funcs=[lambda completions, **kw: [0.0] * len(completions)],
+        args=GRPOConfig(output_dir=str(tmp / "pg"), **grpo),
+        train_dataset=Dataset.from_list(plain_data),
+        processing_class=processor,
+    )
+    grpo_bench.bias_logits(trl_grpo, plain_bias)
+    grpo_bench.bias_logits(mirage, latent_bias)
+    for name, trainer, inputs in (
+        ("MirageGRPOTrainer training pass", mirage, data),
+        ("TRL GRPOTrainer training pass", trl_grpo, plain_data),
+    ):
+        torch.manual_seed(0)
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = 1  # what `train()` sets before its first step
+        batch = trainer._generate_and_score_completions([r for r in inputs for _ in range(2)])
+        out[name] = count(
+            lambda t=trainer, b=batch: t._compute_loss(t.model, b).backward(),
+            _device_tensors(trainer.model, batch),
+        )
+    return out
+
+
+def _device_tensors(model, batch) -> list:
+    return [*_tensors(batch), *model.parameters(), *model.buffers()]
 
 
 def main(argv=None) -> int:
@@ -145,18 +282,24 @@ def main(argv=None) -> int:
         ("stage-2 step, rounds", stage2("rounds")),
         ("stage-2 step, rounds_checkpointed", stage2("rounds_checkpointed")),
     ):
-        step()  # warm-up: one-time work is not a per-step cost
+        result["steps"][name] = count(step, on_device)
         model.zero_grad(set_to_none=True)
-        counter = SyncCounter(on_device)
-        with counter.mode():
-            step()
-        model.zero_grad(set_to_none=True)
-        calls = counter.calls
-        result["steps"][name] = {"syncs": sum(calls.values()), "by_operation": dict(calls.most_common())}
     result["syncs_per_stage2_step"] = max(r["syncs"] for r in result["steps"].values())
-    for name, r in result["steps"].items():
+    with tempfile.TemporaryDirectory() as tmp:
+        result["trainer_steps"] = trainer_steps(args.quick, Path(tmp))
+    trainers = result["trainer_steps"]
+    # what mirage-trl adds to a GRPO training pass: its own syncs (TRL's loss metrics are TRL's, paid by both)
+    result["syncs_per_grpo_step"] = trainers["MirageGRPOTrainer training pass"]["by_library"].get(
+        "mirage_trl", 0
+    )
+    for name, r in {**result["steps"], **trainers}.items():
         ops = ", ".join(f"{op} {n}" for op, n in r["by_operation"].items()) or "none"
-        print(f"{name}: {r['syncs']} host syncs (goal <= {GOAL}): {ops}")
+        libs = ", ".join(f"{lib} {n}" for lib, n in r.get("by_library", {}).items())
+        print(f"{name}: {r['syncs']} host syncs: {ops}" + (f" (asked by {libs})" if libs else ""))
+    print(
+        f"per stage-2 step (model): {result['syncs_per_stage2_step']}, per GRPO training pass (mirage-trl's own): "
+        f"{result['syncs_per_grpo_step']} (goal <= {GOAL} each)"
+    )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0

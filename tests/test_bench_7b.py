@@ -113,7 +113,7 @@ def test_round_plans_at_7b_shapes_count_the_rounds_of_each_schedule():
     )  # two images, whole
 
 
-def test_a_stage2_step_waits_for_the_device_at_most_twice(tmp_path):
+def test_a_stage2_step_and_a_grpo_pass_wait_for_the_device_at_most_twice(tmp_path):
     """`bench/host_syncs.py` follows which tensors would live on a GPU through one stage-2 step (rounds, with and
     without checkpointing, the trainers' loss, backward): one copy of the masks for the round plan, one count of
     the trained positions for the loss. (It was 4 and 5: two mask copies, a boolean index per loss tensor, and an
@@ -127,3 +127,19 @@ def test_a_stage2_step_waits_for_the_device_at_most_twice(tmp_path):
     for step in result["steps"].values():
         assert step["by_operation"] == {"copy to the host": 1, "nonzero": 1}
     assert result["syncs_per_stage2_step"] == 2
+    # Whole trainer steps, beside TRL's own trainers (the Qwen vision tower and rope index sync in both). What
+    # mirage-trl adds: the plan and the loss positions (stage 2), the slots' predictions and the loss positions
+    # (stage 1), and one read of the guard's flags with the logged metrics; the GRPO training pass scores every
+    # position as TRL does (no count of scored ones) and reads its guard and latent health together. (Stage 2 was
+    # 8 and GRPO 8: a boolean index per image token type, the health read apart from the guard's.)
+    trainers = result["trainer_steps"]
+    own = {name: step["by_library"].get("mirage_trl", 0) for name, step in trainers.items()}
+    assert own == {
+        "MirageSFTTrainer stage 1": 3,
+        "MirageSFTTrainer stage 2": 3,
+        "TRL SFTTrainer": 0,
+        "MirageGRPOTrainer training pass": 2,
+        "TRL GRPOTrainer training pass": 0,
+    }
+    assert result["syncs_per_grpo_step"] == 2
+    assert trainers["MirageGRPOTrainer training pass"]["syncs"] <= trainers["TRL GRPOTrainer training pass"]["syncs"]

@@ -15,7 +15,9 @@ evaluation (`mirage-trl eval` results and tables):
   (Roy & Vetterli 2007): 1 for one direction, up to min(n, D).
 
 `collapse_reason` applies the documented thresholds (docs/experiments.md, "Latent health").
-All statistics of a batch are computed on the device without a host sync; callers sync once.
+All statistics of a batch are computed on the device without a host sync; callers sync once (the
+trainers: one gather of every metric of a step). The trainers compute `effective_rank` on the steps
+they log only (`with_rank`): its SVD is the one statistic that costs more than a few reductions.
 """
 
 from __future__ import annotations
@@ -63,12 +65,17 @@ def effective_rank(latents: torch.Tensor) -> torch.Tensor:
 
 
 def latent_health(
-    latents: torch.Tensor, latent_size: int, reference_norm: float | torch.Tensor | None = None
+    latents: torch.Tensor,
+    latent_size: int,
+    reference_norm: float | torch.Tensor | None = None,
+    with_rank: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Health statistics (0-dim tensors) of (n, D) latents laid out as whole spans of `latent_size`.
 
     Statistics that need more than one span (or more than one latent per span) are left out when
-    the batch has too few; `reference_norm` adds `norm_ratio`."""
+    the batch has too few; `reference_norm` adds `norm_ratio`. `with_rank=False` leaves out
+    `effective_rank`, the one statistic that needs a decomposition (an SVD of the batch's latents): the
+    trainers measure it on their logging steps only."""
     latents = latents.detach()
     out: dict[str, torch.Tensor] = {}
     if latents.shape[0] == 0:
@@ -84,7 +91,7 @@ def latent_health(
             out["cross_sample_cos"] = cross_sample_cos(spans)
         if k >= 2:
             out["consecutive_cos"] = consecutive_cos(spans)
-    if latents.shape[0] >= 2:
+    if with_rank and latents.shape[0] >= 2:
         out["effective_rank"] = effective_rank(latents)
     return out
 

@@ -66,40 +66,51 @@ class RoundPlan:
         return sum(self.tokens)
 
 
-def _aligned_schedule(n_real: list[int], slot_ranks: list[list[int]]) -> list[list[int]]:
-    """Chunk r of every sample = its text from its (r-1)-th slot to its r-th slot (docs/method.md section 3)."""
-    R = max(len(s) for s in slot_ranks) + 1
-    out = [[0] * len(n_real) for _ in range(R)]
-    for b, (n, sl) in enumerate(zip(n_real, slot_ranks)):
-        cuts = [0, *sl, n]
-        for r in range(len(cuts) - 1):
-            out[r][b] = cuts[r + 1] - cuts[r]
-    return out
+def _aligned_schedule(attn: torch.Tensor, slots: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+    """(B, R) chunk lengths: chunk r of every sample = its text from its (r-1)-th slot to its r-th slot
+    (docs/method.md section 3), R = most slots + 1; a sample with fewer slots gets empty chunks at the end."""
+    B = attn.shape[0]
+    counts = slots.sum(1)
+    R = int(counts.max()) + 1 if B else 1
+    cuts = attn.sum(1)[:, None].repeat(1, R + 1)  # [0, slot ranks..., n, n, ...] per sample
+    cuts[:, 0] = 0
+    sb, st = slots.nonzero(as_tuple=True)
+    cuts[sb, (slots.long().cumsum(1) - 1)[sb, st] + 1] = rank[sb, st]
+    return cuts.diff(dim=1)
+
+
+def _pieces(total: torch.Tensor, parts, index: torch.Tensor) -> torch.Tensor:
+    """Piece `index` of `total` cut into `parts` near-equal pieces, largest first."""
+    return total // parts + (index < total % parts).long()
 
 
 def _split_schedule(
-    table: list[list[int]], max_tokens: int, first_min: list[int] | None = None
-) -> list[list[int]]:
-    """The aligned rounds, each one over `max_tokens` real tokens cut into that many equal rounds.
+    table: torch.Tensor, max_tokens: int, first_min: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The aligned rounds (`table`, (B, R) chunk lengths), each one over `max_tokens` real tokens cut into that many
+    equal rounds.
 
     A chunk may end anywhere (the rounds are causal); every sample's chunk is cut into the same
     number of near-equal pieces, largest first, so a slot stays the first token of its first piece.
     `first_min[b]`: sample b's first piece of round 0 holds at least that many tokens (its image
     tokens, which must run in the round that gets the pixel values).
     """
-    out = []
-    for r, row in enumerate(table):
-        parts = max(1, -(-sum(row) // max_tokens))
-        pieces = [[c // parts + (1 if i < c % parts else 0) for i in range(parts)] for c in row]
-        if r == 0 and first_min:
-            for b, c in enumerate(row):
-                head = min(c, max(first_min[b], pieces[b][0]))
-                rest = c - head
-                pieces[b] = [head] + [
-                    rest // (parts - 1) + (1 if i < rest % (parts - 1) else 0) for i in range(parts - 1)
-                ]
-        out.extend([p[i] for p in pieces] for i in range(parts))
-    return [row for row in out if any(row)]  # images held in the first piece can leave a piece empty
+    R = table.shape[1]
+    parts = ((table.sum(0) + max_tokens - 1) // max_tokens).clamp(min=1)  # (R,) pieces of each round
+    round_of = torch.repeat_interleave(torch.arange(R), parts)  # (R',) the round each piece comes from
+    index = (
+        torch.arange(round_of.numel()) - (parts.cumsum(0) - parts)[round_of]
+    )  # the piece's place in its round
+    out = _pieces(table[:, round_of], parts[round_of], index)
+    p0 = int(parts[0])
+    if (
+        first_min is not None and p0 > 1
+    ):  # round 0: the first piece keeps the images, the rest shares what is left
+        c = table[:, 0]
+        head = torch.minimum(c, torch.maximum(first_min, out[:, 0]))
+        out[:, 0] = head
+        out[:, 1:p0] = _pieces((c - head)[:, None], p0 - 1, torch.arange(p0 - 1))
+    return out[:, out.any(0)]  # images held in the first piece can leave a piece empty
 
 
 def plan_rounds(
@@ -125,7 +136,8 @@ def plan_rounds(
     `max_round_tokens`, cap the rounds at the batch's real tokens / this many layers (the checkpointing default),
     counted here on the host copy of the masks.
 
-    The masks reach the host in one copy (a GPU waits for its queue once per plan).
+    The masks reach the host in one copy (a GPU waits for its queue once per plan); the plan is then tensor
+    operations over the whole batch on the host, with no Python loop over samples or rounds (`_lay_out`).
     """
     if attention_mask.shape != slot_mask.shape:
         raise MirageError(
@@ -143,126 +155,153 @@ def plan_rounds(
         raise MirageError(f"unknown round schedule {schedule!r}; choose auto, aligned or split")
     if max_round_tokens is not None and max_round_tokens < 1:
         raise MirageError(f"max_round_tokens must be at least 1, got {max_round_tokens}")
-    B, L = attn.shape
     rank = attn.long().cumsum(1) - 1  # rank of each real token among its sample's real tokens
-    n_real = attn.sum(1).tolist()
-    slot_ranks = [rank[b][slots[b]].tolist() for b in range(B)]
-    if any(sl and sl[0] == 0 for sl in slot_ranks):
+    if bool((slots & (rank == 0)).any()):
         raise MirageError("a latent slot is the first token of its sequence: it has no previous hidden state")
-    first_min = _image_prefix(keep_together, attn, rank, slot_ranks)
+    first_min = _image_prefix(keep_together, attn, slots, rank)
     chosen = "aligned"
-    table = _aligned_schedule(n_real, slot_ranks)
+    table = _aligned_schedule(attn, slots, rank)
     if schedule == "split" and max_round_tokens is None:
         raise MirageError('schedule "split" needs max_round_tokens')
     if schedule != "aligned" and max_round_tokens is not None:
-        if schedule == "split" or max(sum(row) for row in table) > max_round_tokens:
+        if schedule == "split" or int(table.sum(0).max()) > max_round_tokens:
             table, chosen = _split_schedule(table, max_round_tokens, first_min), "split"
-    if min_rounds is not None and len(table) < min_rounds:
+    if min_rounds is not None and table.shape[1] < min_rounds:
         table = _at_least(table, min_rounds, first_min)
         chosen = "split"
-    chunk = torch.tensor(table, dtype=torch.long).T  # (B, R) chunk lengths
-    rounds, back, latent_order = _lay_out(chunk, attn, slots, n_real)
+    rounds, back, latent_order = _lay_out(table, attn, slots, rank)
     return RoundPlan(
-        chunk.max(0).values.tolist(), chunk.sum(0).tolist(), rounds, back, latent_order, chosen, B
+        table.max(0).values.tolist(), table.sum(0).tolist(), rounds, back, latent_order, chosen, attn.shape[0]
     )
 
 
-def _image_prefix(keep_together, attn, rank, slot_ranks) -> list[int] | None:
-    """Per sample, how many leading tokens must run in the first round (through its last image token)."""
+def _image_prefix(keep_together, attn, slots, rank) -> torch.Tensor | None:
+    """(B,) per sample, how many leading tokens must run in the first round (through its last image token)."""
     if keep_together is None:
         return None
-    kt = keep_together & attn  # both host tensors (plan_rounds copied them)
-    first_min = torch.where(kt, rank + 1, 0).max(1).values.tolist()  # rank of the last one + 1
-    for b, (m, sl) in enumerate(zip(first_min, slot_ranks)):
-        if sl and m > sl[0]:
-            raise MirageError(
-                f"sample {b}: an image comes after its first latent slot (token {sl[0]}); "
-                "images must come before the first <|latent_start|> span"
-            )
+    first_min = torch.where(keep_together & attn, rank + 1, 0).max(1).values  # rank of the last one + 1
+    first_slot = torch.where(slots, rank, attn.shape[1]).min(1).values
+    late = (first_min > first_slot).nonzero().flatten()
+    if late.numel():
+        b = int(late[0])
+        raise MirageError(
+            f"sample {b}: an image comes after its first latent slot (token {int(first_slot[b])}); "
+            "images must come before the first <|latent_start|> span"
+        )
     return first_min
 
 
-def _at_least(table: list[list[int]], rounds: int, first_min: list[int] | None) -> list[list[int]]:
+def _at_least(table: torch.Tensor, rounds: int, first_min: torch.Tensor | None) -> torch.Tensor:
     """`table` with its largest splittable round cut in two (each sample's chunk halved, the first half
     keeping the slot and, in round 0, the image tokens) until it has `rounds` rounds."""
-    table = [list(row) for row in table]
-    while len(table) < rounds:
-        best = None
-        for r, row in enumerate(table):
-            heads = [
-                max(-(-c // 2), first_min[b] if (r == 0 and first_min) else 0) for b, c in enumerate(row)
-            ]
-            heads = [min(h, c) for h, c in zip(heads, row)]
-            tails = [c - h for h, c in zip(heads, row)]
-            if any(tails) and (best is None or sum(row) > best[0]):
-                best = (sum(row), r, heads, tails)
-        if best is None:
+    while table.shape[1] < rounds:
+        heads = (table + 1) // 2
+        if first_min is not None:
+            heads[:, 0] = torch.maximum(heads[:, 0], first_min)
+        heads = torch.minimum(heads, table)
+        tails = table - heads
+        splittable = tails.any(0)
+        if not bool(splittable.any()):
             raise MirageError(
-                f"this batch has {sum(map(sum, table))} real tokens, too few for the {rounds} rounds another rank "
+                f"this batch has {int(table.sum())} real tokens, too few for the {rounds} rounds another rank "
                 "runs (ZeRO-3 needs every rank to run as many rounds); use a larger per-device batch"
             )
-        _, r, heads, tails = best
-        table[r : r + 1] = [heads, tails]
+        r = int(table.sum(0).masked_fill(~splittable, -1).argmax())  # the first of the largest
+        table = torch.cat([table[:, :r], heads[:, r : r + 1], tails[:, r : r + 1], table[:, r + 1 :]], dim=1)
     return table
 
 
-def _lay_out(chunk: torch.Tensor, attn: torch.Tensor, slots: torch.Tensor, n_real: list[int]):
-    """(round layouts, back, latent_order) of a (B, R) table of chunk lengths: the packed index tensors."""
+def _lay_out(chunk: torch.Tensor, attn: torch.Tensor, slots: torch.Tensor, rank: torch.Tensor):
+    """(round layouts, back, latent_order) of a (B, R) table of chunk lengths: the packed index tensors.
+
+    Every index is computed once for the whole batch (all rounds concatenated); each round's layout holds slices
+    of those tensors."""
     B, L = attn.shape
     R = chunk.shape[1]
     tokens = chunk.sum(0)  # T_r
+    widths = chunk.max(0).values  # W_r: each sample's chunk padded to the longest (attention only)
+    seen = chunk.cumsum(1)  # (B, R) tokens of each sample through round r (its keys)
+    keys = seen.max(0).values  # K_r
     g_off = tokens.cumsum(0) - tokens  # packed offset of each round
     in_round = chunk.cumsum(0) - chunk  # (B, R) offset of sample b's chunk inside round r
-    chunk_start = chunk.cumsum(1) - chunk  # (B, R) rank of each chunk's first token
+    chunk_start = seen - chunk  # (B, R) rank of each chunk's first token
+
+    # Every real token: its round, its place in the round's chunk, its packed index (all rounds concatenated).
+    sb, st = attn.nonzero(as_tuple=True)
+    rk = rank[sb, st]
+    r_of = torch.searchsorted(seen[sb], rk[:, None], right=True).squeeze(1)
+    j = rk - chunk_start[sb, r_of]
+    packed = g_off[r_of] + in_round[sb, r_of] + j
+    total = int(tokens.sum())
     back = torch.zeros(B, L, dtype=torch.long)
-    n_max = max(n_real) if B else 0
-    rank_to_packed = torch.zeros(B, max(n_max, 1), dtype=torch.long)
-    src = torch.zeros(int(tokens.sum()), dtype=torch.long)
-    for b in range(B):  # vector ops per sample, no loop over tokens
-        n = n_real[b]
-        r_of = torch.repeat_interleave(torch.arange(R), chunk[b])  # round of each real token, by rank
-        packed = g_off[r_of] + in_round[b][r_of] + torch.arange(n) - chunk_start[b][r_of]
-        pos = attn[b].nonzero().flatten()
-        back[b, pos] = packed
-        rank_to_packed[b, :n] = packed
-        src[packed] = b * L + pos
+    back[sb, st] = packed
+    rank_to_packed = torch.zeros(B, max(int(attn.sum(1).max()) if B else 0, 1), dtype=torch.long)
+    rank_to_packed[sb, rk] = packed
+    src = torch.zeros(total, dtype=torch.long)
+    src[packed] = sb * L + st
+
+    # Queries: each round's padded (B, W_r) layout, all rounds concatenated.
+    q_off = (B * widths).cumsum(0) - B * widths
+    place = sb * widths[r_of] + j  # each token's place in its round's padded layout
+    out_index = torch.zeros(total, dtype=torch.long)
+    out_index[packed] = place
+    q_index = torch.zeros(int((B * widths).sum()), dtype=torch.long)
+    q_index[q_off[r_of] + place] = packed - g_off[r_of]
+    q_rank = torch.zeros_like(q_index)
+    q_rank[q_off[r_of] + place] = rk
+
+    # Keys: round r's padded (B, K_r) cache layout holds each sample's first K_r ranks, those it has run through
+    # round r (padding: key 0); all rounds at once, each round's layout a slice of it.
+    by_rank = torch.arange(rank_to_packed.shape[1])
+    keys_by_round = torch.where(by_rank < seen.T[:, :, None], rank_to_packed[None], 0)  # (R, B, n_max)
+
     # Slots: round, packed index in the round, and predecessor (round, packed index), row-major order.
-    sb, st = slots.nonzero(as_tuple=True)
-    g = back[sb, st]
+    ssb, sst = slots.nonzero(as_tuple=True)
+    g = back[ssb, sst]
     round_of_slot = torch.searchsorted(g_off, g, right=True) - 1
-    pred = back[sb, st - 1]
+    pred = back[ssb, sst - 1]
     pred_round = torch.searchsorted(g_off, pred, right=True) - 1
     pred_local = pred - g_off[pred_round]
-    seen = chunk.cumsum(1)  # (B, R) tokens of each sample through round r (its keys)
-    ranks_k = torch.arange(max(n_max, 1))
-    rounds, order = [], []
-    for r in range(R):
-        T, W, K = int(tokens[r]), int(chunk[:, r].max()), int(seen[:, r].max())
-        b_of = torch.repeat_interleave(torch.arange(B), chunk[:, r])
-        j = torch.arange(T) - in_round[b_of, r]
-        out_index = b_of * W + j
-        q_index = torch.zeros(B * W, dtype=torch.long)
-        q_index[out_index] = torch.arange(T)
-        q_rank = torch.zeros(B * W, dtype=torch.long)
-        q_rank[out_index] = chunk_start[b_of, r] + j
-        sel = (round_of_slot == r).nonzero().flatten()  # sample order = packed order (one slot a sample)
-        sources = []
-        for rp in pred_round[sel].unique().tolist():
-            where_ = (pred_round[sel] == rp).nonzero().flatten()
-            sources.append((rp, where_, pred_local[sel][where_]))
-        rounds.append(
-            RoundLayout(
-                src=src[int(g_off[r]) : int(g_off[r]) + T],
-                q_index=q_index,
-                q_rank=q_rank.view(B, W),
-                out_index=out_index,
-                k_index=torch.where(ranks_k[:K] < seen[:, r : r + 1], rank_to_packed[:, :K], 0).reshape(-1),
-                slot_local=g[sel] - g_off[r],
-                sources=sources,
+    round_major = torch.sort(
+        round_of_slot, stable=True
+    ).indices  # by round, sample order within (one slot each)
+    per_round = torch.bincount(round_of_slot, minlength=R)
+    among = torch.empty_like(round_major)  # each slot's place among its round's slots
+    among[round_major] = (
+        torch.arange(round_major.numel()) - (per_round.cumsum(0) - per_round)[round_of_slot[round_major]]
+    )
+    # the slots of round r fed from round r', grouped by (r, r') in that order
+    pair = round_of_slot * R + pred_round
+    by_pair = torch.sort(pair, stable=True).indices
+    pairs, pair_sizes = torch.unique_consecutive(pair[by_pair], return_counts=True)
+    sources: list[list] = [[] for _ in range(R)]
+    for key, group in zip(pairs.tolist(), torch.split(by_pair, pair_sizes.tolist())):
+        sources[key // R].append((key % R, among[group], pred_local[group]))
+
+    def cut(t, sizes):
+        return torch.split(t, sizes.tolist())
+
+    rounds = [
+        RoundLayout(
+            src=s,
+            q_index=qi,
+            q_rank=qr.view(B, -1),
+            out_index=oi,
+            k_index=keys_by_round[r, :, :K].reshape(-1),
+            slot_local=sl,
+            sources=sources[r],
+        )
+        for r, (s, qi, qr, oi, K, sl) in enumerate(
+            zip(
+                cut(src, tokens),
+                cut(q_index, B * widths),
+                cut(q_rank, B * widths),
+                cut(out_index, tokens),
+                keys.tolist(),
+                cut((g - g_off[round_of_slot])[round_major], per_round),
             )
         )
-        order.append(sel)
-    round_major = torch.cat(order) if order else torch.zeros(0, dtype=torch.long)
+    ]
     return rounds, back, torch.argsort(round_major)
 
 

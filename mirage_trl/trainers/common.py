@@ -113,24 +113,34 @@ def restrict_to_language_model(peft_config):
 
 
 def check_step(
-    step: int, skip: bool, terms: dict, latents: torch.Tensor | None = None, bound: float | None = None
-) -> bool:
-    """True when every term is finite and no latent's norm exceeds `bound` (None: no bound).
+    step: int,
+    skip: bool,
+    terms: dict,
+    latents: torch.Tensor | None = None,
+    bound: float | None = None,
+    report: torch.Tensor | None = None,
+) -> tuple[bool, list[float]]:
+    """(ok, reported): ok is True when every term is finite and no latent's norm exceeds `bound` (None: no bound).
 
     Otherwise stop naming the step and the term (or the norm), or with `skip` return False so the
-    caller skips the step. All checks of a step share one host sync.
+    caller skips the step. All checks of a step share one host sync, and so do the values of `report` (the step's
+    logged metrics, a 1-d tensor), returned as floats.
     """
     checks = [torch.isfinite(t.detach()).all() for t in terms.values()]
     peak = None
     if latents is not None and latents.shape[0] and bound is not None:
         peak = latents.detach().float().norm(dim=-1).max()
         checks.append(peak <= bound)  # a NaN peak fails here too, but is reported as non-finite first
-    flags = torch.stack(checks).tolist()
+    read = torch.stack(checks).float()
+    if report is not None:
+        read = torch.cat([read, report.detach().float().flatten().to(read.device)])
+    values = read.tolist()  # the step's one host sync
+    flags, reported = [bool(v) for v in values[: len(checks)]], values[len(checks) :]
     bad = [name for name, ok in zip(terms, flags) if not ok]
     if bad:
         if skip:
             logger.warning("step %d: non-finite %s; step skipped", step, ", ".join(bad))
-            return False
+            return False, reported
         raise MirageError(
             f"step {step}: non-finite {', '.join(bad)} (NaN or inf); lower the learning rate, check the data, "
             "or set skip_nonfinite_steps=True to skip such steps"
@@ -139,9 +149,9 @@ def check_step(
         msg = f"step {step}: latent norm {float(peak):.3g} exceeds max_latent_norm={bound:g}"
         if skip:
             logger.warning("%s; step skipped", msg)
-            return False
+            return False, reported
         raise MirageError(msg + " (raise max_latent_norm, or set skip_nonfinite_steps=True)")
-    return True
+    return True, reported
 
 
 def check_distributed_support(accelerator, what: str) -> None:
@@ -250,20 +260,37 @@ class MirageTrainerMixin:
         self.add_callback(DivergenceCallback())
         self._window = [0, 0]  # micro-batches since the last log, and how many of them were skipped
 
+    def logs_this_step(self) -> bool:
+        """Whether the metrics of the micro-batch being computed reach a log line: an evaluation, or a training step
+        the Trainer logs (its logging steps, the first step with `logging_first_step`, or any step when logging by
+        epoch). What costly metrics (the latents' effective rank) are computed on; the others are every step's."""
+        if not self.model.training or self.args.logging_strategy == "epoch":
+            return True
+        if self.args.logging_strategy == "no":
+            return False
+        step = self.state.global_step + 1  # the optimizer step this micro-batch belongs to
+        every = self.state.logging_steps or self.args.logging_steps
+        return step % max(int(every), 1) == 0 or (step == 1 and self.args.logging_first_step)
+
     # ------------------------------------------------------------------ the step guard
-    def guard_step(self, mode: str, terms: dict, latents, model):
-        """The numerical guard for one micro-batch: the loss to backpropagate (a zero with the graph intact
-        when the step is skipped)."""
-        ok = check_step(
-            self.state.global_step, self.args.skip_nonfinite_steps, terms, latents, self.args.max_latent_norm
+    def guard_step(self, mode: str, terms: dict, latents, model, report: torch.Tensor | None = None):
+        """The numerical guard for one micro-batch: (the loss to backpropagate, a zero with the graph intact when the
+        step is skipped; the values of `report` on the host, read in the guard's one sync)."""
+        ok, reported = check_step(
+            self.state.global_step,
+            self.args.skip_nonfinite_steps,
+            terms,
+            latents,
+            self.args.max_latent_norm,
+            report,
         )
         if ok:
-            return terms["loss"]
+            return terms["loss"], reported
         self._skip_update = True
         self.num_skipped_steps += 1
         self._metrics[mode]["skipped_steps"].append(float(self.num_skipped_steps))
         # Zero gradients, graph intact (every rank still runs its backward); the optimizer step is skipped.
-        return sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
+        return sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad), reported
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         before = self.num_skipped_steps

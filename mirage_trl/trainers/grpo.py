@@ -342,30 +342,35 @@ class MirageGRPOTrainer(MirageTrainerMixin, GRPOTrainer):
                 if self.args.cast_lm_head_to_fp32:
                     hidden = hidden.float()
                 scored = real_c & ~slots_c & ~forced_c
+                # Every completion position is scored, as TRL's own pass does, and the slots, forced ends and
+                # padding are zeroed after: no compaction of the scored positions, so no host sync for their count.
                 lp, ent = _text_logps(
-                    head, hidden[scored], completion[scored], self.temperature, compute_entropy
+                    head,
+                    hidden.reshape(-1, hidden.shape[-1]),
+                    completion.reshape(-1),
+                    self.temperature,
+                    compute_entropy,
                 )
-            logps = lp.new_zeros(scored.shape).masked_scatter(scored, lp)
-            all_logps.append(logps)
+            all_logps.append(lp.view(scored.shape).masked_fill(~scored, 0.0))
             if compute_entropy:
-                all_entropies.append(ent.new_zeros(scored.shape).masked_scatter(scored, ent))
+                all_entropies.append(ent.view(scored.shape).masked_fill(~scored, 0.0))
             if torch.is_grad_enabled() and out.latents.shape[0]:
                 self._train_latents.append(out.latents)
         entropies = torch.cat(all_entropies) if compute_entropy else None
         return torch.cat(all_logps), entropies, None
 
     # ------------------------------------------------------------------ loss + guard
-    def _log_latent_health(self, mode: str, latents: torch.Tensor) -> None:
-        """`latent/...` health of the recomputed latents (the SFT trainer's names); one gather, one sync."""
+    def _latent_health(self, latents: torch.Tensor) -> torch.Tensor:
+        """`latent/...` health of the recomputed latents (HEALTH_KEYS, the SFT trainer's names), gathered over the
+        ranks, on the device (NaN: not measurable)."""
         settings = MirageSettings.of_model(self.model)
         reference = settings.latent_target_norm if settings else None
-        stats = latent_health(latents, self.mirage_settings.latent_size, reference)
+        stats = latent_health(
+            latents, self.mirage_settings.latent_size, reference, with_rank=self.logs_this_step()
+        )
         nan = latents.new_tensor(float("nan"), dtype=torch.float32)
         values = torch.stack([stats.get(k, nan).float().reshape(()) for k in HEALTH_KEYS])
-        gathered = self.accelerator.gather(values[None]).nanmean(dim=0).tolist()
-        for name, value in zip(HEALTH_KEYS, gathered):
-            if value == value:  # not NaN
-                self._metrics[mode][f"latent/{name}"].append(value)
+        return self.accelerator.gather(values[None]).nanmean(dim=0)
 
     def _compute_loss(self, model, inputs):
         self._train_latents = []
@@ -374,7 +379,12 @@ class MirageGRPOTrainer(MirageTrainerMixin, GRPOTrainer):
         self._train_latents = []
         mode = "train" if self.model.training else "eval"
         terms = {"loss": loss}
+        health = None
         if latents is not None:
             terms["latents"] = latents
-            self._log_latent_health(mode, latents)
-        return self.guard_step(mode, terms, latents, model)
+            health = self._latent_health(latents)
+        loss, values = self.guard_step(mode, terms, latents, model, report=health)  # one host sync for both
+        for name, value in zip(HEALTH_KEYS, values):
+            if value == value:  # not NaN
+                self._metrics[mode][f"latent/{name}"].append(value)
+        return loss

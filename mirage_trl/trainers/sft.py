@@ -293,8 +293,8 @@ class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
             # markers-only: the slots carry nothing, so there is nothing for h[t-1] to predict: CE alone
             loss = ce if markers_only else self.args.text_loss_weight * ce
             if has_slots:
-                predicted = hidden[:, :-1][slot_mask[:, 1:]]  # h[t-1] for every slot t
-                rows = slot_mask[:, 1:].nonzero(as_tuple=True)[0]  # the batch row of each slot, in slot order
+                rows, before = slot_mask[:, 1:].nonzero(as_tuple=True)  # each slot's row and position - 1
+                predicted = hidden[rows, before]  # h[t-1] for every slot t, in slot order
                 loss_fn = LATENT_LOSSES[self.args.latent_loss]
                 latent_loss, cos = loss_fn(predicted, targets, rows, self.args.latent_temperature)
                 metrics["latent_cos"] = cos.detach().mean()
@@ -331,11 +331,11 @@ class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
         terms = {"loss": loss}
         if has_slots:
             terms["latents"] = latents
-        loss = self.guard_step(mode, terms, latents if has_slots else None, model)
-
-        # One gather and one host sync for all metrics of the step (NaN: not measurable on that rank).
+        # One gather for all metrics of the step (NaN: not measurable on that rank), read on the host in the guard's
+        # one sync.
         values = torch.stack([v.detach().float().reshape(()) for v in metrics.values()])
-        gathered = self.accelerator.gather_for_metrics(values[None]).nanmean(dim=0).tolist()
+        gathered = self.accelerator.gather_for_metrics(values[None]).nanmean(dim=0)
+        loss, gathered = self.guard_step(mode, terms, latents if has_slots else None, model, report=gathered)
         for name, value in zip(metrics, gathered):
             if name == "_tokens":
                 if mode == "train":  # TRL's running count of the tokens seen in training
@@ -360,12 +360,12 @@ class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
         else:
             settings = MirageSettings.of_model(self.model)
             reference = settings.latent_target_norm if settings else None
-        stats = latent_health(latents, k, reference)
+        stats = latent_health(latents, k, reference, with_rank=self.logs_this_step())
         out = {f"latent/{name}": stats.get(name, latents.new_tensor(float("nan"))) for name in HEALTH_KEYS}
         if reference is None:
             del out["latent/norm_ratio"]
         if targets is not None and targets.shape == latents.shape:
-            target_stats = latent_health(targets, k)
+            target_stats = latent_health(targets, k, with_rank=False)
             out["latent/target_norm"] = target_stats["norm"]
             out["latent/target_cross_sample_cos"] = target_stats.get(
                 "cross_sample_cos", latents.new_tensor(float("nan"))

@@ -750,6 +750,37 @@ def test_stage1_health_describes_the_predictions_and_records_the_target_norm(tmp
     assert saved.get("latent_feedback_norm") is None
 
 
+def test_effective_rank_is_measured_on_logging_steps_only(tmp_path, rows):
+    """The effective rank needs an SVD of the step's latents: it is computed for the steps the Trainer logs (every
+    `logging_steps`-th, the first with `logging_first_step`) and for evaluation, and equals numpy's there."""
+    import numpy as np
+
+    trainer = make_trainer(tmp_path, logging_steps=3, logging_first_step=False)
+    trainer.state.logging_steps = 3
+    batch = trainer.data_collator(rows)
+    trainer.model.train()
+    seen = {}
+    for global_step in range(6):  # optimizer steps 1..6: logged at 3 and 6
+        trainer.state.global_step = global_step
+        trainer._metrics["train"].clear()
+        with torch.no_grad():
+            trainer.compute_loss(trainer.model, batch)
+        seen[global_step + 1] = trainer._metrics["train"].get("latent/effective_rank")
+        assert "latent/norm" in trainer._metrics["train"]  # the cheap statistics: every step
+    assert [s for s, v in seen.items() if v] == [3, 6]
+    with torch.no_grad():
+        pred = manual_stage1(trainer.model, batch, k=4, gamma=0.1)["predictions"]
+    s = np.linalg.svd(pred.double().numpy(), compute_uv=False)
+    p = s / s.sum()
+    assert seen[6][-1] == pytest.approx(float(np.exp(-(p * np.log(p)).sum())), rel=1e-4)
+    trainer.model.eval()
+    trainer.state.global_step = 0
+    trainer._metrics["eval"].clear()
+    with torch.no_grad():
+        trainer.compute_loss(trainer.model, batch)
+    assert trainer._metrics["eval"]["latent/effective_rank"]
+
+
 @pytest.mark.parametrize("stage", [1, 2])
 def test_trl_sft_metrics_are_kept(tmp_path, rows, stage):
     """mean_token_accuracy, entropy and num_tokens, as TRL's SFTTrainer logs them, from a hand computation."""

@@ -102,7 +102,7 @@ class QwenVLFamily(ModelFamily):
         for value, name in ((1, "image_token_id"), (2, "video_token_id")):
             token = getattr(config, name, None)
             if token is not None:
-                types[input_ids == token] = value
+                types = torch.where(input_ids == token, value, types)  # no boolean indexing: no host sync
         return {"mm_token_type_ids": types}
 
     def position_ids(self, model, input_ids, attention_mask, vision=None):
@@ -137,15 +137,15 @@ class QwenVLFamily(ModelFamily):
         grid, pixels = vision.get("image_grid_thw"), vision.get("pixel_values")
         if grid is None or pixels is None:
             return {}
-        img = torch.tensor([0, *images_per_row]).cumsum(0)
-        patches = torch.split(grid.prod(-1), list(images_per_row))
-        patch = torch.tensor([0, *(int(p.sum()) for p in patches)]).cumsum(0)
+        img = torch.tensor([0, *images_per_row]).cumsum(0).tolist()  # host ints: TRL's counts are a list
         if img[end] == img[start]:
             return {}
-        return {
-            "pixel_values": pixels[patch[start] : patch[end]],
-            "image_grid_thw": grid[img[start] : img[end]],
-        }
+        if start == 0 and end == len(images_per_row):  # the whole batch (TRL's training pass): nothing to cut
+            return {"pixel_values": pixels, "image_grid_thw": grid}
+        # the rows' first and last patch: one read of the (device) grid for the slice bounds, not one per image
+        patch = torch.cat([grid.new_zeros(1), grid.prod(-1).cumsum(0)])
+        first, last = patch[[img[start], img[end]]].tolist()
+        return {"pixel_values": pixels[first:last], "image_grid_thw": grid[img[start] : img[end]]}
 
     # -------------------------------------------------------------- tiny random models
     tiny = TINY
