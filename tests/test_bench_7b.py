@@ -142,4 +142,7 @@ def test_a_stage2_step_and_a_grpo_pass_wait_for_the_device_at_most_twice(tmp_pat
         "TRL GRPOTrainer training pass": 0,
     }
     assert result["syncs_per_grpo_step"] == 2
-    assert trainers["MirageGRPOTrainer training pass"]["syncs"] <= trainers["TRL GRPOTrainer training pass"]["syncs"]
+    assert (
+        trainers["MirageGRPOTrainer training pass"]["syncs"]
+        <= trainers["TRL GRPOTrainer training pass"]["syncs"]
+    )

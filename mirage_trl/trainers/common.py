@@ -11,6 +11,7 @@ import math
 import os
 import re
 import shutil
+import types
 
 import torch
 from transformers import TrainerCallback
@@ -358,18 +359,22 @@ class MirageTrainerMixin:
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
-        if getattr(optimizer, "_mirage_guarded", False):
+        # A second `train()` gets the first one's optimizer back, wrapped by accelerate around the guarded one.
+        if any(
+            getattr(o, "_mirage_guarded", False) for o in (optimizer, getattr(optimizer, "optimizer", None))
+        ):
             return optimizer
         step = optimizer.step
 
-        def guarded_step(*args, **kwargs):
+        def guarded_step(opt, *args, **kwargs):
             if self._skip_update:
                 self._skip_update = False
-                optimizer.zero_grad(set_to_none=True)
+                opt.zero_grad(set_to_none=True)
                 return None  # weights and optimizer state (moments, step counts) untouched
             return step(*args, **kwargs)
 
-        optimizer.step = guarded_step
+        # a bound method, as torch's LR schedulers expect of `optimizer.step` (they wrap its `__func__`)
+        optimizer.step = types.MethodType(guarded_step, optimizer)
         optimizer._mirage_guarded = True
         return optimizer
 

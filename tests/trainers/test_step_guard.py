@@ -92,6 +92,21 @@ def test_skipped_step_after_good_ones_changes_no_weight_nor_optimizer_state(rows
     assert [h["skipped_steps"] for h in trainer.state.log_history if "skipped_steps" in h] == [1.0]
 
 
+def test_train_can_be_called_again_and_the_guard_still_skips(rows, tmp_path):
+    """A second `train()` in the same process (the bench's rounds, a notebook) gets the first one's optimizer back:
+    its guarded step must still be a method an LR scheduler can wrap, and still skip a bad step."""
+    trainer = trainer_for(tmp_path / "o", rows, skip_nonfinite_steps=True, max_steps=2)
+    trainer.train()
+    before = _snapshot(trainer)[0]
+    snaps = Snapshots(trainer)
+    trainer.add_callback(snaps)
+    _nan_hidden_at(trainer, 0)  # the second run starts at step 0 again: its first step is skipped
+    trainer.train()
+    p1, p2 = snaps.at[1][0], snaps.at[2][0]
+    assert _equal(before, p1) and not _equal(p1, p2)  # skipped, then the next good step trains
+    assert [h["skipped_steps"] for h in trainer.state.log_history if "skipped_steps" in h] == [1.0]
+
+
 def test_nonfinite_gradient_stops_before_the_step_and_checkpoints_stay_finite(rows, tmp_path):
     out = tmp_path / "o"
     trainer = trainer_for(out, rows, save_strategy="steps", save_steps=1)
