@@ -96,6 +96,13 @@ FIGURES = [
         lambda v: v >= 8,
     ),
     ("grpo", "Mirage GRPO step / plain TRL GRPO step", ("ratio", "step"), "<= 1.2", lambda v: v <= 1.2),
+    (
+        "grpo",
+        "Mirage GRPO step, rollout_latents constant (not exact) / plain TRL",
+        ("ratio_constant", "step"),
+        "<= 1.2",
+        lambda v: v <= 1.2,
+    ),
 ]
 # Per model family (bench/families.py): its ratios relative to Qwen2.5-VL's in the same run (goal: within 10 %;
 # Qwen3.5's stage 2 within 30 %: its gated-delta layers run each round per sample, padded to the round's widest

@@ -203,7 +203,7 @@ def trainer_steps(quick: bool, tmp: Path) -> dict:
         lambda: plain.compute_loss(model, dict(plain_batch)).backward(), _device_tensors(model, plain_batch)
     )
 
-    plain_model, mirage_model, processor, tokens, plain_bias, latent_bias = grpo_bench.build(True, 4.0)
+    plain_model, mirage_model, processor, tokens, plain_bias, latent_bias, _ = grpo_bench.build(True, 4.0)
     data = grpo_bench.rows(tmp, 2)
     grpo = dict(
         per_device_train_batch_size=4,

@@ -294,6 +294,10 @@ class MirageSFTConfig(_MirageLatentArgs, SFTConfig):
             )
 
 
+# What the GRPO training pass feeds at the slots (MirageGRPOConfig.rollout_latents).
+ROLLOUT_LATENTS = ("recompute", "constant")
+
+
 @dataclass
 class MirageGRPOConfig(_MirageLatentArgs, GRPOConfig):
     # The docstring is set below, like MirageSFTConfig's.
@@ -303,11 +307,23 @@ class MirageGRPOConfig(_MirageLatentArgs, GRPOConfig):
     reward_names: list[str] = field(
         default_factory=lambda: ["accuracy", "format"], metadata={"help": "reward functions by name"}
     )
+    rollout_latents: str = field(
+        default="recompute",
+        metadata={
+            "help": "the training pass's latents: recompute (exact: the policy's own, gradient through them) or "
+            "constant (the rollout's, fed as constants: one pass, no gradient through them)",
+            "choices": list(ROLLOUT_LATENTS),
+        },
+    )
     remove_unused_columns: bool = False
 
     def __post_init__(self):
         quiet_defaults(self)
         refuse_unsupported(self)
+        if self.rollout_latents not in ROLLOUT_LATENTS:
+            raise MirageError(
+                f"--rollout_latents {self.rollout_latents!r}: choose one of {', '.join(ROLLOUT_LATENTS)}"
+            )
         if isinstance(self.reward_names, str):
             self.reward_names = [self.reward_names]
         get_reward_funcs(self.reward_names)  # an unknown name: one clear line
@@ -496,6 +512,18 @@ MirageGRPOConfig.__doc__ = f"""Configuration class for `MirageGRPOTrainer`: TRL'
         reward_names (`list[str]`, *optional*, defaults to `["accuracy", "format"]`):
             Reward functions by name (`mirage_trl.rewards`); without `reward_weights`, the paper's 0.9 x
             accuracy + 0.1 x format. The accuracy reward grades each row by its own `benchmark` column.
+
+        > Parameters of the training pass
+
+        rollout_latents (`str`, *optional*, defaults to `"recompute"`):
+            `"recompute"` (exact): the training pass recomputes every latent from the model being trained, in
+            rounds, and the loss's gradient flows through them into the positions before each span.
+            `"constant"`: the latents the rollout fed are kept with the batch and fed again as constants, so the
+            training pass (and the old and reference log-probabilities) is one plain forward; the loss has the same
+            value while the weights are those that generated (one optimizer step per generation batch, TRL's
+            default), but no gradient flows through the latents, and with more steps per generation the latents
+            are those of the older weights. Faster (docs/benchmarks.md, GRPO), not the exact gradient: off by
+            default.
 {_LATENT_PARAMS}"""
 
 

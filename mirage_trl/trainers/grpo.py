@@ -47,8 +47,9 @@ from ..generation import generate_with_latents
 from ..grading import BENCHMARKS
 from ..latent.health import HEALTH_KEYS, latent_health
 from ..latent.layout import count_spans, slot_masks
-from ..latent.stage2 import self_latent_forward
-from ..models.families import family, output_logits
+from ..latent.slots import latent_inputs
+from ..latent.stage2 import SelfLatentOutput, self_latent_forward
+from ..models.families import capture_final_hidden, family, output_logits, unwrap
 from ..models.settings import MirageSettings
 from ..rewards import accuracy_reward, get_reward_funcs
 from ..stages import GRPO_STAGE
@@ -143,6 +144,7 @@ class MirageGRPOTrainer(MirageTrainerMixin, GRPOTrainer):
                         set(dataset["benchmark"]) if "benchmark" in column else [None], name
                     )
         self._train_latents: list[torch.Tensor] = []
+        self._rollout_fed = self._rollout_latents = self._batch_rollout = None  # rollout_latents="constant"
         super().__init__(
             model=model,
             reward_funcs=reward_funcs,
@@ -190,7 +192,12 @@ class MirageGRPOTrainer(MirageTrainerMixin, GRPOTrainer):
                 f"{' ...' if len(bare) > 5 else ''}); give every row an image or train the "
                 "text-only rows in a separate run"
             )
+        self._rollout_latents = None
         output = super()._generate_and_score_completions([self._rollout_row(x) for x in inputs])
+        if self._constant_latents:
+            # with the batch, so TRL's split and shuffle of a generation batch keep each row's latents
+            output["rollout_latents"] = self._rollout_latents
+            self._rollout_latents = None
         accuracy = self._metrics[mode].get("rewards/accuracy_reward/mean")
         if self._grades_accuracy and accuracy:
             self._metrics[mode]["accuracy"].append(accuracy[-1])
@@ -246,7 +253,9 @@ class MirageGRPOTrainer(MirageTrainerMixin, GRPOTrainer):
                 top_p=self.top_p,
                 eos_token_ids=self.eos_token_ids,
                 pad_token_id=self._tokenizer.pad_token_id,
+                return_latents=self._constant_latents,
             )
+        self._rollout_fed = out.latents  # per completion, the vectors fed at its slots (constant mode)
         lengths = out.num_generated_tokens.tolist()
         return [s[:n] for s, n in zip(out.sequences.tolist(), lengths)], None
 
@@ -268,6 +277,8 @@ class MirageGRPOTrainer(MirageTrainerMixin, GRPOTrainer):
             tools = _trl_grpo.pad([torch.tensor(m, dtype=torch.long) for m in tool_mask], padding_value=0)
             keep &= tools.bool()
         result[2] = [row[:n] for row, n in zip(keep.long().tolist(), lengths.tolist())]
+        if self._constant_latents:
+            self._rollout_latents = self._pad_rollout_latents(slots & real)
         mode = "train" if self.model.training else "eval"
         per_completion = torch.stack([count_spans(ids, self.latent_tokens), keep.sum(1)], dim=1)
         stats = self.accelerator.gather(per_completion.float().to(self.accelerator.device))
@@ -279,6 +290,27 @@ class MirageGRPOTrainer(MirageTrainerMixin, GRPOTrainer):
         self._metrics[mode]["latent/with_span_frac"].append(with_span)
         self._metrics[mode]["completions/mean_text_length"].append(text_len)
         return tuple(result)
+
+    def _pad_rollout_latents(self, slots: torch.Tensor) -> torch.Tensor:
+        """(B, C, D): the latents the rollout fed, at their completions' slot positions (`slots`, (B, C) on the host,
+        TRL's right-padded completion layout), zeros elsewhere; what `rollout_latents="constant"` feeds again."""
+        fed = self._rollout_fed or []
+        counts = [int(x.shape[0]) for x in fed]
+        if len(fed) != slots.shape[0] or counts != slots.sum(1).tolist():
+            raise MirageError(
+                "--rollout_latents constant: the rollout's latents do not match its completions' slots (a tool call "
+                "or another generation path changed the completions); use --rollout_latents recompute"
+            )
+        device = self.accelerator.device
+        width = fed[0].shape[-1] if fed else unwrap(self.model).get_input_embeddings().weight.shape[-1]
+        dtype = fed[0].dtype if fed else torch.float32
+        values = torch.cat(fed) if fed else torch.zeros(0, width, dtype=dtype)
+        out = torch.zeros(*slots.shape, width, dtype=dtype, device=device)
+        return out.masked_scatter(slots[..., None].to(device), values.to(device))
+
+    @property
+    def _constant_latents(self) -> bool:
+        return self.args.rollout_latents == "constant"
 
     # ------------------------------------------------------------------ training forward
     def _get_per_token_logps_and_entropies(
@@ -328,16 +360,21 @@ class MirageGRPOTrainer(MirageTrainerMixin, GRPOTrainer):
             slot_mask[:, -C:] = slots_c
             positions = fam.position_ids(model, ids, attn, vision)
             with self.accelerator.autocast():
-                out = self_latent_forward(
-                    model,
-                    ids,
-                    attn,
-                    slot_mask,
-                    position_ids=positions,
-                    method=self.args.stage2_method,
-                    max_round_tokens=self.args.max_round_tokens,
-                    **vision,
-                )
+                if self._constant_latents:
+                    out = self._forward_with_rollout_latents(
+                        model, ids, attn, slot_mask, positions, vision, start, end
+                    )
+                else:
+                    out = self_latent_forward(
+                        model,
+                        ids,
+                        attn,
+                        slot_mask,
+                        position_ids=positions,
+                        method=self.args.stage2_method,
+                        max_round_tokens=self.args.max_round_tokens,
+                        **vision,
+                    )
                 hidden = out.hidden_states[:, -C - 1 : -1]  # position t-1 predicts completion token t
                 if self.args.cast_lm_head_to_fp32:
                     hidden = hidden.float()
@@ -359,6 +396,33 @@ class MirageGRPOTrainer(MirageTrainerMixin, GRPOTrainer):
         entropies = torch.cat(all_entropies) if compute_entropy else None
         return torch.cat(all_logps), entropies, None
 
+    def _forward_with_rollout_latents(self, model, ids, attn, slot_mask, positions, vision, start, end):
+        """`rollout_latents="constant"`: one forward with the rollout's latents (rows start:end of the batch being
+        scored: a training batch carries them, a generation batch's old and reference scoring reads them from the
+        rollout just made) fed as constants at the slots."""
+        rollout = self._batch_rollout if self._batch_rollout is not None else self._rollout_latents
+        if rollout is None:
+            raise MirageError("--rollout_latents constant: this batch carries no rollout latents")
+        C = rollout.shape[1]
+        # row-major, the order the slots are filled in
+        values = rollout[start:end][slot_mask[:, -C:]].detach()
+        with latent_inputs(unwrap(model), slot_mask, values), capture_final_hidden(model) as captured:
+            model(
+                input_ids=ids,
+                attention_mask=attn,
+                position_ids=family(model).model_positions(positions),
+                **vision,
+                use_cache=False,
+                logits_to_keep=1,  # the log-probabilities come from the hidden states, below
+            )
+        return SelfLatentOutput(
+            hidden_states=captured[-1],
+            latents=values,
+            method="rollout latents",
+            steps=1,
+            computed_tokens=ids.numel(),
+        )
+
     # ------------------------------------------------------------------ loss + guard
     def _latent_health(self, latents: torch.Tensor) -> torch.Tensor:
         """`latent/...` health of the recomputed latents (HEALTH_KEYS, the SFT trainer's names), gathered over the
@@ -374,7 +438,11 @@ class MirageGRPOTrainer(MirageTrainerMixin, GRPOTrainer):
 
     def _compute_loss(self, model, inputs):
         self._train_latents = []
-        loss = super()._compute_loss(model, inputs)
+        self._batch_rollout = inputs.get("rollout_latents")
+        try:
+            loss = super()._compute_loss(model, inputs)
+        finally:
+            self._batch_rollout = None
         latents = torch.cat(self._train_latents) if self._train_latents else None
         self._train_latents = []
         mode = "train" if self.model.training else "eval"

@@ -347,6 +347,152 @@ def test_gradient_flows_through_latents(trainer, rows):
     assert (g_ref - g_det).abs().max() > 1e-3 * scale
 
 
+# --------------------------------------------------------------------------- rollout latents as constants
+
+
+def _span_bias(trainer, tokens, start=6.0):
+    """Make the random model open latent spans (and never sample an image placeholder or stop early)."""
+    tok = trainer.processing_class.tokenizer
+    model = unwrap(trainer.model)
+    bias = torch.zeros(model.lm_head.weight.shape[0])
+    for name in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|im_end|>"):
+        bias[tok.convert_tokens_to_ids(name)] = -30.0
+    bias[tokens.start_id] = start
+    model.get_output_embeddings().register_forward_hook(lambda m, a, out: out + bias.to(out.dtype))
+
+
+def test_constant_rollout_latents_score_the_rollout_in_one_pass(rows, tmp_path):
+    """`rollout_latents="constant"` keeps the latents each rollout fed with the batch (through TRL's generation and
+    scoring) and feeds them again as constants: the log-probabilities equal the exact recomputation's (same weights),
+    one forward instead of the rounds; the gradient equals the per-sample reference whose latents are detached, not
+    the exact one."""
+    from datasets import Dataset
+
+    model, processor, tokens = fresh()
+    trainer = MirageGRPOTrainer(
+        model,
+        args=_config(tmp_path, rollout_latents="constant", max_completion_length=14),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=processor,
+    )
+    _span_bias(trainer, tokens)
+    trainer.model.train()
+    torch.manual_seed(0)
+    batch = trainer._generate_and_score_completions(rows)
+    C = batch["completion_ids"].shape[1]
+    slots, _ = slot_masks(batch["completion_ids"], tokens)
+    slots &= batch["completion_mask"].bool()
+    assert batch["rollout_latents"].shape == (4, C, model.config.text_config.hidden_size)
+    assert slots.sum() >= 2 * K  # the rollouts opened spans
+    assert (
+        (batch["rollout_latents"].norm(dim=-1) > 0).eq(slots).all()
+    )  # a latent at every slot, zeros elsewhere
+
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    attn = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    kw = {k: batch[k] for k in ("pixel_values", "image_grid_thw", "num_images", "mm_token_type_ids")}
+    calls = []
+    hook = unwrap(trainer.model).get_input_embeddings().register_forward_hook(lambda m, a, o: calls.append(1))
+    trainer._batch_rollout = batch["rollout_latents"]
+    constant = trainer._get_per_token_logps_and_entropies(trainer.model, ids, attn, C, **kw)[0]
+    assert len(calls) == 1  # one pass
+    trainer.args.rollout_latents = "recompute"
+    with torch.no_grad():
+        exact = trainer._get_per_token_logps_and_entropies(trainer.model, ids, attn, C, **kw)[0]
+    assert len(calls) > 2  # the rounds
+    hook.remove()
+    torch.testing.assert_close(constant.detach(), exact, rtol=0, atol=1e-4)
+
+    # the gradient: d(sum of text log-probs)/d(embedding table), against the per-sample reference
+    comps = [c[: int(m.sum())].tolist() for c, m in zip(batch["completion_ids"], batch["completion_mask"])]
+    collator = MirageDataCollator(processor, tokens)
+    text = batch["completion_mask"].float() * batch["tool_mask"].float()
+    emb = unwrap(trainer.model).get_input_embeddings().weight
+
+    def grad_of(fn):
+        trainer.model.zero_grad()
+        fn().backward()
+        return emb.grad.detach().clone()
+
+    trainer.args.rollout_latents = "constant"
+    g_constant = grad_of(
+        lambda: (
+            trainer._get_per_token_logps_and_entropies(trainer.model, ids, attn, C, **kw)[0] * text
+        ).sum()
+    )
+    trainer._train_latents = []
+
+    def ref(detach):
+        return sum(
+            (reference_logps(unwrap(trainer.model), collator, r, c, tokens, detach) * text[i, : len(c)]).sum()
+            for i, (r, c) in enumerate(zip(rows, comps))
+        )
+
+    g_det, g_exact = grad_of(lambda: ref(True)), grad_of(lambda: ref(False))
+    scale = g_det.abs().max()
+    torch.testing.assert_close(g_constant, g_det, rtol=1e-3, atol=1e-5 * scale)
+    assert (g_exact - g_det).abs().max() > 1e-3 * scale
+
+
+def test_constant_rollout_latents_stay_with_their_rows_through_trl_shuffle_and_split(
+    rows, tmp_path, monkeypatch
+):
+    """Through `train()` with two steps per generation (TRL shuffles the generation batch and splits it): every
+    training pass feeds each row the latents of its own rollout (nonzero exactly at its completion's slots), and the
+    step trains."""
+    from datasets import Dataset
+
+    # a reward that varies between completions, so the advantages (and the update) are not zero
+    monkeypatch.setitem(
+        REWARD_FUNCS,
+        "length",
+        lambda prompts, completions, **kw: [float(sum(map(ord, c[0]["content"])) % 7) for c in completions],
+    )
+    model, processor, tokens = fresh()
+    trainer = MirageGRPOTrainer(
+        model,
+        args=_config(
+            tmp_path,
+            rollout_latents="constant",
+            steps_per_generation=2,
+            max_steps=2,
+            reward_names=["format", "length"],
+            reward_weights=[0.1, 1.0],
+        ),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=processor,
+    )
+    _span_bias(trainer, tokens)
+    seen = []
+    forward = trainer._forward_with_rollout_latents
+
+    def checked(model, ids, attn, slot_mask, *args):
+        rollout = trainer._batch_rollout if trainer._batch_rollout is not None else trainer._rollout_latents
+        start, end = args[-2:]
+        C = rollout.shape[1]
+        fed = rollout[start:end].norm(dim=-1) > 0
+        assert torch.equal(fed, slot_mask[:, -C:]), "a row got another rollout's latents"
+        seen.append(int(fed.sum()))
+        return forward(model, ids, attn, slot_mask, *args)
+
+    trainer._forward_with_rollout_latents = checked
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert len(seen) >= 2 and sum(seen) > 0
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+    assert trainer.state.log_history[0]["latent/norm"] > 0
+
+
+def test_constant_rollout_latents_refuse_a_batch_without_them(trainer):
+    trainer.args.rollout_latents = "constant"
+    try:
+        ids = torch.ones(1, 4, dtype=torch.long)
+        with pytest.raises(MirageError, match="carries no rollout latents"):
+            trainer._forward_with_rollout_latents(trainer.model, ids, ids, ids.bool(), None, {}, 0, 1)
+    finally:
+        trainer.args.rollout_latents = "recompute"
+
+
 # --------------------------------------------------------------------------- one step
 
 
