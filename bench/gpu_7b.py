@@ -60,7 +60,7 @@ def build(tiny: bool, load_in_4bit: bool, device):
 
         from transformers import BitsAndBytesConfig
 
-        from mirage_trl.models.load import unquantized_modules
+        from mirage_trl.models.load import keep_4bit_layers_trainable, unquantized_modules
 
         folder = tempfile.mkdtemp(prefix="gpu-7b-random-")
         with torch.device("cpu"):
@@ -80,6 +80,9 @@ def build(tiny: bool, load_in_4bit: bool, device):
             quantization_config=quantization,
             device_map=device,
         )
+        keep_4bit_layers_trainable(
+            model
+        )  # the bench decodes between training steps (a CPU quirk; no-op on GPUs)
     else:
         with torch.device(device):
             model = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation="sdpa")

@@ -12,8 +12,8 @@
 # Prints one JSON (and writes it to $OUT/gpu_runbook.json, or ./gpu_runbook.json): the 7B-shaped LoRA stage 1
 # and stage 2 with and without checkpointing (samples/s, tokens/s, MFU, peak memory, rounds, SDPA kernels),
 # QLoRA stage 1 and stage 2, latent decoding against `generate` at batch 1, 16 and 64, batched evaluation
-# against batch 1, and the library versions. Each step has its own time limit; the first failure stops the
-# script with its step named.
+# against batch 1, the GRPO step against TRL's (exact, and with constant rollout latents), and the library
+# versions. Each step has its own time limit; the first failure stops the script with its step named.
 set -euo pipefail
 
 TINY=0
@@ -57,10 +57,12 @@ if [ "$TINY" = 1 ]; then
     step "LoRA stage 1 / stage 2, decoding" 300 "$PY" bench/gpu_7b.py --tiny --json "$WORK/lora.json"
     step "QLoRA stage 1 / stage 2" 300 "$PY" bench/gpu_7b.py --tiny --load-in-4bit --decode-batches --json "$WORK/qlora.json"
     step "batched evaluation" 300 "$PY" bench/eval_throughput.py --quick --json "$WORK/eval.json"
+    step "GRPO step against TRL's" 300 "$PY" bench/grpo.py --quick --json "$WORK/grpo.json"
 else
     step "LoRA stage 1 / stage 2, decoding" 200 "$PY" bench/gpu_7b.py --repeats 3 --new-tokens 64 --json "$WORK/lora.json"
     step "QLoRA stage 1 / stage 2" 170 "$PY" bench/gpu_7b.py --load-in-4bit --repeats 3 --decode-batches --json "$WORK/qlora.json"
     step "batched evaluation" 80 "$PY" bench/eval_throughput.py --json "$WORK/eval.json"
+    step "GRPO step against TRL's" 60 "$PY" bench/grpo.py --device cuda --rounds 2 --steps 2 --json "$WORK/grpo.json"
 fi
 
 "$PY" - "$WORK" "$RESULTS/gpu_runbook.json" "$TINY" <<'EOF'
@@ -68,7 +70,7 @@ import json, sys, time
 from pathlib import Path
 
 work, out, tiny = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "1"
-parts = {name: json.loads((work / f"{name}.json").read_text()) for name in ("env", "lora", "qlora", "eval")}
+parts = {name: json.loads((work / f"{name}.json").read_text()) for name in ("env", "lora", "qlora", "eval", "grpo")}
 report = {
     "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     "tiny": tiny,
@@ -78,6 +80,9 @@ report = {
     "qlora": {k: parts["qlora"][k] for k in ("runs", "stage2_over_stage1", "stage2_over_stage1_ckpt")},
     "decoding": parts["lora"]["decoding"],
     "eval": {"ratio": parts["eval"]["ratio"], **parts["eval"]["timings"], "config": parts["eval"]["config"]},
+    "grpo": {k: parts["grpo"][k] for k in ("ratio", "ratio_constant", "plain", "mirage", "constant", "setup")},
+    # the goals a lease checks (docs/benchmarks.md, GPU figures)
+    "goals": {"stage2_over_stage1": 1.3, "grpo_step_over_trl": 1.2},
 }
 text = json.dumps(report, indent=2)
 out.write_text(text)

@@ -86,7 +86,7 @@ def bias_logits(trainer, bias) -> None:
     from mirage_trl.models.families import unwrap
 
     head = unwrap(trainer.model).get_output_embeddings()
-    head.register_forward_hook(lambda m, a, out: out + bias.to(out.dtype))
+    head.register_forward_hook(lambda m, a, out: out + bias.to(out.device, out.dtype))
 
 
 def rows(folder: Path, n: int):
@@ -162,6 +162,9 @@ def main(argv=None) -> int:
         help="LoRA rank on every linear layer of the language model (0: full fine-tuning)",
     )
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="cuda: the GPU run of bench/gpu_runbook.sh"
+    )
     args = parser.parse_args(argv)
     prompts = args.prompts or (2 if args.quick else 4)
     length = args.completion_len or (16 if args.quick else 64)
@@ -190,7 +193,7 @@ def main(argv=None) -> int:
         num_generations=2,
         max_completion_length=length,
         max_steps=steps,
-        use_cpu=True,
+        use_cpu=args.device == "cpu",
         bf16=False,
         report_to="none",
         logging_steps=1000,
@@ -273,6 +276,7 @@ def main(argv=None) -> int:
         steps_per_round=steps,
         start_bias=args.start_bias,
         threads=torch.get_num_threads(),
+        device=torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         gradient_checkpointing=args.gradient_checkpointing,
         lora_rank=args.lora,
     )

@@ -33,7 +33,7 @@ def test_the_runbook_runs_every_step_and_reports_every_figure(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_runbook.json").read_text())
     assert report["tiny"] is True
-    last = p.stdout.rsplit("== batched evaluation: ", 1)[1]
+    last = p.stdout.rsplit("== GRPO step against TRL's: ", 1)[1]
     assert json.loads(last[last.index("{") :]) == report  # the same JSON, last on screen
     assert report["versions"]["transformers version"]
     for kind in ("lora", "qlora"):
@@ -47,6 +47,8 @@ def test_the_runbook_runs_every_step_and_reports_every_figure(tmp_path):
     assert [d["batch"] for d in report["decoding"]] == [1]  # --tiny: batch 1 only (16 and 64 on the GPU)
     assert all(d["same_tokens"] for d in report["decoding"])
     assert report["eval"]["ratio"] > 0 and report["eval"]["batch_1"]["rows_per_s"] > 0
+    assert report["grpo"]["ratio"]["step"] > 0 and report["grpo"]["ratio_constant"]["step"] > 0
+    assert report["goals"] == {"stage2_over_stage1": 1.3, "grpo_step_over_trl": 1.2}
 
 
 def test_a_failing_step_stops_the_runbook_naming_it(tmp_path):

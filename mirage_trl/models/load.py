@@ -192,6 +192,35 @@ def unquantized_modules(model) -> list[str]:
     return parts + ["lm_head"]
 
 
+def keep_4bit_layers_trainable(model) -> None:
+    """bitsandbytes' CPU backend repacks a 4-bit layer's weight for its inference kernel the first time the layer
+    runs without gradients on a CPU with AVX512-BF16, and never packs it back (0.50): every training forward after
+    an evaluation or a generation then runs the inference kernel, whose in-place bias add fails under autograd and
+    whose numbers differ from the training path's. A model being trained keeps the training layout
+    (`load_for_training` and the trainers' set-up call this before any forward). A layer a forward already
+    repacked is packed back with a warning: bitsandbytes' inverse rounds the block scales (a ~1e-3 change of the
+    layer's output). No effect on GPUs or on models without 4-bit layers."""
+    repacked = 0
+    for module in unwrap(model).modules():
+        if not hasattr(module, "support_avx512bf16_for_cpu"):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        state = getattr(module.weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                module.weight.data, state
+            )
+            repacked += 1
+    if repacked:
+        logger.warning(
+            "%d 4-bit layers had been repacked by bitsandbytes for CPU inference (a forward without gradients ran "
+            "before training); packed back for training, with their block scales rounded by bitsandbytes",
+            repacked,
+        )
+
+
 def _keep_vision_unquantized(kwargs: dict, name: str, trust: bool) -> None:
     """Add `unquantized_modules` of the model `name` to a bitsandbytes config's `llm_int8_skip_modules` (read
     off a skeleton of the model on the meta device: nothing is loaded)."""
@@ -218,9 +247,11 @@ def load_for_training(name_or_path: str, args=None, model_args=None):
     _keep_vision_unquantized(kwargs, src.base if src else name, trust)  # an adapter: its base is quantized
     if src is not None:
         model, processor, _ = load_source(src, trainable=True, trust_remote_code=trust, **kwargs)
-        return model, processor
-    model = _from_pretrained(name, trust, **kwargs)
-    return model, load_processor(name, model_type=model.config.model_type, trust_remote_code=trust)
+    else:
+        model = _from_pretrained(name, trust, **kwargs)
+        processor = load_processor(name, model_type=model.config.model_type, trust_remote_code=trust)
+    keep_4bit_layers_trainable(model)  # before any forward can repack a 4-bit layer for inference
+    return model, processor
 
 
 def load_model(

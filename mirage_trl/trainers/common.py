@@ -30,7 +30,7 @@ from ..io import honour_umask_tree, write_json
 from ..latent.bottleneck import check_bottleneck_support
 from ..latent.health import collapse_reason
 from ..models.families import LANGUAGE_MODEL_MODULES, unwrap
-from ..models.load import load_checkpoint_weights, load_for_training
+from ..models.load import keep_4bit_layers_trainable, load_checkpoint_weights, load_for_training
 from ..models.prepare import prepare_model
 from ..models.processors import load_processor
 from ..models.settings import MirageSettings, check_checkpoint_latent_size
@@ -58,6 +58,7 @@ def setup_model(model, processing_class, peft_config, args, stage: int | None = 
         model, processing_class = load_for_training(model, args)
     if processing_class is None:
         processing_class = load_processor(unwrap(model).config._name_or_path)
+    keep_4bit_layers_trainable(model)
     tokens = prepare_model(model, processing_class, args.latent_size, stage=stage)
     apply_slot_settings(model, args, stage)
     return model, processing_class, adapt_peft_config(peft_config, tokens), tokens

@@ -71,3 +71,63 @@ def test_qlora_keeps_the_vision_tower_and_projector_in_full_precision(tmp_path, 
     for name, module in linears:
         in_language_model = id(module) in language
         assert should_convert_module(name, patterns) == in_language_model, (name, patterns)
+
+
+def _has_avx512bf16() -> bool:
+    try:
+        from bitsandbytes.functional import has_avx512bf16
+    except ImportError:
+        return False
+    return bool(has_avx512bf16())
+
+
+@pytest.mark.skipif(
+    not _has_avx512bf16(),
+    reason="bitsandbytes' CPU inference repacking needs bitsandbytes on an AVX512-BF16 CPU",
+)
+def test_a_4bit_model_being_trained_keeps_its_training_layout_after_an_evaluation(tmp_path, caplog):
+    """bitsandbytes repacks a 4-bit layer for its CPU inference kernel at the first forward without gradients and
+    never packs it back: the next training forward failed (an in-place bias add under autograd) or computed other
+    numbers. A model loaded for training never repacks (`keep_4bit_layers_trainable` in `load_for_training` and the
+    trainers' set-up); one repacked before is packed back, with a warning (bitsandbytes' inverse rounds its scales)."""
+    import torch
+    from trl import ModelConfig
+
+    from mirage_trl.models.load import keep_4bit_layers_trainable, load_for_training
+    from mirage_trl.models.tiny import save_tiny_model
+
+    folder = save_tiny_model(tmp_path / "m", seed=0)
+    model, _ = load_for_training(
+        str(folder),
+        model_args=ModelConfig(model_name_or_path=str(folder), load_in_4bit=True, dtype="float32"),
+    )
+    layer = next(m for m in model.modules() if type(m).__name__ == "Linear4bit" and m.bias is not None)
+    layer.bias.requires_grad_(
+        True
+    )  # as a trained bias would be: what the inference kernel's in-place add breaks
+    x = torch.randn(3, layer.in_features)
+
+    def training_forward():
+        layer.train()
+        out = layer(x.clone().requires_grad_(True))
+        out.sum().backward()
+        return out.detach()
+
+    def evaluation():
+        layer.eval()
+        with torch.no_grad():
+            layer(x)
+        return getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+
+    before = training_forward()
+    assert not evaluation()  # loaded for training: no repacking
+    torch.testing.assert_close(training_forward(), before, rtol=0, atol=0)
+
+    layer.support_avx512bf16_for_cpu = True  # a model loaded elsewhere, then evaluated
+    assert evaluation()
+    with pytest.raises(RuntimeError, match="in-place operation"):
+        training_forward()
+    keep_4bit_layers_trainable(model)
+    assert "1 4-bit layers had been repacked" in caplog.text
+    assert not evaluation()
+    torch.testing.assert_close(training_forward(), before, rtol=0, atol=1e-2 * float(before.abs().max()))

@@ -352,7 +352,13 @@ def test_qlora_stage1_step_matches_the_manual_computation(tmp_path, rows):
     ref["loss"].backward()
     torch.testing.assert_close(loss, ref["loss"], **TOL)
     for name, grad in got.items():
-        torch.testing.assert_close(grad, dict(trainer.model.named_parameters())[name].grad, **TOL)
+        want = dict(trainer.model.named_parameters())[name].grad
+        # On a CPU with AVX512-BF16, bitsandbytes' 4-bit backward rounds through bfloat16, so the two orders of
+        # the same sums can differ by one bfloat16 rounding of the largest entry (3e-5 of 0.013 measured); a wrong
+        # gradient differs by far more. Elsewhere the two agree to float32 precision.
+        torch.testing.assert_close(
+            grad, want, rtol=TOL["rtol"], atol=max(TOL["atol"], 2**-8 * float(want.abs().max()))
+        )
 
 
 def test_text_loss_weight_changes_loss_exactly(tmp_path, rows):
