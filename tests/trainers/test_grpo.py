@@ -82,6 +82,16 @@ def rows(tmp_path_factory):
     return [_row(0, [a]), _row(1, [b]), _row(2, [b]), _row(3, [a])]
 
 
+@pytest.fixture
+def length_reward(monkeypatch):
+    """A reward named "length" that varies between completions, so the advantages (and the update) are not zero."""
+    monkeypatch.setitem(
+        REWARD_FUNCS,
+        "length",
+        lambda prompts, completions, **kw: [float(sum(map(ord, c[0]["content"])) % 7) for c in completions],
+    )
+
+
 def _config(tmp, **kw):
     base = dict(
         output_dir=str(tmp),
@@ -434,20 +444,13 @@ def test_constant_rollout_latents_score_the_rollout_in_one_pass(rows, tmp_path):
     assert (g_exact - g_det).abs().max() > 1e-3 * scale
 
 
-def test_constant_rollout_latents_stay_with_their_rows_through_trl_shuffle_and_split(
-    rows, tmp_path, monkeypatch
-):
+@pytest.mark.usefixtures("length_reward")
+def test_constant_rollout_latents_stay_with_their_rows_through_trl_shuffle_and_split(rows, tmp_path):
     """Through `train()` with two steps per generation (TRL shuffles the generation batch and splits it): every
     training pass feeds each row the latents of its own rollout (nonzero exactly at its completion's slots), and the
     step trains."""
     from datasets import Dataset
 
-    # a reward that varies between completions, so the advantages (and the update) are not zero
-    monkeypatch.setitem(
-        REWARD_FUNCS,
-        "length",
-        lambda prompts, completions, **kw: [float(sum(map(ord, c[0]["content"])) % 7) for c in completions],
-    )
     model, processor, tokens = fresh()
     trainer = MirageGRPOTrainer(
         model,
@@ -496,15 +499,10 @@ def test_constant_rollout_latents_refuse_a_batch_without_them(trainer):
 # --------------------------------------------------------------------------- one step
 
 
-def test_one_training_step_updates_adapter_and_logs(rows, tmp_path, monkeypatch):
+@pytest.mark.usefixtures("length_reward")
+def test_one_training_step_updates_adapter_and_logs(rows, tmp_path):
     from datasets import Dataset
 
-    # A reward that varies between completions, so advantages (and the update) are not zero.
-    monkeypatch.setitem(
-        REWARD_FUNCS,
-        "length",
-        lambda prompts, completions, **kw: [float(sum(map(ord, c[0]["content"])) % 7) for c in completions],
-    )
     model, processor, tokens = fresh()
     args = _config(
         tmp_path, reward_names=["accuracy", "format", "length"], reward_weights=[0.9, 0.1, 1.0], beta=0.01
