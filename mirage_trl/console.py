@@ -11,6 +11,7 @@ them. `end_progress_bars` closes open bars so that an error message starts a lin
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import warnings
@@ -22,9 +23,17 @@ LIBRARY_NOTICES = (
 )
 
 
+# (logger, text): library log lines about nothing the user set. bitsandbytes' CPU backend (0.50, on CPUs with
+# AVX512-BF16) tries to fetch an optional hub kernel when imported and logs a warning when it cannot (offline,
+# untrusted publisher); it then runs its own kernel.
+LIBRARY_LOG_NOTICES = (("bitsandbytes.backends.cpu.ops", "from kernels-community"),)
+
+
 def quiet_console() -> None:
     for message, category in LIBRARY_NOTICES:
         warnings.filterwarnings("ignore", message=message, category=category)
+    for name, text in LIBRARY_LOG_NOTICES:
+        logging.getLogger(name).addFilter(lambda record, text=text: text not in record.getMessage())
     if sys.stderr.isatty():
         return
     # The libraries read these when they are imported (workers launched from here inherit them); those already
