@@ -279,6 +279,7 @@ class MirageGRPOTrainer(MirageTrainerMixin, GRPOTrainer):
         result[2] = [row[:n] for row, n in zip(keep.long().tolist(), lengths.tolist())]
         if self._constant_latents:
             self._rollout_latents = self._pad_rollout_latents(slots & real)
+        self._rollout_fed = None  # padded (constant mode) or not needed: not kept past the rollout
         mode = "train" if self.model.training else "eval"
         per_completion = torch.stack([count_spans(ids, self.latent_tokens), keep.sum(1)], dim=1)
         stats = self.accelerator.gather(per_completion.float().to(self.accelerator.device))
