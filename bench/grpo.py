@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import statistics
 import sys
@@ -201,8 +202,10 @@ def main(argv=None) -> int:
         learning_rate=1e-5,
         seed=0,
         disable_tqdm=True,
-        gradient_checkpointing=args.gradient_checkpointing,
     )
+    # under the name the installed transformers knows (5.2x renamed it and warns on the old one)
+    new_name = "activation_checkpointing" in {f.name for f in dataclasses.fields(GRPOConfig)}
+    common["activation_checkpointing" if new_name else "gradient_checkpointing"] = args.gradient_checkpointing
     peft = None
     if args.lora:
         from peft import LoraConfig

@@ -154,10 +154,10 @@ def trainer_steps(quick: bool, tmp: Path) -> dict:
     keeps its one sync per generated token, as `generate` does)."""
     import torch
     from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
+    from trl import GRPOConfig, GRPOTrainer
 
     from bench import grpo as grpo_bench
-    from bench.stage1 import MODEL, make_rows
+    from bench.stage1 import MODEL, make_rows, plain_sft_trainer
     from mirage_trl.configs import MirageGRPOConfig, MirageSFTConfig
     from mirage_trl.data.images import load_image
     from mirage_trl.data.reference import _features, strip_latent_markers
@@ -184,18 +184,7 @@ def trainer_steps(quick: bool, tmp: Path) -> dict:
         out[f"MirageSFTTrainer stage {stage}"] = count(
             lambda t=trainer, m=model, b=batch: t.compute_loss(m, b).backward(), _device_tensors(model, batch)
         )
-    plain = SFTTrainer(
-        model=model,
-        args=SFTConfig(
-            output_dir=str(tmp / "t"),
-            remove_unused_columns=False,
-            dataset_kwargs={"skip_prepare_dataset": True},
-            max_length=None,
-            **common,
-        ),
-        train_dataset=Dataset.from_list(plain_rows, features=_features()),
-        processing_class=processor,
-    )
+    plain = plain_sft_trainer(model, processor, tmp / "t", plain_rows, max_length=None, **common)
     full = trainer.data_collator(plain_rows)
     keys = ("input_ids", "attention_mask", "labels", "mm_token_type_ids", "pixel_values", "image_grid_thw")
     plain_batch = {k: full[k] for k in keys if k in full}

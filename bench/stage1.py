@@ -86,10 +86,30 @@ def make_rows(folder: Path, batch: int, text_repeats: int) -> list[dict]:
     return rows
 
 
+def plain_sft_trainer(model, processor, output_dir: Path, plain_rows: list[dict], **args):
+    """TRL's own `SFTTrainer` on the same rows with the latent markers removed: the baseline every figure divides
+    by (the rows are already collated by the Mirage collator's format, so TRL's dataset preparation is skipped)."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from mirage_trl.data.reference import _features
+
+    return SFTTrainer(
+        model=model,
+        args=SFTConfig(
+            output_dir=str(output_dir),
+            remove_unused_columns=False,
+            dataset_kwargs={"skip_prepare_dataset": True},
+            **args,
+        ),
+        train_dataset=Dataset.from_list(plain_rows, features=_features()),
+        processing_class=processor,
+    )
+
+
 def build(batch: int, text_repeats: int, tmp: Path):
     import torch
     from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
 
     from mirage_trl.configs import MirageSFTConfig
     from mirage_trl.data.reference import _features, strip_latent_markers
@@ -116,17 +136,7 @@ def build(batch: int, text_repeats: int, tmp: Path):
         train_dataset=Dataset.from_list(rows, features=_features()),
         processing_class=processor,
     )
-    trl = SFTTrainer(
-        model=model,
-        args=SFTConfig(
-            output_dir=str(tmp / "t"),
-            remove_unused_columns=False,
-            dataset_kwargs={"skip_prepare_dataset": True},
-            **common,
-        ),
-        train_dataset=Dataset.from_list(plain_rows, features=_features()),
-        processing_class=processor,
-    )
+    trl = plain_sft_trainer(model, processor, tmp / "t", plain_rows, **common)
     model.model.visual.requires_grad_(False)  # frozen in both (MirageSFTTrainer already froze it)
     model.train()
     m_batch = mirage.data_collator(rows)
