@@ -26,7 +26,7 @@ from ..errors import MirageError
 from ..models.families import processor_family
 from ..models.tokens import LatentTokens
 from .layout import expand_markers, slot_masks
-from .targets import reference_paths
+from .targets import reference_image
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,8 @@ class MirageDataCollator:
         with_helpers: process helper images (stage 1 targets; the optional stage-2 drift metric).
         require_helpers: every latent span needs its helper image (stage 1): a row without is an error.
         with_references: also process each helper image's input image (the row's first) into
-            `reference_<key>` (stage-1 targets "delta" and "selected" compare the two).
+            `reference_<key>`, once per row, and `reference_index` (one per helper image: which of them it is
+            compared with; stage-1 targets "delta" and "selected" compare the two).
         with_aux_text: tokenize each span's helper text (the row's `helper_texts`) into `aux_input_ids` /
             `aux_attention_mask` (spans, T), right-padded, in slot order (`latent_aux_text`); a row with spans
             but not one text per span is an error.
@@ -103,14 +104,14 @@ class MirageDataCollator:
         self.end_of_turn = end_of_turn or ""
 
     # ------------------------------------------------------------------ prompts
-    def encode_prompt(self, row, add_generation_prompt: bool = True) -> dict:
-        """Tokenize the user turn(s) with their images: ids, the family's per-token inputs, its image inputs."""
+    def encode_prompt(self, row, add_generation_prompt: bool = True, images: list | None = None) -> dict:
+        """Tokenize the user turn(s) with their images: ids, the family's per-token inputs, its image inputs.
+        `images`: the row's images already decoded (`row_images`), else they are decoded here."""
         text = self.processor.apply_chat_template(
             _user_messages(row), tokenize=False, add_generation_prompt=add_generation_prompt
         )
-        source = row.get("source", "<row>")
-        paths = row.get("images") or []
-        images = [load_image(p, source=f"{source}:images") for p in paths]
+        if images is None:
+            images = self.row_images(row)
         enc = self.processor(text=[text], images=images or None, return_tensors="pt")
         out = {"input_ids": enc["input_ids"][0]}
         for key in self.family.token_keys:
@@ -119,6 +120,13 @@ class MirageDataCollator:
         if images:
             out.update({key: enc[key] for key in self.family.vision_keys})
         return out
+
+    @staticmethod
+    def row_images(row) -> list:
+        """The row's input images, decoded (each once per batch: the prompt and the delta/selected targets share
+        them)."""
+        source = row.get("source", "<row>")
+        return [load_image(p, source=f"{source}:images") for p in row.get("images") or []]
 
     def completion_ids(self, row) -> tuple[torch.Tensor, int]:
         """Completion token ids with each marker expanded to a latent span; also the number of spans."""
@@ -131,9 +139,10 @@ class MirageDataCollator:
 
     # ------------------------------------------------------------------ batches
     def __call__(self, rows: list[dict]) -> dict:
-        samples, helpers, references, cached, aux = [], [], [], [], []
+        samples, helpers, references, reference_index, cached, aux = [], [], [], [], [], []
         for row in rows:
-            sample = self._encode_row(row)
+            images = self.row_images(row)
+            sample = self._encode_row(row, images)
             if sample is None:
                 continue
             samples.append(sample)
@@ -143,10 +152,9 @@ class MirageDataCollator:
                 cached.append(torch.tensor(row["latent_targets"]).flatten(0, 1))
             else:
                 helpers.extend(paths)
-                if self.with_references and paths:
-                    source = row.get("source", "<row>")
-                    found = reference_paths(row.get("images") or [], len(paths), source)
-                    references.extend((p, f"{source}:images") for p in found)
+                if self.with_references and paths:  # the row's input image once, shared by its helpers
+                    references.append(reference_image(images, row.get("source", "<row>")))
+                    reference_index.extend([len(references) - 1] * len(paths))
         if not samples:
             raise MirageError(
                 f"every row of the batch was dropped by truncation at max_length={self.max_length}; raise max_length"
@@ -172,11 +180,13 @@ class MirageDataCollator:
                     f"{helpers[0][1]}: {type(self.processor).__name__} has no image processor, so the helper images "
                     "cannot be encoded into stage-1 targets; pass the model's processor (AutoProcessor), not its tokenizer"
                 )
-            for prefix, paths in (("helper_", helpers), ("reference_", references)):
-                if paths:
-                    images = [load_image(p, source=src) for p, src in paths]
+            decoded = [load_image(p, source=src) for p, src in helpers]
+            for prefix, images in (("helper_", decoded), ("reference_", references)):
+                if images:
                     enc = self.processor.image_processor(images=images, return_tensors="pt")
                     batch.update({f"{prefix}{key}": enc[key] for key in self.family.vision_keys})
+            if references:
+                batch["reference_index"] = torch.tensor(reference_index, dtype=torch.long)
         return batch
 
     def prompt_batch(self, rows: list[dict]) -> dict:
@@ -187,10 +197,10 @@ class MirageDataCollator:
         """Left-pad prompts already encoded by `encode_prompt` (callers that encode once, decode often)."""
         return self._pad(prompts, padding_side="left")
 
-    def _encode_row(self, row) -> dict | None:
+    def _encode_row(self, row, images: list) -> dict | None:
         source = row.get("source", "<row>")
         check_row_text(row, source)
-        prompt = self.encode_prompt(row, add_generation_prompt=True)
+        prompt = self.encode_prompt(row, add_generation_prompt=True, images=images)
         completion, num_spans = self.completion_ids(row)
         helper_paths = list(row.get("helper_images") or [])
         if (self.require_helpers or (self.with_helpers and helper_paths)) and len(helper_paths) != num_spans:

@@ -102,13 +102,19 @@ def helper_latent_targets(
     pooling: str = "drop_remainder",
     target: str = "pooled",
     reference: dict | None = None,
+    reference_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Targets of a batch of helper images (`vision`: their image inputs, e.g. the processor's `pixel_values`
-    and `image_grid_thw`; `reference`: the same for each one's input image, for "delta" and "selected"):
-    (num_images * k, D), no gradient, each image encoded once."""
+    and `image_grid_thw`; for "delta" and "selected", `reference`: the same for the input images they are compared
+    with, and `reference_index`: which of those each helper image is compared with, default one per helper in
+    order): (num_images * k, D), no gradient, each image encoded once."""
     fam = family(model)
     per_image = fam.image_features(model, vision)
-    references = fam.image_features(model, reference) if reference is not None else [None] * len(per_image)
+    references = [None] * len(per_image)
+    if reference is not None:
+        references = fam.image_features(model, reference)
+        if reference_index is not None:  # a row's input image is encoded once for all its helper images
+            references = [references[i] for i in reference_index.tolist()]
     return torch.cat(
         [image_targets(f, r, latent_size, pooling, target) for f, r in zip(per_image, references)]
     ).detach()
@@ -191,14 +197,14 @@ class TargetCentring:
         return True
 
 
-def reference_paths(images: list, num_helpers: int, source: str) -> list:
-    """The input image each helper image is compared with ("delta", "selected"): the row's first."""
+def reference_image(images: list, source: str):
+    """The input image a row's helper images are compared with ("delta", "selected"): the row's first."""
     if not images:
         raise MirageError(
             f"{source}:images: latent_target 'delta' and 'selected' compare each helper image with the row's input "
             "image, and this row has none"
         )
-    return [images[0]] * num_helpers
+    return images[0]
 
 
 def helper_inputs(model, batch: dict, prefix: str = "helper_") -> dict | None:
@@ -272,11 +278,11 @@ def precompute_latent_targets(
                 out.append([])
                 continue
             vision = encode_images(paths, f"{source}:helper_images")
-            reference = None
+            reference = index = None
             if referenced:
-                found = reference_paths(batch["images"][i], len(paths), source)
-                reference = encode_images(found, f"{source}:images")
-            targets = helper_latent_targets(model, vision, latent_size, pooling, target, reference)
+                reference = encode_images([reference_image(batch["images"][i], source)], f"{source}:images")
+                index = torch.zeros(len(paths), dtype=torch.long)
+            targets = helper_latent_targets(model, vision, latent_size, pooling, target, reference, index)
             out.append(targets.float().cpu().reshape(len(paths), latent_size, -1).tolist())
         return {"latent_targets": out}
 

@@ -184,6 +184,7 @@ class MirageSFTTrainer(MirageTrainerMixin, SFTTrainer):
             self.args.latent_pooling,
             self._target_kind(self.args, model),
             helper_inputs(model, inputs, prefix="reference_"),
+            inputs.get("reference_index"),
         )
 
     def _centre(self, targets: torch.Tensor | None, mode: str) -> torch.Tensor | None:

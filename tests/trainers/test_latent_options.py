@@ -64,13 +64,15 @@ def encoded(model, batch, prefix):
     return image_features_one_by_one(model, batch[f"{prefix}pixel_values"], batch[f"{prefix}image_grid_thw"])
 
 
-def manual_targets(model, batch, kind):
-    """Each helper image against its row's input image, by hand."""
+def manual_targets(model, batch, kind, rows):
+    """Each helper image against its row's input image, by hand (the batch carries each row's input image once)."""
     with torch.no_grad():
         helpers = encoded(model, batch, "helper_")
         inputs = encoded(model, batch, "reference_")
+    assert len(inputs) == len(rows)
+    row_of_helper = [i for i, row in enumerate(rows) for _ in row["helper_images"]]
     out = []
-    for h, r in zip(helpers, inputs):
+    for h, r in zip(helpers, [inputs[i] for i in row_of_helper], strict=True):
         assert h.shape == r.shape
         if kind == "delta":
             out.append(manual_pool(h - r, K, "drop_remainder"))
@@ -95,8 +97,13 @@ def assert_grads_equal(model, grads, reference_loss):
 def test_delta_and_selected_targets_match_the_manual_computation(tmp_path, rows, kind):
     trainer = make_trainer(tmp_path, latent_size=K, latent_target=kind)
     batch, model = trainer.data_collator(rows), trainer.model
-    assert batch["reference_pixel_values"].shape == batch["helper_pixel_values"].shape
-    expected = manual_targets(model, batch, kind)
+    assert batch["reference_index"].tolist() == [
+        0,
+        0,
+        1,
+        2,
+    ]  # the first row's two helpers share its input image
+    expected = manual_targets(model, batch, kind, rows)
     with torch.no_grad():
         torch.testing.assert_close(trainer._helper_targets(model, batch), expected, **TOL)
         pooled = manual_stage1(model, batch, k=K, gamma=0.1)["targets"]
@@ -108,6 +115,25 @@ def test_delta_and_selected_targets_match_the_manual_computation(tmp_path, rows,
     assert model.config.mirage["latent_target"] == kind  # saved with the model
 
 
+def test_a_batch_decodes_each_image_file_once(tmp_path, rows, monkeypatch):
+    """The prompt and the delta/selected targets share each row's decoded input image: 3 input images and 4
+    helper images are 7 decodes (the input image used to be decoded again for each of its row's helpers)."""
+    import mirage_trl.latent.collator as collator_module
+
+    opened = []
+    real = collator_module.load_image
+
+    def counting(path, source=None):
+        opened.append(str(path))
+        return real(path, source)
+
+    monkeypatch.setattr(collator_module, "load_image", counting)
+    trainer = make_trainer(tmp_path, latent_size=K, latent_target="delta")
+    batch = trainer.data_collator(rows)
+    assert sorted(opened) == sorted(str(p) for row in rows for p in row["images"] + row["helper_images"])
+    assert batch["reference_image_grid_thw"].shape[0] == len(rows)
+
+
 def test_delta_targets_are_cached_like_the_computed_ones(tmp_path, rows):
     trainer = make_trainer(tmp_path, latent_size=K, latent_target="delta")
     batch, model = trainer.data_collator(rows), trainer.model
@@ -115,7 +141,7 @@ def test_delta_targets_are_cached_like_the_computed_ones(tmp_path, rows):
         as_dataset(rows), model, trainer.processing_class, K, target="delta", cache_dir=tmp_path / "cache"
     )
     got = torch.cat([torch.tensor(r).flatten(0, 1) for r in cached["latent_targets"]])
-    torch.testing.assert_close(got, manual_targets(model, batch, "delta"), **TOL)
+    torch.testing.assert_close(got, manual_targets(model, batch, "delta", rows), **TOL)
 
 
 def test_delta_needs_an_input_image_of_the_helper_size(tmp_path, images):
