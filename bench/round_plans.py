@@ -10,7 +10,7 @@ checkpointing replays at once, so the activation peak of `rounds_checkpointed` s
 values every round keeps for the later ones (the same for every schedule: every real token's, all layers). With
 checkpointing, `auto` cuts rounds to the batch's real tokens / the number of layers; `--max_round_tokens N` sets
 that cap (more rounds: lower peak, more passes; fewer: the reverse). Planning time is the median of 15 calls
-after a warm-up; the planning is tensor operations with one copy of the round boundaries to the host, no
+after a warm-up; the planning is tensor operations with one copy of the masks to the host, no
 Python loop over samples.
 """
 
