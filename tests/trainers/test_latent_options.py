@@ -97,12 +97,8 @@ def assert_grads_equal(model, grads, reference_loss):
 def test_delta_and_selected_targets_match_the_manual_computation(tmp_path, rows, kind):
     trainer = make_trainer(tmp_path, latent_size=K, latent_target=kind)
     batch, model = trainer.data_collator(rows), trainer.model
-    assert batch["reference_index"].tolist() == [
-        0,
-        0,
-        1,
-        2,
-    ]  # the first row's two helpers share its input image
+    # one input image per row, the first row's two helper images sharing its own
+    assert batch["reference_index"].tolist() == [0, 0, 1, 2]
     expected = manual_targets(model, batch, kind, rows)
     with torch.no_grad():
         torch.testing.assert_close(trainer._helper_targets(model, batch), expected, **TOL)
